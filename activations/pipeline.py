@@ -1,0 +1,101 @@
+"""Load a text-to-image pipeline: the bundled toy model, a local diffusers folder, or a hub id."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "toyworld" / "weights"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model is neither bundled, nor a local folder, nor reachable on the hub."""
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _not_found(name: str, why: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"model {name!r} could not be found offline ({why}). Download it on a machine with access, "
+        f"e.g. `huggingface-cli download {name} --local-dir /path/to/model`, then pass the local "
+        f"folder: load_pipeline('/path/to/model'). Bundled models: 'toy'."
+    )
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path | str:
+    """Map a model name to a local folder, or return the hub id unchanged."""
+    name = str(name_or_path)
+    if name == "toy":
+        if not (TOY_WEIGHTS / "model_index.json").exists():
+            raise ModelNotFoundError(
+                f"the bundled toy model is missing at {TOY_WEIGHTS}; retrain it with "
+                "`python -m toyworld.train --config configs/toyworld/train.yaml`"
+            )
+        return TOY_WEIGHTS
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ModelNotFoundError(f"{path} is a folder but not a diffusers pipeline (no model_index.json)")
+        return path
+    if path.exists() or name.startswith((".", "/", "~")) or not HUB_ID.match(name):
+        raise ModelNotFoundError(
+            f"model {name!r} is neither 'toy', nor a diffusers folder, nor a hub id like 'org/name'"
+        )
+    return name
+
+
+def load_pipeline(name_or_path: str | os.PathLike = "toy", device: str | torch.device | None = None,
+                  dtype: torch.dtype | None = None):
+    """Load a diffusers text-to-image pipeline.
+
+    ``name_or_path``: "toy" (the bundled model), a local diffusers folder, or a hub id (read from
+    the local cache; downloaded only when the hub is reachable). ``device`` defaults to CUDA when
+    available, ``dtype`` to float16 on CUDA and float32 on the CPU.
+    """
+    from diffusers import DiffusionPipeline
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    source = resolve_model(name_or_path)
+    kwargs = {"dtype": dtype}
+    if isinstance(source, str):  # a hub id: the cache first, the network only if it answers
+        try:
+            pipe = DiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs)
+        except (OSError, ValueError) as cached_error:
+            if _offline():
+                raise _not_found(source, "HF_HUB_OFFLINE is set and it is not in the local cache") from cached_error
+            if not _hub_reachable():
+                raise _not_found(source, "not in the local cache and the hub cannot be reached") from cached_error
+            pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+    pipe.name_or_path = str(name_or_path)
+    return pipe.to(device)
+
+
+def model_defaults(pipe) -> dict:
+    """Sampling defaults a model ships with (the toy's diffatlas.json), else SD's usual ones."""
+    folder = Path(getattr(pipe, "config", {}).get("_name_or_path", "") or "")
+    meta = folder / "diffatlas.json"
+    if meta.exists():
+        data = json.loads(meta.read_text())
+        return {"guidance_scale": data["guidance_scale"], "num_inference_steps": data["num_inference_steps"]}
+    return {"guidance_scale": 7.5, "num_inference_steps": 50}

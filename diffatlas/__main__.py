@@ -1,0 +1,5 @@
+import sys
+
+from diffatlas.cli import main
+
+sys.exit(main())

@@ -1,0 +1,92 @@
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from activations.pipeline import TOY_WEIGHTS, ModelNotFoundError, load_pipeline
+
+
+def _draw(pipe, prompt="a big red plain square at the top left on a gray background, by day", seed=0, steps=4):
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=4.0, generator=generator, output_type="np").images[0]
+
+
+def test_toy_model__is_sd1_shaped_in_miniature(toy_pipe):
+    from diffusers import StableDiffusionPipeline
+
+    assert isinstance(toy_pipe, StableDiffusionPipeline)
+    unet = toy_pipe.unet
+    cross = [name for name, _ in unet.named_modules() if name.endswith("attn2")]
+    assert len(cross) >= 8
+    assert {name.split(".")[0] for name in cross} == {"down_blocks", "mid_block", "up_blocks"}
+    assert all(unet.get_submodule(name).heads >= 4 for name in cross)
+    assert unet.config.sample_size >= 16 and toy_pipe.vae_scale_factor * unet.config.sample_size == 64
+
+
+def test_toy_weights__float16_safetensors_under_25_mb():
+    files = list(TOY_WEIGHTS.rglob("*.safetensors"))
+    assert {f.parent.name for f in files} == {"unet", "vae", "text_encoder"}
+    assert sum(f.stat().st_size for f in TOY_WEIGHTS.rglob("*") if f.is_file()) <= 25 * 2**20
+    from safetensors import safe_open
+
+    with safe_open(str(TOY_WEIGHTS / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+
+
+def test_toy_model__same_seed_gives_the_same_image_and_another_seed_does_not(toy_pipe):
+    a, b, c = _draw(toy_pipe, seed=3), _draw(toy_pipe, seed=3), _draw(toy_pipe, seed=4)
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).max() > 0.05
+
+
+def test_pipeline__save_and_load_round_trip_gives_identical_images(random_toy_pipe, tmp_path):
+    random_toy_pipe.save_pretrained(tmp_path / "model")
+    loaded = load_pipeline(tmp_path / "model", device="cpu", dtype=torch.float32)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.tokenizer).__name__ == type(random_toy_pipe.tokenizer).__name__ or loaded.tokenizer.vocab == random_toy_pipe.tokenizer.vocab
+    np.testing.assert_allclose(_draw(loaded, steps=2), _draw(random_toy_pipe, steps=2), atol=1e-6)
+
+
+def test_load_pipeline__hub_id_offline_fails_at_once_with_a_local_path_hint(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(ModelNotFoundError, match=r"could not be found offline.*local folder"):
+        load_pipeline("CompVis/stable-diffusion-v1-4", device="cpu")
+    assert time.perf_counter() - started < 30  # no retry loop over connection errors
+
+
+@pytest.mark.parametrize("name", ["./no/such/folder", "not a model id"])
+def test_load_pipeline__unknown_name_says_what_is_valid(name):
+    with pytest.raises(ModelNotFoundError, match="neither 'toy', nor a diffusers folder, nor a hub id"):
+        load_pipeline(name, device="cpu")
+
+
+def test_generate_cli__writes_one_png_per_prompt_and_seed(tmp_path):
+    from diffatlas.cli import main
+
+    prompts = json.dumps(["a small blue striped circle at the center on a white background, at night"])
+    code = main(["generate", "--prompts", prompts, "--seeds", "[1, 2]", "--steps", "3", "--out", str(tmp_path)])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in rows] == [1, 2]
+    assert all((tmp_path / r["file"]).exists() for r in rows)
+    assert (tmp_path / "generate_config.yaml").exists()
+
+
+def test_generate_cli__unknown_word_is_refused_before_loading_anything(tmp_path, capsys):
+    from diffatlas.cli import main
+
+    code = main(["generate", "--prompts", '["a big red hexagon at the center"]', "--out", str(tmp_path)])
+    assert code == 2
+    assert "'hexagon'" in capsys.readouterr().err
+    assert not list(Path(tmp_path).glob("*.png"))
+
+
+def test_cli__unknown_command_lists_the_valid_ones(capsys):
+    from diffatlas.cli import main
+
+    assert main(["harvset"]) == 2
+    assert "unknown command 'harvset'" in capsys.readouterr().err

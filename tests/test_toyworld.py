@@ -1,0 +1,130 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from toyworld.oracle import compare, read_scene
+from toyworld.prompts import WORDS, check_prompt, scene_to_prompt, split_words
+from toyworld.render import render, token_labels
+from toyworld.scene import ALL_OBJECTS, Obj, Scene, is_held_out, sample_scene
+from toyworld.tokenizer import build_tokenizer
+from toyworld.vocab import (
+    BACKGROUND_RGB,
+    COLORS,
+    OBJECT_ATTRIBUTES,
+    OBJECT_RGB,
+    STYLES,
+    apply_style,
+)
+
+
+def test_oracle__reads_clean_renders_at_least_99_percent_per_attribute():
+    rng = np.random.default_rng(1)
+    scenes = [sample_scene(rng, split="all") for _ in range(300)]
+    hits = {}
+    for scene in scenes:
+        for name, ok in compare(scene, read_scene(render(scene).image)).items():
+            hits[name] = hits.get(name, 0) + ok
+    accuracy = {name: n / len(scenes) for name, n in hits.items()}
+    assert set(accuracy) >= set(OBJECT_ATTRIBUTES) | {"background", "style"}
+    assert min(accuracy.values()) >= 0.99, accuracy
+
+
+def test_oracle__tolerates_noise_and_colour_drift():
+    rng = np.random.default_rng(2)
+    scene = Scene((Obj("triangle", "purple", "bottom right", "big", "striped"),), "white", "night")
+    noisy = render(scene).image.astype(np.float32) + rng.normal(0, 8, (64, 64, 3)) + 6
+    assert read_scene(np.clip(noisy, 0, 255).astype(np.uint8)) == scene
+
+
+def test_oracle__blank_image_raises_no_object_found():
+    blank = np.full((64, 64, 3), 125, np.uint8)
+    with pytest.raises(ValueError, match="no object"):
+        read_scene(blank)
+
+
+def test_palette__colours_stay_apart_within_each_style():
+    for style in STYLES:
+        palette = [apply_style(c, style) for c in list(OBJECT_RGB.values()) + list(BACKGROUND_RGB.values())]
+        gaps = [np.linalg.norm(a - b) for a, b in itertools.combinations(palette, 2)]
+        assert min(gaps) > 50, (style, min(gaps))
+
+
+def test_render__each_object_has_its_own_non_overlapping_mask():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        rendered = render(sample_scene(rng, num_objects=2, split="all"))
+        assert rendered.masks.shape == (2, 64, 64)
+        assert rendered.masks.sum(axis=(1, 2)).min() > 20
+        assert not (rendered.masks[0] & rendered.masks[1]).any()
+
+
+@pytest.mark.parametrize("grid", [16, 8])
+def test_token_labels__patches_show_the_object_under_them(grid):
+    scene = Scene((Obj("square", "red", "top left", "big"), Obj("circle", "blue", "bottom right", "small")))
+    labels = token_labels(scene, grid)
+    cell = 64 // grid
+    # the patch under the centre of the top-left object is red and square; a corner patch is background
+    i, j = 15 // cell, 15 // cell
+    assert labels["object"][i, j] == 0
+    assert COLORS[labels["color"][i, j]] == "red"
+    assert labels["object"][0, grid - 1] == -1 and labels["color"][0, grid - 1] == -1
+    i, j = 49 // cell, 49 // cell
+    assert OBJECT_ATTRIBUTES["shape"][labels["shape"][i, j]] == "circle"
+    assert labels["coverage"].shape == (2, grid, grid)
+
+
+def test_token_labels__grid_that_does_not_divide_the_image_is_refused():
+    scene = Scene((Obj("square", "red", "top left"),))
+    with pytest.raises(ValueError, match="grid 12 .* valid grids: .*16"):
+        token_labels(scene, 12)
+
+
+def test_scene__two_objects_at_one_position_is_refused_naming_it():
+    with pytest.raises(ValueError, match="impossible scene: two objects at position 'center'"):
+        Scene((Obj("square", "red", "center", "small"), Obj("circle", "blue", "center", "small")))
+
+
+def test_scene__big_object_next_to_the_center_is_refused():
+    with pytest.raises(ValueError, match="would overlap"):
+        Scene((Obj("square", "red", "center", "big"), Obj("circle", "blue", "top left", "small")))
+
+
+def test_scene__unknown_value_names_it_and_the_valid_values():
+    with pytest.raises(ValueError, match=r"unknown color 'magenta'.*valid colors: red, green"):
+        Obj("circle", "magenta", "center")
+    with pytest.raises(ValueError, match=r"unknown shape 'circel' \(did you mean 'circle'\?\)"):
+        Obj("circel", "red", "center")
+
+
+def test_prompt__unknown_word_is_refused_with_the_valid_words():
+    with pytest.raises(ValueError, match=r"'hexagon'.*valid words: .*circle"):
+        check_prompt("a big red hexagon at the center on a gray background, by day")
+
+
+def test_prompts__grammar_writes_only_vocabulary_words_that_the_tokenizer_knows():
+    tokenizer = build_tokenizer()
+    rng = np.random.default_rng(4)
+    for _ in range(300):
+        prompt = scene_to_prompt(sample_scene(rng, split="all"), rng)
+        check_prompt(prompt)
+        ids = tokenizer(prompt).input_ids
+        assert tokenizer.unk_token_id not in ids
+        assert len(ids) == len(split_words(prompt)) + 2 <= tokenizer.model_max_length
+    assert set(WORDS) >= {"circle", "striped", "night", "left", ","}
+
+
+def test_prompts__canonical_prompt_names_every_attribute():
+    scene = Scene((Obj("circle", "red", "top left", "small", "striped"),), "gray", "night")
+    assert scene_to_prompt(scene) == "a small red striped circle at the top left on a gray background, at night"
+
+
+def test_split__held_out_objects_never_appear_in_training_scenes():
+    held_out = [o for o in ALL_OBJECTS if is_held_out(o)]
+    assert 0.05 < len(held_out) / len(ALL_OBJECTS) < 0.2
+    for attribute, values in OBJECT_ATTRIBUTES.items():  # every value still trains with many partners
+        assert {getattr(o, attribute) for o in ALL_OBJECTS if not is_held_out(o)} == set(values)
+    rng = np.random.default_rng(5)
+    for _ in range(500):
+        assert not any(is_held_out(o) for o in sample_scene(rng, split="train").objects)
+        assert is_held_out(sample_scene(rng, num_objects=1, split="test").objects[0])

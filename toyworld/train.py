@@ -1,0 +1,333 @@
+"""Train the bundled toy model from scratch: first the VAE, then the text encoder and U-Net.
+
+    python -m toyworld.train --config configs/toyworld/train.yaml
+
+Both stages are Lightning fits on scenes drawn from the training split (held-out object
+descriptions never appear). The U-Net stage trains on VAE latents computed once, with a freshly
+written prompt for every sample (word order varies), 10% empty prompts for classifier-free
+guidance, min-SNR-γ loss weighting (Hang et al., 2023) and an exponential moving average of the
+weights, which is what gets saved. The result is a diffusers folder in float16.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+
+from toyworld.model import ToyModelConfig, build_pipeline, build_vae
+from toyworld.prompts import scene_to_prompt
+from toyworld.render import render
+from toyworld.scene import Scene, sample_scene
+
+
+@dataclass
+class VAEStage:
+    steps: int = 1000
+    """Optimiser steps for the VAE."""
+    batch_size: int = 16
+    """Images per step."""
+    lr: float = 1.5e-3
+    """Adam learning rate (cosine decay to 10%)."""
+    kl_weight: float = 1e-6
+    """Weight of the KL term: tiny, as in SD's VAE, so the latent stays near-deterministic."""
+
+
+@dataclass
+class UNetStage:
+    steps: int = 3500
+    """Optimiser steps for text encoder + U-Net."""
+    batch_size: int = 64
+    """Latents per step."""
+    lr: float = 6e-4
+    """AdamW peak learning rate, after a linear warm-up, then cosine decay to 10%."""
+    warmup_steps: int = 200
+    """Linear warm-up steps."""
+    num_scenes: int = 20000
+    """Distinct training scenes whose latents are computed once (prompts are re-written per sample)."""
+    two_object_prob: float = 0.5
+    """Share of two-object scenes."""
+    uncond_prob: float = 0.1
+    """Share of empty prompts, for classifier-free guidance."""
+    min_snr_gamma: float = 5.0
+    """γ of min-SNR loss weighting (Hang et al., 2023)."""
+    ema_decay: float = 0.999
+    """EMA decay of the weights that get saved."""
+    export_every: int = 500
+    """Write the EMA pipeline to ``out`` every this many steps, so an interrupted run keeps a model."""
+    max_minutes: float | None = None
+    """Stop the stage after this many minutes even if ``steps`` are not done (None: no limit)."""
+
+
+@dataclass
+class TrainConfig:
+    out: str = "toyworld/weights"
+    """Where the diffusers pipeline folder is written."""
+    work_dir: str = "outputs/toyworld_train"
+    """Scratch folder: Lightning logs, the VAE checkpoint, cached latents."""
+    seed: int = 0
+    """Seed for scenes, prompts, weights and noise."""
+    threads: int = 0
+    """torch threads (0: leave torch's default)."""
+    model: ToyModelConfig = field(default_factory=ToyModelConfig)
+    """Architecture of the model."""
+    vae: VAEStage = field(default_factory=VAEStage)
+    """VAE stage."""
+    unet: UNetStage = field(default_factory=UNetStage)
+    """Text encoder + U-Net stage."""
+    guidance_scale: float = 4.0
+    """Guidance recorded with the model as its default (see toyworld/weights/diffatlas.json)."""
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float [3, H, W] in [-1, 1], the range SD's VAE works in."""
+    return rearrange(torch.from_numpy(image).float() / 127.5 - 1.0, "h w c -> c h w")
+
+
+class SceneImages(IterableDataset):
+    """An endless stream of rendered training scenes."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        while True:
+            yield to_tensor(render(sample_scene(rng)).image)
+
+
+def cosine_lr(step: int, total: int, warmup: int = 0) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class LitVAE(L.LightningModule):
+    def __init__(self, model_cfg: ToyModelConfig, stage: VAEStage):
+        super().__init__()
+        self.vae = build_vae(model_cfg)
+        self.stage = stage
+
+    def training_step(self, images, _):
+        posterior = self.vae.encode(images).latent_dist
+        recon = self.vae.decode(posterior.sample()).sample
+        l1 = F.l1_loss(recon, images)
+        mse = F.mse_loss(recon, images)
+        kl = posterior.kl().mean()
+        loss = l1 + mse + self.stage.kl_weight * kl
+        self.log_dict({"vae/l1": l1, "vae/mse": mse, "vae/kl": kl}, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.vae.parameters(), lr=self.stage.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, self.stage.steps, 50))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+
+class LatentPrompts(IterableDataset):
+    """Endless (latent, prompt) samples: cached latents, a new prompt for every draw."""
+
+    def __init__(self, latents: torch.Tensor, scenes: list[Scene], seed: int, uncond_prob: float):
+        self.latents, self.scenes, self.seed, self.uncond_prob = latents, scenes, seed, uncond_prob
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed + 1)
+        while True:
+            k = int(rng.integers(len(self.scenes)))
+            prompt = "" if rng.random() < self.uncond_prob else scene_to_prompt(self.scenes[k], rng)
+            yield self.latents[k], prompt
+
+
+class LitToyDiffusion(L.LightningModule):
+    def __init__(self, pipe, stage: UNetStage):
+        super().__init__()
+        self.unet, self.text_encoder, self.tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
+        self.stage = stage
+        from diffusers import DDPMScheduler
+
+        self.noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+        alphas = self.noise_schedule.alphas_cumprod
+        self.register_buffer("snr", alphas / (1 - alphas), persistent=False)
+        self.ema = copy.deepcopy(torch.nn.ModuleDict({"unet": self.unet, "text_encoder": self.text_encoder}))
+        self.ema.requires_grad_(False)
+
+    def training_step(self, batch, _):
+        latents, prompts = batch
+        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt").input_ids
+        text = self.text_encoder(ids.to(self.device))[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (len(latents),), device=self.device)
+        noisy = self.noise_schedule.add_noise(latents, noise, t)
+        pred = self.unet(noisy, t, text).sample
+        # min-SNR-γ weighting for ε-prediction: w(t) = min(SNR(t), γ) / SNR(t)   (Hang et al., 2023)
+        snr = self.snr[t]
+        weight = torch.clamp(snr, max=self.stage.min_snr_gamma) / snr
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (weight * per_sample).mean()
+        self.log_dict({"unet/loss": loss, "unet/mse": per_sample.mean()}, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, *_):
+        decay = min(self.stage.ema_decay, (1 + self.global_step) / (10 + self.global_step))
+        with torch.no_grad():
+            for name, live in (("unet", self.unet), ("text_encoder", self.text_encoder)):
+                for ema_p, p in zip(self.ema[name].parameters(), live.parameters()):
+                    ema_p.lerp_(p, 1 - decay)
+
+    def configure_optimizers(self):
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        opt = torch.optim.AdamW(params, lr=self.stage.lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: cosine_lr(s, self.stage.steps, self.stage.warmup_steps)
+        )
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+
+class StepLog(L.Callback):
+    """One plain line per ``every`` steps (logs are files here, not terminals)."""
+
+    def __init__(self, every: int = 50):
+        self.every, self.started = every, time.time()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.every == 0:
+            metrics = " ".join(f"{k}={float(v):.4f}" for k, v in trainer.callback_metrics.items())
+            rate = step / max(1e-9, time.time() - self.started)
+            print(f"step {step}/{trainer.max_steps} {rate:.2f} steps/s {metrics}", flush=True)
+
+
+class ExportEMA(L.Callback):
+    """Write the EMA weights as a diffusers folder every ``every`` steps and at the end."""
+
+    def __init__(self, export, every: int):
+        self.export, self.every = export, every
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.every and trainer.global_step % self.every == 0:
+            self.export(module)
+
+    def on_train_end(self, trainer, module):
+        self.export(module)
+
+
+def _trainer(steps: int, work_dir: Path, name: str, max_minutes: float | None = None,
+             callbacks: list | None = None) -> L.Trainer:
+    return L.Trainer(
+        max_steps=steps,
+        max_time={"minutes": max_minutes} if max_minutes else None,
+        callbacks=[StepLog(), *(callbacks or [])],
+        enable_progress_bar=False,
+        accelerator="auto",
+        devices=1,
+        precision="32-true",
+        gradient_clip_val=1.0,
+        logger=L.pytorch.loggers.CSVLogger(work_dir, name=name),
+        enable_checkpointing=False,
+        log_every_n_steps=25,
+    )
+
+
+@torch.no_grad()
+def encode_scenes(vae, scenes: list[Scene], batch_size: int = 256) -> torch.Tensor:
+    """Posterior means of the rendered scenes, [n, 4, 16, 16] (unscaled)."""
+    out = []
+    for start in tqdm(range(0, len(scenes), batch_size), desc="encode latents", unit="batch"):
+        images = torch.stack([to_tensor(render(s).image) for s in scenes[start : start + batch_size]])
+        out.append(vae.encode(images).latent_dist.mean)
+    return torch.cat(out)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run both stages and write the float16 diffusers folder to ``cfg.out``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    work_dir = Path(cfg.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    # Stage 1: the VAE (skipped when a finished one is in the work dir: the stages resume separately).
+    vae_path = work_dir / "vae"
+    if (vae_path / "config.json").exists():
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(vae_path)
+    else:
+        L.seed_everything(cfg.seed)
+        lit_vae = LitVAE(cfg.model, cfg.vae)
+        loader = DataLoader(SceneImages(cfg.seed), batch_size=cfg.vae.batch_size)
+        _trainer(cfg.vae.steps, work_dir, "vae").fit(lit_vae, loader)
+        vae = lit_vae.vae
+        vae.save_pretrained(vae_path)
+    vae.eval().requires_grad_(False)
+
+    # Stage 2: latents of fixed training scenes, then text encoder + U-Net.
+    L.seed_everything(cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 2)
+    scenes = [sample_scene(rng, two_object_prob=cfg.unet.two_object_prob) for _ in range(cfg.unet.num_scenes)]
+    latents_path = work_dir / f"latents_{cfg.unet.num_scenes}.pt"
+    if latents_path.exists():
+        latents = torch.load(latents_path)
+    else:
+        latents = encode_scenes(vae, scenes)
+        torch.save(latents, latents_path)
+    # SD's convention: scale latents to unit variance and store the factor in the VAE config.
+    scaling_factor = float(1.0 / latents.flatten().std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    latents = latents * scaling_factor
+
+    pipe = build_pipeline(cfg.model, seed=cfg.seed, vae=vae)
+    lit = LitToyDiffusion(pipe, cfg.unet)
+    out = Path(cfg.out)
+
+    def export(module: LitToyDiffusion) -> None:
+        """Save the EMA weights in float16 as a standard diffusers folder (written aside, then swapped in)."""
+        snapshot = build_pipeline(cfg.model, seed=cfg.seed, vae=copy.deepcopy(vae))
+        snapshot.unet.load_state_dict(module.ema["unet"].state_dict())
+        snapshot.text_encoder.load_state_dict(module.ema["text_encoder"].state_dict())
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        snapshot.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        meta = {
+            "name": "toy",
+            "guidance_scale": cfg.guidance_scale,
+            "num_inference_steps": 25,
+            "train_steps": module.global_step,
+            "train_seconds": round(time.time() - started, 1),
+            "train_config": asdict(cfg),
+        }
+        (tmp / "diffatlas.json").write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        print(f"wrote the toy pipeline ({module.global_step} steps, {meta['train_seconds']:.0f} s) to {out}", flush=True)
+
+    loader = DataLoader(LatentPrompts(latents, scenes, cfg.seed, cfg.unet.uncond_prob), batch_size=cfg.unet.batch_size)
+    trainer = _trainer(cfg.unet.steps, work_dir, "unet", cfg.unet.max_minutes,
+                       [ExportEMA(export, cfg.unet.export_every)])
+    trainer.fit(lit, loader)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diffatlas.config import parse
+
+    train(parse(TrainConfig, argv, "python -m toyworld.train", __doc__.split("\n\n")[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
