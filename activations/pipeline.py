@@ -87,7 +87,6 @@ def load_pipeline(name_or_path: str | os.PathLike = "toy", device: str | torch.d
             pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     else:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
-    pipe.name_or_path = str(name_or_path)
     return pipe.to(device)
 
 

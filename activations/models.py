@@ -1,0 +1,233 @@
+"""Model architectures without weights: the configs of configs/models/ and tiny in-process pipelines.
+
+``build_unet(name)`` instantiates a U-Net of a known family with random weights: for structural
+tests (``device="meta"`` builds one without allocating memory) and for speed measurements.
+``build_tiny_pipeline(family)`` builds a complete, tiny, randomly initialised pipeline of each
+family (SD 1.x, SD 2.x, SDXL) in-process, so that tests exercise every family's quirks offline.
+Real weights are ``activations.pipeline.load_pipeline``'s job.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import torch
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def _available() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+
+
+def _aliases() -> dict[str, str]:
+    """Alternative spellings: hub ids and names without dashes/dots (sd14, sd1.4, sdxl, ...)."""
+    out = {}
+    for stem, path in _available().items():
+        cfg = yaml.safe_load(path.read_text())
+        out[cfg.get("hub_id", stem).lower()] = stem
+        out[stem.replace("-", "").replace(".", "")] = stem
+        out[stem.replace("-", "")] = stem
+    out["sdxl"] = "sdxl-base"
+    return out
+
+
+MODEL_CONFIGS = tuple(_available())
+
+
+def model_config(name: str | Path) -> dict:
+    """The architecture config for a model name (``sd-1.4``, ``sd-2.1``, ``sdxl-base``, a hub id
+    among those, or a path to such a YAML file)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return yaml.safe_load(path.read_text())
+    available = _available()
+    key = str(name).lower()
+    stem = key if key in available else _aliases().get(key)
+    if stem is None:
+        close = difflib.get_close_matches(key, list(available) + list(_aliases()), n=3, cutoff=0.4)
+        hint = f" Closest: {', '.join(close)}." if close else ""
+        raise ValueError(f"unknown model config {name!r}.{hint} Valid: {', '.join(available)}, 'toy' (or a path to a YAML file)")
+    return yaml.safe_load(available[stem].read_text())
+
+
+def build_unet(name: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None, seed: int = 0):
+    """A UNet2DConditionModel of a known architecture with random weights.
+
+    ``name``: a config of configs/models/ (see ``model_config``) or ``"toy"`` (the bundled toy
+    model's architecture). ``device="meta"`` gives the structure without allocating weights.
+    """
+    if str(name) == "toy":
+        from toyworld.model import build_pipeline  # the lead's bundled architecture
+
+        unet = build_pipeline(seed=seed).unet
+        if dtype is not None:
+            unet = unet.to(dtype=dtype)
+        if device not in (None, "meta"):
+            unet = unet.to(device)
+        return unet.eval().requires_grad_(False)
+    from diffusers import UNet2DConditionModel
+
+    cfg = model_config(name)
+    torch.manual_seed(seed)
+    if str(device) == "meta":
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**cfg["unet"])
+    else:
+        unet = UNet2DConditionModel(**cfg["unet"])
+        if dtype is not None:
+            unet = unet.to(dtype=dtype)
+        if device is not None:
+            unet = unet.to(device)
+    return unet.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------
+# tiny pipelines of each family, for tests and quick experiments
+
+TINY_WORDS = (
+    "a an the of on in with and photo painting drawing red green blue yellow black white big small "
+    "cat dog horse bird car house tree flower sky sea mountain city person face unicorn circle square "
+    "triangle star left right top bottom style sketch"
+).split()
+
+
+def tiny_tokenizer(max_length: int = 16, words=TINY_WORDS):
+    """A word-level tokenizer built in memory (no files, no network), CLIP-style special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {w: i for i, w in enumerate(specials + list(dict.fromkeys(words)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[(s, vocab[s]) for s in specials]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=specials[0],
+        eos_token=specials[1],
+        pad_token=specials[1],
+        unk_token=specials[1],
+        model_max_length=max_length,
+    )
+
+
+def _tiny_text_encoder(hidden: int, vocab_size: int, max_length: int, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        vocab_size=vocab_size,
+        projection_dim=hidden,
+        eos_token_id=1,
+        bos_token_id=0,
+        pad_token_id=1,
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(cfg).eval()
+
+
+def tiny_unet_config(family: str) -> dict:
+    """A tiny U-Net config of ``family`` that keeps the family's structural quirks."""
+    common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8)
+    if family == "sd1":
+        return {
+            **common,
+            "block_out_channels": (16, 32),
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            "attention_head_dim": 2,  # heads, everywhere (SD 1.x naming)
+            "cross_attention_dim": 32,
+        }
+    if family == "sd2":
+        return {
+            **common,
+            "block_out_channels": (16, 32),
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            "attention_head_dim": (2, 4),  # heads per block
+            "use_linear_projection": True,
+            "upcast_attention": True,
+            "cross_attention_dim": 32,
+        }
+    if family == "sdxl":
+        return {
+            **common,
+            "block_out_channels": (16, 32, 32),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "attention_head_dim": (2, 2, 4),
+            "transformer_layers_per_block": (1, 1, 2),
+            "use_linear_projection": True,
+            "cross_attention_dim": 64,  # two 32-wide text encoders, concatenated
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 32 + 6 * 8,
+        }
+    raise ValueError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}")
+
+
+def build_tiny_unet(family: str, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**tiny_unet_config(family)).eval()
+
+
+def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
+    """A complete tiny pipeline of ``family`` with random weights (8x8 latents, 16x16 images)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    unet = build_tiny_unet(family, seed)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    ).eval()
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+    )
+    max_length = 16
+    tokenizer = tiny_tokenizer(max_length)
+    torch.manual_seed(seed + 2)
+    if family == "sdxl":
+        text_encoder = _tiny_text_encoder(32, len(tokenizer), max_length)
+        text_encoder_2 = _tiny_text_encoder(32, len(tokenizer), max_length, with_projection=True)
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tiny_tokenizer(max_length),
+            unet=unet,
+            scheduler=scheduler,
+        )
+    else:
+        text_encoder = _tiny_text_encoder(32, len(tokenizer), max_length)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,223 @@
+"""Sites: the named places of a U-Net that we read and edit (DESIGN.md §3).
+
+* block site: a ``Transformer2DModel`` (e.g. ``mid_block.attentions.0``); its value is the
+  residual update Δ = output − input, ``[batch, H*W, C]``.
+* head site: a cross-attention module ``...transformer_blocks.N.attn2``; its value is the per-head
+  output before ``to_out``, ``[batch, H*W, heads * head_dim]`` (heads concatenated).
+
+The global head index orders all cross-attention heads by module in forward order (down blocks,
+mid block, up blocks, each block's attentions and transformer layers in order) and by head inside
+each module. Note that ``named_modules()`` lists ``up_blocks`` before ``mid_block`` (diffusers
+registers them in that order), so the order is built explicitly here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import sys
+from collections.abc import Iterable, Sequence
+
+SITE_KINDS = ("block", "head")
+SITE_GROUPS = ("all", "blocks", "heads")
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One site. For a block site, heads/head_dim/first_head describe the cross-attention heads
+    inside it; for a head site, its own."""
+
+    name: str
+    kind: str  # "block" | "head"
+    resolution: tuple[int, int]  # (H, W) of the latent map at this site
+    width: int  # channels of one stored row
+    heads: int
+    head_dim: int
+    first_head: int  # global index of the first head (see module doc)
+    block: str  # the block site that contains it (itself for a block site)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.resolution[0] * self.resolution[1]
+
+    @property
+    def head_range(self) -> range:
+        return range(self.first_head, self.first_head + self.heads)
+
+
+def _pair(size) -> tuple[int, int]:
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
+def _ordered_blocks(unet) -> list[tuple[str, object, tuple[int, int]]]:
+    """(prefix, block, resolution) for down blocks, mid block and up blocks, in forward order."""
+    h, w = _pair(unet.config.sample_size)
+    out, down_sizes = [], []
+    for k, block in enumerate(unet.down_blocks):
+        down_sizes.append((h, w))
+        out.append((f"down_blocks.{k}", block, (h, w)))
+        if getattr(block, "downsamplers", None):
+            h, w = (h + 1) // 2, (w + 1) // 2  # stride-2 conv with padding 1 rounds up
+    if unet.mid_block is not None:
+        out.append(("mid_block", unet.mid_block, (h, w)))
+    # up block k works at the resolution of the mirrored down block (skip connections match)
+    n = len(unet.up_blocks)
+    for k, block in enumerate(unet.up_blocks):
+        out.append((f"up_blocks.{k}", block, down_sizes[n - 1 - k] if n == len(down_sizes) else (h, w)))
+    return out
+
+
+def list_sites(unet) -> list[Site]:
+    """All block sites and head sites of ``unet`` in forward order (each block then its heads)."""
+    sites: list[Site] = []
+    next_head = 0
+    for prefix, block, res in _ordered_blocks(unet):
+        for a, transformer in enumerate(getattr(block, "attentions", None) or []):
+            block_name = f"{prefix}.attentions.{a}"
+            heads_here: list[Site] = []
+            for b, tblock in enumerate(getattr(transformer, "transformer_blocks", None) or []):
+                attn = getattr(tblock, "attn2", None)
+                if attn is None:
+                    continue
+                inner = attn.to_q.out_features
+                heads_here.append(
+                    Site(
+                        name=f"{block_name}.transformer_blocks.{b}.attn2",
+                        kind="head",
+                        resolution=res,
+                        width=inner,
+                        heads=attn.heads,
+                        head_dim=inner // attn.heads,
+                        first_head=next_head,
+                        block=block_name,
+                    )
+                )
+                next_head += attn.heads
+            channels = transformer.config.in_channels if hasattr(transformer, "config") else heads_here[0].width
+            sites.append(
+                Site(
+                    name=block_name,
+                    kind="block",
+                    resolution=res,
+                    width=int(channels),
+                    heads=sum(s.heads for s in heads_here),
+                    head_dim=heads_here[0].head_dim if heads_here else 0,
+                    first_head=heads_here[0].first_head if heads_here else next_head,
+                    block=block_name,
+                )
+            )
+            sites += heads_here
+    return sites
+
+
+def head_table(unet_or_sites) -> list[tuple[str, int]]:
+    """Global head index -> (head site name, head within the module)."""
+    sites = unet_or_sites if isinstance(unet_or_sites, list) else list_sites(unet_or_sites)
+    table = []
+    for s in sites:
+        if s.kind == "head":
+            table += [(s.name, h) for h in range(s.heads)]
+    return table
+
+
+def resolve_sites(unet_or_sites, names: str | Iterable[str]) -> list[Site]:
+    """Sites for ``names``: site names, or the groups "all", "blocks", "heads".
+
+    An unknown name is a KeyError that names it, its closest matches and the valid sites.
+    """
+    sites = unet_or_sites if isinstance(unet_or_sites, list) else list_sites(unet_or_sites)
+    by_name = {s.name: s for s in sites}
+    if isinstance(names, str):
+        names = [names]
+    chosen: dict[str, Site] = {}
+    for name in names:
+        if name == "all":
+            chosen.update(by_name)
+        elif name == "blocks":
+            chosen.update({s.name: s for s in sites if s.kind == "block"})
+        elif name == "heads":
+            chosen.update({s.name: s for s in sites if s.kind == "head"})
+        elif name in by_name:
+            chosen[name] = by_name[name]
+        else:
+            close = difflib.get_close_matches(name, list(by_name), n=3, cutoff=0.6)
+            hint = f" Closest matches: {', '.join(close)}." if close else ""
+            raise KeyError(
+                f"unknown site {name!r}.{hint} Valid sites: {', '.join(by_name)} (or the groups {', '.join(SITE_GROUPS)})"
+            )
+    # keep forward order regardless of the order asked for
+    return [s for s in sites if s.name in chosen]
+
+
+# --------------------------------------------------------------------------------------------
+# diffatlas sites
+
+
+def unet_for(spec: str):
+    """A U-Net (weights not needed) for a model spec: a config name of configs/models/, a YAML
+    path, "toy", or a local diffusers pipeline folder / hub id (config only, weights on meta)."""
+    from activations.models import build_unet, model_config
+
+    if spec == "toy":
+        return build_unet("toy")
+    try:
+        model_config(spec)
+    except ValueError as err:
+        from pathlib import Path
+
+        from diffusers import UNet2DConditionModel
+
+        local = Path(spec).exists()
+        if not local and spec.count("/") != 1:  # neither a folder nor a hub id: do not go online
+            raise
+        try:
+            sub = "unet" if not local or (Path(spec) / "unet").is_dir() else None
+            config = UNet2DConditionModel.load_config(spec, subfolder=sub)
+        except Exception as e:
+            raise ValueError(f"{err} Also not a diffusers pipeline folder or reachable hub id: {spec!r} ({e})") from None
+        import torch
+
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(config)
+    return build_unet(spec, device="meta")
+
+
+def format_table(sites: Sequence[Site]) -> str:
+    rows = [("site", "kind", "H x W", "width", "heads", "head_dim", "first_head")]
+    rows += [
+        (s.name, s.kind, f"{s.resolution[0]}x{s.resolution[1]}", str(s.width), str(s.heads), str(s.head_dim), str(s.first_head))
+        for s in sites
+    ]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(widths[c]) if c == 0 else cell.rjust(widths[c]) for c, cell in enumerate(r)) for r in rows]
+    n_heads = sum(s.heads for s in sites if s.kind == "head")
+    n_mod = sum(1 for s in sites if s.kind == "head")
+    n_blocks = sum(1 for s in sites if s.kind == "block")
+    lines.append(f"{n_blocks} block sites, {n_mod} cross-attention modules, {n_heads} heads")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="diffatlas sites", description="List a model's block sites and cross-attention head sites."
+    )
+    parser.add_argument("model", help="config name (sd-1.4, sd-1.5, sd-2.1, sdxl-base), a YAML path, 'toy', or a pipeline folder")
+    parser.add_argument("--json", action="store_true", help="print JSON (one object per site) instead of a table")
+    parser.add_argument("--kind", choices=SITE_KINDS, help="only sites of this kind")
+    args = parser.parse_args(argv)
+    try:
+        sites = list_sites(unet_for(args.model))
+    except (ValueError, ImportError) as e:
+        print(f"diffatlas sites: {e}", file=sys.stderr)
+        return 2
+    if args.kind:
+        sites = [s for s in sites if s.kind == args.kind]
+    if args.json:
+        print(json.dumps([dataclasses.asdict(s) for s in sites], indent=1))
+    else:
+        print(format_table(sites))
+    return 0

@@ -1,0 +1,203 @@
+"""Harvest overhead and memory: plain generation vs harvesting to disk, same prompts/seeds/steps.
+
+    python benchmarks/harvest_overhead.py                     # toy model, CPU defaults (~5-10 min on 2 cores)
+    python benchmarks/harvest_overhead.py --model sd-1.4-random --device cuda --prompts 16
+
+Time: plain generation and a harvest of two block sites plus every head site's per-head outputs
+at ``--steps`` timesteps (all steps captured), interleaved ``--repeats`` times in one process;
+ratio = fastest harvest / fastest plain run (the minimum is the least disturbed run on a shared
+machine; the ratio of medians is reported too). Memory: a fresh process harvests
+``--rss-prompts`` prompts each (default 100 and 1000) and reports its peak RSS; a store that
+streams keeps the two within a few percent. The memory runs use ``--rss-steps`` denoising steps
+(default 2) so that 1,000 prompts fit in minutes on a small CPU; the per-image rows still stream
+the same way. The last line is JSON: {"ratio", "rss_mb_100", "rss_mb_1000", ...}.
+
+``--model sd-1.4-random`` builds the full-size SD 1.4 U-Net (random weights) inside a tiny
+pipeline shell (tiny text encoder widened to 768, tiny VAE) for GPU speed measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from activations.config import HarvestConfig, PromptSource  # noqa: E402
+from activations.harvest import harvest  # noqa: E402
+from activations.sites import list_sites  # noqa: E402
+
+
+def load(model: str, device: str):
+    """The benchmark's pipeline: 'toy' (trained if bundled, else random weights), 'sd-1.4-random',
+    or anything activations.pipeline.load_pipeline accepts."""
+    if model == "toy":
+        try:
+            from activations.pipeline import load_pipeline
+
+            pipe = load_pipeline("toy", device=device)
+        except Exception as e:  # the bundled weights are not there: the architecture is what matters
+            print(f"note: bundled toy weights unavailable ({type(e).__name__}); using random toy weights", file=sys.stderr)
+            from toyworld.model import build_pipeline
+
+            pipe = build_pipeline(seed=0).to(device)
+    elif model == "sd-1.4-random":
+        pipe = _sd14_shell(device)
+    else:
+        from activations.pipeline import load_pipeline
+
+        pipe = load_pipeline(model, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sd14_shell(device: str):
+    """Full SD 1.4 U-Net (random) with a tiny 768-wide text encoder and a tiny 8x VAE."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    from activations.models import _tiny_text_encoder, build_unet, tiny_tokenizer
+
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    tok = tiny_tokenizer(77)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=512,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=_tiny_text_encoder(768, len(tok), 77),
+        tokenizer=tok,
+        unet=build_unet("sd-1.4"),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe.to(device, dtype)
+
+
+def harvest_config(pipe, out: str, n: int, steps: int, batch: int) -> HarvestConfig:
+    sites = list_sites(pipe.unet)
+    blocks = [s.name for s in sites if s.kind == "block"]
+    two_blocks = [blocks[len(blocks) // 2 - 1], blocks[len(blocks) // 2]]  # the mid block and its neighbour
+    return HarvestConfig(
+        model="benchmark",
+        out=out,
+        sites=two_blocks + ["heads"],
+        prompts=PromptSource(kind="list", texts=[f"a big red plain circle at the center {i}" for i in range(n)]),
+        num_inference_steps=steps,
+        timesteps="all",
+        branch="cond",
+        batch_size=batch,
+        images_per_shard=batch * 4,
+        save_images=False,
+        progress=False,
+        verify=False,
+    )
+
+
+def plain(pipe, cfg: HarvestConfig):
+    texts = cfg.prompts.texts
+    for b0 in range(0, len(texts), cfg.batch_size):
+        chunk = texts[b0 : b0 + cfg.batch_size]
+        pipe(
+            chunk,
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(cfg.seed + b0 + i) for i in range(len(chunk))],
+            output_type="latent",
+        )
+
+
+def _sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_ratio(pipe, args) -> dict:
+    plain_t, harvest_t = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = harvest_config(pipe, f"{tmp}/warm", min(args.batch, args.prompts), args.steps, args.batch)
+        plain(pipe, warm)
+        harvest(warm, pipe=pipe)
+        for r in range(args.repeats):
+            cfg = harvest_config(pipe, f"{tmp}/run{r}", args.prompts, args.steps, args.batch)
+            # alternate the order so that drifting machine load hits both sides alike
+            for which in (("plain", "harvest") if r % 2 == 0 else ("harvest", "plain")):
+                _sync(args.device)
+                t0 = time.perf_counter()
+                plain(pipe, cfg) if which == "plain" else harvest(cfg, pipe=pipe)
+                _sync(args.device)
+                (plain_t if which == "plain" else harvest_t).append(time.perf_counter() - t0)
+            print(f"repeat {r}: plain {plain_t[-1]:.2f}s, harvest {harvest_t[-1]:.2f}s", file=sys.stderr)
+        rows = sum(len(json.loads(p.read_text())["shards"]) for p in Path(f"{tmp}/run0").glob("*/manifest.json"))
+    # the minimum over repeats is the least disturbed run of each (the CPU may be shared)
+    return {
+        "ratio": min(harvest_t) / min(plain_t),
+        "ratio_median": round(statistics.median(harvest_t) / statistics.median(plain_t), 4),
+        "plain_s": round(min(plain_t), 3),
+        "harvest_s": round(min(harvest_t), 3),
+        "shards": rows,
+    }
+
+
+def child_rss(args) -> None:
+    """Harvest --_rss prompts into a temporary store and print this process's peak RSS (MB)."""
+    pipe = load(args.model, args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = harvest_config(pipe, tmp, args._rss, args.rss_steps, args.batch)
+        harvest(cfg, pipe=pipe)
+    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="toy", help="toy | sd-1.4-random | a load_pipeline name")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prompts", type=int, default=32, help="prompts of the timing runs")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps of the timing runs (all captured)")
+    p.add_argument("--batch", type=int, default=8, help="images per pipeline call")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved plain/harvest repeats (fastest of each compared)")
+    p.add_argument("--rss-prompts", default="100,1000", help="prompt counts of the memory runs (comma separated)")
+    p.add_argument("--rss-steps", type=int, default=2, help="denoising steps of the memory runs (all captured)")
+    p.add_argument("--_rss", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._rss is not None:
+        child_rss(args)
+        return 0
+
+    pipe = load(args.model, args.device)
+    result = {**time_ratio(pipe, args), "model": args.model, "device": args.device, "prompts": args.prompts, "steps": args.steps}
+    del pipe
+    for n in [int(x) for x in args.rss_prompts.split(",") if x]:
+        cmd = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--batch", str(args.batch),
+               "--rss-steps", str(args.rss_steps), "--_rss", str(n)]
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        if out.returncode != 0:
+            print(out.stderr, file=sys.stderr)
+            return 1
+        result[f"rss_mb_{n}"] = round(json.loads(out.stdout.strip().splitlines()[-1])["rss_mb"], 1)
+        print(f"memory run {n} prompts: {result[f'rss_mb_{n}']} MB peak, {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    result["ratio"] = round(result["ratio"], 4)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

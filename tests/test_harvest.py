@@ -1,0 +1,299 @@
+"""Harvesting into the store: rows, metadata, resuming, refusing, kill -9, two processes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+from harvest_helpers import run_cli, write_yaml
+
+from activations.config import HarvestConfig, PromptSource, load_config
+from activations.harvest import Harvester, harvest
+from activations.store import ActivationStore, ConfigMismatchError, CorruptShardError
+from activations.trace import trace
+
+BLOCK = "mid_block.attentions.0"
+HEAD = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+
+
+@pytest.fixture(scope="module")
+def rand_pipe(random_toy_pipe):
+    """The toy architecture with random weights (conftest's random_toy_pipe)."""
+    return random_toy_pipe
+
+
+@pytest.fixture(scope="module")
+def toy_folder(tmp_path_factory, rand_pipe):
+    """The random-weight toy pipeline saved to disk, loadable by path in subprocesses."""
+    folder = tmp_path_factory.mktemp("toy_model")
+    rand_pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def config(out, **kw) -> HarvestConfig:
+    base = dict(
+        model="toy",
+        out=str(out),
+        sites=[BLOCK, HEAD],
+        prompts=PromptSource(kind="toyworld", num_prompts=4),
+        num_inference_steps=4,
+        timesteps="every:2",
+        branch="both",
+        positions=5,
+        batch_size=2,
+        images_per_shard=2,
+        progress=False,
+    )
+    base.update(kw)
+    return HarvestConfig(**base)
+
+
+def all_rows(root, site):
+    reader = ActivationStore(root, verify=True).site(site)
+    acts, meta = reader.read(np.arange(reader.num_rows))
+    key = np.lexsort([meta[f] for f in ("j", "i", "branch", "step", "image")][::-1][::-1])
+    return acts[torch.from_numpy(key)], {k: v[key] for k, v in meta.items()}
+
+
+def test_harvest_rows_and_metadata(tmp_path, rand_pipe):
+    cfg = config(tmp_path / "h")
+    summary = harvest(cfg, pipe=rand_pipe)
+    assert summary["shards"] == 2 and summary["images"] == 4
+    store = ActivationStore(cfg.out, verify=True)
+    assert store.sites == sorted([BLOCK, HEAD])
+    rand_pipe.scheduler.set_timesteps(4)
+    schedule = [int(t) for t in rand_pipe.scheduler.timesteps]
+    for name in (BLOCK, HEAD):
+        site = store.site(name)
+        assert site.num_rows == 4 * 2 * 2 * 5  # images x steps x branches x positions
+        acts, meta = site.read(np.arange(site.num_rows))
+        assert acts.dtype == torch.float16 and torch.isfinite(acts).all()
+        assert sorted(set(meta["image"].tolist())) == [0, 1, 2, 3]
+        assert sorted(set(meta["step"].tolist())) == [0, 2]
+        assert set(meta["t"].tolist()) == {schedule[0], schedule[2]}
+        np.testing.assert_allclose(meta["tau"], meta["t"] / 1000, rtol=1e-6)
+        assert set(meta["branch"].tolist()) == {0, 1}
+        assert (meta["seed"] == meta["image"]).all()
+        h, w = site.grid
+        assert (meta["i"] < h).all() and (meta["j"] < w).all()
+        m = site.manifest
+        assert m["timesteps"] == [schedule[0], schedule[2]] and m["branch"] == "both" and m["model"] == "toy"
+        assert m["config"]["positions"] == 5 and len(m["config_hash"]) == 16
+        assert [s["images"] for s in m["shards"]] == [[0, 2], [2, 4]]
+    assert ActivationStore(cfg.out).site(HEAD).width == 64  # 4 heads x 16 dims, concatenated
+    prompts = store.prompts()
+    assert [p["image"] for p in prompts] == [0, 1, 2, 3] and all(p["text"] for p in prompts)
+    images = tmp_path / "h" / "images"
+    assert sorted(p.name for p in images.glob("*.png") if ".truth" not in p.name) == [f"{i}.png" for i in range(4)]
+    truth = json.loads((images / "0.json").read_text())
+    assert truth["text"] == prompts[0]["text"] and "objects" in truth["scene"]
+    assert (images / "0.truth.png").exists()
+
+
+def test_harvested_rows_equal_the_traced_values(tmp_path, rand_pipe):
+    cfg = config(tmp_path / "h", branch="cond", positions=None, batch_size=1, images_per_shard=1,
+                 prompts=PromptSource(kind="list", texts=["a big red plain circle at the center"]), save_images=False)
+    harvest(cfg, pipe=rand_pipe)
+    with trace(rand_pipe, sites=[BLOCK, HEAD], timesteps="every:2") as tr:
+        rand_pipe(["a big red plain circle at the center"], num_inference_steps=4, guidance_scale=7.5,
+                 generator=[torch.Generator().manual_seed(0)], output_type="latent")
+    store = ActivationStore(cfg.out)
+    for k, step in enumerate(tr.steps):
+        got = store.site(BLOCK).feature_map(image=0, step=step)
+        torch.testing.assert_close(got.float(), tr[BLOCK][0, k].float(), atol=2e-2, rtol=1e-2)
+        heads = store.site(HEAD).feature_map(image=0, step=step)  # [i, j, heads*d]
+        torch.testing.assert_close(heads.float(), tr.heads(HEAD)[0, k].flatten(-2).float(), atol=2e-2, rtol=1e-2)
+
+
+def test_rerun_skips_finished_shards_and_writes_no_row_twice(tmp_path, rand_pipe):
+    cfg = config(tmp_path / "h")
+    harvest(cfg, pipe=rand_pipe)
+    before = all_rows(cfg.out, BLOCK)
+    again = harvest(cfg, pipe=rand_pipe)
+    assert again["shards"] == 0 and again["skipped"] == 2
+    after = all_rows(cfg.out, BLOCK)
+    assert len(after[0]) == len(before[0])
+    torch.testing.assert_close(after[0], before[0])
+
+
+def test_a_different_config_is_refused_naming_the_fields(tmp_path, rand_pipe):
+    harvest(config(tmp_path / "h"), pipe=rand_pipe)
+    with pytest.raises(ConfigMismatchError) as err:
+        harvest(config(tmp_path / "h", positions=7, num_inference_steps=5), pipe=rand_pipe)
+    assert "positions: 5 -> 7" in str(err.value) and "num_inference_steps: 4 -> 5" in str(err.value)
+    # run-time fields (devices, progress, out) are not part of the content: resuming is allowed
+    harvest(config(tmp_path / "h", progress=True, verify=False), pipe=rand_pipe)
+
+
+def test_store_of_another_model_is_refused(tmp_path, rand_pipe):
+    from toyworld.model import build_pipeline
+
+    harvest(config(tmp_path / "h"), pipe=rand_pipe)
+    with pytest.raises(ConfigMismatchError, match="model_revision"):
+        harvest(config(tmp_path / "h"), pipe=build_pipeline(seed=1))
+
+
+def test_prompt_sources_file_dataset_and_list(tmp_path, rand_pipe):
+    import datasets
+
+    texts = ["a red circle", "a blue square", "a green triangle"]
+    (tmp_path / "p.txt").write_text("\n".join(texts) + "\n\n")
+    datasets.Dataset.from_dict({"caption": texts}).save_to_disk(str(tmp_path / "ds"))
+    sources = {
+        "file": PromptSource(kind="file", path=str(tmp_path / "p.txt")),
+        "dataset": PromptSource(kind="dataset", path=str(tmp_path / "ds"), column="caption", num_prompts=2),
+        "list": PromptSource(kind="list", texts=texts),
+    }
+    for name, src in sources.items():
+        cfg = config(tmp_path / name, prompts=src, sites=[BLOCK], num_inference_steps=2, timesteps="all", branch="cond", save_images=False)
+        harvest(cfg, pipe=rand_pipe)
+        got = [p["text"] for p in ActivationStore(cfg.out).prompts()]
+        assert got == texts[: len(got)] and len(got) == (2 if name == "dataset" else 3)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"sites": ["mid_block.attention.0"]}, "Closest matches: mid_block.attentions.0"),
+        ({"timesteps": [5]}, "not in the schedule; valid timesteps"),
+        ({"timesteps": "earliest"}, "'early', 'middle', 'late'"),
+        ({"guidance_scale": 1.0, "branch": "uncond"}, "needs classifier-free guidance"),
+        ({"scheduler": "DDIMSchedular"}, "valid schedulers"),
+        ({"prompts": PromptSource(kind="dataset", path="/nonexistent/ds")}, ""),
+        ({"prompts": PromptSource(kind="toyworld")}, "needs prompts.num_prompts"),
+    ],
+)
+def test_bad_input_names_the_bad_value(tmp_path, rand_pipe, overrides, message):
+    with pytest.raises((KeyError, ValueError, FileNotFoundError, Exception)) as err:
+        Harvester(config(tmp_path / "h", **overrides), pipe=rand_pipe)
+    assert message in str(err.value)
+
+
+def test_corrupted_shard_is_named_when_resuming(tmp_path, rand_pipe):
+    cfg = config(tmp_path / "h")
+    harvest(cfg, pipe=rand_pipe)
+    path = tmp_path / "h" / BLOCK / "shard-000001.acts.npy"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x55
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match="shard-000001 of site mid_block.attentions.0"):
+        harvest(cfg, pipe=rand_pipe)
+
+
+def test_harvest_of_an_sdxl_family_pipeline(tmp_path):
+    from activations.models import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sdxl")
+    site = "mid_block.attentions.0.transformer_blocks.1.attn2"
+    cfg = config(tmp_path / "xl", model="tiny-sdxl", sites=["down_blocks.2.attentions.0", site], positions=None,
+                 num_inference_steps=3, timesteps="all", prompts=PromptSource(kind="list", texts=["a red cat", "a dog"]))
+    harvest(cfg, pipe=pipe)
+    store = ActivationStore(cfg.out, verify=True)
+    assert store.site(site).num_rows == 2 * 3 * 2 * 4  # images x steps x branches x (2x2 positions)
+    assert store.site(site).width == 32 and store.site("down_blocks.2.attentions.0").grid == (2, 2)
+    assert store.site(site).feature_map(image=1, step=2, branch="uncond").shape == (2, 2, 32)
+
+
+def test_config_file_round_trip_and_cli_overrides(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"model": "toy", "sites": [BLOCK], "timesteps": "early",
+                                             "prompts": {"kind": "toyworld", "num_prompts": 3}})
+    cfg = load_config(str(path))
+    assert cfg.timesteps == "early" and cfg.prompts.num_prompts == 3 and cfg.branch == "cond"
+    from activations.config import parse_args
+
+    cfg = parse_args([str(path), "--timesteps", "[999, 500]", "--branch", "both"])
+    assert cfg.timesteps == [999, 500] and cfg.branch == "both"
+
+
+# -- subprocess tests: the real command, killed and distributed ---------------------------------
+
+
+def cli_config(tmp_path, toy_folder, out, **kw):
+    data = {
+        "model": toy_folder,
+        "out": str(out),
+        "sites": [BLOCK, HEAD],
+        "prompts": {"kind": "toyworld", "num_prompts": 10},
+        "num_inference_steps": 4,
+        "timesteps": "every:2",
+        "branch": "both",
+        "positions": 6,
+        "batch_size": 1,
+        "images_per_shard": 1,
+        "progress": False,
+        **kw,
+    }
+    return write_yaml(tmp_path / f"{out.name}.yaml", data)
+
+
+@pytest.fixture(scope="module")
+def reference_store(tmp_path_factory, toy_folder):
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = cli_config(tmp, toy_folder, tmp / "ref")
+    res = run_cli(["harvest", str(cfg)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    return tmp / "ref"
+
+
+def assert_same_rows(a, b):
+    for site in (BLOCK, HEAD):
+        xa, ma = all_rows(a, site)
+        xb, mb = all_rows(b, site)
+        assert len(xa) == len(xb) == 10 * 2 * 2 * 6
+        key = np.stack([mb[f] for f in ("image", "step", "branch", "i", "j")], 1)
+        assert len(np.unique(key, axis=0)) == len(key)  # no row twice
+        for f in ma:
+            np.testing.assert_array_equal(ma[f], mb[f])
+        assert torch.equal(xa, xb)
+
+
+def test_kill_9_then_rerun_gives_exactly_the_uninterrupted_rows(tmp_path, toy_folder, reference_store):
+    out = tmp_path / "killed"
+    cfg = cli_config(tmp_path, toy_folder, out)
+    proc = run_cli(["harvest", str(cfg)], background=True)
+    manifest = out / HEAD / "manifest.json"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            if manifest.exists():
+                with open(manifest) as f:
+                    try:
+                        if len(json.load(f)["shards"]) >= 2:
+                            break
+                    except json.JSONDecodeError:
+                        pass
+            if proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    finished = len(json.loads(manifest.read_text())["shards"])
+    assert 2 <= finished < 10, f"the harvest was not interrupted mid-way ({finished} shards)"
+    res = run_cli(["harvest", str(cfg)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "already finished" in res.stdout
+    assert not list(out.glob("*/*.tmp*"))
+    assert_same_rows(reference_store, out)
+
+
+def test_two_processes_store_exactly_the_rows_of_one(tmp_path, toy_folder, reference_store):
+    out = tmp_path / "ddp"
+    cfg = cli_config(tmp_path, toy_folder, out, devices=2, accelerator="cpu")
+    res = run_cli(["harvest", str(cfg)], timeout=400)
+    assert res.returncode == 0, res.stdout + res.stderr
+    ranks = {s["rank"] for s in ActivationStore(out).site(BLOCK).shards}
+    assert ranks == {0, 1}  # each rank wrote its own shards
+    assert_same_rows(reference_store, out)
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, toy_folder):
+    cfg = cli_config(tmp_path, toy_folder, tmp_path / "bad", sites=["mid_block.attention.0"])
+    res = run_cli(["harvest", str(cfg)])
+    assert res.returncode == 2
+    assert "unknown site 'mid_block.attention.0'" in res.stderr and "Traceback" not in res.stderr
