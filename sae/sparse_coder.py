@@ -1,0 +1,276 @@
+"""``SparseCoder``: the SAE base class, its train-step contract, and its files.
+
+Parameters and file layout follow EleutherAI's sparsify so that the two load each other's TopK
+SAEs: ``encoder.weight`` [m, d], ``encoder.bias`` [m], ``W_dec`` [m, d], ``b_dec`` [d] in
+``sae.safetensors``, the config plus ``d_in`` in ``cfg.json``, one folder per site. Architectures
+with a threshold add a ``threshold`` tensor.
+
+Forward pass (all architectures): pre = W_enc (x - b_dec) + b_enc; f = activation(pre);
+x_hat = W_dec^T f + b_dec (Bricken et al. 2023; Gao et al. 2024).
+
+``SAE`` is an alias: ``SAE.from_pretrained(path_or_hub_id)`` returns the right subclass.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import einops
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from sae.config import SparseCoderConfig
+from sae.kernels import gather_pre_acts, sparse_decode
+from sae.latents import Latents
+from sae.registry import get_architecture
+
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "cfg.json"
+SPARSITY_FILE = "sparsity.safetensors"
+
+
+@dataclass
+class TrainContext:
+    """What the trainer tells an architecture at each step."""
+
+    dead_mask: Tensor | None = None
+    """[m] bool: latents that have not fired for ``dead_tokens_threshold`` tokens (for AuxK)."""
+
+    progress: float = 1.0
+    """Fraction of training done, in [0, 1] (for coefficient warm-ups)."""
+
+    process_group: object | None = None
+    """Set when the batch is split over ranks and an architecture must see the global batch
+    (BatchTopK); None for a single process."""
+
+
+@dataclass
+class TrainOutput:
+    """The train-step contract: reconstruction, codes, and named losses whose sum is minimised."""
+
+    recon: Tensor
+    """[n, d] reconstruction of the input."""
+
+    latents: Latents
+    """Codes of the batch (detached use only: l0, firing statistics)."""
+
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    """Weighted loss terms, e.g. {'mse': ..., 'auxk': ...}; the training loss is their sum."""
+
+    @property
+    def loss(self) -> Tensor:
+        return sum(self.losses.values())
+
+
+class SparseCoder(nn.Module):
+    """Base SAE. Subclasses implement ``encode`` and ``train_step`` and register themselves."""
+
+    architecture: ClassVar[str] = ""
+
+    def __init__(self, cfg: SparseCoderConfig, d_in: int, *, device=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        cfg.validate(d_in)
+        self.cfg = cfg
+        self.d_in = d_in
+        self.num_latents = cfg.resolved_num_latents(d_in)
+        self.encoder = nn.Linear(d_in, self.num_latents, device=device, dtype=dtype)
+        self.W_dec = nn.Parameter(torch.empty(self.num_latents, d_in, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------------- init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Decoder rows: random unit directions; encoder = decoder transpose (Gao et al. 2024, Sec 2.4;
+        Conerly et al. 2024); zero biases."""
+        self.W_dec.normal_()
+        self.set_decoder_norm_to_unit_norm()
+        self.encoder.weight.copy_(self.W_dec)
+        self.encoder.bias.zero_()
+        self.b_dec.zero_()
+
+    # ------------------------------------------------------------------------------ forward
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """[n, d] -> [n, m] encoder pre-activations W_enc (x - b_dec) + b_enc."""
+        return F.linear(x.to(self.dtype) - self.b_dec, self.encoder.weight, self.encoder.bias)
+
+    def encode(self, x: Tensor) -> Latents:
+        """Inference-time codes of x [n, d]."""
+        raise NotImplementedError
+
+    def decode(self, latents: Latents) -> Tensor:
+        """Latents -> [n, d] reconstruction."""
+        if latents.is_sparse:
+            return sparse_decode(latents.values, latents.indices, self.W_dec, latents.offsets) + self.b_dec
+        return latents.dense.to(self.dtype) @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction of x [..., d] with the inference-time activation."""
+        shape = x.shape
+        flat = x.reshape(-1, self.d_in)
+        return self.decode(self.encode(flat)).reshape(shape)
+
+    def encode_dense(self, x: Tensor) -> Tensor:
+        """[n, d] -> [n, m] dense latent activations."""
+        return self.encode(x).to_dense()
+
+    def train_step(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
+        """One training forward pass on x [n, d] (already normalised): reconstruction and losses."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------- shared pieces
+    def _mse(self, x: Tensor, recon: Tensor) -> Tensor:
+        """Squared error summed over dimensions, averaged over tokens."""
+        return (x - recon).pow(2).sum(-1).mean()
+
+    def _sparse_select(self, x_c: Tensor, pre: Tensor, rows: Tensor, cols: Tensor, offsets: Tensor) -> Tensor:
+        """ReLU of pre-activations at (rows, cols) with gradients into encoder and b_dec."""
+        vals = gather_pre_acts(x_c, self.encoder.weight, self.encoder.bias, rows, cols, offsets, pre[rows, cols])
+        return F.relu(vals)
+
+    def _auxk_loss(self, x_c: Tensor, pre: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
+        """AuxK (Gao et al. 2024, App. B.1): the k_aux most active dead latents reconstruct the
+        residual x - x_hat of the live ones; weighted by ``auxk_coefficient``."""
+        zero = residual.new_zeros(())
+        if self.cfg.auxk_coefficient <= 0 or dead_mask is None:
+            return zero
+        num_dead = int(dead_mask.sum())
+        if num_dead == 0:
+            return zero
+        n = pre.shape[0]
+        k_aux = min(self.cfg.resolved_k_aux(self.d_in), num_dead)
+        masked = pre.masked_fill(~dead_mask[None, :], float("-inf"))
+        _, idx = masked.topk(k_aux, dim=-1, sorted=False)  # [n, k_aux]
+        rows = torch.arange(n, device=pre.device).repeat_interleave(k_aux)
+        offsets = torch.arange(0, n * k_aux, k_aux, device=pre.device)
+        vals = self._sparse_select(x_c, pre, rows, idx.reshape(-1), offsets)
+        e_hat = sparse_decode(vals, idx.reshape(-1), self.W_dec, offsets)
+        return self.cfg.auxk_coefficient * (e_hat - residual.detach()).pow(2).sum(-1).mean()
+
+    # --------------------------------------------------------------- decoder constraints
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        norms = self.W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec.div_(norms.clamp_min(torch.finfo(self.W_dec.dtype).eps))
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Project each decoder row's gradient onto the row's orthogonal complement, so a step does
+        not fight the unit-norm constraint (Bricken et al. 2023)."""
+        if self.W_dec.grad is None:
+            return
+        grad, w = self.W_dec.grad, self.W_dec.data
+        parallel = einops.einsum(grad, w, "m d, m d -> m")
+        grad -= einops.einsum(parallel, w, "m, m d -> m d") / w.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
+
+    def before_optimizer_step(self) -> None:
+        if self.cfg.normalize_decoder:
+            self.remove_gradient_parallel_to_decoder_directions()
+
+    def after_optimizer_step(self) -> None:
+        if self.cfg.normalize_decoder:
+            self.set_decoder_norm_to_unit_norm()
+
+    def calibrate(self, x: Tensor, batch_size: int) -> None:
+        """After training: set inference-time statistics from normalised inputs x [n, d] (BatchTopK's
+        threshold); a no-op for most architectures."""
+
+    # ------------------------------------------------------------------- normaliser folding
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Turn an SAE trained on ``scale * x`` into one that takes raw x.
+
+        W_enc (x - b_dec/s) + b_enc/s = (W_enc (s x - b_dec) + b_enc) / s, so dividing both biases
+        (and any threshold) by s gives latents scaled by 1/s, and W_dec f/s + b_dec/s = x_hat/s: the
+        decoder keeps unit-norm rows and the latents are in raw units.
+        """
+        self.b_dec.div_(scale)
+        self.encoder.bias.div_(scale)
+        self._fold_thresholds(scale)
+
+    def _fold_thresholds(self, scale: float) -> None:
+        """Architectures with thresholds divide them by ``scale``."""
+
+    # ----------------------------------------------------------------------------- files
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    def save_pretrained(self, path: str | Path, *, sparsity: Tensor | None = None, extra: dict | None = None) -> Path:
+        """Write ``sae.safetensors`` + ``cfg.json`` (+ ``sparsity.safetensors``: log10 feature
+        density, SAELens' name) into folder ``path``. ``extra`` is merged into cfg.json."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path / WEIGHTS_FILE))
+        cfg = self.cfg.to_dict(self.d_in)
+        if extra:
+            cfg.update(extra)
+        (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        if sparsity is not None:
+            save_file({"sparsity": sparsity.detach().float().contiguous().cpu()}, str(path / SPARSITY_FILE))
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_hub_id: str | Path, *, site: str | None = None, device: str | torch.device = "cpu",
+        revision: str | None = None,
+    ) -> "SparseCoder":
+        """Load from a local folder (holding cfg.json, or with ``site`` a subfolder) or a hub repo id.
+
+        The class is chosen by ``cfg.json``'s ``architecture`` (default ``topk``, which is what a
+        sparsify file implies).
+        """
+        folder = Path(path_or_hub_id)
+        if not folder.exists():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(
+                str(path_or_hub_id), revision=revision, allow_patterns=f"{site}/*" if site else None
+            ))
+        if site is not None:
+            folder = folder / site
+        cfg_path = folder / CONFIG_FILE
+        if not cfg_path.exists():
+            subdirs = sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILE).exists()) if folder.is_dir() else []
+            hint = f"; pick a site, one of: {', '.join(subdirs)}" if subdirs else ""
+            raise FileNotFoundError(f"no {CONFIG_FILE} in {folder}{hint}")
+        cfg, d_in = SparseCoderConfig.from_dict(json.loads(cfg_path.read_text()))
+        tensors = load_file(str(folder / WEIGHTS_FILE), device=str(device))
+        dtype = tensors["W_dec"].dtype
+        arch = get_architecture(cfg.architecture)
+        if cls is not SparseCoder and not issubclass(arch, cls):
+            raise TypeError(f"{folder} holds a {cfg.architecture!r} SAE, not a {cls.__name__}")
+        sae = arch(cfg, d_in, device=device, dtype=dtype)
+        missing, unexpected = sae.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{folder / WEIGHTS_FILE} does not match a {cfg.architecture!r} SAE: "
+                             f"missing {missing}, unexpected {unexpected}")
+        return sae
+
+    def push_to_hub(self, repo_id: str, *, site: str | None = None, private: bool = False,
+                    commit_message: str = "Upload SAE", sparsity: Tensor | None = None) -> str:
+        """Upload the files (into folder ``site`` of the repo when given). Returns the commit URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, sparsity=sparsity)
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=site or "",
+                                     commit_message=commit_message)
+        return str(info)
+
+
+SAE = SparseCoder
