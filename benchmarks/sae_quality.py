@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--site", default="up_blocks.1.attentions.0", help="block site to train on")
     p.add_argument("--prompts", type=int, default=256, help="toy-world prompts harvested (one image each)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps per image (all captured)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale of the harvest")
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale of the harvest (the toy model's default)")
     p.add_argument("--harvest-batch", type=int, default=16)
     p.add_argument("--expansion", type=int, default=8, help="latents per input dimension")
     p.add_argument("--k", type=int, default=32, help="TopK k (the goal is measured at l0 <= 32)")

@@ -46,6 +46,8 @@ class FidelityConfig:
     """Images per pipeline call."""
     seed: int = 1234
     """Seed of the scenes, prompts and noise (training used other seeds)."""
+    split: str = "test"
+    """'test': held-out prompts (the benchmark); 'train': training descriptions (for tuning guidance)."""
     out: str = "outputs/toy_fidelity"
     """Folder for the sample grid and per-image results."""
     device: str | None = None
@@ -58,8 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     rng = np.random.default_rng(cfg.seed)
-    scenes = [sample_scene(rng, num_objects=1, split="test") for _ in range(cfg.one_object)]
-    scenes += [sample_scene(rng, num_objects=2, split="test") for _ in range(cfg.two_objects)]
+    scenes = [sample_scene(rng, num_objects=1, split=cfg.split) for _ in range(cfg.one_object)]
+    scenes += [sample_scene(rng, num_objects=2, split=cfg.split) for _ in range(cfg.two_objects)]
     prompts = [scene_to_prompt(s, rng) for s in scenes]
 
     pipe = load_pipeline(cfg.model, device=cfg.device)
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     two = [r for r in rows if r["objects"] == 2]
     result = {
         "n": len(rows),
+        "split": cfg.split,
         "one_object": {a: round(float(np.mean([r[a] for r in one])), 4) for a in ATTRIBUTES} if one else {},
         "two_objects_all_correct": round(float(np.mean([all(r[a] for a in ATTRIBUTES + ("count",)) for r in two])), 4)
         if two else None,

@@ -1,7 +1,9 @@
 """``diffatlas demo``: the whole chain on the bundled toy model, end to end, on a CPU.
 
 1. generate toy images from prompts the model never saw in training, and let the pixel oracle
-   check each one (a labelled grid PNG).
+   check each one (a labelled grid PNG);
+2. harvest a small toy set: a block site at every sampling step, into a resumable store;
+3. train a small TopK SAE on that site with Lightning and print its metrics and the W&B run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ class DemoConfig:
     """Seed for the scenes, prompts and sampling noise."""
     device: str | None = None
     """torch device (default: CUDA when available)."""
+    harvest_prompts: int = 32
+    """Toy prompts harvested (one image each)."""
+    site: str = "up_blocks.1.attentions.0"
+    """Block site harvested and given an SAE (8x8 tokens per image in the toy model)."""
+    sae_epochs: int = 2
+    """Epochs of SAE training over the demo harvest."""
 
 
 def step_generate(cfg: DemoConfig, pipe) -> Path:
@@ -49,6 +57,39 @@ def step_generate(cfg: DemoConfig, pipe) -> Path:
     return path
 
 
+def step_harvest(cfg: DemoConfig, pipe) -> Path:
+    from activations.config import HarvestConfig, PromptSource
+    from activations.harvest import describe_store, harvest
+    from activations.pipeline import model_defaults
+
+    defaults = model_defaults(pipe)
+    out = Path(cfg.out) / "harvest"
+    harvest(
+        HarvestConfig(
+            model="toy", out=str(out), sites=[cfg.site], seed=cfg.seed,
+            prompts=PromptSource(kind="toyworld", num_prompts=cfg.harvest_prompts),
+            num_inference_steps=defaults["num_inference_steps"], guidance_scale=defaults["guidance_scale"],
+            timesteps="all", branch="cond", batch_size=8, progress=False,
+        ),
+        pipe=pipe,
+    )
+    print("[2] harvested " + describe_store(out).replace("\n", "\n    "))
+    return out
+
+
+def step_sae(cfg: DemoConfig, pipe, store: Path) -> Path:
+    from sae import train_quick
+
+    folder, metrics = train_quick(str(store), site=cfg.site, out=str(Path(cfg.out) / "sae"), epochs=cfg.sae_epochs,
+                                  pipeline=pipe, seed=cfg.seed)
+    shown = {k: round(float(v), 4) for k, v in metrics.items() if k.startswith(("metrics/", "sparsity/dead"))}
+    print(f"[3] trained a TopK SAE on {cfg.site}: {shown}\n    SAE: {folder.resolve()}")
+    if "wandb_dir" in metrics:
+        print(f"    W&B run (offline unless WANDB_MODE is set): {metrics['wandb_dir']}\n"
+              f"    upload it with: wandb sync {metrics['wandb_dir']}")
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     from activations.pipeline import load_pipeline
     from diffatlas.config import parse, save_config
@@ -63,4 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     pipe.set_progress_bar_config(disable=True)
     step_generate(cfg, pipe)
+    store = step_harvest(cfg, pipe)
+    step_sae(cfg, pipe, store)
     return 0

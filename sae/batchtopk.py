@@ -20,7 +20,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae.kernels import sparse_decode
 from sae.latents import Latents
 from sae.registry import register_architecture
 from sae.sparse_coder import SparseCoder, TrainContext, TrainOutput
@@ -90,13 +89,7 @@ class BatchTopKSAE(SparseCoder):
                 m = self.cfg.threshold_momentum
                 new = cutoff.to(self.threshold.dtype)
                 self.threshold.copy_(new if self.threshold < 0 else m * self.threshold + (1 - m) * new)
-        vals = self._sparse_select(x_c, pre, rows, cols, offsets)
-        recon = sparse_decode(vals, cols, self.W_dec, offsets) + self.b_dec
-        losses = {"mse": self._mse(x, recon)}
-        if self.cfg.auxk_coefficient > 0:
-            losses["auxk"] = self._auxk_loss(x_c, pre, x - recon, ctx.dead_mask)
-        latents = Latents(self.num_latents, values=vals.detach(), indices=cols, offsets=offsets)
-        return TrainOutput(recon=recon, latents=latents, losses=losses)
+        return self._sparse_train_output(x, x_c, pre, rows, cols, offsets, ctx)
 
     @torch.no_grad()
     def calibrate(self, x: Tensor, batch_size: int) -> None:

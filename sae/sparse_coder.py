@@ -133,6 +133,18 @@ class SparseCoder(nn.Module):
         vals = gather_pre_acts(x_c, self.encoder.weight, self.encoder.bias, rows, cols, offsets, pre[rows, cols])
         return F.relu(vals)
 
+    def _sparse_train_output(self, x: Tensor, x_c: Tensor, pre: Tensor, rows: Tensor, cols: Tensor,
+                             offsets: Tensor, ctx: TrainContext) -> TrainOutput:
+        """The shared tail of the selection-based SAEs (TopK, BatchTopK): decode the selected
+        latents sparsely, score mse and AuxK, return the train-step contract."""
+        vals = self._sparse_select(x_c, pre, rows, cols, offsets)
+        recon = sparse_decode(vals, cols, self.W_dec, offsets) + self.b_dec
+        losses = {"mse": self._mse(x, recon)}
+        if self.cfg.auxk_coefficient > 0:
+            losses["auxk"] = self._auxk_loss(x_c, pre, x - recon, ctx.dead_mask)
+        latents = Latents(self.num_latents, values=vals.detach(), indices=cols, offsets=offsets)
+        return TrainOutput(recon=recon, latents=latents, losses=losses)
+
     def _auxk_loss(self, x_c: Tensor, pre: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
         """AuxK (Gao et al. 2024, App. B.1): the k_aux most active dead latents reconstruct the
         residual x - x_hat of the live ones; weighted by ``auxk_coefficient``."""

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae.kernels import sparse_decode
 from sae.latents import Latents
 from sae.registry import register_architecture
 from sae.sparse_coder import SparseCoder, TrainContext, TrainOutput
@@ -39,10 +38,4 @@ class TopKSAE(SparseCoder):
             _, idx = pre.topk(k, dim=-1, sorted=False)
         rows, offsets = _row_layout(n, k, x.device)
         cols = idx.reshape(-1)
-        vals = self._sparse_select(x_c, pre, rows, cols, offsets)
-        recon = sparse_decode(vals, cols, self.W_dec, offsets) + self.b_dec
-        losses = {"mse": self._mse(x, recon)}
-        if self.cfg.auxk_coefficient > 0:
-            losses["auxk"] = self._auxk_loss(x_c, pre, x - recon, ctx.dead_mask)
-        latents = Latents(self.num_latents, values=vals.detach(), indices=cols, offsets=offsets)
-        return TrainOutput(recon=recon, latents=latents, losses=losses)
+        return self._sparse_train_output(x, x_c, pre, rows, cols, offsets, ctx)

@@ -70,7 +70,6 @@ def _train(tmp_path: Path, name: str, store: Path, *, devices: int, batch: int) 
     return out / "sae" / "mid_block.attentions.0"
 
 
-@pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else (lambda f: f)
 def test_ddp__two_cpu_processes_train_like_one_process_on_the_global_batch(tmp_path):
     store = tmp_path / "store"
     write_sparse_store(store, n=1024, d=8, images=8)

@@ -26,7 +26,8 @@ def labelled_grid(images: list[np.ndarray], scenes: list[Scene], prompts: list[s
     """A grid of upscaled images, each with its prompt and verdict; returns (grid, share all correct)."""
     font = ImageFont.load_default()
     tile = images[0].shape[0] * scale
-    text_lines = 6
+    text_lines = 7
+    width_chars = tile // 6
     cell_h = tile + 12 * text_lines
     rows = (len(images) + columns - 1) // columns
     grid = Image.new("RGB", (columns * (tile + 8), rows * (cell_h + 8)), "white")
@@ -37,8 +38,9 @@ def labelled_grid(images: list[np.ndarray], scenes: list[Scene], prompts: list[s
         correct += ok
         x, y = (k % columns) * (tile + 8) + 4, (k // columns) * (cell_h + 8) + 4
         grid.paste(Image.fromarray(image).resize((tile, tile), Image.NEAREST), (x, y))
-        lines = textwrap.wrap(prompt, width=tile // 6)[: text_lines - 1] + [line]
-        for j, text in enumerate(lines):
-            color = "black" if j < len(lines) - 1 else ("darkgreen" if ok else "red")
+        verdict_lines = textwrap.wrap(line, width=width_chars)[:2]
+        prompt_lines = textwrap.wrap(prompt, width=width_chars)[: text_lines - len(verdict_lines)]
+        for j, text in enumerate(prompt_lines + verdict_lines):
+            color = "black" if j < len(prompt_lines) else ("darkgreen" if ok else "red")
             draw.text((x, y + tile + 2 + 12 * j), text, fill=color, font=font)
     return grid, correct / max(1, len(images))

@@ -6,18 +6,22 @@ The world is flat colours and simple shapes, so no learned model is needed:
    matched to the six (style, background) colours;
 2. object pixels: pixels far from that background colour; connected components are grouped by
    the position centre nearest to their centroid, so a fragmented object stays one object;
-3. per object: size from its extent, shape by the best IoU against each shape's template drawn
-   at that position and size, colour by nearest-palette votes, texture by the share of pixels
-   nearest to a stripe tint.
+3. per object: colour by nearest-palette votes; shape and size together, by matching the soft
+   foreground (how much closer a pixel is to an object colour than to the background) against
+   each shape's template at each size, sharp and blurred; texture by whether the rows that
+   stripes tint (fixed phase) look more like the colour's tint than the other rows do.
 
-It reads generated images too, so every step tolerates blur and colour drift.
+It reads generated images too, so every step tolerates blur and colour drift: a decoder that
+rounds a small cross's corners still leaves more mass on its arms than a circle would.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from toyworld.render import shape_mask
+from functools import lru_cache
+
+from toyworld.render import shape_mask, stripe_rows
 from toyworld.scene import Obj, Scene
 from toyworld.vocab import (
     BACKGROUND_RGB,
@@ -80,19 +84,38 @@ def read_background(image: np.ndarray) -> tuple[str, str]:
     return style, background
 
 
-def read_object(image: np.ndarray, mask: np.ndarray, position: str, style: str) -> Obj:
-    ys, xs = np.nonzero(mask)
-    cx, cy = POSITION_CENTER[position]
-    # extent around the position's centre; big is 11 px, small 6 px: split at the midpoint
-    half = max(np.percentile(np.abs(xs + 0.5 - cx), 95), np.percentile(np.abs(ys + 0.5 - cy), 95))
-    size = "big" if half > (HALF_EXTENT["big"] + HALF_EXTENT["small"]) / 2 else "small"
+BLURS = (0.0, 0.8, 1.4)  # Gaussian sigmas (px) the shape templates are matched at
 
-    def iou(shape: str) -> float:
-        template = shape_mask(shape, (cx, cy), HALF_EXTENT[size])
-        return (template & mask).sum() / (template | mask).sum()
 
-    shape = max(SHAPES, key=iou)
+def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    if sigma == 0:
+        return image
+    radius = int(np.ceil(3 * sigma))
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+    rows = np.apply_along_axis(np.convolve, 0, np.pad(image, ((radius, radius), (0, 0)), mode="edge"), kernel, "valid")
+    return np.apply_along_axis(np.convolve, 1, np.pad(rows, ((0, 0), (radius, radius)), mode="edge"), kernel, "valid")
 
+
+@lru_cache(maxsize=None)
+def _template(shape: str, size: str, position: str, sigma: float) -> np.ndarray:
+    sharp = shape_mask(shape, POSITION_CENTER[position], HALF_EXTENT[size]).astype(np.float32)
+    return _blur(sharp, sigma)
+
+
+def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+    for _ in range(steps):
+        padded = np.pad(mask, 1)
+        mask = padded[1:-1, 1:-1] | padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+    return mask
+
+
+def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
+    return ~_dilate(~mask, steps)
+
+
+def read_object(image: np.ndarray, mask: np.ndarray, soft: np.ndarray, position: str, style: str) -> Obj:
+    """Read one object from its pixel group ``mask`` and the image's soft foreground ``soft``."""
     base, tint = OBJECT_PALETTE[style]
     pixels = image[mask].astype(np.float32)  # [n, 3]
     d_base = np.linalg.norm(pixels[:, None] - base[None], axis=-1)  # [n, colors]
@@ -101,9 +124,29 @@ def read_object(image: np.ndarray, mask: np.ndarray, position: str, style: str) 
     # base-colour pixels decide the colour; tints only vote where there are no base pixels
     votes = np.bincount(d_base.argmin(axis=1)[~is_tint], minlength=len(COLORS)).astype(np.float32)
     votes += 0.25 * np.bincount(d_tint.argmin(axis=1)[is_tint], minlength=len(COLORS))
-    color = COLORS[int(votes.argmax())]
-    texture = "striped" if is_tint.mean() > 0.25 else "plain"
-    return Obj(shape=shape, color=color, position=position, size=size, texture=texture)
+    c = int(votes.argmax())
+
+    # shape and size: least squares between the soft foreground near this group and templates
+    near = soft * _dilate(mask, 2)
+    scores = {
+        (shape, size): min(float(((near - _template(shape, size, position, sigma)) ** 2).sum()) for sigma in BLURS)
+        for shape in SHAPES
+        for size in HALF_EXTENT
+    }
+    shape, size = min(scores, key=scores.get)
+
+    # texture: stripes tint every other pair of rows at a fixed phase, so compare those rows'
+    # tint-likeness with the other rows' inside the object (its eroded interior, blur-free)
+    interior = _erode(mask, 1)
+    if interior.sum() < 6:
+        interior = mask
+    inside = image.astype(np.float32)
+    tintness = np.linalg.norm(inside - base[c], axis=-1) - np.linalg.norm(inside - tint[c], axis=-1)
+    tinted_rows = np.broadcast_to(stripe_rows(image.shape[0]), mask.shape)
+    a, b = interior & tinted_rows, interior & ~tinted_rows
+    contrast = (tintness[a].mean() - tintness[b].mean()) if a.any() and b.any() else 0.0
+    texture = "striped" if contrast > 0.5 * np.linalg.norm(base[c] - tint[c]) else "plain"
+    return Obj(shape=shape, color=COLORS[c], position=position, size=size, texture=texture)
 
 
 def read_scene(image: np.ndarray) -> Scene:
@@ -123,6 +166,7 @@ def read_scene(image: np.ndarray) -> Scene:
     d_bg = np.linalg.norm(pixels - bg, axis=-1)
     d_obj = np.linalg.norm(pixels[..., None, :] - np.concatenate([base, tint])[None, None], axis=-1).min(-1)
     foreground = d_obj < d_bg
+    soft = np.clip(d_bg / np.maximum(d_bg + d_obj, 1e-6), 0, 1)  # 1: an object colour, 0: background
 
     groups: dict[str, np.ndarray] = {}
     centers = np.array([POSITION_CENTER[p] for p in POSITIONS], dtype=np.float32)
@@ -137,7 +181,7 @@ def read_scene(image: np.ndarray) -> Scene:
     if not groups:
         raise ValueError("no object found in the image")
     kept = sorted(groups, key=lambda p: -groups[p].sum())[:2]
-    objects = [read_object(image, groups[p], p, style) for p in sorted(kept, key=POSITIONS.index)]
+    objects = [read_object(image, groups[p], soft, p, style) for p in sorted(kept, key=POSITIONS.index)]
     if len(objects) == 2 and objects[0].position != objects[1].position:
         try:
             return Scene(tuple(objects), background, style)

@@ -36,7 +36,7 @@ from toyworld.scene import Scene, sample_scene
 
 @dataclass
 class VAEStage:
-    steps: int = 1000
+    steps: int = 2500
     """Optimiser steps for the VAE."""
     batch_size: int = 16
     """Images per step."""
@@ -44,6 +44,14 @@ class VAEStage:
     """Adam learning rate (cosine decay to 10%)."""
     kl_weight: float = 1e-6
     """Weight of the KL term: tiny, as in SD's VAE, so the latent stays near-deterministic."""
+    object_weight: float = 5.0
+    """Reconstruction weight of object pixels relative to background ones (objects cover ~10% of
+    an image; without it the VAE learns the background first and objects late)."""
+    decoder_steps: int = 3000
+    """Second phase: steps that refine the decoder alone, on posterior means, with the encoder
+    frozen. The latents the U-Net learns do not change, so this phase can run beside the U-Net."""
+    decoder_lr: float = 6e-4
+    """Adam learning rate of the decoder phase (cosine decay to 10%)."""
 
 
 @dataclass
@@ -82,6 +90,9 @@ class TrainConfig:
     """Seed for scenes, prompts, weights and noise."""
     threads: int = 0
     """torch threads (0: leave torch's default)."""
+    stage: str = "all"
+    """'all' (vae, decoder, unet in turn), or one of them: 'vae', 'decoder' (needs the VAE),
+    'unet' (needs the VAE; exports with the refined decoder once it exists)."""
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
     """Architecture of the model."""
     vae: VAEStage = field(default_factory=VAEStage)
@@ -98,7 +109,7 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class SceneImages(IterableDataset):
-    """An endless stream of rendered training scenes."""
+    """An endless stream of rendered training scenes: (image [3, H, W], object mask [1, H, W])."""
 
     def __init__(self, seed: int):
         self.seed = seed
@@ -106,7 +117,11 @@ class SceneImages(IterableDataset):
     def __iter__(self):
         rng = np.random.default_rng(self.seed)
         while True:
-            yield to_tensor(render(sample_scene(rng)).image)
+            rendered = render(sample_scene(rng))
+            yield to_tensor(rendered.image), torch.from_numpy(rendered.masks.any(axis=0))[None].float()
+
+
+STAGES = ("all", "vae", "decoder", "unet")
 
 
 def cosine_lr(step: int, total: int, warmup: int = 0) -> float:
@@ -117,24 +132,35 @@ def cosine_lr(step: int, total: int, warmup: int = 0) -> float:
 
 
 class LitVAE(L.LightningModule):
-    def __init__(self, model_cfg: ToyModelConfig, stage: VAEStage):
-        super().__init__()
-        self.vae = build_vae(model_cfg)
-        self.stage = stage
+    """Phase 1 trains the whole VAE; phase 2 (``decoder_only``) sharpens the decoder on the
+    posterior means, which are exactly the latents the U-Net is trained on."""
 
-    def training_step(self, images, _):
-        posterior = self.vae.encode(images).latent_dist
-        recon = self.vae.decode(posterior.sample()).sample
+    def __init__(self, vae, stage: VAEStage, decoder_only: bool = False):
+        super().__init__()
+        self.vae, self.stage, self.decoder_only = vae, stage, decoder_only
+        if decoder_only:
+            self.vae.encoder.requires_grad_(False)
+            self.vae.quant_conv.requires_grad_(False)
+
+    def training_step(self, batch, _):
+        images, objects = batch
+        with torch.set_grad_enabled(not self.decoder_only):
+            posterior = self.vae.encode(images).latent_dist
+        recon = self.vae.decode(posterior.mean if self.decoder_only else posterior.sample()).sample
+        weight = 1.0 + (self.stage.object_weight - 1.0) * objects
         l1 = F.l1_loss(recon, images)
         mse = F.mse_loss(recon, images)
         kl = posterior.kl().mean()
-        loss = l1 + mse + self.stage.kl_weight * kl
+        weighted = (weight * ((recon - images).abs() + (recon - images) ** 2)).mean() / weight.mean()
+        loss = weighted + self.stage.kl_weight * kl
         self.log_dict({"vae/l1": l1, "vae/mse": mse, "vae/kl": kl}, prog_bar=True)
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.Adam(self.vae.parameters(), lr=self.stage.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, self.stage.steps, 50))
+        params = [p for p in self.vae.parameters() if p.requires_grad]
+        lr, steps = (self.stage.decoder_lr, self.stage.decoder_steps) if self.decoder_only else (self.stage.lr, self.stage.steps)
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, 50))
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
 
@@ -254,25 +280,41 @@ def encode_scenes(vae, scenes: list[Scene], batch_size: int = 256) -> torch.Tens
 
 def train(cfg: TrainConfig) -> Path:
     """Run both stages and write the float16 diffusers folder to ``cfg.out``."""
+    if cfg.stage not in STAGES:
+        raise ValueError(f"unknown stage {cfg.stage!r}; valid stages: {', '.join(STAGES)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     work_dir = Path(cfg.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    # Stage 1: the VAE (skipped when a finished one is in the work dir: the stages resume separately).
-    vae_path = work_dir / "vae"
-    if (vae_path / "config.json").exists():
-        from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL
 
+    # Stage 1: the VAE (skipped when a finished one is in the work dir: the stages resume separately).
+    vae_path, decoder_path = work_dir / "vae", work_dir / "vae_decoder"
+    if (vae_path / "config.json").exists():
         vae = AutoencoderKL.from_pretrained(vae_path)
+    elif cfg.stage in ("decoder", "unet"):
+        raise FileNotFoundError(f"stage {cfg.stage!r} needs a trained VAE in {vae_path}; run stage 'vae' or 'all' first")
     else:
         L.seed_everything(cfg.seed)
-        lit_vae = LitVAE(cfg.model, cfg.vae)
+        lit_vae = LitVAE(build_vae(cfg.model), cfg.vae)
         loader = DataLoader(SceneImages(cfg.seed), batch_size=cfg.vae.batch_size)
         _trainer(cfg.vae.steps, work_dir, "vae").fit(lit_vae, loader)
         vae = lit_vae.vae
         vae.save_pretrained(vae_path)
+    if cfg.stage == "vae":
+        return vae_path
+
+    # Stage 2: sharpen the decoder on the frozen encoder's means (the U-Net's latents stay the same).
+    if cfg.stage in ("all", "decoder") and cfg.vae.decoder_steps and not (decoder_path / "config.json").exists():
+        L.seed_everything(cfg.seed + 1)
+        lit_vae = LitVAE(copy.deepcopy(vae), cfg.vae, decoder_only=True)
+        loader = DataLoader(SceneImages(cfg.seed + 1), batch_size=cfg.vae.batch_size)
+        _trainer(cfg.vae.decoder_steps, work_dir, "vae_decoder").fit(lit_vae, loader)
+        lit_vae.vae.save_pretrained(decoder_path)
+    if cfg.stage == "decoder":
+        return decoder_path
     vae.eval().requires_grad_(False)
 
     # Stage 2: latents of fixed training scenes, then text encoder + U-Net.
@@ -296,7 +338,10 @@ def train(cfg: TrainConfig) -> Path:
 
     def export(module: LitToyDiffusion) -> None:
         """Save the EMA weights in float16 as a standard diffusers folder (written aside, then swapped in)."""
-        snapshot = build_pipeline(cfg.model, seed=cfg.seed, vae=copy.deepcopy(vae))
+        # the refined decoder when stage 2 has finished (its encoder is the frozen one of stage 1)
+        final_vae = AutoencoderKL.from_pretrained(decoder_path) if (decoder_path / "config.json").exists() else copy.deepcopy(vae)
+        final_vae.register_to_config(scaling_factor=scaling_factor)
+        snapshot = build_pipeline(cfg.model, seed=cfg.seed, vae=final_vae)
         snapshot.unet.load_state_dict(module.ema["unet"].state_dict())
         snapshot.text_encoder.load_state_dict(module.ema["text_encoder"].state_dict())
         tmp = out.with_name(out.name + ".tmp")
