@@ -78,6 +78,9 @@ class UNetStage:
     """Write the EMA pipeline to ``out`` every this many steps, so an interrupted run keeps a model."""
     max_minutes: float | None = None
     """Stop the stage after this many minutes even if ``steps`` are not done (None: no limit)."""
+    init_from: str | None = None
+    """Warm start: a toy pipeline folder (e.g. toyworld/weights) whose text encoder and U-Net this
+    stage continues from, instead of random weights (the VAE must be the one it was trained with)."""
 
 
 @dataclass
@@ -333,6 +336,12 @@ def train(cfg: TrainConfig) -> Path:
     latents = latents * scaling_factor
 
     pipe = build_pipeline(cfg.model, seed=cfg.seed, vae=vae)
+    if cfg.unet.init_from:
+        from diffusers import DiffusionPipeline
+
+        start = DiffusionPipeline.from_pretrained(cfg.unet.init_from, dtype=torch.float32)
+        pipe.unet.load_state_dict(start.unet.state_dict())
+        pipe.text_encoder.load_state_dict(start.text_encoder.state_dict())
     lit = LitToyDiffusion(pipe, cfg.unet)
     out = Path(cfg.out)
 
