@@ -97,24 +97,9 @@ TINY_WORDS = (
 
 def tiny_tokenizer(max_length: int = 16, words=TINY_WORDS):
     """A word-level tokenizer built in memory (no files, no network), CLIP-style special tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from toyworld.tokenizer import build_tokenizer
 
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {w: i for i, w in enumerate(specials + list(dict.fromkeys(words)))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[(s, vocab[s]) for s in specials]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=specials[0],
-        eos_token=specials[1],
-        pad_token=specials[1],
-        unk_token=specials[1],
-        model_max_length=max_length,
-    )
+    return build_tokenizer(max_length, words)
 
 
 def _tiny_text_encoder(hidden: int, vocab_size: int, max_length: int, with_projection: bool = False):

@@ -17,8 +17,9 @@ BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
 MAX_LENGTH = 40  # the longest prompt the grammar writes is 27 words and commas, plus start and end
 
 
-def build_tokenizer(max_length: int = MAX_LENGTH) -> PreTrainedTokenizerFast:
-    vocab = {token: i for i, token in enumerate((BOS, EOS, UNK) + WORDS)}
+def build_tokenizer(max_length: int = MAX_LENGTH, words=WORDS) -> PreTrainedTokenizerFast:
+    """One token per word of ``words`` (the toy world's by default), built in memory."""
+    vocab = {token: i for i, token in enumerate((BOS, EOS, UNK) + tuple(dict.fromkeys(words)))}
     core = Tokenizer(WordLevel(vocab, unk_token=UNK))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()  # splits "background," into "background" ","
