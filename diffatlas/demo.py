@@ -82,7 +82,8 @@ def step_sae(cfg: DemoConfig, pipe, store: Path) -> Path:
 
     folder, metrics = train_quick(str(store), site=cfg.site, out=str(Path(cfg.out) / "sae"), epochs=cfg.sae_epochs,
                                   pipeline=pipe, seed=cfg.seed)
-    shown = {k: round(float(v), 4) for k, v in metrics.items() if k.startswith(("metrics/", "sparsity/dead"))}
+    headline = ("metrics/fvu", "metrics/l0", "sparsity/dead_fraction_val", "metrics/fraction_recovered")
+    shown = {k.split("/")[-1]: round(float(metrics[k]), 4) for k in headline if k in metrics}
     print(f"[3] trained a TopK SAE on {cfg.site}: {shown}\n    SAE: {folder.resolve()}")
     if "wandb_dir" in metrics:
         print(f"    W&B run (offline unless WANDB_MODE is set): {metrics['wandb_dir']}\n"
