@@ -13,7 +13,7 @@ Public API (imported lazily, so that ``import activations.store`` never pays for
 
 from __future__ import annotations
 
-import importlib
+from diffatlas.lazy import lazy_exports
 
 _EXPORTS = {
     "load_pipeline": "activations.pipeline",
@@ -51,13 +51,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'activations' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports('activations', _EXPORTS, globals())

@@ -14,7 +14,7 @@ Public API (imported lazily, so that ``import sae`` does not pay for Lightning):
 
 from __future__ import annotations
 
-import importlib
+from diffatlas.lazy import lazy_exports
 
 _EXPORTS = {
     "SAE": "sae.sparse_coder",
@@ -36,13 +36,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'sae' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports('sae', _EXPORTS, globals())
