@@ -43,10 +43,9 @@ def check_prompts(model: str, prompts: list[str]) -> None:
             check_prompt(prompt)
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch_size: int = 16,
+def generate(pipe, jobs: list[tuple[str, int]], steps: int, guidance: float, batch_size: int = 16,
              progress: bool = True):
-    """Yield (prompt, seed, PIL image) for every prompt x seed, deterministic per (prompt, seed)."""
-    jobs = [(p, s) for p in prompts for s in seeds]
+    """Yield (prompt, seed, PIL image) for every (prompt, seed) job, deterministic per job."""
     bar = tqdm(total=len(jobs), desc="generate", unit="img", disable=not progress)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
@@ -79,7 +78,8 @@ def run(cfg: GenerateConfig) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     with open(out / "generations.jsonl", "a") as record:
-        for k, (prompt, seed, image) in enumerate(generate(pipe, prompts, cfg.seeds, steps, guidance, cfg.batch_size)):
+        jobs = [(p, s) for p in prompts for s in cfg.seeds]
+        for k, (prompt, seed, image) in enumerate(generate(pipe, jobs, steps, guidance, cfg.batch_size)):
             path = out / f"{k:04d}_seed{seed}.png"
             image.save(path)
             paths.append(path)

@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
 
     import lightning.pytorch as pl
-    import torch
 
     from sae.config import SparseCoderConfig
     from sae.data import ActivationDataModule

@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from activations.generate import generate  # noqa: E402
 from activations.pipeline import load_pipeline, model_defaults  # noqa: E402
 from diffatlas.config import parse, save_config  # noqa: E402
 from toyworld.grid import labelled_grid  # noqa: E402
@@ -68,13 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     pipe.set_progress_bar_config(disable=True)
     guidance = cfg.guidance if cfg.guidance is not None else model_defaults(pipe)["guidance_scale"]
     started = time.perf_counter()
-    images = []
-    # one seed per prompt: generate() draws every prompt with each seed, so call it prompt by prompt in batches
-    for start in range(0, len(prompts), cfg.batch_size):
-        chunk = list(range(start, min(start + cfg.batch_size, len(prompts))))
-        batch = generate_batch(pipe, [prompts[k] for k in chunk], [cfg.seed + k for k in chunk], cfg.steps, guidance)
-        images += batch
-        print(f"generated {len(images)}/{len(prompts)} images", file=sys.stderr, flush=True)
+    jobs = [(prompt, cfg.seed + k) for k, prompt in enumerate(prompts)]
+    images = [np.asarray(image) for _, _, image in generate(pipe, jobs, cfg.steps, guidance, cfg.batch_size)]
     seconds = time.perf_counter() - started
 
     rows = []
@@ -106,16 +102,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(result))
     return result
-
-
-def generate_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> list[np.ndarray]:
-    """Draw prompts[k] with seeds[k], one generator per image (as `diffatlas generate` does)."""
-    import torch
-
-    generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
-    images = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                  output_type="np").images
-    return [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in images]
 
 
 if __name__ == "__main__":

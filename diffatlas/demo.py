@@ -44,11 +44,9 @@ def step_generate(cfg: DemoConfig, pipe) -> Path:
     scenes = [sample_scene(rng, split="test") for _ in range(cfg.num_images)]
     prompts = [scene_to_prompt(s, rng) for s in scenes]
     defaults = model_defaults(pipe)
-    images = []
-    for k, prompt in enumerate(prompts):
-        _, _, image = next(generate(pipe, [prompt], [cfg.seed + k], defaults["num_inference_steps"],
-                                    defaults["guidance_scale"], progress=False))
-        images.append(np.asarray(image))
+    jobs = [(prompt, cfg.seed + k) for k, prompt in enumerate(prompts)]
+    images = [np.asarray(image) for _, _, image in generate(
+        pipe, jobs, defaults["num_inference_steps"], defaults["guidance_scale"], progress=False)]
     grid, accuracy = labelled_grid(images, scenes, prompts)
     path = Path(cfg.out) / "generated_grid.png"
     grid.save(path)
