@@ -302,20 +302,23 @@ class LitSAE(pl.LightningModule):
             self.window_fire += fire
             self.window_tokens += n
             self.total_tokens += n
-            logs = {f"losses/{k}": v.detach() for k, v in out.losses.items()}
-            logs["losses/total"] = out.loss.detach()
-            logs["train/l0"] = out.latents.l0().mean()
-            self.log_dict(logs, prog_bar=False, sync_dist=False)
-            self.log("train/fvu", batch_fvu(x, out.recon.detach()), prog_bar=True)
-            if self._should_log_sparsity(batch_idx):
-                self._log_sparsity()
+            # Scalars are computed and handed to Lightning on logging steps only: the logger writes
+            # no others, and per-step metric work is a measurable share of a fast TopK step.
+            if self._is_log_step():
+                logs = {f"losses/{k}": v.detach() for k, v in out.losses.items()}
+                logs["losses/total"] = out.loss.detach()
+                logs["train/l0"] = out.latents.l0().mean()
+                self.log_dict(logs, prog_bar=False, sync_dist=False)
+                self.log("train/fvu", batch_fvu(x, out.recon.detach()), prog_bar=True)
+                if self.global_step > 0:  # dead/dense fractions need more than one batch
+                    self._log_sparsity()
             if self.hparams.histogram_every_n_steps > 0 and (self.global_step + 1) % self.hparams.histogram_every_n_steps == 0:
                 self._log_histograms()
         return out.loss
 
-    def _should_log_sparsity(self, batch_idx: int) -> bool:
+    def _is_log_step(self) -> bool:
         every = getattr(self.trainer, "log_every_n_steps", 50) or 50
-        return (self.global_step + 1) % every == 0
+        return self.global_step == 0 or (self.global_step + 1) % every == 0
 
     def _dead_after(self) -> float:
         return min(float(self.sae_cfg.dead_tokens_threshold), float(self.total_tokens))
