@@ -135,7 +135,11 @@ def denoising_losses(
     if hasattr(pipe, "text_encoder_2"):
         raise NotImplementedError("loss recovered is implemented for SD 1.x / 2.x pipelines; SDXL needs added "
                                   "conditioning (time ids, pooled text) that is not wired here")
-    unet, vae, sched = pipe.unet, pipe.vae, pipe.scheduler
+    from diffusers import DDPMScheduler
+
+    # The training-time view of the pipeline's noise schedule: samplers such as DPM-Solver keep
+    # no get_velocity, and their add_noise follows their inference steps.
+    unet, vae, sched = pipe.unet, pipe.vae, DDPMScheduler.from_config(pipe.scheduler.config)
     device = unet.device
     dtype = unet.dtype
     pred_type = getattr(sched.config, "prediction_type", "epsilon")
