@@ -24,7 +24,7 @@ from activations.generate import generate  # noqa: E402
 from activations.pipeline import load_pipeline, model_defaults  # noqa: E402
 from diffatlas.config import parse, save_config  # noqa: E402
 from toyworld.grid import labelled_grid  # noqa: E402
-from toyworld.oracle import compare, read_scene  # noqa: E402
+from toyworld.oracle import check_image  # noqa: E402
 from toyworld.prompts import scene_to_prompt  # noqa: E402
 from toyworld.scene import sample_scene  # noqa: E402
 
@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = []
     for scene, prompt, image in zip(scenes, prompts, images):
-        try:
-            checks = compare(scene, read_scene(image))
-        except ValueError:  # nothing drawn
-            checks = {name: False for name in ATTRIBUTES + ("count",)}
+        checks = check_image(scene, image)
         rows.append({"prompt": prompt, "objects": len(scene.objects), **checks})
     with open(out / "results.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)

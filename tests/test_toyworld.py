@@ -37,6 +37,19 @@ def test_oracle__tolerates_noise_and_colour_drift():
     assert read_scene(np.clip(noisy, 0, 255).astype(np.uint8)) == scene
 
 
+@pytest.mark.parametrize("shape", ["square", "cross", "triangle", "circle"])
+def test_oracle__reads_a_small_shape_drawn_a_pixel_too_small_and_blurred(shape):
+    # what a decoder does to small objects: shrink them a little and round their corners
+    from toyworld.oracle import _blur
+    from toyworld.render import shape_mask
+    from toyworld.vocab import BACKGROUND_RGB, HALF_EXTENT, POSITION_CENTER
+
+    scene = Scene((Obj(shape, "red", "top right", "small", "plain"),), "white", "day")
+    drawn = _blur(shape_mask(shape, POSITION_CENTER["top right"], HALF_EXTENT["small"] - 1).astype(np.float32), 0.8)
+    image = (1 - drawn[..., None]) * np.array(BACKGROUND_RGB["white"]) + drawn[..., None] * np.array(OBJECT_RGB["red"])
+    assert read_scene(image.round().astype(np.uint8)) == scene
+
+
 def test_oracle__blank_image_raises_no_object_found():
     blank = np.full((64, 64, 3), 125, np.uint8)
     with pytest.raises(ValueError, match="no object"):

@@ -6,10 +6,11 @@ The world is flat colours and simple shapes, so no learned model is needed:
    matched to the six (style, background) colours;
 2. object pixels: pixels far from that background colour; connected components are grouped by
    the position centre nearest to their centroid, so a fragmented object stays one object;
-3. per object: colour by nearest-palette votes; shape and size together, by matching the soft
-   foreground (how much closer a pixel is to an object colour than to the background) against
-   each shape's template at each size, sharp and blurred; texture by whether the rows that
-   stripes tint (fixed phase) look more like the colour's tint than the other rows do.
+3. per object: colour by nearest-palette votes; texture by whether the rows that stripes tint
+   (fixed phase) look more like the colour's tint than the other rows do; shape and size
+   together, by matching the object's soft foreground (where each pixel lies between the
+   background and the object's colour) against each shape's template at each size, sharp and
+   blurred, and a pixel smaller or larger.
 
 It reads generated images too, so every step tolerates blur and colour drift: a decoder that
 rounds a small cross's corners still leaves more mass on its arms than a circle would.
@@ -85,6 +86,9 @@ def read_background(image: np.ndarray) -> tuple[str, str]:
 
 
 BLURS = (0.0, 0.8, 1.4)  # Gaussian sigmas (px) the shape templates are matched at
+# Changes (px) of a size's half-extent the templates are also tried at: a decoder that draws a
+# small square a pixel too small would otherwise match the smaller-area template, a circle, best.
+GROW = (-1, 0, 1)
 
 
 def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -98,8 +102,8 @@ def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
 
 
 @lru_cache(maxsize=None)
-def _template(shape: str, size: str, position: str, sigma: float) -> np.ndarray:
-    sharp = shape_mask(shape, POSITION_CENTER[position], HALF_EXTENT[size]).astype(np.float32)
+def _template(shape: str, size: str, position: str, sigma: float, grow: int = 0) -> np.ndarray:
+    sharp = shape_mask(shape, POSITION_CENTER[position], HALF_EXTENT[size] + grow).astype(np.float32)
     return _blur(sharp, sigma)
 
 
@@ -114,8 +118,8 @@ def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
     return ~_dilate(~mask, steps)
 
 
-def read_object(image: np.ndarray, mask: np.ndarray, soft: np.ndarray, position: str, style: str) -> Obj:
-    """Read one object from its pixel group ``mask`` and the image's soft foreground ``soft``."""
+def read_object(image: np.ndarray, mask: np.ndarray, background: np.ndarray, position: str, style: str) -> Obj:
+    """Read one object from its pixel group ``mask`` on a ``background`` colour (RGB)."""
     base, tint = OBJECT_PALETTE[style]
     pixels = image[mask].astype(np.float32)  # [n, 3]
     d_base = np.linalg.norm(pixels[:, None] - base[None], axis=-1)  # [n, colors]
@@ -125,15 +129,6 @@ def read_object(image: np.ndarray, mask: np.ndarray, soft: np.ndarray, position:
     votes = np.bincount(d_base.argmin(axis=1)[~is_tint], minlength=len(COLORS)).astype(np.float32)
     votes += 0.25 * np.bincount(d_tint.argmin(axis=1)[is_tint], minlength=len(COLORS))
     c = int(votes.argmax())
-
-    # shape and size: least squares between the soft foreground near this group and templates
-    near = soft * _dilate(mask, 2)
-    scores = {
-        (shape, size): min(float(((near - _template(shape, size, position, sigma)) ** 2).sum()) for sigma in BLURS)
-        for shape in SHAPES
-        for size in HALF_EXTENT
-    }
-    shape, size = min(scores, key=scores.get)
 
     # texture: stripes tint every other pair of rows at a fixed phase, so compare those rows'
     # tint-likeness with the other rows' inside the object (its eroded interior, blur-free)
@@ -146,6 +141,25 @@ def read_object(image: np.ndarray, mask: np.ndarray, soft: np.ndarray, position:
     a, b = interior & tinted_rows, interior & ~tinted_rows
     contrast = (tintness[a].mean() - tintness[b].mean()) if a.any() and b.any() else 0.0
     texture = "striped" if contrast > 0.5 * np.linalg.norm(base[c] - tint[c]) else "plain"
+
+    # shape and size: least squares between the soft foreground near this group and templates.
+    # Soft foreground of this object: how far each pixel lies from the background towards the
+    # object's own colour (or its stripe tint), so a blurred edge counts as the blend it is.
+    near = np.zeros(mask.shape, np.float32)
+    for colour in (base[c], tint[c]) if texture == "striped" else (base[c],):
+        line = colour - background
+        near = np.maximum(near, np.clip((inside - background) @ line / float(line @ line), 0, 1))
+    near *= _dilate(mask, 2)
+    scores = {
+        (shape, size): min(
+            float(((near - _template(shape, size, position, sigma, grow)) ** 2).sum())
+            for sigma in BLURS
+            for grow in GROW
+        )
+        for shape in SHAPES
+        for size in HALF_EXTENT
+    }
+    shape, size = min(scores, key=scores.get)
     return Obj(shape=shape, color=COLORS[c], position=position, size=size, texture=texture)
 
 
@@ -166,7 +180,6 @@ def read_scene(image: np.ndarray) -> Scene:
     d_bg = np.linalg.norm(pixels - bg, axis=-1)
     d_obj = np.linalg.norm(pixels[..., None, :] - np.concatenate([base, tint])[None, None], axis=-1).min(-1)
     foreground = d_obj < d_bg
-    soft = np.clip(d_bg / np.maximum(d_bg + d_obj, 1e-6), 0, 1)  # 1: an object colour, 0: background
 
     groups: dict[str, np.ndarray] = {}
     centers = np.array([POSITION_CENTER[p] for p in POSITIONS], dtype=np.float32)
@@ -181,7 +194,7 @@ def read_scene(image: np.ndarray) -> Scene:
     if not groups:
         raise ValueError("no object found in the image")
     kept = sorted(groups, key=lambda p: -groups[p].sum())[:2]
-    objects = [read_object(image, groups[p], soft, p, style) for p in sorted(kept, key=POSITIONS.index)]
+    objects = [read_object(image, groups[p], bg, p, style) for p in sorted(kept, key=POSITIONS.index)]
     if len(objects) == 2 and objects[0].position != objects[1].position:
         try:
             return Scene(tuple(objects), background, style)
@@ -206,3 +219,11 @@ def compare(truth: Scene, read: Scene) -> dict[str, bool]:
             for o in truth.objects
         )
     return result
+
+
+def check_image(truth: Scene, image: np.ndarray) -> dict[str, bool]:
+    """``compare(truth, read_scene(image))``, with every check failed when nothing is drawn."""
+    try:
+        return compare(truth, read_scene(image))
+    except ValueError:
+        return dict.fromkeys(("background", "style", "count", "color", "shape", "position", "size", "texture"), False)
