@@ -3,7 +3,7 @@
 Same diffusers classes as SD 1.x (AutoencoderKL, CLIPTextModel, UNet2DConditionModel, a
 scheduler, StableDiffusionPipeline), so everything that works here works on real checkpoints:
 
-- images 64x64 RGB -> VAE (downsampling 4x) -> latents [4, 16, 16];
+- images 64x64 RGB -> VAE (downsampling 4x) -> latents [8, 16, 16];
 - text: word-level tokenizer, 40 tokens, CLIP text transformer (causal, like CLIP);
 - U-Net: cross-attention in down, mid and up blocks at 16x16, 8x8 and 4x4;
   10 cross-attention modules x 4 heads = 40 heads.
@@ -37,8 +37,9 @@ class ToyModelConfig:
     """Cross- and self-attention heads per transformer block."""
     vae_channels: tuple[int, int, int] = (16, 32, 64)
     """VAE channels at 64x64, 32x32 and 16x16 (three levels: downsampling by 4)."""
-    latent_channels: int = 4
-    """Channels of the latent image, as in SD."""
+    latent_channels: int = 8
+    """Channels of the latent image. SD uses 4 at 8x downsampling; at 4x, 4 channels blur the
+    small objects' shapes (the oracle read 69% of shapes right on such reconstructions), so 8."""
 
 
 def build_text_encoder(cfg: ToyModelConfig, vocab_size: int, bos: int, eos: int, pad: int):
@@ -95,10 +96,15 @@ def build_vae(cfg: ToyModelConfig):
 def build_scheduler():
     from diffusers import DPMSolverMultistepScheduler
 
-    # SD 1.x's noise schedule; DPM-Solver++ samples well in the 25 steps the benchmarks use.
+    # SD 1.x's betas rescaled to zero terminal SNR, with v-prediction and trailing timesteps
+    # (Lin et al., 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"). SD's own
+    # schedule leaves sqrt(alpha_bar) = 0.07 of the image in its noisiest latent; on a 16x16 latent
+    # that leak shows where objects are, so a model trained on it places objects where the leak
+    # is instead of where the prompt says, and sampling from pure noise then puts them anywhere.
+    # DPM-Solver++ samples well in the 25 steps the benchmarks use.
     return DPMSolverMultistepScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", steps_offset=1,
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
     )
 
 

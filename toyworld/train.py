@@ -5,8 +5,11 @@
 Both stages are Lightning fits on scenes drawn from the training split (held-out object
 descriptions never appear). The U-Net stage trains on VAE latents computed once, with a freshly
 written prompt for every sample (word order varies), 10% empty prompts for classifier-free
-guidance, min-SNR-γ loss weighting (Hang et al., 2023) and an exponential moving average of the
-weights, which is what gets saved. The result is a diffusers folder in float16.
+guidance, v-prediction on a zero-terminal-SNR schedule (Lin et al., 2024; see
+toyworld.model.build_scheduler), token grounding of the cross-attention maps on the world's object
+masks (toyworld/grounding.py; TokenCompose, Wang et al., 2024) and an exponential moving average
+of the weights, which is what gets saved. The result is a diffusers
+folder in float16.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from einops import rearrange
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
+from toyworld.grounding import grounding_loss, install_recorders, object_masks, token_owners
 from toyworld.model import ToyModelConfig, build_pipeline, build_vae
 from toyworld.prompts import scene_to_prompt
 from toyworld.render import render
@@ -51,6 +55,10 @@ class VAEStage:
     frozen. The latents the U-Net learns do not change, so this phase can run beside the U-Net."""
     decoder_lr: float = 6e-4
     """Adam learning rate of the decoder phase (cosine decay to 10%)."""
+    edge_weight: float = 0.0
+    """Weight of a gradient-difference loss (L1 between the horizontal and vertical pixel
+    differences of reconstruction and image; Mathieu et al., 2016) in the decoder phase: pixel
+    losses alone round the corners of small shapes, which then read as circles."""
 
 
 @dataclass
@@ -70,9 +78,13 @@ class UNetStage:
     uncond_prob: float = 0.1
     """Share of empty prompts, for classifier-free guidance."""
     min_snr_gamma: float = 5.0
-    """γ of min-SNR loss weighting (Hang et al., 2023)."""
+    """γ of min-SNR loss weighting (Hang et al., 2023); ε-prediction schedules only (the bundled
+    model predicts v, unweighted)."""
     ema_decay: float = 0.999
     """EMA decay of the weights that get saved."""
+    grounding_weight: float = 0.0
+    """Weight of the token-grounding loss on the cross-attention maps (toyworld/grounding.py,
+    TokenCompose's L_token); 0 trains on the denoising loss alone."""
     export_every: int = 500
     """Write the EMA pipeline to ``out`` every this many steps, so an interrupted run keeps a model."""
     max_minutes: float | None = None
@@ -155,6 +167,10 @@ class LitVAE(L.LightningModule):
         kl = posterior.kl().mean()
         weighted = (weight * ((recon - images).abs() + (recon - images) ** 2)).mean() / weight.mean()
         loss = weighted + self.stage.kl_weight * kl
+        if self.decoder_only and self.stage.edge_weight:
+            edges = sum(F.l1_loss(torch.diff(recon, dim=d), torch.diff(images, dim=d)) for d in (-1, -2))
+            loss = loss + self.stage.edge_weight * edges
+            self.log("vae/edges", edges, prog_bar=True)
         self.log_dict({"vae/l1": l1, "vae/mse": mse, "vae/kl": kl}, prog_bar=True)
         return loss
 
@@ -167,17 +183,20 @@ class LitVAE(L.LightningModule):
 
 
 class LatentPrompts(IterableDataset):
-    """Endless (latent, prompt) samples: cached latents, a new prompt for every draw."""
+    """Endless (latent, prompt, token owners, object masks) samples: cached latents and masks, a new
+    prompt for every draw (see toyworld/grounding.py for owners and masks)."""
 
-    def __init__(self, latents: torch.Tensor, scenes: list[Scene], seed: int, uncond_prob: float):
-        self.latents, self.scenes, self.seed, self.uncond_prob = latents, scenes, seed, uncond_prob
+    def __init__(self, latents: torch.Tensor, masks: torch.Tensor, scenes: list[Scene], seed: int,
+                 uncond_prob: float, num_tokens: int):
+        self.latents, self.masks, self.scenes = latents, masks, scenes
+        self.seed, self.uncond_prob, self.num_tokens = seed, uncond_prob, num_tokens
 
     def __iter__(self):
         rng = np.random.default_rng(self.seed + 1)
         while True:
             k = int(rng.integers(len(self.scenes)))
             prompt = "" if rng.random() < self.uncond_prob else scene_to_prompt(self.scenes[k], rng)
-            yield self.latents[k], prompt
+            yield self.latents[k], prompt, token_owners(prompt, self.num_tokens), self.masks[k]
 
 
 class LitToyDiffusion(L.LightningModule):
@@ -192,21 +211,33 @@ class LitToyDiffusion(L.LightningModule):
         self.register_buffer("snr", alphas / (1 - alphas), persistent=False)
         self.ema = copy.deepcopy(torch.nn.ModuleDict({"unet": self.unet, "text_encoder": self.text_encoder}))
         self.ema.requires_grad_(False)
+        self.attention_maps = install_recorders(self.unet) if stage.grounding_weight else None
 
     def training_step(self, batch, _):
-        latents, prompts = batch
+        latents, prompts, owners, masks = batch
         ids = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt").input_ids
         text = self.text_encoder(ids.to(self.device))[0]
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (len(latents),), device=self.device)
         noisy = self.noise_schedule.add_noise(latents, noise, t)
+        if self.attention_maps is not None:
+            self.attention_maps.clear()
         pred = self.unet(noisy, t, text).sample
-        # min-SNR-γ weighting for ε-prediction: w(t) = min(SNR(t), γ) / SNR(t)   (Hang et al., 2023)
-        snr = self.snr[t]
-        weight = torch.clamp(snr, max=self.stage.min_snr_gamma) / snr
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        if self.noise_schedule.config.prediction_type == "v_prediction":
+            # unweighted v-loss, as SD 2.x: at zero terminal SNR min-SNR-γ's weight min(SNR, γ)/(SNR + 1)
+            # would vanish at exactly the noisiest steps, where the layout is decided
+            target, weight = self.noise_schedule.get_velocity(latents, noise, t), torch.ones_like(self.snr[t])
+        else:
+            # min-SNR-γ weighting for ε-prediction: w(t) = min(SNR(t), γ) / SNR(t)   (Hang et al., 2023)
+            snr = self.snr[t]
+            target, weight = noise, torch.clamp(snr, max=self.stage.min_snr_gamma) / snr
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (weight * per_sample).mean()
-        self.log_dict({"unet/loss": loss, "unet/mse": per_sample.mean()}, prog_bar=True)
+        logs = {"unet/loss": loss, "unet/mse": per_sample.mean()}
+        if self.attention_maps is not None:
+            logs["unet/grounding"] = grounding_loss(self.attention_maps, owners, masks)
+            loss = loss + self.stage.grounding_weight * logs["unet/grounding"]
+        self.log_dict(logs, prog_bar=True)
         return loss
 
     def on_train_batch_end(self, *_):
@@ -272,7 +303,7 @@ def _trainer(steps: int, work_dir: Path, name: str, max_minutes: float | None = 
 
 @torch.no_grad()
 def encode_scenes(vae, scenes: list[Scene], batch_size: int = 256) -> torch.Tensor:
-    """Posterior means of the rendered scenes, [n, 4, 16, 16] (unscaled)."""
+    """Posterior means of the rendered scenes, [n, latent_channels, 16, 16] (unscaled)."""
     out = []
     for start in tqdm(range(0, len(scenes), batch_size), desc="encode latents", unit="batch"):
         images = torch.stack([to_tensor(render(s).image) for s in scenes[start : start + batch_size]])
@@ -368,7 +399,16 @@ def train(cfg: TrainConfig) -> Path:
         tmp.rename(out)
         print(f"wrote the toy pipeline ({module.global_step} steps, {meta['train_seconds']:.0f} s) to {out}", flush=True)
 
-    loader = DataLoader(LatentPrompts(latents, scenes, cfg.seed, cfg.unet.uncond_prob), batch_size=cfg.unet.batch_size)
+    masks_path = work_dir / f"masks_{cfg.unet.num_scenes}.pt"
+    if masks_path.exists():
+        masks = torch.load(masks_path)
+    else:
+        grid = latents.shape[-1]
+        masks = torch.stack([object_masks(s, grid) for s in tqdm(scenes, desc="object masks", unit="scene")])
+        torch.save(masks, masks_path)
+    num_tokens = pipe.tokenizer.model_max_length
+    loader = DataLoader(LatentPrompts(latents, masks, scenes, cfg.seed, cfg.unet.uncond_prob, num_tokens),
+                        batch_size=cfg.unet.batch_size)
     trainer = _trainer(cfg.unet.steps, work_dir, "unet", cfg.unet.max_minutes,
                        [ExportEMA(export, cfg.unet.export_every)])
     trainer.fit(lit, loader)

@@ -1,0 +1,115 @@
+"""Token grounding: supervise the U-Net's cross-attention maps with the world's object masks.
+
+A denoising loss alone teaches a small model from scratch what the *global* words mean (background,
+style) long before it learns which patches an object's words belong to: the binding that
+composition needs. The toy world knows every object's pixels, so training can say it directly:
+each object word (its size, colour, texture, shape and position words) should draw its
+cross-attention from the patches of its own object. This is TokenCompose's token loss
+(Wang et al., 2024, "TokenCompose: Text-to-Image Diffusion with Token-level Supervision", eq. 2):
+
+    L_token = mean over supervised tokens i of (1 - sum_{u in B_i} A_{u,i} / sum_u A_{u,i})^2
+
+with A the attention probabilities (patches u x tokens i) averaged over the heads of one
+cross-attention module and B_i the patches of token i's object. Averaging over heads leaves each
+head free to specialise, which is what the head-level analysis later measures. Function words,
+the background and the style words get no grounding target.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from toyworld.prompts import split_words
+from toyworld.render import render
+from toyworld.scene import Scene
+from toyworld.vocab import COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, TEXTURES
+
+OBJECT_WORDS = frozenset(SIZES + COLORS + TEXTURES + SHAPES + tuple(w for p in POSITIONS for w in p.split()))
+OPENS_OBJECT = frozenset(SIZES + COLORS + TEXTURES)  # "a" followed by one of these starts an object phrase
+
+
+def word_owners(prompt: str) -> list[int]:
+    """For each word of ``prompt`` (as the toy tokenizer splits it), the index of the object it
+    describes, or -1 (function words, background, style). Objects are numbered in prompt order,
+    which is scene order for prompts written by ``scene_to_prompt``."""
+    words = split_words(prompt)
+    owners, current = [], -1
+    for i, word in enumerate(words):
+        if word == "a" and i + 1 < len(words) and words[i + 1] in OPENS_OBJECT:
+            current += 1
+        owners.append(current if word in OBJECT_WORDS and current >= 0 else -1)
+    return owners
+
+
+def token_owners(prompt: str, num_tokens: int) -> torch.Tensor:
+    """``word_owners`` at token positions: int64 [num_tokens], the start token and padding -1."""
+    owners = torch.full((num_tokens,), -1, dtype=torch.long)
+    words = word_owners(prompt)[: num_tokens - 2]
+    owners[1 : 1 + len(words)] = torch.tensor(words, dtype=torch.long)
+    return owners
+
+
+def object_masks(scene: Scene, grid: int, max_objects: int = 2) -> torch.Tensor:
+    """Share of each patch of a ``grid`` x ``grid`` map that each object covers: float [max_objects, grid, grid]."""
+    masks = torch.from_numpy(render(scene).masks.astype(np.float32))
+    cover = F.avg_pool2d(masks[None], IMAGE_SIZE // grid)[0]
+    out = torch.zeros(max_objects, grid, grid)
+    out[: len(cover)] = cover
+    return out
+
+
+class RecordCrossAttention:
+    """Cross-attention that keeps its head-averaged probabilities [b, patches, tokens] in ``store``.
+
+    Same arithmetic as diffusers' plain processor (softmax(q kᵀ · scale) v); only used while
+    training, so the saved model carries no trace of it.
+    """
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
+        q = rearrange(attn.to_q(hidden_states), "b n (h d) -> b h n d", h=attn.heads)
+        k = rearrange(attn.to_k(encoder_hidden_states), "b t (h d) -> b h t d", h=attn.heads)
+        v = rearrange(attn.to_v(encoder_hidden_states), "b t (h d) -> b h t d", h=attn.heads)
+        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)  # [b, h, n, t]
+        self.store.append(probs.mean(dim=1))
+        out = rearrange(probs @ v, "b h n d -> b n (h d)")
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def install_recorders(unet) -> list:
+    """Put ``RecordCrossAttention`` on every cross-attention module of ``unet``; returns the list
+    it fills (clear it before each forward pass)."""
+    store: list = []
+    unet.set_attn_processor({
+        name: RecordCrossAttention(store) if name.endswith("attn2.processor") else proc
+        for name, proc in unet.attn_processors.items()
+    })
+    return store
+
+
+def grounding_loss(maps: list[torch.Tensor], owners: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """TokenCompose's token loss averaged over the cross-attention modules.
+
+    maps: head-averaged probabilities, one [b, n, t] per module (n = g*g patches);
+    owners: int [b, t], the object each token describes or -1; masks: float [b, objects, G, G]
+    object coverage on the finest grid G. A patch belongs to an object when the object covers any
+    of it, so the target is reachable at every resolution.
+    """
+    supervised = owners >= 0
+    if not supervised.any():
+        return maps[0].new_zeros(())
+    losses = []
+    for probs in maps:
+        grid = int(round(probs.shape[1] ** 0.5))
+        cover = F.adaptive_avg_pool2d(masks, grid) if grid != masks.shape[-1] else masks
+        inside = rearrange((cover > 0).to(probs.dtype), "b o gh gw -> b o (gh gw)")
+        target = torch.gather(inside, 1, owners.clamp(min=0)[..., None].expand(-1, -1, inside.shape[-1]))  # [b, t, n]
+        mass = probs.transpose(1, 2)  # [b, t, n]
+        ratio = (mass * target).sum(-1) / mass.sum(-1).clamp(min=1e-8)
+        losses.append(((1 - ratio) ** 2)[supervised].mean())
+    return torch.stack(losses).mean()
