@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from toyworld.grounding import grounding_loss, install_recorders, object_masks, token_owners, word_owners
+from toyworld.grounding import grounding_loss, object_masks, record_cross_attention, token_owners, word_owners
 from toyworld.prompts import scene_to_prompt, split_words
 from toyworld.scene import Obj, Scene, sample_scene
 from toyworld.tokenizer import build_tokenizer
@@ -58,19 +58,17 @@ def test_grounding_loss__zero_inside_the_object_and_high_outside():
     assert grounding_loss([on_other], owners, masks) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_recorders__same_output_as_the_default_processor_and_one_map_per_module(random_toy_pipe):
+def test_record_cross_attention__same_output_one_map_per_module_and_processors_restored(random_toy_pipe):
     unet = random_toy_pipe.unet
     torch.manual_seed(0)
     latents, text = torch.randn(2, unet.config.in_channels, 16, 16), torch.randn(2, 40, unet.config.cross_attention_dim)
-    with torch.no_grad():
-        reference = unet(latents, 500, text).sample
-        before = unet.attn_processors
-        modules = [name for name in before if name.endswith("attn2.processor")]
-        store = install_recorders(unet)
-        try:
-            recorded = unet(latents, 500, text).sample
-        finally:
-            unet.set_attn_processor(before)  # (diffusers empties the dict it is given)
+    before = {name: type(p) for name, p in unet.attn_processors.items()}
+    modules = [name for name in before if name.endswith("attn2.processor")]
+    reference = unet(latents, 500, text).sample
+    with record_cross_attention(unet) as store:
+        recorded = unet(latents, 500, text).sample
     torch.testing.assert_close(recorded, reference, atol=1e-5, rtol=1e-4)
     assert len(store) == len(modules)
     assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in store)
+    assert all(m.requires_grad for m in store)  # the grounding loss trains through them
+    assert {name: type(p) for name, p in unet.attn_processors.items()} == before

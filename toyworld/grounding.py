@@ -17,15 +17,17 @@ the background and the style words get no grounding target.
 
 from __future__ import annotations
 
-import numpy as np
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
 from toyworld.prompts import split_words
-from toyworld.render import render
+from toyworld.render import patch_coverage, render
 from toyworld.scene import Scene
-from toyworld.vocab import COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, TEXTURES
+from toyworld.vocab import COLORS, POSITIONS, SHAPES, SIZES, TEXTURES
 
 OBJECT_WORDS = frozenset(SIZES + COLORS + TEXTURES + SHAPES + tuple(w for p in POSITIONS for w in p.split()))
 OPENS_OBJECT = frozenset(SIZES + COLORS + TEXTURES)  # "a" followed by one of these starts an object phrase
@@ -53,43 +55,33 @@ def token_owners(prompt: str, num_tokens: int) -> torch.Tensor:
 
 
 def object_masks(scene: Scene, grid: int, max_objects: int = 2) -> torch.Tensor:
-    """Share of each patch of a ``grid`` x ``grid`` map that each object covers: float [max_objects, grid, grid]."""
-    masks = torch.from_numpy(render(scene).masks.astype(np.float32))
-    cover = F.avg_pool2d(masks[None], IMAGE_SIZE // grid)[0]
+    """Share of each patch of a ``grid`` x ``grid`` map that each object covers, zero rows for
+    absent objects: float [max_objects, grid, grid]."""
+    cover = torch.from_numpy(patch_coverage(render(scene).masks, grid))
     out = torch.zeros(max_objects, grid, grid)
     out[: len(cover)] = cover
     return out
 
 
-class RecordCrossAttention:
-    """Cross-attention that keeps its head-averaged probabilities [b, patches, tokens] in ``store``.
+@contextlib.contextmanager
+def record_cross_attention(unet) -> Iterator[list[torch.Tensor]]:
+    """While open, every cross-attention module of ``unet`` appends its head-averaged attention
+    probabilities [b, patches, tokens] to the yielded list, in call order, with gradients (clear it
+    before each forward pass). Uses the project's attention processor (activations.processor),
+    whose explicit path computes exactly these probabilities."""
+    from activations.hooks import attach
+    from activations.sites import list_sites
 
-    Same arithmetic as diffusers' plain processor (softmax(q kᵀ · scale) v); only used while
-    training, so the saved model carries no trace of it.
-    """
+    store: list[torch.Tensor] = []
 
-    def __init__(self, store: list):
-        self.store = store
+    def record(call) -> None:
+        store.append(call.probs.mean(dim=1))
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
-        q = rearrange(attn.to_q(hidden_states), "b n (h d) -> b h n d", h=attn.heads)
-        k = rearrange(attn.to_k(encoder_hidden_states), "b t (h d) -> b h t d", h=attn.heads)
-        v = rearrange(attn.to_v(encoder_hidden_states), "b t (h d) -> b h t d", h=attn.heads)
-        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)  # [b, h, n, t]
-        self.store.append(probs.mean(dim=1))
-        out = rearrange(probs @ v, "b h n d -> b n (h d)")
-        return attn.to_out[1](attn.to_out[0](out))
-
-
-def install_recorders(unet) -> list:
-    """Put ``RecordCrossAttention`` on every cross-attention module of ``unet``; returns the list
-    it fills (clear it before each forward pass)."""
-    store: list = []
-    unet.set_attn_processor({
-        name: RecordCrossAttention(store) if name.endswith("attn2.processor") else proc
-        for name, proc in unet.attn_processors.items()
-    })
-    return store
+    with attach(unet) as tap, contextlib.ExitStack() as observers:
+        for site in list_sites(unet):
+            if site.kind == "head":
+                observers.enter_context(tap.observe_heads(site.name, record, needs=("probs",)))
+        yield store
 
 
 def grounding_loss(maps: list[torch.Tensor], owners: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

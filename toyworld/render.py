@@ -69,6 +69,17 @@ def render(scene: Scene) -> Rendered:
     return Rendered(image=image, scene=scene, masks=masks)
 
 
+def patch_coverage(masks: np.ndarray, grid: int) -> np.ndarray:
+    """The share of each patch of a ``grid`` x ``grid`` map that each object mask covers:
+    bool [n, IMAGE_SIZE, IMAGE_SIZE] -> float32 [n, grid, grid]."""
+    if IMAGE_SIZE % grid:
+        raise ValueError(f"grid {grid} does not divide the image size {IMAGE_SIZE}; valid grids: "
+                         f"{', '.join(str(g) for g in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % g == 0)}")
+    cell = IMAGE_SIZE // grid
+    # "n (gi ci) (gj cj) -> n gi gj" mean-pool
+    return masks.astype(np.float32).reshape(len(masks), grid, cell, grid, cell).mean(axis=(2, 4))
+
+
 def token_labels(scene: Scene, grid: int, min_coverage: float = 0.5) -> dict[str, np.ndarray]:
     """What each patch of a ``grid`` x ``grid`` map shows (e.g. a U-Net site's 16x16 or 8x8 map).
 
@@ -79,13 +90,7 @@ def token_labels(scene: Scene, grid: int, min_coverage: float = 0.5) -> dict[str
     - ``background`` and ``style``: the scene's value index everywhere;
     and ``coverage``: float [num_objects, grid, grid], the fraction of each patch each object covers.
     """
-    if IMAGE_SIZE % grid:
-        raise ValueError(f"grid {grid} does not divide the image size {IMAGE_SIZE}; valid grids: "
-                         f"{', '.join(str(g) for g in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % g == 0)}")
-    cell = IMAGE_SIZE // grid
-    masks = render(scene).masks.astype(np.float32)
-    # "n (gi ci) (gj cj) -> n gi gj" mean-pool: the share of each patch each object covers
-    coverage = masks.reshape(len(masks), grid, cell, grid, cell).mean(axis=(2, 4))
+    coverage = patch_coverage(render(scene).masks, grid)
     best = coverage.argmax(axis=0)
     covered = coverage.max(axis=0) >= min_coverage
     labels: dict[str, np.ndarray] = {"object": np.where(covered, best, -1)}

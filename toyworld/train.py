@@ -14,6 +14,7 @@ folder in float16.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -30,7 +31,7 @@ from einops import rearrange
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
-from toyworld.grounding import grounding_loss, install_recorders, object_masks, token_owners
+from toyworld.grounding import grounding_loss, object_masks, record_cross_attention, token_owners
 from toyworld.model import ToyModelConfig, build_pipeline, build_vae
 from toyworld.prompts import scene_to_prompt
 from toyworld.render import render
@@ -211,7 +212,16 @@ class LitToyDiffusion(L.LightningModule):
         self.register_buffer("snr", alphas / (1 - alphas), persistent=False)
         self.ema = copy.deepcopy(torch.nn.ModuleDict({"unet": self.unet, "text_encoder": self.text_encoder}))
         self.ema.requires_grad_(False)
-        self.attention_maps = install_recorders(self.unet) if stage.grounding_weight else None
+        self._recording = contextlib.ExitStack()
+        self.attention_maps: list[torch.Tensor] | None = None
+
+    def on_fit_start(self):
+        if self.stage.grounding_weight:
+            self.attention_maps = self._recording.enter_context(record_cross_attention(self.unet))
+
+    def on_fit_end(self):
+        self._recording.close()  # the U-Net gets diffusers' processors back
+        self.attention_maps = None
 
     def training_step(self, batch, _):
         latents, prompts, owners, masks = batch
