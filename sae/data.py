@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 WindowSpec = str | tuple[float, float] | None
 
 
+def _finite_rows(acts: torch.Tensor) -> torch.Tensor:
+    """bool [n]: rows of float32 ``acts`` [n, d] free of NaN and inf. A row sum is non-finite exactly
+    when the row holds one (store values are float16 and cannot overflow a float32 sum), at a
+    tenth of the cost of ``isfinite().all(-1)``."""
+    return torch.isfinite(acts.sum(dim=-1))
+
+
 class _BatchLoader:
     """An iterable of batches over ``ids`` (int64 row ids). Lightning treats it as a dataloader."""
 
@@ -215,10 +222,8 @@ class ActivationDataModule(pl.LightningDataModule):
     def _read(self, ids: np.ndarray) -> dict[str, Any] | None:
         order = np.sort(ids)  # sequential memory-map access; order within a batch does not matter
         acts, meta = self.reader.read(order)
-        # float32 for training; and a float32 row sum is non-finite exactly when the row holds a
-        # NaN or inf (float16 values cannot overflow it), at a tenth of the cost of isfinite().all()
-        acts = acts.float()
-        finite = torch.isfinite(acts.sum(dim=-1))
+        acts = acts.float()  # float32 for training
+        finite = _finite_rows(acts)
         if not bool(finite.all()):
             bad = int((~finite).nonzero()[0, 0])
             if self.nonfinite == "error":
@@ -246,7 +251,7 @@ class ActivationDataModule(pl.LightningDataModule):
         ids = self.train_ids if len(self.train_ids) <= n else rng.choice(self.train_ids, n, replace=False)
         acts, _ = self.reader.read(np.sort(ids))
         acts = acts.float()
-        finite = torch.isfinite(acts).all(dim=-1)
+        finite = _finite_rows(acts)
         if not bool(finite.any()):
             raise ValueError(f"every sampled row of site {self.site_name!r} is NaN or inf")
         return acts[finite]
