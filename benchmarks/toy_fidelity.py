@@ -24,11 +24,9 @@ from activations.generate import generate  # noqa: E402
 from activations.pipeline import load_pipeline, model_defaults  # noqa: E402
 from diffatlas.config import parse, save_config  # noqa: E402
 from toyworld.grid import labelled_grid  # noqa: E402
-from toyworld.oracle import check_image  # noqa: E402
+from toyworld.oracle import CHECKS, REPORTED, check_image  # noqa: E402
 from toyworld.prompts import scene_to_prompt  # noqa: E402
 from toyworld.scene import sample_scene  # noqa: E402
-
-ATTRIBUTES = ("color", "shape", "background", "position", "size", "texture", "style")
 
 
 @dataclass
@@ -89,8 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "n": len(rows),
         "split": cfg.split,
-        "one_object": {a: round(float(np.mean([r[a] for r in one])), 4) for a in ATTRIBUTES} if one else {},
-        "two_objects_all_correct": round(float(np.mean([all(r[a] for a in ATTRIBUTES + ("count",)) for r in two])), 4)
+        "one_object": {a: round(float(np.mean([r[a] for r in one])), 4) for a in REPORTED} if one else {},
+        "two_objects_all_correct": round(float(np.mean([all(r[a] for a in CHECKS) for r in two])), 4)
         if two else None,
         "steps": cfg.steps,
         "guidance": guidance,

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm.auto import tqdm
 
     from diffatlas.config import parse
-    from toyworld.oracle import check_image
+    from toyworld.oracle import REPORTED, check_image
     from toyworld.render import render
     from toyworld.scene import sample_scene
     from toyworld.train import to_tensor
@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
         pixels = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
         for scene, image in zip(batch, pixels):
             verdicts.append(check_image(scene, image))
-    names = ("color", "shape", "background", "position", "size", "texture", "style")
-    result = {"n": cfg.n, "one_object": {k: round(float(np.mean([v[k] for v in verdicts])), 3) for k in names}}
+    result = {"n": cfg.n, "one_object": {k: round(float(np.mean([v[k] for v in verdicts])), 3) for k in REPORTED}}
     print(json.dumps(result))
     return result
 

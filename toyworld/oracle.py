@@ -29,6 +29,7 @@ from toyworld.vocab import (
     BACKGROUNDS,
     COLORS,
     HALF_EXTENT,
+    OBJECT_ATTRIBUTES,
     OBJECT_RGB,
     POSITION_CENTER,
     POSITIONS,
@@ -40,6 +41,9 @@ from toyworld.vocab import (
 
 MIN_OBJECT_PIXELS = 12  # smaller groups of foreground pixels are noise, not objects
 BORDER = 3  # pixels of the frame used to read the background
+# what the benchmarks report per image, in the order of their JSON
+REPORTED = ("color", "shape", "background", "position", "size", "texture", "style")
+CHECKS = ("background", "style", "count", *OBJECT_ATTRIBUTES)  # the keys of compare()
 
 
 def _palettes():
@@ -213,7 +217,7 @@ def compare(truth: Scene, read: Scene) -> dict[str, bool]:
     result = {"background": truth.background == read.background, "style": truth.style == read.style,
               "count": len(truth.objects) == len(read.objects)}
     by_position = {o.position: o for o in read.objects}
-    for name in ("color", "shape", "position", "size", "texture"):
+    for name in OBJECT_ATTRIBUTES:
         result[name] = all(
             o.position in by_position and getattr(by_position[o.position], name) == getattr(o, name)
             for o in truth.objects
@@ -226,4 +230,4 @@ def check_image(truth: Scene, image: np.ndarray) -> dict[str, bool]:
     try:
         return compare(truth, read_scene(image))
     except ValueError:
-        return dict.fromkeys(("background", "style", "count", "color", "shape", "position", "size", "texture"), False)
+        return dict.fromkeys(CHECKS, False)
