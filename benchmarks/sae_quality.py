@@ -8,7 +8,7 @@ Goals (issue 4): fvu <= 0.15 at l0 <= 32, dead_fraction <= 0.05, fraction_recove
 - fraction_recovered: denoising loss of the U-Net with the site's residual update replaced by the
   SAE reconstruction, scored against zero ablation (also printed: against mean ablation).
 
-    OMP_NUM_THREADS=2 python benchmarks/sae_quality.py [--prompts 256 --site up_blocks.1.attentions.0]
+    OMP_NUM_THREADS=2 python benchmarks/sae_quality.py [--prompts 256 --site up_blocks.2.attentions.0]
 
 Prints a JSON line with every setting and metric, then the headline
 {"fvu", "l0", "dead_fraction", "fraction_recovered"} last.
@@ -41,7 +41,7 @@ def harvest_toy(out: Path, args, pipe):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--site", default="up_blocks.1.attentions.0", help="block site to train on")
+    p.add_argument("--site", default="up_blocks.2.attentions.0", help="block site to train on")
     p.add_argument("--prompts", type=int, default=256, help="toy-world prompts harvested (one image each)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps per image (all captured)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale of the harvest (the toy model's default)")

@@ -27,7 +27,7 @@ class DemoConfig:
     """torch device (default: CUDA when available)."""
     harvest_prompts: int = 32
     """Toy prompts harvested (one image each)."""
-    site: str = "up_blocks.1.attentions.0"
+    site: str = "up_blocks.2.attentions.0"
     """Block site harvested and given an SAE (8x8 tokens per image in the toy model)."""
     sae_epochs: int = 2
     """Epochs of SAE training over the demo harvest."""

@@ -17,7 +17,7 @@ from activations.harvest import Harvester, harvest
 from activations.store import ActivationStore, ConfigMismatchError, CorruptShardError
 from activations.trace import trace
 
-BLOCK = "mid_block.attentions.0"
+BLOCK = "down_blocks.2.attentions.0"  # 4x4: five sampled positions fit
 HEAD = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
 
 
@@ -181,7 +181,7 @@ def test_corrupted_shard_is_named_when_resuming(tmp_path, rand_pipe):
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x55
     path.write_bytes(bytes(data))
-    with pytest.raises(CorruptShardError, match="shard-000001 of site mid_block.attentions.0"):
+    with pytest.raises(CorruptShardError, match=f"shard-000001 of site {BLOCK}"):
         harvest(cfg, pipe=rand_pipe)
 
 

@@ -37,9 +37,10 @@ def test_toy_weights__float16_safetensors_under_25_mb():
 
 
 def test_toy_model__same_seed_gives_the_same_image_and_another_seed_does_not(toy_pipe):
-    a, b, c = _draw(toy_pipe, seed=3), _draw(toy_pipe, seed=3), _draw(toy_pipe, seed=4)
-    assert np.array_equal(a, b)
-    assert np.abs(a - c).max() > 0.05
+    assert np.array_equal(_draw(toy_pipe, seed=3), _draw(toy_pipe, seed=3))
+    # a prompt that names every attribute leaves a faithful model little to vary (the world has no
+    # jitter), so the seed's effect is checked where the model chooses: on the empty prompt
+    assert np.abs(_draw(toy_pipe, "", seed=3) - _draw(toy_pipe, "", seed=4)).max() > 0.05
 
 
 def test_pipeline__save_and_load_round_trip_gives_identical_images(random_toy_pipe, tmp_path):

@@ -19,6 +19,8 @@ from sae.lit import LitSAE, RecoveredConfig  # noqa: E402
 BLOCK = 32 * 1024  # the .wandb file is a LevelDB-style log of 32 KiB blocks
 HEADER = 7  # ":W&B" + 2-byte magic + 1-byte version
 
+SITE = "down_blocks.2.attentions.0"  # 4x4 latent patches per image step in the toy model
+
 
 def read_wandb_records(path: Path):
     """Yield the protobuf Records of a .wandb transaction log (LevelDB log framing: per chunk a
@@ -86,7 +88,7 @@ def toy_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("harvest") / "store"
     pipe = build_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
-    cfg = HarvestConfig(model="toy", out=str(root), sites=["mid_block.attentions.0"],
+    cfg = HarvestConfig(model="toy", out=str(root), sites=[SITE],
                         prompts=PromptSource(kind="toyworld", num_prompts=6), num_inference_steps=5,
                         guidance_scale=1.0, batch_size=6, images_per_shard=6)
     harvest(cfg, pipe=pipe)
@@ -122,4 +124,4 @@ def test_wandb__offline_run_has_losses_metrics_sparsity_and_fraction_recovered(t
     assert any(k.startswith("metrics/fvu/") for k in keys), sorted(keys)  # per timestep window
     rec = model.last_val_metrics
     assert torch.isfinite(torch.tensor(rec["metrics/fraction_recovered"]))
-    assert (tmp_path / "sae" / "mid_block.attentions.0" / "sae.safetensors").exists()
+    assert (tmp_path / "sae" / SITE / "sae.safetensors").exists()

@@ -76,13 +76,14 @@ def test_sdxl_family_has_several_transformer_layers_per_block():
     assert_global_order(sites)
 
 
-def test_toy_model_has_10_cross_attention_modules_of_4_heads():
+def test_toy_model_has_13_cross_attention_modules_of_4_heads():
     from toyworld.model import build_pipeline
 
     sites = list_sites(build_pipeline().unet)
     hs = heads_of(sites)
-    assert len(hs) == 10 and all(s.heads == 4 for s in hs)
-    assert len(head_table(sites)) == 40
+    assert len(hs) == 13 and all(s.heads == 4 for s in hs)
+    assert len(head_table(sites)) == 52
+    assert sorted({s.resolution for s in hs}) == [(2, 2), (4, 4), (8, 8), (16, 16)]
     assert_global_order(sites)
 
 
