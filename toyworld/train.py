@@ -1,15 +1,16 @@
-"""Train the bundled toy model from scratch: first the VAE, then the text encoder and U-Net.
+"""Train the bundled toy model from scratch: the VAE, a refinement of its decoder, then the text
+encoder and U-Net.
 
     python -m toyworld.train --config configs/toyworld/train.yaml
 
-Both stages are Lightning fits on scenes drawn from the training split (held-out object
+Every stage is a Lightning fit on scenes drawn from the training split (held-out object
 descriptions never appear). The U-Net stage trains on VAE latents computed once, with a freshly
 written prompt for every sample (word order varies), 10% empty prompts for classifier-free
 guidance, v-prediction on a zero-terminal-SNR schedule (Lin et al., 2024; see
 toyworld.model.build_scheduler), token grounding of the cross-attention maps on the world's object
-masks (toyworld/grounding.py; TokenCompose, Wang et al., 2024) and an exponential moving average
-of the weights, which is what gets saved. The result is a diffusers
-folder in float16.
+masks (toyworld/grounding.py; TokenCompose, Wang et al., 2024), the text encoder at a fraction of
+the U-Net's learning rate (UNetStage.text_lr_scale) and an exponential moving average of the
+weights, which is what gets saved. The result is a diffusers folder in float16.
 """
 
 from __future__ import annotations
