@@ -36,6 +36,7 @@ from diffatlas.config import parse  # noqa: E402
 from toyworld.oracle import REPORTED, check_image  # noqa: E402
 from toyworld.prompts import scene_to_prompt  # noqa: E402
 from toyworld.scene import Obj, Scene, sample_scene  # noqa: E402
+from toyworld.train import to_images  # noqa: E402
 from toyworld.vocab import ATTRIBUTES, OBJECT_ATTRIBUTES  # noqa: E402
 
 BASE = Scene((Obj(shape="circle", color="red", position="top left", size="small", texture="plain"),), "gray", "day")
@@ -85,23 +86,21 @@ def first_step(pipe, cfg: FirstStepConfig) -> dict[str, float]:
     generator = torch.Generator().manual_seed(cfg.seed)
     t = pipe.scheduler.config.num_train_timesteps - 1
     alpha_bar = pipe.scheduler.alphas_cumprod[t]
+    size, channels, dtype = pipe.unet.config.sample_size, pipe.unet.config.in_channels, pipe.unet.dtype
     verdicts = []
     for start in range(0, cfg.n, cfg.batch_size):
         batch = scenes[start : start + cfg.batch_size]
         _, text = encode(pipe, [scene_to_prompt(s, rng) for s in batch])
-        size = pipe.unet.config.sample_size
-        noise = torch.randn(len(batch), pipe.unet.config.in_channels, size, size, generator=generator)
+        noise = torch.randn(len(batch), channels, size, size, generator=generator)
         x_t = noise * (1 - alpha_bar).sqrt()  # the noisiest training latent holds no image at zero terminal SNR
-        dtype = pipe.unet.dtype
         out = pipe.unet(x_t.to(pipe.device, dtype), torch.full((len(batch),), t, device=pipe.device),
                         text.to(pipe.device, dtype)).sample.float().cpu()
         if pipe.scheduler.config.prediction_type == "v_prediction":
             x0 = alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * out
         else:
             x0 = (x_t - (1 - alpha_bar).sqrt() * out) / alpha_bar.sqrt()
-        images = pipe.vae.decode((x0 / pipe.vae.config.scaling_factor).to(pipe.device, pipe.vae.dtype)).sample.float().cpu()
-        pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        verdicts += [check_image(scene, image) for scene, image in zip(batch, pixels)]
+        decoded = pipe.vae.decode((x0 / pipe.vae.config.scaling_factor).to(pipe.device, pipe.vae.dtype)).sample
+        verdicts += [check_image(scene, image) for scene, image in zip(batch, to_images(decoded))]
     return {k: round(float(np.mean([v[k] for v in verdicts])), 3) for k in REPORTED}
 
 

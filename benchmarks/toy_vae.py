@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     from toyworld.oracle import REPORTED, check_image
     from toyworld.render import render
     from toyworld.scene import sample_scene
-    from toyworld.train import to_tensor
+    from toyworld.train import to_images, to_tensor
 
     cfg = parse(VAEConfig, argv, "toy_vae", __doc__.split("\n\n")[0])
     vae = AutoencoderKL.from_pretrained(cfg.vae, torch_dtype=torch.float32).eval()
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.no_grad():
             images = torch.stack([to_tensor(render(s).image) for s in batch])
             recon = vae.decode(vae.encode(images).latent_dist.mean).sample
-        pixels = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        for scene, image in zip(batch, pixels):
+        for scene, image in zip(batch, to_images(recon)):
             verdicts.append(check_image(scene, image))
     result = {"n": cfg.n, "one_object": {k: round(float(np.mean([v[k] for v in verdicts])), 3) for k in REPORTED}}
     print(json.dumps(result))

@@ -128,6 +128,13 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return rearrange(torch.from_numpy(image).float() / 127.5 - 1.0, "h w c -> c h w")
 
 
+def to_images(decoded: torch.Tensor) -> np.ndarray:
+    """The inverse of ``to_tensor`` for a batch: float [b, 3, H, W] in [-1, 1] (a VAE decode) ->
+    uint8 [b, H, W, 3], what the pixel oracle reads."""
+    pixels = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return rearrange(pixels, "b c h w -> b h w c").cpu().numpy()
+
+
 class SceneImages(IterableDataset):
     """An endless stream of rendered training scenes: (image [3, H, W], object mask [1, H, W])."""
 
