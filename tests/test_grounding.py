@@ -4,6 +4,7 @@ import torch
 
 from toyworld.grounding import grounding_loss, object_masks, record_cross_attention, token_owners, word_owners
 from toyworld.prompts import scene_to_prompt, split_words
+from toyworld.render import render
 from toyworld.scene import Obj, Scene, sample_scene
 from toyworld.tokenizer import build_tokenizer
 from toyworld.vocab import OBJECT_ATTRIBUTES
@@ -43,7 +44,7 @@ def test_token_owners__line_up_with_the_tokenizer():
 
 def test_grounding_loss__zero_inside_the_object_and_high_outside():
     scene = _two_objects()
-    masks = object_masks(scene, 16)[None]  # [1, 2, 16, 16]
+    masks = object_masks(render(scene), 16)[None]  # [1, 2, 16, 16]
     owners = token_owners("a small red plain circle at the top left", 8)[None]
     inside = masks[0, 0].flatten() > 0
     on_object = torch.zeros(1, 256, 8)

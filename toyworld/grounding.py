@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from toyworld.prompts import split_words
-from toyworld.render import Rendered, patch_coverage, render
-from toyworld.scene import Scene
+from toyworld.render import Rendered, patch_coverage
 from toyworld.vocab import COLORS, POSITIONS, SHAPES, SIZES, TEXTURES
 
 OBJECT_WORDS = frozenset(SIZES + COLORS + TEXTURES + SHAPES + tuple(w for p in POSITIONS for w in p.split()))
@@ -54,10 +53,9 @@ def token_owners(prompt: str, num_tokens: int) -> torch.Tensor:
     return owners
 
 
-def object_masks(scene: Scene | Rendered, grid: int, max_objects: int = 2) -> torch.Tensor:
-    """Share of each patch of a ``grid`` x ``grid`` map that each object covers, zero rows for
-    absent objects: float [max_objects, grid, grid]. Takes a scene, or its render when at hand."""
-    rendered = render(scene) if isinstance(scene, Scene) else scene
+def object_masks(rendered: Rendered, grid: int, max_objects: int = 2) -> torch.Tensor:
+    """Share of each patch of a ``grid`` x ``grid`` map that each object of a rendered scene
+    covers, zero rows for absent objects: float [max_objects, grid, grid]."""
     cover = torch.from_numpy(patch_coverage(rendered.masks, grid))
     out = torch.zeros(max_objects, grid, grid)
     out[: len(cover)] = cover
