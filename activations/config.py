@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 # fields that do not change what is stored (excluded from the config hash and the comparison)
 RUNTIME_FIELDS = ("out", "devices", "accelerator", "num_nodes", "progress", "verify")
@@ -66,9 +66,10 @@ class HarvestConfig:
     """image height in pixels (None: the model's default)"""
     width: Optional[int] = None
     """image width in pixels (None: the model's default)"""
-    timesteps: Union[str, list[int]] = "all"
-    """steps to capture: 'all', 'every:N', a window 'early' (tau in [0.6, 1]), 'middle' ([0.2, 0.6)),
-    'late' ([0, 0.2)), or a list of scheduler timesteps t"""
+    timesteps: Union[str, dict[str, Any]] = "all"
+    """steps to capture: 'all', a window 'early' (tau in [0.6, 1]), 'middle' ([0.2, 0.6)), 'late'
+    ([0, 0.2)), {tau: [lo, hi]}, {steps: [i, ...]} (step indices), {every: N} (or 'every:N'), or
+    {t: [t, ...]} (scheduler timesteps)"""
     branch: Literal["cond", "uncond", "both"] = "cond"
     """guidance branch(es) to capture"""
     positions: Optional[int] = None

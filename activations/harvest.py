@@ -40,7 +40,7 @@ from activations.store import (
     config_hash,
     sha256_file,
 )
-from activations.timesteps import BRANCHES, check_branch, select_steps
+from activations.timesteps import BRANCHES, Steps, check_branch, select_steps
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -223,7 +223,7 @@ class Harvester:
     def _generate(self, images: range, bar) -> dict[str, _ShardBuffer]:
         cfg = self.config
         buffers = {s.name: _ShardBuffer() for s in self.sites}
-        steps = set(self.steps)
+        steps = Steps(self.steps)
         # one Tap for the whole shard: installing processors per batch would cost time for nothing
         with attach(self.pipe.unet, self.pipe) as tap:
             for b0 in range(images.start, images.stop, cfg.batch_size):

@@ -1,15 +1,16 @@
 """The one mechanism that reads and edits a U-Net: a Tap (DESIGN.md §1).
 
 A Tap installs our HeadProcessor on every cross-attention module and, on demand, forward hooks on
-the Transformer2DModel block sites; it tracks the denoising step so that every observer and edit
-can be gated by step and guidance branch. Harvesting, tracing, HRVs and steering are all clients.
+the Transformer2DModel block sites; it tracks the denoising step (step, t, tau), the guidance
+layout of the batch, the image index of each row and the latent size, so that every intervention
+(``activations.intervention``) gets the same call context at block and head sites. Harvesting,
+tracing, HRVs, feature analysis, steering and the explorer are all clients.
 
-    with attach(pipe.unet, pipe) as tap:                   # or attach(unet) without a pipeline
-        with tap.observe_block("mid_block.attentions.0", fn):   # fn(delta [b, H*W, C], tap.state)
-            pipe(prompt)
+    with intervene(pipe, HeadEdit(site=s, heads=[3], tokens=[2], scale=-2.0, when="early")):
+        pipe(prompt)
 
-    with edit_block(unet, "mid_block.attentions.0", lambda d: sae_reconstruct(d)):
-        unet(sample, t, encoder_hidden_states)          # output = input + fn(Δ)
+    with attach(pipe.unet, pipe) as tap, tap.add(Observe(site="mid_block.attentions.0", fn=print)):
+        pipe(prompt)
 
 Taps nest: attaching twice to the same U-Net returns the same Tap (reference counted) and the
 original processors come back when the outermost ``attach`` exits, also after an exception.
@@ -26,9 +27,11 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from activations.processor import AttnCall, Edit, HeadProcessor, Observer, batch_rows, gate_active
+from activations.edits import Apply, Observe, Observer
+from activations.intervention import BLOCK_STAGES, Call, Intervention, run_stage
+from activations.processor import HeadProcessor
 from activations.sites import Site, list_sites, resolve_sites
-from activations.timesteps import check_branch
+from activations.timesteps import branch_codes, check_branch
 
 _TAP_ATTR = "_diffatlas_tap"
 
@@ -39,7 +42,9 @@ class RunState:
 
     step: index of the U-Net call in the current generation (None before the first); t: the
     scheduler timestep; cfg: whether the batch holds [uncond; cond] halves (classifier-free
-    guidance) — then rows [0, b/2) are uncond and [b/2, b) cond, as diffusers' pipelines stack them.
+    guidance) — then rows [0, b/2) are uncond and [b/2, b) cond, as diffusers' pipelines stack them;
+    images: the image index of each prompt of the current pipeline call (set by the client that
+    knows them, e.g. the harvester; default 0..n-1); latent: the (h, w) of the latent being denoised.
     """
 
     step: int | None = None
@@ -48,41 +53,45 @@ class RunState:
     cfg: bool = False
     new_generation: bool = True
     generation: int = -1
+    images: list[int] | None = None
+    latent: tuple[int, int] | None = None
 
     @property
     def tau(self) -> float | None:
         return None if self.t is None else self.t / self.num_train_timesteps
 
     def branch_codes(self, batch: int, device=None) -> torch.Tensor:
-        codes = torch.ones(batch, dtype=torch.long, device=device)
-        if self.cfg and batch % 2 == 0:
-            codes[: batch // 2] = 0
-        return codes
+        return branch_codes(batch, self.cfg, device)
+
+    def image_indices(self, batch: int, device=None) -> torch.Tensor:
+        """Image index of each batch row; both guidance halves of an image share it."""
+        n = batch // 2 if (self.cfg and batch % 2 == 0) else batch
+        ids = torch.as_tensor(self.images if self.images is not None and len(self.images) == n else range(n), device=device)
+        return torch.cat([ids, ids]) if n != batch else ids
+
+    def grid(self, level: int) -> tuple[int, int] | None:
+        """The (H, W) of a site ``level`` halvings below the latent (stride-2 convolutions with
+        padding 1 round up), or None before the first U-Net call."""
+        if self.latent is None:
+            return None
+        h, w = self.latent
+        for _ in range(level):
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return h, w
 
 
-@dataclasses.dataclass
-class BlockCall:
-    """What a block observer sees: Δ = output − input as [b, H*W, C], and the state."""
-
-    site: str
-    delta: torch.Tensor
-    state: RunState
-    branch: torch.Tensor  # [b] branch codes
-    resolution: tuple[int, int]
-
-    def rows(self, branch: str) -> torch.Tensor | None:
-        return batch_rows(branch, self.branch)
-
-
-@dataclasses.dataclass
-class BlockEdit:
-    fn: Callable[[torch.Tensor], torch.Tensor]  # Δ [b', H*W, C] -> new Δ
-    branch: str = "both"
-    steps: Any = None
+def _level(site: Site, sample_size) -> int:
+    """How many halvings of the latent give this site's map (from the default sample size)."""
+    h = sample_size[0] if isinstance(sample_size, (tuple, list)) else int(sample_size)
+    level = 0
+    while h > site.resolution[0]:
+        h, level = (h + 1) // 2, level + 1
+    return level
 
 
 class Tap:
-    """Our processors and hooks on one U-Net. Create with ``attach``."""
+    """Our processors and hooks on one U-Net, and the interventions attached to them. Create with
+    ``attach``; attach interventions with ``tap.add(...)`` (a context manager)."""
 
     def __init__(self, unet, pipe=None):
         self.unet = unet
@@ -95,24 +104,23 @@ class Tap:
         self._originals: dict[str, Any] = {}
         self._handles: list = []
         self._block_handles: dict[str, Any] = {}
-        self.block_observers: dict[str, list[tuple[Callable[[BlockCall], None], Any]]] = {}
-        self.block_edits: dict[str, list[BlockEdit]] = {}
+        self.block_interventions: dict[str, list[Intervention]] = {}
         self.refcount = 0
         self._sched = None
 
     # -- install / remove --------------------------------------------------------------------
     def install(self) -> None:
+        sample_size = self.unet.config.sample_size
         for s in self.sites:
             if s.kind != "head":
                 continue
             attn = self.unet.get_submodule(s.name)
             self._originals[s.name] = attn.processor
-            proc = HeadProcessor(s.name, self.state)
+            proc = HeadProcessor(s.name, self.state, level=_level(s, sample_size))
             self.processors[s.name] = proc
             attn.set_processor(proc)
         self._handles.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
         self._hook_scheduler()
-
     def _hook_scheduler(self) -> None:
         # a pipeline sets its scheduler's timesteps once per generation, right before denoising:
         # that marks step 0 (hooking the text encoder instead would misfire when an observer
@@ -164,100 +172,94 @@ class Tap:
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
         st.t = int(torch.as_tensor(t).flatten()[0].item()) if t is not None else None
         st.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) if self.pipe is not None else False
+        sample = args[0] if args else kwargs.get("sample")
+        if sample is not None:
+            st.latent = tuple(sample.shape[-2:])
 
-    # -- head sites --------------------------------------------------------------------------
-    def _processor(self, site: str) -> HeadProcessor:
-        if site not in self.processors:
-            resolve_sites(self.sites, [site])  # raises the helpful error for unknown names
-            raise KeyError(f"site {site!r} is a block site; head observers and edits need an attn2 site")
-        return self.processors[site]
-
-    @contextlib.contextmanager
-    def observe_heads(self, site: str, fn: Callable[[AttnCall], None], needs=("out",), steps=None) -> Iterator[Observer]:
-        obs = Observer(fn, frozenset(needs), steps)
-        proc = self._processor(site)
-        proc.observers.append(obs)
-        try:
-            yield obs
-        finally:
-            proc.observers.remove(obs)
-
-    @contextlib.contextmanager
-    def edit_heads(self, site: str, *edits: Edit) -> Iterator[None]:
-        proc = self._processor(site)
-        proc.edits.extend(edits)
-        try:
-            yield
-        finally:
-            for e in edits:
-                proc.edits.remove(e)
-
-    # -- block sites -------------------------------------------------------------------------
-    def _block_site(self, site: str) -> Site:
-        s = resolve_sites(self.sites, [site])[0]
-        if s.kind != "block":
-            raise KeyError(f"site {site!r} is a head site; block observers and edits need a Transformer2DModel site such as {s.block!r}")
+    # -- attaching interventions -------------------------------------------------------------
+    def _check_site(self, iv: Intervention) -> Site:
+        if iv.site is None:
+            raise ValueError(f"{type(iv).__name__} has no site; set site= to one of: {', '.join(self.site_by_name)}")
+        s = resolve_sites(self.sites, [iv.site])[0]  # raises the helpful error for unknown names
+        if iv.stage in BLOCK_STAGES and s.kind != "block":
+            raise KeyError(f"site {iv.site!r} is a head site; stage {iv.stage!r} needs a block site such as {s.block!r}")
+        if iv.stage not in BLOCK_STAGES and s.kind != "head":
+            heads = [x.name for x in self.sites if x.kind == "head" and x.block == s.name]
+            raise KeyError(f"site {iv.site!r} is a block site; stage {iv.stage!r} needs an attn2 site such as {heads[0] if heads else '...attn2'!r}")
         return s
 
+    @contextlib.contextmanager
+    def add(self, *interventions: Intervention) -> Iterator["Tap"]:
+        """Attach interventions for the duration of the block (in the given order)."""
+        for iv in interventions:
+            self._check_site(iv)
+        added: list[Intervention] = []
+        try:
+            for iv in interventions:
+                if iv.stage in BLOCK_STAGES:
+                    self.block_interventions.setdefault(iv.site, []).append(iv)
+                    self._ensure_block_hook(iv.site)
+                else:
+                    self.processors[iv.site].interventions.append(iv)
+                added.append(iv)
+            yield self
+        finally:
+            for iv in reversed(added):
+                if iv.stage in BLOCK_STAGES:
+                    self.block_interventions[iv.site].remove(iv)
+                    self._maybe_drop_block_hook(iv.site)
+                else:
+                    self.processors[iv.site].interventions.remove(iv)
+
+    def set_images(self, images) -> None:
+        """The image index of each prompt of the next pipeline call (call.images reports them)."""
+        self.state.images = [int(i) for i in images]
+
+    # -- the first API: observers and edits by function ---------------------------------------
+    def observe_heads(self, site: str, fn: Callable[[Call], None], needs=("out",), steps=None):
+        obs = Observer(fn, frozenset(needs), steps)
+        obs.site = site
+        return self.add(obs)
+
+    def edit_heads(self, site: str, *edits: Intervention):
+        for e in edits:
+            if e.site is None:
+                e.site = site
+            elif e.site != site:
+                raise ValueError(f"edit for site {e.site!r} given to edit_heads({site!r})")
+        return self.add(*edits)
+
+    def observe_block(self, site: str, fn: Callable[[Call], None], steps=None):
+        return self.add(Observe(site=site, stage="block", fn=fn, when=steps))
+
+    def edit_block(self, site: str, fn: Callable[[torch.Tensor], torch.Tensor], branch: str = "both", steps=None):
+        return self.add(Apply(site=site, stage="block", fn=fn, branch=check_branch(branch), when=steps))
+
+    # -- block sites -------------------------------------------------------------------------
     def _ensure_block_hook(self, site: str) -> None:
         if site not in self._block_handles:
             module = self.unet.get_submodule(site)
             self._block_handles[site] = module.register_forward_hook(
-                lambda m, args, kwargs, output, _s=site: self._on_block(_s, args, kwargs, output), with_kwargs=True
+                lambda m, args, kwargs, output, _s=site: self._on_block(_s, m, args, kwargs, output), with_kwargs=True
             )
 
     def _maybe_drop_block_hook(self, site: str) -> None:
-        if not self.block_observers.get(site) and not self.block_edits.get(site) and site in self._block_handles:
+        if not self.block_interventions.get(site) and site in self._block_handles:
             self._block_handles.pop(site).remove()
 
-    @contextlib.contextmanager
-    def observe_block(self, site: str, fn: Callable[[BlockCall], None], steps=None) -> Iterator[None]:
-        self._block_site(site)
-        entry = (fn, steps)
-        self.block_observers.setdefault(site, []).append(entry)
-        self._ensure_block_hook(site)
-        try:
-            yield
-        finally:
-            self.block_observers[site].remove(entry)
-            self._maybe_drop_block_hook(site)
-
-    @contextlib.contextmanager
-    def edit_block(self, site: str, fn: Callable[[torch.Tensor], torch.Tensor], branch: str = "both", steps=None) -> Iterator[None]:
-        self._block_site(site)
-        edit = BlockEdit(fn, check_branch(branch), steps)
-        self.block_edits.setdefault(site, []).append(edit)
-        self._ensure_block_hook(site)
-        try:
-            yield
-        finally:
-            self.block_edits[site].remove(edit)
-            self._maybe_drop_block_hook(site)
-
-    def _on_block(self, site: str, args, kwargs, output):
-        edits = [e for e in self.block_edits.get(site, []) if gate_active(e.steps, self.state)]
-        observers = [fn for fn, steps in self.block_observers.get(site, []) if gate_active(steps, self.state)]
-        if not edits and not observers:
+    def _on_block(self, site: str, module, args, kwargs, output):
+        active = [iv for iv in self.block_interventions.get(site, []) if iv.active(self.state)]
+        if not active:
             return None
         x = args[0] if args else kwargs["hidden_states"]
         y = output[0] if isinstance(output, tuple) else output.sample
         h, w = x.shape[-2:]
         delta = rearrange(y - x, "b c h w -> b (h w) c")
-        codes = self.state.branch_codes(delta.shape[0], delta.device)
-        if edits:
-            for e in edits:
-                rows = batch_rows(e.branch, codes)
-                if rows is None:
-                    delta = e.fn(delta)
-                else:
-                    delta = delta.clone()
-                    delta[rows] = e.fn(delta[rows])
-        call = BlockCall(site, delta, self.state, codes, (h, w))
-        for fn in observers:
-            fn(call)
-        if not edits:
+        call = Call(site, "block", self.state, self.state.branch_codes(delta.shape[0], delta.device), (h, w), module, delta=delta)
+        new = run_stage(active, delta, call)
+        if new is delta:
             return None
-        y_new = x + rearrange(delta, "b (h w) c -> b c h w", h=h, w=w).to(x.dtype)
+        y_new = x + rearrange(new, "b (h w) c -> b c h w", h=h, w=w).to(x.dtype)
         if isinstance(output, tuple):
             return (y_new, *output[1:])
         output.sample = y_new
@@ -294,13 +296,23 @@ def _unet_of(model):
 
 
 @contextlib.contextmanager
-def edit_block(model, site: str, fn: Callable[[torch.Tensor], torch.Tensor], branch: str = "both", steps=None) -> Iterator[Tap]:
-    """Within the block, ``site``'s output becomes input + fn(Δ), Δ as [b, H*W, C].
+def intervene(model, *interventions: Intervention) -> Iterator[Tap]:
+    """Apply ``interventions`` to ``model`` (a pipeline or a U-Net) inside the block::
 
-    ``model``: a U-Net or a pipeline. ``branch`` / ``steps`` restrict the edit (see gate_active).
+        with intervene(pipe, HeadEdit(site=s, heads=[3], tokens=[2], scale=-2.0, when="early")):
+            pipe(prompt)
+
+    The original processors and hooks come back when the block exits, also after an exception.
     """
     unet = _unet_of(model)
-    with attach(unet, model if model is not unet else None) as tap, tap.edit_block(site, fn, branch, steps):
+    with attach(unet, model if model is not unet else None) as tap, tap.add(*interventions):
+        yield tap
+
+
+@contextlib.contextmanager
+def edit_block(model, site: str, fn: Callable[[torch.Tensor], torch.Tensor], branch: str = "both", steps=None) -> Iterator[Tap]:
+    """Within the block, ``site``'s output becomes input + fn(Δ), Δ as [b, H*W, C]."""
+    with intervene(model, Apply(site=site, stage="block", fn=fn, branch=check_branch(branch), when=steps)) as tap:
         yield tap
 
 
@@ -318,29 +330,35 @@ class Capture:
 @contextlib.contextmanager
 def capture_block(model, site: str, branch: str = "both", steps=None) -> Iterator[Capture]:
     """Record Δ of ``site`` at every (gated) call into memory; yields a Capture."""
-    unet = _unet_of(model)
     cap = Capture()
     check_branch(branch)
 
-    def fn(call: BlockCall):
+    def fn(call: Call):
         rows = call.rows(branch)
         d = call.delta if rows is None else call.delta[rows]
-        cap.records.append((call.state.step, call.state.t, d.detach().cpu()))
+        cap.records.append((call.step, call.t, d.detach().cpu()))
 
-    with attach(unet, model if model is not unet else None) as tap, tap.observe_block(site, fn, steps):
+    with intervene(model, Observe(site=site, stage="block", fn=fn, when=steps)):
         yield cap
 
 
 @contextlib.contextmanager
-def observe_heads(model, site: str, fn: Callable[[AttnCall], None], needs=("out",), steps=None) -> Iterator[Tap]:
-    unet = _unet_of(model)
-    with attach(unet, model if model is not unet else None) as tap, tap.observe_heads(site, fn, needs, steps):
+def observe_heads(model, site: str, fn: Callable[[Call], None], needs=("out",), steps=None) -> Iterator[Tap]:
+    obs = Observer(fn, frozenset(needs), steps)
+    obs.site = site
+    with intervene(model, obs) as tap:
         yield tap
 
 
 @contextlib.contextmanager
-def edit_heads(model, site: str, *edits: Edit) -> Iterator[Tap]:
-    """Apply HeadEdit / SwapKV / AddVector edits to one cross-attention module."""
-    unet = _unet_of(model)
-    with attach(unet, model if model is not unet else None) as tap, tap.edit_heads(site, *edits):
+def edit_heads(model, site: str, *edits: Intervention) -> Iterator[Tap]:
+    """Apply head-site edits (HeadEdit, SwapKV, AddVector, ...) to one cross-attention module."""
+    for e in edits:
+        if e.site is None:
+            e.site = site
+    with intervene(model, *edits) as tap:
         yield tap
+
+
+# the first API's names for the call context
+AttnCall = BlockCall = Call

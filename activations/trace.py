@@ -25,7 +25,7 @@ from einops import rearrange
 from activations.hooks import BlockCall, attach
 from activations.processor import AttnCall
 from activations.sites import resolve_sites
-from activations.timesteps import BRANCHES, check_branch, select_steps
+from activations.timesteps import BRANCHES, check_branch, parse_when, select_steps
 
 
 class Trace:
@@ -35,6 +35,7 @@ class Trace:
         self.pipe = pipe
         self.sites = sites
         self.spec = timesteps
+        parse_when(timesteps)  # refuse a bad spelling before the pipeline runs
         self.branch = branch
         self.attention = attention
         self.head_outputs = head_outputs
@@ -67,13 +68,16 @@ class Trace:
             self._data[(kind, site, br)][state.generation].append(value[rows].detach().cpu())
 
     def on_block(self, call: BlockCall) -> None:
-        self._record("delta", call.site, call.state, call.branch, call.delta)
+        if self.wanted(call.state):
+            self._record("delta", call.site, call.state, call.codes, call.delta)
 
     def on_heads(self, call: AttnCall) -> None:
+        if not self.wanted(call.state):
+            return
         if self.attention:
-            self._record("probs", call.site, call.state, call.branch, call.probs)
+            self._record("probs", call.site, call.state, call.codes, call.probs)
         if self.head_outputs:
-            self._record("out", call.site, call.state, call.branch, call.out)
+            self._record("out", call.site, call.state, call.codes, call.out)
 
     # -- results -----------------------------------------------------------------------------
     @property
@@ -130,8 +134,9 @@ def trace(
 ) -> Iterator[Trace]:
     """Capture ``sites`` of ``pipe`` during the pipeline calls made inside the block.
 
-    sites: names or the groups "all" / "blocks" / "heads"; timesteps: "all", "every:N", a window
-    name, or a list of scheduler timesteps (see ``select_steps``); branch: "cond", "uncond" or
+    sites: names or the groups "all" / "blocks" / "heads"; timesteps: a gate spelling of
+    ``activations.timesteps`` (all, early, {tau: [..]}, {steps: [..]}, {every: N}, {t: [..]},
+    checked against each generation's schedule); branch: "cond", "uncond" or
     "both"; attention / head_outputs: what to keep for head sites.
     """
     check_branch(branch)
@@ -144,7 +149,7 @@ def trace(
         with contextlib.ExitStack() as stack:
             for s in chosen:
                 if s.kind == "block":
-                    stack.enter_context(tap.observe_block(s.name, tr.on_block, steps=tr.wanted))
+                    stack.enter_context(tap.observe_block(s.name, tr.on_block))
                 elif needs:
-                    stack.enter_context(tap.observe_heads(s.name, tr.on_heads, needs=needs, steps=tr.wanted))
+                    stack.enter_context(tap.observe_heads(s.name, tr.on_heads, needs=needs))
             yield tr

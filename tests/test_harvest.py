@@ -160,7 +160,8 @@ def test_prompt_sources_file_dataset_and_list(tmp_path, rand_pipe):
     "overrides, message",
     [
         ({"sites": ["mid_block.attention.0"]}, "Closest matches: mid_block.attentions.0"),
-        ({"timesteps": [5]}, "not in the schedule; valid timesteps"),
+        ({"timesteps": {"t": [5]}}, "not in the schedule; valid timesteps"),
+        ({"timesteps": [5]}, "not one of the accepted forms"),
         ({"timesteps": "earliest"}, "'early', 'middle', 'late'"),
         ({"guidance_scale": 1.0, "branch": "uncond"}, "needs classifier-free guidance"),
         ({"scheduler": "DDIMSchedular"}, "valid schedulers"),

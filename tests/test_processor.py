@@ -51,7 +51,7 @@ def test_probability_path_equals_default_within_1e5(module):
     attn, x, ctx = module
     ref = run(attn, x, ctx, AttnProcessor2_0())
     proc = HeadProcessor("m")
-    proc.observers.append(Observer(lambda call: None, {"probs"}))
+    proc.interventions.append(Observer(lambda call: None, {"probs"}))
     assert (run(attn, x, ctx, proc) - ref).abs().max() <= 1e-5
 
 
@@ -60,7 +60,7 @@ def test_observers_see_per_head_q_k_v_probs_and_outputs(module):
     q, k, v, probs = reference_parts(attn, x, ctx)
     seen = {}
     proc = HeadProcessor("m")
-    proc.observers.append(Observer(lambda call: seen.update(vars(call)), {"q", "k", "v", "probs", "out"}))
+    proc.interventions.append(Observer(lambda call: seen.update(vars(call)), {"q", "k", "v", "probs", "out"}))
     with torch.no_grad():
         run(attn, x, ctx, proc)
     torch.testing.assert_close(seen["q"], q, atol=1e-5, rtol=1e-5)
@@ -82,7 +82,7 @@ def test_scaling_chosen_heads_patches_tokens_of_probs(module):
                 edited[:, h, p, t] *= -2.0
     expect = merge(attn, edited @ v)
     proc = HeadProcessor("m")
-    proc.edits.append(HeadEdit("probs", heads=heads, patches=patches, tokens=tokens, scale=-2.0))
+    proc.interventions.append(HeadEdit(stage="probs", heads=heads, mask=patches, tokens=tokens, scale=-2.0))
     torch.testing.assert_close(run(attn, x, ctx, proc), expect, atol=1e-5, rtol=1e-5)
 
 
@@ -94,14 +94,14 @@ def test_replacing_head_outputs_on_a_patch_mask(module):
     mask[1, 2] = mask[2, 0] = True
     out[:, 0, mask.flatten()] = 0.5
     proc = HeadProcessor("m")
-    proc.edits.append(HeadEdit("out", heads=[0], patches=mask, value=0.5))
+    proc.interventions.append(HeadEdit(stage="heads", heads=[0], mask=mask, value=0.5))
     torch.testing.assert_close(run(attn, x, ctx, proc), merge(attn, out), atol=1e-5, rtol=1e-5)
 
 
 def test_function_edit_sees_the_full_tensor(module):
     attn, x, ctx = module
     proc = HeadProcessor("m")
-    proc.edits.append(HeadEdit("out", fn=lambda t, call: torch.zeros_like(t)))
+    proc.interventions.append(HeadEdit(stage="heads", fn=lambda t, call: torch.zeros_like(t)))
     torch.testing.assert_close(run(attn, x, ctx, proc), attn.to_out[0].bias.expand(2, N, C))
 
 
@@ -117,7 +117,7 @@ def test_swap_kv_encodes_another_prompt_on_chosen_heads_and_patches(module):
     alt = (q @ k2.transpose(-1, -2) / D**0.5).softmax(-1) @ v2
     out[:, 2, 3:6] = alt[:, 2, 3:6]
     proc = HeadProcessor("m")
-    proc.edits.append(SwapKV(other, heads=[2], patches=[3, 4, 5]))
+    proc.interventions.append(SwapKV(encoder_hidden_states=other, heads=[2], mask=[3, 4, 5]))
     torch.testing.assert_close(run(attn, x, ctx, proc), merge(attn, out), atol=1e-5, rtol=1e-5)
 
 
@@ -125,7 +125,7 @@ def test_swap_kv_with_the_same_prompt_changes_nothing(module):
     attn, x, ctx = module
     ref = run(attn, x, ctx, AttnProcessor2_0())
     proc = HeadProcessor("m")
-    proc.edits.append(SwapKV(ctx))
+    proc.interventions.append(SwapKV(encoder_hidden_states=ctx))
     torch.testing.assert_close(run(attn, x, ctx, proc), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -134,7 +134,7 @@ def test_add_vector_to_module_output_and_to_heads(module):
     ref = run(attn, x, ctx, AttnProcessor2_0())
     vec = torch.randn(C)
     proc = HeadProcessor("m")
-    proc.edits.append(AddVector(vec, patches=[0, 1], scale=2.0))
+    proc.interventions.append(AddVector(vector=vec, mask=[0, 1], scale=2.0))
     got = run(attn, x, ctx, proc)
     torch.testing.assert_close(got[:, :2], ref[:, :2] + 2 * vec, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[:, 2:], ref[:, 2:], atol=1e-6, rtol=1e-6)
@@ -143,7 +143,7 @@ def test_add_vector_to_module_output_and_to_heads(module):
     hv = torch.randn(D)
     out[:, 1] += hv
     proc = HeadProcessor("m")
-    proc.edits.append(AddVector(hv, heads=[1]))
+    proc.interventions.append(AddVector(vector=hv, heads=[1]))
     torch.testing.assert_close(run(attn, x, ctx, proc), merge(attn, out), atol=1e-5, rtol=1e-5)
 
 
@@ -151,7 +151,7 @@ def test_edits_respect_the_guidance_branch(module):
     attn, x, ctx = module
     ref = run(attn, x, ctx, AttnProcessor2_0())
     proc = HeadProcessor("m", RunState(step=0, t=999, cfg=True))  # rows: [uncond, cond]
-    proc.edits.append(HeadEdit("out", scale=0.0, branch="cond"))
+    proc.interventions.append(HeadEdit(stage="heads", scale=0.0, branch="cond"))
     got = run(attn, x, ctx, proc)
     torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got[1], attn.to_out[0].bias.expand(N, C))
@@ -162,21 +162,21 @@ def test_edits_respect_steps_and_windows(module):
     ref = run(attn, x, ctx, AttnProcessor2_0())
     state = RunState(step=3, t=150)
     proc = HeadProcessor("m", state)
-    proc.edits.append(HeadEdit("out", scale=0.0, steps="early"))
+    proc.interventions.append(HeadEdit(stage="heads", scale=0.0, when="early"))
     torch.testing.assert_close(run(attn, x, ctx, proc), ref)
-    proc.edits[0] = HeadEdit("out", scale=0.0, steps="late")
+    proc.interventions[0] = HeadEdit(stage="heads", scale=0.0, when="late")
     assert not torch.allclose(run(attn, x, ctx, proc), ref)
-    proc.edits[0] = HeadEdit("out", scale=0.0, steps={0, 1})
+    proc.interventions[0] = HeadEdit(stage="heads", scale=0.0, when={"steps": [0, 1]})
     torch.testing.assert_close(run(attn, x, ctx, proc), ref)
 
 
 def test_bad_edits_name_the_problem():
-    with pytest.raises(ValueError, match="'probs', 'out'"):
-        HeadEdit("prob", scale=1.0)
+    with pytest.raises(ValueError, match="valid stages: q, k, v, probs, heads, attn_out, block"):
+        HeadEdit(stage="prob", scale=1.0)
     with pytest.raises(ValueError, match="exactly one"):
-        HeadEdit("out", scale=1.0, value=0.0)
+        HeadEdit(stage="heads", scale=1.0, value=0.0)
     with pytest.raises(ValueError, match="valid choices: cond, uncond, both"):
-        HeadEdit("out", scale=1.0, branch="conditional")
+        HeadEdit(stage="heads", scale=1.0, branch="conditional")
     with pytest.raises(ValueError, match="valid: q, k, v, out, probs"):
         Observer(lambda c: None, {"attn"})
 
@@ -195,7 +195,7 @@ def test_whole_unet_idle_and_probability_paths_match_default(family):
         with attach(unet) as tap:
             idle = unet(sample, 500, ehs, **extra).sample
             for proc in tap.processors.values():
-                proc.observers.append(Observer(lambda c: None, {"probs"}))
+                proc.interventions.append(Observer(lambda c: None, {"probs"}))
             explicit = unet(sample, 500, ehs, **extra).sample
     assert (idle - ref).abs().max() <= 1e-5
     assert (explicit - ref).abs().max() <= 1e-5
@@ -227,7 +227,7 @@ def test_nested_attach_shares_one_tap_and_restores_once():
 
 def test_edit_heads_on_a_block_site_is_a_clear_error():
     unet = build_tiny_unet("sd1")
-    with pytest.raises(KeyError, match="block site"), edit_heads(unet, "mid_block.attentions.0", HeadEdit("out", scale=0.0)):
+    with pytest.raises(KeyError, match="block site"), edit_heads(unet, "mid_block.attentions.0", HeadEdit(stage="heads", scale=0.0)):
         pass
-    with pytest.raises(KeyError, match="Closest matches"), edit_heads(unet, "mid_block.attentions.0.transformer_blocks.0.atn2", HeadEdit("out", scale=0.0)):
+    with pytest.raises(KeyError, match="Closest matches"), edit_heads(unet, "mid_block.attentions.0.transformer_blocks.0.atn2", HeadEdit(stage="heads", scale=0.0)):
         pass

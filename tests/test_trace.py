@@ -59,13 +59,13 @@ def test_timestep_selection_every_window_and_list(pipe):
     assert all(t < 200 for t in tr.timesteps) and tr.timesteps
     pipe.scheduler.set_timesteps(5)
     chosen = [int(pipe.scheduler.timesteps[1]), int(pipe.scheduler.timesteps[3])]
-    with trace(pipe, sites=BLOCK, timesteps=chosen) as tr:
+    with trace(pipe, sites=BLOCK, timesteps={"t": chosen}) as tr:
         generate(pipe, ["a cat"], steps=5)
     assert tr.timesteps == chosen and tr.steps == [1, 3]
 
 
 def test_timestep_not_in_schedule_lists_the_schedule(pipe):
-    with pytest.raises(ValueError, match="not in the schedule; valid timesteps"), trace(pipe, sites=BLOCK, timesteps=[3]):
+    with pytest.raises(ValueError, match="not in the schedule; valid timesteps"), trace(pipe, sites=BLOCK, timesteps={"t": [3]}):
         generate(pipe, ["a cat"], steps=3)
 
 

@@ -1,0 +1,266 @@
+"""The built-in intervention kinds (the protocol is in ``activations.intervention``).
+
+Edits of head sites:
+  ``HeadEdit``  multiply / replace / transform attention probabilities (``stage="probs"``: heads ×
+                tokens, patches through the mask) or per-head outputs (``stage="heads"``); the
+                probabilities are not renormalised, as in the HRV paper's weakening by −2
+                (Park et al., ICLR 2025, Section 4);
+  ``SwapKV``    the chosen heads attend to another prompt's keys and values on the masked patches
+                ("unicorn" into a horse's head; Patch Explorer, Grabe et al. 2025);
+  ``AddVector`` add a vector to per-head outputs (``heads`` given) or to the module output.
+Edits of any stage:
+  ``Scale``     multiply the value (optionally only some heads at head stages);
+  ``Ablate``    replace the value by zeros or by a given mean;
+  ``Apply``     any Python function ``fn(x, call) -> x`` (not writable to a recipe).
+Observers:
+  ``Observe``   call ``fn(call)`` (or ``fn(x, call)``) with the value before or after the edits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from activations.intervention import HEAD_STAGES, STAGES, Call, Intervention, register_intervention
+
+
+def _axis_mask(sel, n: int, device, what: str) -> torch.Tensor:
+    """bool [n] from None (all), a list of indices or a bool mask."""
+    if sel is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    t = torch.as_tensor(sel, device=device)
+    if t.dtype == torch.bool:
+        t = t.reshape(-1)
+        if t.numel() != n:
+            raise ValueError(f"{what} mask has {t.numel()} elements, expected {n}")
+        return t
+    t = t.reshape(-1).long()
+    if len(t) and (t.min() < -n or t.max() >= n):
+        bad = [int(i) for i in t.tolist() if not -n <= i < n]
+        raise IndexError(f"{what} index {bad[0]} out of range for {n} {what}s (valid: 0..{n - 1})")
+    m = torch.zeros(n, dtype=torch.bool, device=device)
+    m[t] = True
+    return m
+
+
+def _head_token_mask(x: torch.Tensor, stage: str, heads, tokens) -> torch.Tensor | None:
+    """Broadcastable bool mask over the heads (and, for probs, tokens) axes; None = everything."""
+    if heads is None and tokens is None:
+        return None
+    layout = STAGES[stage].split()
+    shape = [1] * x.ndim
+    m = torch.ones(1, dtype=torch.bool, device=x.device)
+    if heads is not None:
+        if "h" not in layout:
+            raise ValueError(f"stage {stage!r} has no heads axis; drop heads")
+        s = list(shape)
+        s[layout.index("h")] = x.shape[layout.index("h")]
+        m = m & _axis_mask(heads, x.shape[layout.index("h")], x.device, "head").reshape(s)
+    if tokens is not None:
+        if "t" not in layout:
+            raise ValueError(f"stage {stage!r} has no token axis; drop tokens")
+        s = list(shape)
+        s[layout.index("t")] = x.shape[layout.index("t")]
+        m = m & _axis_mask(tokens, x.shape[layout.index("t")], x.device, "token").reshape(s)
+    return m
+
+
+@register_intervention("head_edit")
+@dataclasses.dataclass(kw_only=True, eq=False)
+class HeadEdit(Intervention):
+    """Multiply (``scale``), replace (``value``) or transform (``fn``) the attention probabilities
+    (``stage="probs"``: heads × patches × tokens) or per-head outputs (``stage="heads"``).
+
+    heads: module-local head indices (None = all); tokens: token indices (probs only); scale may be
+    a number or a tensor broadcastable to the value (e.g. one factor per head as [1, h, 1, 1]).
+    """
+
+    stages = ("probs", "heads")
+    stage: str = "probs"
+    heads: Any = None
+    tokens: Any = None
+    scale: Any = None
+    value: Any = None
+    fn: Callable | None = None
+
+    def __post_init__(self):
+        if self.stage == "out":  # the old name of per-head outputs
+            self.stage = "heads"
+        super().__post_init__()
+        if sum(x is not None for x in (self.scale, self.value, self.fn)) != 1:
+            raise ValueError("HeadEdit needs exactly one of scale, value or fn")
+        if self.stage == "heads" and self.tokens is not None:
+            raise ValueError("HeadEdit(stage='heads') acts on heads x patches; tokens must be None")
+
+    def apply(self, x, call):
+        if self.fn is not None:
+            y = self.fn(x, call)
+        elif self.scale is not None:
+            y = x * torch.as_tensor(self.scale, dtype=x.dtype, device=x.device)
+        else:
+            y = torch.as_tensor(self.value, dtype=x.dtype, device=x.device).expand_as(x)
+        sel = _head_token_mask(x, self.stage, self.heads, self.tokens)
+        return y if sel is None else torch.where(sel, y, x)
+
+
+@register_intervention("swap_kv")
+@dataclasses.dataclass(kw_only=True, eq=False)
+class SwapKV(Intervention):
+    """Chosen heads attend to another prompt's text embeddings (``encoder_hidden_states`` [T', C]
+    or [1|b, T', C]) through this module's own key/value projections, on the masked patches."""
+
+    stages = ("heads",)
+    stage: str = "heads"
+    encoder_hidden_states: Any = None
+    heads: Any = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.encoder_hidden_states is None:
+            raise ValueError("SwapKV needs encoder_hidden_states (the other prompt's text embeddings)")
+        self.encoder_hidden_states = torch.as_tensor(self.encoder_hidden_states)
+
+    def apply(self, x, call):
+        k2, v2 = call.project(self.encoder_hidden_states.to(device=x.device, dtype=call.q.dtype))
+        if k2.shape[0] == 1 and x.shape[0] > 1:
+            k2, v2 = k2.expand(x.shape[0], -1, -1, -1), v2.expand(x.shape[0], -1, -1, -1)
+        alt = F.scaled_dot_product_attention(call.q, k2, v2).to(x.dtype)
+        sel = _head_token_mask(x, "heads", self.heads, None)
+        return alt if sel is None else torch.where(sel, alt, x)
+
+
+@register_intervention("add_vector")
+@dataclasses.dataclass(kw_only=True, eq=False)
+class AddVector(Intervention):
+    """Add ``scale * vector``: to per-head outputs (``stage="heads"``, vector [d] or
+    [len(heads), d]) or to a [b, N, C] value (``attn_out`` or ``block``, vector [C])."""
+
+    stages = ("heads", "attn_out", "block")
+    stage: str = "attn_out"
+    vector: Any = None
+    heads: Any = None
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if self.heads is not None and self.stage == "attn_out":
+            self.stage = "heads"
+        super().__post_init__()
+        if self.vector is None:
+            raise ValueError("AddVector needs a vector")
+        self.vector = torch.as_tensor(self.vector)
+
+    def apply(self, x, call):
+        vec = self.vector.to(device=x.device, dtype=x.dtype)
+        if self.stage != "heads":
+            return x + self.scale * vec.reshape(1, 1, -1)
+        _, nh, _, d = x.shape
+        hm = _axis_mask(self.heads, nh, x.device, "head")
+        full = torch.zeros(nh, d, dtype=x.dtype, device=x.device)
+        full[hm] = vec.reshape(-1, d).expand(int(hm.sum()), d) if vec.numel() == d else vec.reshape(-1, d)
+        return x + self.scale * full[None, :, None, :]
+
+
+@register_intervention("scale")
+@dataclasses.dataclass(kw_only=True, eq=False)
+class Scale(Intervention):
+    """Multiply the value by ``factor`` (at head stages optionally only ``heads``)."""
+
+    factor: float = 1.0
+    heads: Any = None
+
+    def apply(self, x, call):
+        y = x * self.factor
+        sel = _head_token_mask(x, self.stage, self.heads, None) if self.stage in HEAD_STAGES and self.heads is not None else None
+        return y if sel is None else torch.where(sel, y, x)
+
+
+@register_intervention("ablate")
+@dataclasses.dataclass(kw_only=True, eq=False)
+class Ablate(Intervention):
+    """Replace the value by zeros (``value=None``) or by ``value`` (e.g. its mean over the data,
+    broadcast over the batch and patches: mean ablation)."""
+
+    value: Any = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.value is not None:
+            self.value = torch.as_tensor(self.value)
+
+    def apply(self, x, call):
+        if self.value is None:
+            return torch.zeros_like(x)
+        return self.value.to(device=x.device, dtype=x.dtype).expand_as(x)
+
+
+@register_intervention("apply")
+@dataclasses.dataclass(kw_only=True, eq=False)
+class Apply(Intervention):
+    """Any function ``fn(x, call) -> x`` (or ``fn(x) -> x``) at any stage (Python only)."""
+
+    fn: Callable | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.fn is None:
+            raise ValueError("Apply needs fn(x, call) -> x")
+        self._two = _takes_call(self.fn)
+
+    def apply(self, x, call):
+        return self.fn(x, call) if self._two else self.fn(x)
+
+
+@register_intervention("observe")
+@dataclasses.dataclass(kw_only=True, eq=False)
+class Observe(Intervention):
+    """Call ``fn(call)`` (the value is ``call.delta`` / ``call.out`` / ``call.probs`` ...) or
+    ``fn(x, call)``; ``needs`` lists head values it reads besides its stage's (e.g. ``probs``)."""
+
+    observes = True
+    fn: Callable | None = None
+    extra_needs: frozenset = frozenset()
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.fn is None:
+            raise ValueError("Observe needs fn(call) or fn(x, call)")
+        bad = set(self.extra_needs) - set(STAGES)
+        if bad:
+            raise ValueError(f"unknown needs {sorted(bad)}; valid: {', '.join(STAGES)}")
+        self._two = _takes_call(self.fn)
+
+    @property
+    def needs(self):
+        return frozenset({self.stage}) | frozenset(self.extra_needs)
+
+    def apply(self, x, call: Call):
+        if self._two:
+            self.fn(x, call)
+        else:
+            self.fn(call)
+
+
+def _takes_call(fn) -> bool:
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty
+                  and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return True
+    return len(params) >= 2
+
+
+__all__ = ["Ablate", "AddVector", "Apply", "HeadEdit", "Observe", "Observer", "Scale", "SwapKV"]
+
+
+def Observer(fn, needs=frozenset({"out"}), steps=None, sees: str = "after") -> Observe:
+    """An observer of a head site's per-head values ``fn(call)`` with ``call.q/k/v/out/probs``."""
+    bad = set(needs) - {"q", "k", "v", "out", "probs"}
+    if bad:
+        raise ValueError(f"unknown observer needs {sorted(bad)}; valid: q, k, v, out, probs")
+    extra = frozenset("heads" if n == "out" else n for n in needs)
+    return Observe(stage="heads", fn=fn, extra_needs=extra, when=steps, sees=sees)
