@@ -261,7 +261,7 @@ def parse_when(spec: Any) -> When:
             if not n.strip().isdigit():
                 raise ValueError(f"timestep gate {spec!r}: N in 'every:N' must be an integer >= 1")
             return Every(int(n))
-        raise ValueError(f"unknown timestep gate {spec!r}; valid: {GATE_FORMS}")
+        raise ValueError(f"unknown timestep window {spec!r}; valid gates: {GATE_FORMS}")
     if isinstance(spec, dict) and len(spec) == 1:
         key, value = next(iter(spec.items()))
         if key in _DICT_FORMS:

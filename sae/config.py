@@ -88,13 +88,8 @@ class SparseCoderConfig:
         return self.k_aux or max(1, d_in // 2)
 
     def validate(self, d_in: int) -> None:
-        """Raise ValueError naming the bad field, its value and what would be valid."""
-        from sae.registry import available_architectures
-
-        if self.architecture not in available_architectures():
-            raise ValueError(
-                f"unknown SAE architecture {self.architecture!r}; valid: {', '.join(available_architectures())}"
-            )
+        """Raise ValueError naming the bad field, its value and what would be valid (the
+        architecture name is checked by the registry when its class is looked up)."""
         if d_in <= 0:
             raise ValueError(f"d_in must be positive, got {d_in}")
         m = self.resolved_num_latents(d_in)
@@ -118,7 +113,48 @@ class SparseCoderConfig:
     def from_dict(cls, data: dict[str, Any]) -> tuple["SparseCoderConfig", int]:
         """Inverse of to_dict; unknown keys (e.g. another library's) are ignored. Returns (cfg, d_in)."""
         data = dict(data)
+        if "d_in" not in data:
+            raise ValueError(f"cfg.json has no d_in (the SAE's input width); its keys: {', '.join(sorted(data))}")
         d_in = int(data.pop("d_in"))
         known = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in data.items() if k in known})
         return cfg, d_in
+
+
+@dataclass
+class Placement:
+    """Where an SAE belongs: the site and stage it reads, the timesteps and branch it was trained
+    on, the model and the normaliser folded into its weights. Saved in cfg.json beside the
+    architecture (as SAELens' SAEs carry their hook), restored by ``SAE.from_pretrained``."""
+
+    site: str | None = None
+    """the site it was trained on (a block site or an attn2 head site), None if unknown"""
+    stage: str = "block"
+    """the value it reads: block (a block's Δ) or heads (a head site's per-head outputs, heads concatenated)"""
+    window: Any = None
+    """the timestep gate of its training rows (all, early, {tau: [lo, hi]}, ...); None = every step"""
+    branch: str | None = None
+    """the guidance branch of its training rows (cond / uncond); None = every stored row"""
+    model: str | None = None
+    """the model id of the harvest it was trained on"""
+    model_revision: str | None = None
+    """the weights fingerprint recorded by the harvest (tells retrained weights apart)"""
+    normalizer_folded: float = 1.0
+    """the input scale folded into the weights (the SAE takes raw activations)"""
+
+    KEYS = ("site", "stage", "window", "branch", "model", "model_revision", "normalizer_folded")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.KEYS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Placement":
+        return cls(**{k: data[k] for k in cls.KEYS if k in data})
+
+    @property
+    def window_label(self) -> str:
+        """The window as a short name (``early``, ``tau0.6-1``, ``all``)."""
+        from activations.timesteps import Window, parse_when
+
+        gate = parse_when(self.window)
+        return gate.label if isinstance(gate, Window) else str(gate)

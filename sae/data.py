@@ -168,6 +168,13 @@ class ActivationDataModule(pl.LightningDataModule):
         return self._reader
 
     @property
+    def window_spec(self):
+        """The training rows' timestep gate in its YAML spelling (None: every step)."""
+        from activations.timesteps import gate_spec
+
+        return None if self.window is None else gate_spec(self.window)
+
+    @property
     def width(self) -> int:
         return self.reader.width
 

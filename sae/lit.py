@@ -39,9 +39,7 @@ from sae.config import SparseCoderConfig
 from sae.metrics import (
     FVUAccumulator,
     batch_fvu,
-    denoising_losses,
     fraction_recovered,
-    load_store_images,
     log10_density,
     sparsity_stats,
     spread_timesteps,
@@ -413,19 +411,19 @@ class LitSAE(pl.LightningModule):
         if not timesteps:
             return None
         pipe = self._pipeline(cfg.model or manifest.get("model"))
-        images, prompts = load_store_images(root, val_images)
-        mean = self.act_mean.to(pipe.unet.device)
+        from activations.edits import Ablate
+        from activations.evaluate import evaluate
 
-        def sae_fn(delta: Tensor) -> Tensor:
-            return self.reconstruct(delta.float()).to(delta.dtype)
-
-        edits = {
-            "clean": None,
-            "sae": sae_fn,
-            "zero": lambda d: torch.zeros_like(d),
-            "mean": lambda d: mean.to(d.dtype).expand_as(d).clone(),
+        sae = self.export_sae()
+        sae.placement = self.placement()
+        site, stage = sae.placement.site, sae.placement.stage
+        sets = {
+            "clean": [],
+            "sae": [sae.splice(error_term=False)],
+            "zero": [Ablate(site=site, stage=stage)],
+            "mean": [Ablate(site=site, stage=stage, value=_as_stage_value(self.act_mean.detach().cpu(), stage, manifest))],
         }
-        losses = denoising_losses(pipe, dm.site_name, edits, images, prompts, timesteps, seed=cfg.seed)
+        losses = evaluate(pipe, sets, store=root, images=val_images, timesteps=timesteps, seed=cfg.seed)
         out = {f"metrics/denoising_loss/{k}": v for k, v in losses.items()}
         out["metrics/fraction_recovered"] = fraction_recovered(losses["clean"], losses["sae"], losses["zero"])
         out["metrics/fraction_recovered_mean_ablation"] = fraction_recovered(losses["clean"], losses["sae"], losses["mean"])
@@ -456,15 +454,26 @@ class LitSAE(pl.LightningModule):
         sae.fold_input_scale(float(self.act_scale))
         return sae
 
-    def save_folder_name(self) -> str:
+    def placement(self):
+        """Where this SAE belongs (site, stage, window, branch, model), from its data module."""
+        from sae.config import Placement
+
         dm = self._datamodule()
-        site = getattr(dm, "site_name", None) or "sae"
-        window = getattr(dm, "window", None)
-        if window is None:
-            return site
-        if isinstance(window, str):
-            return f"{site}__{window}"
-        return f"{site}__{window[0]:g}-{window[1]:g}"
+        if dm is None or not hasattr(dm, "reader"):
+            return Placement(normalizer_folded=float(self.act_scale))
+        manifest = dm.manifest
+        return Placement(
+            site=dm.site_name, stage="block" if manifest.get("kind", "block") in ("block", "synthetic") else "heads",
+            window=dm.window_spec, branch=dm.branch, model=manifest.get("model"),
+            model_revision=manifest.get("model_revision"), normalizer_folded=float(self.act_scale),
+        )
+
+    def save_folder_name(self) -> str:
+        """``<site>`` or ``<site>__<window>`` (the folder is a name for people: loading finds an SAE
+        by the site and window in its cfg.json, see ``SAE.from_pretrained``)."""
+        placed = self.placement()
+        site = placed.site or "sae"
+        return site if placed.window is None else f"{site}__{placed.window_label}"
 
     def save_trained(self, path: str | Path | None = None) -> Path:
         """Write the raw-space SAE (sae.safetensors, cfg.json, sparsity.safetensors); returns its folder."""
@@ -472,8 +481,17 @@ class LitSAE(pl.LightningModule):
             root = self.hparams.save_dir or str(Path(self.trainer.default_root_dir) / "sae")
             path = Path(root) / self.save_folder_name()
         dm = self._datamodule()
-        extra: dict[str, Any] = {"trained_tokens": int(self.total_tokens), "normalizer_folded": float(self.act_scale)}
-        if dm is not None and hasattr(dm, "reader"):
-            extra.update({"site": dm.site_name, "window": dm.window, "branch": dm.branch, "store": str(dm.store_path),
-                          "model": dm.manifest.get("model")})
-        return self.export_sae().save_pretrained(path, sparsity=self.last_log10_density.cpu(), extra=extra)
+        extra: dict[str, Any] = {"trained_tokens": int(self.total_tokens)}
+        if dm is not None and hasattr(dm, "store_path"):
+            extra["store"] = str(dm.store_path)
+        sae = self.export_sae()
+        sae.placement = self.placement()
+        return sae.save_pretrained(path, sparsity=self.last_log10_density.cpu(), extra=extra)
+
+
+def _as_stage_value(mean: Tensor, stage: str, manifest: dict) -> Tensor:
+    """A site's mean row [width] in the layout of its stage: [h, 1, d] for per-head outputs."""
+    if stage == "heads":
+        heads = int(manifest.get("heads", 1))
+        return mean.reshape(heads, 1, -1)
+    return mean

@@ -11,12 +11,11 @@ logging knows about individual architectures: they only see the train-step contr
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-if TYPE_CHECKING:
-    from sae.sparse_coder import SparseCoder
-
-_REGISTRY: dict[str, type["SparseCoder"]] = {}
+# name -> SparseCoder subclass (typed loosely: this module sits below sae.sparse_coder, which
+# imports it, so it cannot import the base class back)
+_REGISTRY: dict[str, type] = {}
 
 # Built-in architectures: registry name -> module that registers it when imported.
 BUILTIN: dict[str, str] = {
@@ -27,10 +26,10 @@ BUILTIN: dict[str, str] = {
 }
 
 
-def register_architecture(name: str) -> Callable[[type["SparseCoder"]], type["SparseCoder"]]:
+def register_architecture(name: str) -> Callable[[type], type]:
     """Class decorator: make ``cls`` available as architecture ``name``."""
 
-    def decorate(cls: type["SparseCoder"]) -> type["SparseCoder"]:
+    def decorate(cls: type) -> type:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"SAE architecture {name!r} is already registered by {_REGISTRY[name].__qualname__}")
         cls.architecture = name
@@ -45,7 +44,7 @@ def available_architectures() -> list[str]:
     return sorted(set(BUILTIN) | set(_REGISTRY))
 
 
-def get_architecture(name: str) -> type["SparseCoder"]:
+def get_architecture(name: str) -> type:
     """The class registered as ``name``; ValueError listing the valid names otherwise."""
     if name not in _REGISTRY and name in BUILTIN:
         importlib.import_module(BUILTIN[name])

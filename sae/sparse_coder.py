@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from sae.config import SparseCoderConfig
+from sae.config import Placement, SparseCoderConfig
 from sae.kernels import gather_pre_acts, sparse_decode
 from sae.latents import Latents
 from sae.registry import get_architecture
@@ -76,6 +76,8 @@ class SparseCoder(nn.Module):
         super().__init__()
         cfg.validate(d_in)
         self.cfg = cfg
+        self.placement = Placement()  # where it belongs; set by the trainer, restored from cfg.json
+        self.source: Path | None = None  # the folder it was loaded from, if any
         self.d_in = d_in
         self.num_latents = cfg.resolved_num_latents(d_in)
         self.encoder = nn.Linear(d_in, self.num_latents, device=device, dtype=dtype)
@@ -97,7 +99,15 @@ class SparseCoder(nn.Module):
     # ------------------------------------------------------------------------------ forward
     def pre_acts(self, x: Tensor) -> Tensor:
         """[n, d] -> [n, m] encoder pre-activations W_enc (x - b_dec) + b_enc."""
+        self.check_width(x)
         return F.linear(x.to(self.dtype) - self.b_dec, self.encoder.weight, self.encoder.bias)
+
+    def check_width(self, x: Tensor) -> None:
+        """Refuse inputs of another width: reshaping them to [-1, d_in] would silently merge tokens."""
+        if x.shape[-1] != self.d_in:
+            where = f" (trained on {self.placement.site})" if self.placement.site else ""
+            raise ValueError(f"this SAE takes inputs of width d_in={self.d_in}{where}, got width {x.shape[-1]} "
+                             f"(shape {list(x.shape)})")
 
     def encode(self, x: Tensor) -> Latents:
         """Inference-time codes of x [n, d]."""
@@ -109,8 +119,13 @@ class SparseCoder(nn.Module):
             return sparse_decode(latents.values, latents.indices, self.W_dec, latents.offsets) + self.b_dec
         return latents.dense.to(self.dtype) @ self.W_dec + self.b_dec
 
+    def decode_dense(self, latents: Tensor) -> Tensor:
+        """Dense latents [n, m] -> [n, d] reconstruction."""
+        return latents.to(self.dtype) @ self.W_dec + self.b_dec
+
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction of x [..., d] with the inference-time activation."""
+        self.check_width(x)
         shape = x.shape
         flat = x.reshape(-1, self.d_in)
         return self.decode(self.encode(flat)).reshape(shape)
@@ -217,14 +232,27 @@ class SparseCoder(nn.Module):
     def device(self) -> torch.device:
         return self.W_dec.device
 
-    def save_pretrained(self, path: str | Path, *, sparsity: Tensor | None = None, extra: dict | None = None) -> Path:
-        """Write ``sae.safetensors`` + ``cfg.json`` (+ ``sparsity.safetensors``: log10 feature
-        density, SAELens' name) into folder ``path``. ``extra`` is merged into cfg.json."""
+    def save_pretrained(self, path: str | Path, *, sparsity: Tensor | None = None, extra: dict | None = None,
+                        layout: str = "sparsify") -> Path:
+        """Write the SAE into folder ``path``.
+
+        layout ``sparsify`` (default): ``sae.safetensors`` + ``cfg.json`` (+ ``sparsity.safetensors``:
+        log10 feature density, SAELens' name), EleutherAI sparsify's layout with our placement
+        fields added; ``saelens``: SAELens' ``sae_weights.safetensors`` + ``cfg.json`` with the hook
+        metadata, which ``sae_lens.SAE.load_from_disk`` opens. ``extra`` is merged into cfg.json.
+        """
+        if layout == "saelens":
+            from sae.saelens import save_saelens
+
+            return save_saelens(self, path, sparsity=sparsity)
+        if layout != "sparsify":
+            raise ValueError(f"unknown SAE file layout {layout!r}; valid: sparsify, saelens")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, str(path / WEIGHTS_FILE))
         cfg = self.cfg.to_dict(self.d_in)
+        cfg.update(self.placement.to_dict())
         if extra:
             cfg.update(extra)
         (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
@@ -234,30 +262,26 @@ class SparseCoder(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_hub_id: str | Path, *, site: str | None = None, device: str | torch.device = "cpu",
+        cls, path_or_hub_id: str | Path, *, site: str | None = None, window=None, device: str | torch.device = "cpu",
         revision: str | None = None,
     ) -> "SparseCoder":
-        """Load from a local folder (holding cfg.json, or with ``site`` a subfolder) or a hub repo id.
+        """Load an SAE and where it belongs (``sae.placement``: site, stage, window, branch, model).
 
-        The class is chosen by ``cfg.json``'s ``architecture`` (default ``topk``, which is what a
-        sparsify file implies).
+        ``path_or_hub_id``: a folder holding cfg.json, a folder of several SAEs (pick one by ``site``
+        and ``window``, as saved in their cfg.json), or a hub repo id. The class is chosen by
+        cfg.json's ``architecture`` (default ``topk``, which is what a sparsify file implies).
         """
-        folder = Path(path_or_hub_id)
-        if not folder.exists():
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(
-                str(path_or_hub_id), revision=revision, allow_patterns=f"{site}/*" if site else None
-            ))
-        if site is not None:
-            folder = folder / site
-        cfg_path = folder / CONFIG_FILE
-        if not cfg_path.exists():
-            subdirs = sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILE).exists()) if folder.is_dir() else []
-            hint = f"; pick a site, one of: {', '.join(subdirs)}" if subdirs else ""
-            raise FileNotFoundError(f"no {CONFIG_FILE} in {folder}{hint}")
-        cfg, d_in = SparseCoderConfig.from_dict(json.loads(cfg_path.read_text()))
+        folder = find_sae_folder(_local_folder(path_or_hub_id, site, revision), site=site, window=window)
+        data = json.loads((folder / CONFIG_FILE).read_text())
+        cfg, d_in = SparseCoderConfig.from_dict(data)
         tensors = load_file(str(folder / WEIGHTS_FILE), device=str(device))
+        if "W_dec" not in tensors:
+            raise ValueError(f"{folder / WEIGHTS_FILE} holds no W_dec: not an SAE in the sparsify layout "
+                             f"(tensors: {', '.join(sorted(tensors))})")
+        width = int(tensors["W_dec"].shape[1])
+        if width != d_in:
+            raise ValueError(f"{folder / CONFIG_FILE} says d_in={d_in} but the weights in {folder / WEIGHTS_FILE} "
+                             f"take width {width}; the files do not belong together")
         dtype = tensors["W_dec"].dtype
         arch = get_architecture(cfg.architecture)
         if cls is not SparseCoder and not issubclass(arch, cls):
@@ -267,7 +291,21 @@ class SparseCoder(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{folder / WEIGHTS_FILE} does not match a {cfg.architecture!r} SAE: "
                              f"missing {missing}, unexpected {unexpected}")
+        sae.placement = Placement.from_dict(data)
+        sae.source = folder  # recipes refer to a loaded SAE by its folder
         return sae
+
+    def splice(self, *, error_term: bool = True, site: str | None = None, **gate):
+        """An Intervention that runs this SAE at its site during generation.
+
+        ``error_term=True``: the site's value becomes x̂' + (x − x̂), the (possibly edited)
+        reconstruction plus the SAE's error, so that editing one latent changes only that latent's
+        contribution (SAELens' ``use_error_term``); ``False``: the reconstruction alone. ``gate``:
+        ``when``, ``branch``, ``mask`` as for any intervention.
+        """
+        from sae.splice import SAESplice
+
+        return SAESplice(sae=self, site=site or self.placement.site, error_term=error_term, **gate)
 
     def push_to_hub(self, repo_id: str, *, site: str | None = None, private: bool = False,
                     commit_message: str = "Upload SAE", sparsity: Tensor | None = None) -> str:
@@ -280,9 +318,54 @@ class SparseCoder(nn.Module):
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, sparsity=sparsity)
-            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=site or "",
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=site or self.placement.site or "",
                                      commit_message=commit_message)
         return str(info)
+
+
+def _local_folder(path_or_hub_id: str | Path, site: str | None, revision: str | None) -> Path:
+    """A local folder for a path or a hub repo id (downloaded when the hub can be reached)."""
+    folder = Path(path_or_hub_id).expanduser()
+    if folder.exists():
+        return folder
+    name = str(path_or_hub_id)
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise FileNotFoundError(f"SAE folder {str(folder)!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=f"{site}/*" if site else None))
+    except Exception as err:  # noqa: BLE001 - offline, unknown repo, ...: one clear message
+        raise FileNotFoundError(f"SAE {name!r} is neither a local folder nor a reachable hub repo ({type(err).__name__}: "
+                                f"{err}); pass a local folder") from None
+
+
+def find_sae_folder(folder: Path, *, site: str | None = None, window=None) -> Path:
+    """The folder of one SAE: ``folder`` itself when it holds cfg.json, else the one subfolder whose
+    cfg.json matches ``site`` and ``window`` (a folder of several SAEs, one per site and window)."""
+    from activations.timesteps import parse_when
+
+    if (folder / CONFIG_FILE).exists() and site is None and window is None:
+        return folder
+    candidates = [folder] if (folder / CONFIG_FILE).exists() else sorted(p for p in folder.iterdir() if (p / CONFIG_FILE).exists())
+    if not candidates:
+        raise FileNotFoundError(f"no SAE in {folder}: no {CONFIG_FILE} there or in its subfolders")
+    want_window = parse_when(window) if window is not None else None
+    placed = []  # (folder, site, window) of every SAE here
+    for c in candidates:
+        data = json.loads((c / CONFIG_FILE).read_text())
+        placed.append((c, data.get("site") or (c.name.split("__")[0] if c != folder else None), data.get("window")))
+    available = "; ".join(f"{c.name}: site={s!r}, window={w!r}" for c, s, w in placed)
+    if site is None and window is None:
+        raise FileNotFoundError(f"{folder} holds a folder of SAEs; pick one by site (and window): {available}")
+    found = [p for p in placed if (site is None or p[1] == site) and (want_window is None or parse_when(p[2]) == want_window)]
+    if len(found) == 1:
+        return found[0][0]
+    what = f"site={site!r}, window={window!r}"
+    if not found:
+        raise FileNotFoundError(f"no SAE with {what} in {folder}; available: {available}")
+    raise FileNotFoundError(f"several SAEs match {what} in {folder}; pick one by site and window: {available}")
 
 
 SAE = SparseCoder

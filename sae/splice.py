@@ -1,0 +1,92 @@
+"""``SAESplice``: run an SAE inside the U-Net during generation (an Intervention kind).
+
+The site's value x becomes x̂' + (x − x̂) with the error term, or x̂' alone without it, where x̂ is
+the SAE's reconstruction of x and x̂' the reconstruction from the latents after ``edit`` (none:
+x̂' = x̂). Keeping the error term means that an edit of one latent changes the site's value by that
+latent's contribution only, as SAELens' ``use_error_term`` does; without an edit it leaves the
+value unchanged up to float rounding. Without it the U-Net sees what the SAE can express, which is
+what "loss recovered" scores (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+
+from activations.intervention import Intervention, register_intervention
+
+
+@register_intervention("sae_splice")
+@dataclasses.dataclass(kw_only=True, eq=False)
+class SAESplice(Intervention):
+    """Replace a site's value by an SAE's reconstruction (``error_term`` keeps x − x̂)."""
+
+    stages = ("block", "heads")
+    stage: str = ""
+    sae: Any = None
+    """a SparseCoder, or the folder it was saved to"""
+    error_term: bool = True
+    """add the SAE's error x − x̂ back (edits then change only the edited latents' contribution)"""
+    edit: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Python only: dense latents [n, m] -> edited latents (steering edits build on this)"""
+
+    def __post_init__(self):
+        from sae.sparse_coder import SparseCoder
+
+        if isinstance(self.sae, (str, Path)):
+            self.sae = SparseCoder.from_pretrained(self.sae)
+        if not isinstance(self.sae, SparseCoder):
+            raise ValueError(f"SAESplice needs an SAE (a SparseCoder or its folder), got {type(self.sae).__name__}")
+        placed = self.sae.placement
+        self.site = self.site or placed.site
+        if placed.site is not None and self.site != placed.site:
+            raise ValueError(f"this SAE was trained on site {placed.site!r} (width {self.sae.d_in}); "
+                             f"it cannot be applied at site {self.site!r}")
+        self.stage = self.stage or placed.stage or "block"
+        super().__post_init__()
+
+    def _flat(self, x: torch.Tensor, call) -> torch.Tensor:
+        flat = rearrange(x, "b n c -> (b n) c") if self.stage == "block" else rearrange(x, "b h n d -> (b n) (h d)")
+        if flat.shape[-1] != self.sae.d_in:
+            raise ValueError(f"this SAE takes width {self.sae.d_in} (trained on {self.sae.placement.site!r}) but site "
+                             f"{call.site!r} has width {flat.shape[-1]}")
+        return flat
+
+    def _unflat(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.stage == "block":
+            return rearrange(flat, "(b n) c -> b n c", b=x.shape[0])
+        return rearrange(flat, "(b n) (h d) -> b h n d", b=x.shape[0], h=x.shape[1])
+
+    @torch.no_grad()
+    def apply(self, x, call):
+        flat = self._flat(x, call)
+        sae = self.sae.to(x.device)
+        inputs = flat.to(sae.dtype)
+        latents = sae.encode(inputs)
+        recon = sae.decode(latents)
+        edited = recon if self.edit is None else sae.decode_dense(self.edit(latents.to_dense()))
+        out = edited + (inputs - recon) if self.error_term else edited
+        return self._unflat(out.to(x.dtype), x)
+
+    def to_dict(self):
+        source = getattr(self.sae, "source", None)
+        if source is None:
+            raise ValueError("an SAE splice can be written to a recipe only for an SAE loaded from a folder "
+                             "(save it with save_pretrained and load it with SAE.from_pretrained)")
+        if self.edit is not None:
+            raise ValueError("SAESplice.edit is a Python function and cannot be written to a recipe")
+        return _with_sae_path(self, source)
+
+
+def _with_sae_path(splice: SAESplice, source) -> dict:
+    sae, edit = splice.sae, splice.edit
+    try:
+        splice.sae, splice.edit = str(source), None
+        return Intervention.to_dict(splice)
+    finally:
+        splice.sae, splice.edit = sae, edit
