@@ -42,6 +42,7 @@ def _trainer_defaults() -> dict:
         "default_root_dir": DEFAULT_ROOT,
         "max_epochs": 1,
         "logger": logger,
+        "enable_model_summary": False,  # a one-module table; --trainer.enable_model_summary true shows it
     }
 
 
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cli = build_cli(argv)
     trainer, model = cli.trainer, cli.model
+    if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers):
+        from diffatlas.quiet import quiet_libraries
+
+        quiet_libraries(wandb=True)
     trainer.fit(model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     if trainer.global_rank == 0:
         root = model.hparams.save_dir or str(Path(trainer.default_root_dir) / "sae")
