@@ -12,10 +12,11 @@ by running once per ``--data.window``. The SAE is written at the end to
 
 W&B: the default logger is a WandbLogger in offline mode unless the environment sets WANDB_MODE
 (then that mode applies, e.g. ``online`` or ``disabled``). The run goes to
-``<trainer.default_root_dir>/wandb/`` and the resolved config to ``<trainer.default_root_dir>/config.yaml``
-(default root: runs/sae); give each run its own root to keep its config. Rows skipped as NaN or
-inf are logged as ``data/nonfinite_rows`` and, when any were, printed at the end. Multi-GPU / multi-node: the usual
-``--trainer.devices`` / ``--trainer.num_nodes`` / ``--trainer.strategy ddp``.
+``<trainer.default_root_dir>/wandb/`` and the resolved config to
+``<trainer.default_root_dir>/config.yaml`` (default root: runs/sae); give each run its own root to
+keep its config. Rows skipped as NaN or inf are logged as ``data/nonfinite_rows`` and, when any
+were, printed at the end. Multi-GPU / multi-node: the usual ``--trainer.devices`` /
+``--trainer.num_nodes`` / ``--trainer.strategy ddp``.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"W&B run files: {Path(run_dir).parent}")
                 import wandb
 
-                wandb.finish()  # complete on disk when train returns (and the next run in this process is its own)
+                wandb.finish()  # complete on disk when train returns; a next run in this process is its own
     return 0
 
 
