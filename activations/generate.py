@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffatlas.config import save_config
+from diffatlas.errors import UsageError
 
 
 @dataclass
@@ -35,12 +37,31 @@ class GenerateConfig:
 
 
 def check_prompts(model: str, prompts: list[str]) -> None:
-    """The toy model knows a fixed vocabulary: refuse unknown words before drawing anything."""
+    """Refuse empty prompts, and for the toy model unknown words and impossible scenes, before
+    drawing anything."""
+    for k, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise UsageError(f"prompt {k} is empty; every prompt needs at least one word")
     if model == "toy":
-        from toyworld.prompts import check_prompt
+        from toyworld.prompts import check_prompt, check_scene
 
         for prompt in prompts:
-            check_prompt(prompt)
+            check_scene(check_prompt(prompt))
+
+
+def check_numbers(cfg: GenerateConfig) -> None:
+    """Refuse numbers out of range, naming the option (None means the model's default)."""
+    if cfg.steps is not None and cfg.steps < 1:
+        raise UsageError(f"--steps must be >= 1 (or null for the model's default), got {cfg.steps}")
+    if cfg.guidance is not None and cfg.guidance < 0:
+        raise UsageError(f"--guidance must be >= 0 (or null for the model's default), got {cfg.guidance}")
+    if cfg.batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1, got {cfg.batch_size}")
+    negative = [s for s in cfg.seeds if s < 0]
+    if negative:
+        raise UsageError(f"--seeds must be >= 0, got {negative[0]}")
+    if not cfg.seeds:
+        raise UsageError("--seeds is empty; give at least one seed, e.g. --seeds '[0]'")
 
 
 def generate(pipe, jobs: list[tuple[str, int]], steps: int, guidance: float, batch_size: int = 16,
@@ -63,43 +84,61 @@ def generate(pipe, jobs: list[tuple[str, int]], steps: int, guidance: float, bat
 def run(cfg: GenerateConfig) -> list[Path]:
     from activations.pipeline import load_pipeline, model_defaults
 
+    check_numbers(cfg)
     prompts = list(cfg.prompts)
     if cfg.prompts_file:
         prompts += [line.strip() for line in Path(cfg.prompts_file).read_text().splitlines() if line.strip()]
     if not prompts:
-        raise ValueError("no prompts: pass --prompts '[\"a prompt\", ...]' or --prompts_file FILE")
+        raise UsageError("no prompts: pass --prompts '[\"a prompt\", ...]' or --prompts_file FILE "
+                         "(a file needs at least one non-blank line)")
     check_prompts(cfg.model, prompts)
     pipe = load_pipeline(cfg.model, device=cfg.device)
     pipe.set_progress_bar_config(disable=True)
     defaults = model_defaults(pipe)
-    steps = cfg.steps or defaults["num_inference_steps"]
+    steps = cfg.steps if cfg.steps is not None else defaults["num_inference_steps"]
     guidance = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    with open(out / "generations.jsonl", "a") as record:
-        jobs = [(p, s) for p in prompts for s in cfg.seeds]
+    records = read_records(out)
+    jobs = [(p, s) for p in prompts for s in cfg.seeds]
+    try:
         for k, (prompt, seed, image) in enumerate(generate(pipe, jobs, steps, guidance, cfg.batch_size)):
             path = out / f"{k:04d}_seed{seed}.png"
             image.save(path)
             paths.append(path)
-            row = {"file": path.name, "prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance,
-                   "model": cfg.model}
-            record.write(json.dumps(row) + "\n")
+            records[path.name] = {"file": path.name, "prompt": prompt, "seed": seed, "steps": steps,
+                                  "guidance": guidance, "model": cfg.model}
+    finally:  # also after an interruption: the images already written keep their records
+        write_records(out, records)
     save_config(cfg, out / "generate_config.yaml")
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    import sys
+RECORDS = "generations.jsonl"
 
+
+def read_records(out: Path) -> dict[str, dict]:
+    """file name -> record of ``out``'s generations.jsonl (the last one, should a file have several)."""
+    path = out / RECORDS
+    if not path.exists():
+        return {}
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {row["file"]: row for row in rows}
+
+
+def write_records(out: Path, records: dict[str, dict]) -> None:
+    """Rewrite generations.jsonl with one record per file; a rerun into the same folder replaces
+    the records of the files it overwrote. Atomic: a crash leaves the old file or the new one."""
+    tmp = out / f".{RECORDS}.tmp"
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in records.values()))
+    os.replace(tmp, out / RECORDS)
+
+
+def main(argv: list[str] | None = None) -> int:
     from diffatlas.config import parse
 
     cfg = parse(GenerateConfig, argv, "diffatlas generate", __doc__)
-    try:
-        paths = run(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"diffatlas generate: error: {err}", file=sys.stderr)
-        return 2
+    paths = run(cfg)  # bad input raises; the diffatlas dispatcher prints it as one line
     print(f"wrote {len(paths)} images to {Path(cfg.out).resolve()}")
     return 0

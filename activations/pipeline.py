@@ -72,6 +72,9 @@ def load_pipeline(name_or_path: str | os.PathLike = "toy", device: str | torch.d
     """
     from diffusers import DiffusionPipeline
 
+    from diffatlas.quiet import quiet_libraries
+
+    quiet_libraries()  # no loading bars or set-up notices, also when called from Python
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     source = resolve_model(name_or_path)

@@ -7,6 +7,7 @@ lazily so that ``diffatlas --help`` stays fast and a subcommand never pays for a
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> ("module:function", one-line help). The function takes the remaining argv.
@@ -27,8 +28,14 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _debug(argv: list[str]) -> tuple[list[str], bool]:
+    """Strip ``--debug`` from anywhere on the command line; it or DIFFATLAS_DEBUG=1 asks for tracebacks."""
+    debug = "--debug" in argv or os.environ.get("DIFFATLAS_DEBUG", "") not in ("", "0")
+    return [a for a in argv if a != "--debug"], debug
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = _debug(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -36,9 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"diffatlas: unknown command {name!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    from diffatlas.errors import one_line, user_error_types
+    from diffatlas.quiet import quiet_libraries
+
+    quiet_libraries()
     module_name, func_name = COMMANDS[name][0].split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(rest) or 0)
+    except Exception as err:
+        # Bad input is the user's to fix: the message alone, not a traceback of our internals.
+        if debug or not isinstance(err, user_error_types()):
+            raise
+        print(f"diffatlas {name}: error: {one_line(err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

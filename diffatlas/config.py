@@ -20,7 +20,8 @@ T = TypeVar("T")
 
 
 def build_parser(cls: type, prog: str, description: str | None = None) -> ArgumentParser:
-    parser = ArgumentParser(prog=prog, description=description)
+    # Parse errors raise: the ``diffatlas`` dispatcher prints them as one line, not the whole usage.
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
     parser.add_class_arguments(cls, as_group=False)
     return parser

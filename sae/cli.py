@@ -11,8 +11,12 @@ by running once per ``--data.window``. The SAE is written at the end to
 ``<model.save_dir>/<site>[__<window>]/`` (default save_dir: <trainer.default_root_dir>/sae).
 
 W&B: the default logger is a WandbLogger in offline mode unless the environment sets WANDB_MODE
-(then that mode applies, e.g. ``online`` or ``disabled``). Multi-GPU / multi-node: the usual
-``--trainer.devices`` / ``--trainer.num_nodes`` / ``--trainer.strategy ddp``.
+(then that mode applies, e.g. ``online`` or ``disabled``). The run goes to
+``<trainer.default_root_dir>/wandb/`` and the resolved config to
+``<trainer.default_root_dir>/config.yaml`` (default root: runs/sae); give each run its own root to
+keep its config. Rows skipped as NaN or inf are logged as ``data/nonfinite_rows`` and, when any
+were, printed at the end. Multi-GPU / multi-node: the usual ``--trainer.devices`` /
+``--trainer.num_nodes`` / ``--trainer.strategy ddp``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ def _trainer_defaults() -> dict:
         "class_path": "lightning.pytorch.loggers.WandbLogger",
         "init_args": {
             "project": "diffatlas",
-            "save_dir": DEFAULT_ROOT,
+            # null: the run goes under --trainer.default_root_dir (SAECLI.before_instantiate_classes)
+            "save_dir": None,
             # Offline unless the user chose a mode: tests and laptops never reach the network.
             "offline": "WANDB_MODE" not in os.environ,
         },
@@ -38,6 +43,7 @@ def _trainer_defaults() -> dict:
         "default_root_dir": DEFAULT_ROOT,
         "max_epochs": 1,
         "logger": logger,
+        "enable_model_summary": False,  # a one-module table; --trainer.enable_model_summary true shows it
     }
 
 
@@ -57,6 +63,19 @@ def build_cli(argv: list[str] | None, run: bool = False):
             parser.add_argument("--ckpt_path", type=str | None, default=None,
                                 help="Lightning checkpoint to resume training from (model, optimiser, data position).")
 
+        def parse_arguments(self, parser, args) -> None:
+            # ``args`` is the whole command line already: LightningCLI's own version would also
+            # look at sys.argv (``diffatlas train ...``) and warn that it got both.
+            self.config = parser.parse_args(args)
+
+        def before_instantiate_classes(self) -> None:
+            # A W&B run without its own save_dir lives under default_root_dir, and so does the
+            # saved config.yaml (Lightning writes it to the first logger's save_dir).
+            logger = self.config.trainer.logger
+            init_args = getattr(logger, "init_args", None)
+            if init_args is not None and "save_dir" in init_args and init_args.save_dir is None:
+                init_args.save_dir = self.config.trainer.default_root_dir or DEFAULT_ROOT
+
     return SAECLI(
         LitSAE,
         ActivationDataModule,
@@ -65,7 +84,9 @@ def build_cli(argv: list[str] | None, run: bool = False):
         seed_everything_default=0,
         trainer_defaults=_trainer_defaults(),
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "diffatlas train", "description": "Train a sparse autoencoder on harvested activations."},
+        # Parse errors raise (one line from the dispatcher) instead of printing the whole usage.
+        parser_kwargs={"prog": "diffatlas train", "description": "Train a sparse autoencoder on harvested activations.",
+                       "exit_on_error": False},
     )
 
 
@@ -73,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cli = build_cli(argv)
     trainer, model = cli.trainer, cli.model
+    if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers):
+        from diffatlas.quiet import quiet_libraries
+
+        quiet_libraries(wandb=True)
     trainer.fit(model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     if trainer.global_rank == 0:
         root = model.hparams.save_dir or str(Path(trainer.default_root_dir) / "sae")
@@ -81,11 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("metrics/fvu", "metrics/l0", "sparsity/dead_fraction_val", "metrics/fraction_recovered"):
             if key in metrics:
                 print(f"{key} = {metrics[key]:.4f}")
+        skipped = int(trainer.callback_metrics.get("data/nonfinite_rows", cli.datamodule.nonfinite_rows))
+        if skipped:
+            print(f"skipped {skipped} rows holding NaN or inf (--data.nonfinite skip; use --data.nonfinite error "
+                  f"to stop at the first one)")
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 run_dir = getattr(logger.experiment, "dir", None)
                 if run_dir:
                     print(f"W&B run files: {Path(run_dir).parent}")
+                import wandb
+
+                wandb.finish()  # complete on disk when train returns; a next run in this process is its own
     return 0
 
 

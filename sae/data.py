@@ -21,9 +21,34 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from diffatlas.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 WindowSpec = str | tuple[float, float] | None
+BRANCHES = ("cond", "uncond")  # or None: every stored row
+
+
+def check_window(window: WindowSpec | list[float]) -> WindowSpec:
+    """``window`` as the data module keeps it (a name, a (lo, hi) tuple or None), or a UsageError
+    naming the valid windows. The one place the data module validates windows (it can delegate to
+    a typed window parser in activations.timesteps once there is one)."""
+    from activations.timesteps import WINDOWS
+
+    valid = f"valid windows: {', '.join(WINDOWS)}, a [lo, hi] pair with 0 <= lo < hi <= 1, or null (all timesteps)"
+    if window is None:
+        return None
+    if isinstance(window, str):
+        if window not in WINDOWS:
+            raise UsageError(f"unknown timestep window {window!r}; {valid}")
+        return window
+    try:
+        lo, hi = (float(x) for x in window)
+    except (TypeError, ValueError):
+        raise UsageError(f"timestep window {window!r} is neither a name nor a [lo, hi] pair; {valid}") from None
+    if not 0.0 <= lo < hi <= 1.0:
+        raise UsageError(f"timestep window [{lo:g}, {hi:g}] must satisfy 0 <= lo < hi <= 1; {valid}")
+    return lo, hi
 
 
 def _finite_rows(acts: torch.Tensor) -> torch.Tensor:
@@ -100,7 +125,7 @@ class ActivationDataModule(pl.LightningDataModule):
         store: str,
         site: str | None = None,
         window: WindowSpec = None,
-        branch: Literal["cond", "uncond"] | None = None,
+        branch: str | None = None,
         batch_size: int = 4096,
         val_fraction: float = 0.05,
         max_val_rows: int = 65536,
@@ -123,7 +148,9 @@ class ActivationDataModule(pl.LightningDataModule):
         """
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+        if branch is not None and branch not in BRANCHES:
+            raise UsageError(f"unknown branch {branch!r}; valid branches: {', '.join(BRANCHES)}, or null (every row)")
         if nonfinite not in ("skip", "error"):
             raise ValueError(f"nonfinite must be 'skip' or 'error', got {nonfinite!r}")
         if not 0.0 <= val_fraction < 1.0:
@@ -131,7 +158,7 @@ class ActivationDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.store_path = store
         self.site_name = site
-        self.window = tuple(window) if isinstance(window, list) else window
+        self.window = check_window(window)
         self.branch = branch
         self.batch_size = batch_size
         self.val_fraction = val_fraction

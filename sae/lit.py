@@ -351,6 +351,12 @@ class LitSAE(pl.LightningModule):
         x = self.normalise(dm.sample(max(self.hparams.init_samples, batch), seed=dm.seed + 1).to(self.device))
         self.coder.calibrate(x, min(batch, x.shape[0]))
 
+    def on_train_epoch_end(self) -> None:
+        # Rows skipped as NaN / inf so far (summed over ranks): visible in W&B, not only in the checkpoint.
+        dm = self._datamodule()
+        if dm is not None and hasattr(dm, "nonfinite_rows"):
+            self.log("data/nonfinite_rows", float(dm.nonfinite_rows), reduce_fx="sum", sync_dist=True)
+
     def on_train_end(self) -> None:
         # Every rank computes the same calibration (same sample), so weights stay identical.
         self._calibrate()

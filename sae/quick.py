@@ -42,9 +42,12 @@ def train_quick(store: str, site: str | None = None, *, out: str = "runs/sae", a
         from lightning.pytorch.loggers import WandbLogger
 
         logger = WandbLogger(project="diffatlas", save_dir=out, offline="WANDB_MODE" not in os.environ)
+        from diffatlas.quiet import quiet_libraries
+
+        quiet_libraries(wandb=True)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu" if not _cuda() else "auto", logger=logger,
                          enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         default_root_dir=out)
+                         default_root_dir=out, log_every_n_steps=max(1, min(50, len(dm.train_ids) // batch_size)))
     trainer.fit(model, datamodule=dm)
     metrics = dict(getattr(model, "last_val_metrics", {}))
     if logger:

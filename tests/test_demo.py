@@ -1,14 +1,16 @@
 import pytest
 
 
-def test_demo__runs_the_chain_and_prints_where_it_wrote_each_result(tmp_path, capsys):
+def test_demo__runs_the_chain_and_prints_where_it_wrote_each_result(tmp_path, capfd):
     pytest.importorskip("wandb")
     from diffatlas.cli import main
+    from tests.test_quiet import assert_quiet
 
     code = main(["demo", "--out", str(tmp_path), "--num_images", "2", "--harvest_prompts", "4", "--sae_epochs", "1"])
-    out = capsys.readouterr().out
+    out, err = capfd.readouterr()
     assert code == 0
     assert (tmp_path / "generated_grid.png").exists()
     assert "[1] generated 2 images" in out and "[2] harvested" in out and "[3] trained a TopK SAE" in out
+    assert_quiet(out + err)  # our lines only (capfd: also what libraries write to the file descriptors)
     assert (tmp_path / "demo_config.yaml").exists()
     assert list((tmp_path / "sae").rglob("sae.safetensors"))

@@ -91,3 +91,59 @@ def test_cli__unknown_command_lists_the_valid_ones(capsys):
 
     assert main(["harvset"]) == 2
     assert "unknown command 'harvset'" in capsys.readouterr().err
+
+
+GOOD_PROMPT = "a small blue striped circle at the center on a white background, at night"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--steps", "-2"], "--steps must be >= 1 (or null for the model's default), got -2"),
+    (["--steps", "0"], "--steps must be >= 1 (or null for the model's default), got 0"),
+    (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+    (["--seeds", "[0, -3]"], "--seeds must be >= 0, got -3"),
+    (["--guidance", "-1"], "--guidance must be >= 0 (or null for the model's default), got -1"),
+    (["--prompts", '["  "]'], "prompt 0 is empty"),
+])
+def test_bad_input__generate_numbers_out_of_range_and_empty_prompts_name_the_field(tmp_path, capsys, args, needle):
+    from diffatlas.cli import main
+
+    argv = ["generate", "--prompts", json.dumps([GOOD_PROMPT]), "--out", str(tmp_path), *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not list(tmp_path.glob("*.png")) and not (tmp_path / "generations.jsonl").exists()
+
+
+def test_bad_input__generate_blank_only_prompts_file_is_refused(tmp_path, capsys):
+    from diffatlas.cli import main
+
+    (tmp_path / "p.txt").write_text("\n   \n")
+    assert main(["generate", "--prompts_file", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "no prompts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prompt, needle", [
+    ("a red circle at the center and a blue square at the center", "two objects at position 'center'"),
+    ("a big red plain circle at the center and a small blue plain square at the top left on a gray background, "
+     "by day", "would overlap"),
+    ("a red circle and a blue square and a green cross", "a scene holds 1 or 2 objects, got 3"),
+])
+def test_bad_input__generate_refuses_impossible_toy_scenes_as_scene_does(tmp_path, capsys, prompt, needle):
+    from diffatlas.cli import main
+
+    assert main(["generate", "--prompts", json.dumps([prompt]), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_generate_cli__rerun_into_the_same_folder_keeps_one_record_per_file(tmp_path):
+    from diffatlas.cli import main
+
+    argv = ["generate", "--prompts", json.dumps([GOOD_PROMPT]), "--steps", "2", "--out", str(tmp_path)]
+    assert main([*argv, "--seeds", "[1, 2]"]) == 0
+    assert main([*argv, "--seeds", "[1]"]) == 0  # overwrites 0000_seed1.png
+    rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    files = [r["file"] for r in rows]
+    assert sorted(files) == sorted(set(files)) == sorted(p.name for p in tmp_path.glob("*.png"))
+    assert {r["file"]: r["seed"] for r in rows}["0000_seed1.png"] == 1

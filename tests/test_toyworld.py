@@ -141,3 +141,17 @@ def test_split__held_out_objects_never_appear_in_training_scenes():
     for _ in range(500):
         assert not any(is_held_out(o) for o in sample_scene(rng, split="train").objects)
         assert is_held_out(sample_scene(rng, num_objects=1, split="test").objects[0])
+
+
+def test_prompts__parse_prompt_reads_back_every_scene_the_grammar_writes():
+    from toyworld.prompts import PromptGrammarError, parse_prompt
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        scene = sample_scene(rng, split="all")
+        assert parse_prompt(scene_to_prompt(scene, rng)) == scene
+    with pytest.raises(PromptGrammarError, match="does not name object 1's position"):
+        parse_prompt("a small red plain circle on a gray background, by day")
+    with pytest.raises(ValueError, match="impossible scene: two objects at position 'center'"):
+        parse_prompt("a small red plain circle at the center and a small blue plain cross at the center "
+                     "on a gray background, by day")

@@ -1,0 +1,38 @@
+"""Errors that are the user's input rather than a bug in diffatlas.
+
+The ``diffatlas`` dispatcher prints such an error as one line (``diffatlas <command>: error:
+<message>``, exit code 2) instead of a traceback; ``--debug`` or ``DIFFATLAS_DEBUG=1`` shows the
+traceback. Commands raise them and need no try/except of their own.
+"""
+
+from __future__ import annotations
+
+
+class UsageError(ValueError):
+    """Bad input: an option out of range, an unknown name, a file or store that cannot be used.
+
+    The message names the bad value and the valid choices; it is all the user sees."""
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types the dispatcher reports as one line: bad values, missing files, unusable
+    stores and command-line parse errors. Imported lazily: only an error pays for the imports."""
+    import argparse
+
+    types: list[type[BaseException]] = [ValueError, KeyError, FileNotFoundError, argparse.ArgumentError]
+    try:
+        from jsonargparse import ArgumentError as JsonArgumentError
+
+        types.append(JsonArgumentError)
+    except ImportError:  # pragma: no cover - jsonargparse is a dependency
+        pass
+    from activations.store import StoreError
+
+    types.append(StoreError)
+    return tuple(types)
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (a KeyError's str() would add quotes around it)."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(text.split()) or type(err).__name__
