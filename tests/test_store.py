@@ -229,3 +229,62 @@ def test_missing_store_is_a_clear_error(tmp_path):
         ActivationStore(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         ActivationStore(tmp_path)
+
+
+def flip_byte(path, offset=-5):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_shard_is_refused_on_read_by_default_naming_the_shard(synthetic):
+    root = synthetic[0]
+    flip_byte(root / SITE / "shard-000002.acts.npy")
+    site = ActivationStore(root).site(SITE)  # the default checks each shard before its first use
+    with pytest.raises(CorruptShardError) as err:
+        site.read([250])
+    assert "shard-000002.acts.npy" in str(err.value) and "rerun" in str(err.value)
+    site.read([0])  # other shards stay readable
+    ActivationStore(root, verify="never").site(SITE).read([250])  # skipping is explicit only
+    with pytest.raises(CorruptShardError, match="shard-000002"):
+        ActivationStore(root, verify=False).site(SITE).read([250])  # False no longer means "never"
+
+
+def test_verified_shards_are_not_hashed_again_in_the_same_process(synthetic, monkeypatch):
+    root = synthetic[0]
+    ActivationStore(root).site(SITE).read([0])
+    calls = []
+    monkeypatch.setattr(store_mod, "sha256_file", lambda p, *a: calls.append(p) or "x")
+    ActivationStore(root).site(SITE).read([1])
+    assert calls == []
+
+
+def test_bad_verify_mode_names_the_choices(synthetic):
+    with pytest.raises(ValueError, match="lazy, eager, never"):
+        ActivationStore(synthetic[0], verify="sometimes")
+
+
+def test_a_late_writer_of_a_finished_shard_leaves_its_files_untouched(tmp_path, monkeypatch):
+    a = SiteWriter(tmp_path, SITE, width=2, grid=(1, 1))
+    b = SiteWriter(tmp_path, SITE, width=2, grid=(1, 1))
+    # b checked before a recorded the shard: its early check passes, the locked one must not
+    monkeypatch.setattr(b, "finished", lambda: set())
+    a.write_shard(0, np.ones((3, 2)), make_meta(3))
+    with pytest.raises(StoreError, match="finished by another writer"):
+        b.write_shard(0, np.full((3, 2), 7.0), make_meta(3))
+    ActivationStore(tmp_path, verify="eager").site(SITE)  # a's files still match their sha256
+    assert not list((tmp_path / SITE).glob("*.tmp*"))
+
+
+def test_read_only_manifest_is_one_clear_store_write_error(tmp_path, monkeypatch):
+    w = SiteWriter(tmp_path, SITE, width=2, grid=(1, 1))
+
+    def read_only(path, obj):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(store_mod, "_write_json_atomic", read_only)
+    with pytest.raises(StoreWriteError, match="Permission denied.*rerun the same command") as err:
+        w.write_shard(0, np.ones((3, 2)), make_meta(3))
+    assert "shard-000000" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(StoreWriteError, match="Permission denied"):
+        SiteWriter(tmp_path, "other.site", width=2, grid=(1, 1))
