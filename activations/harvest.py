@@ -27,18 +27,20 @@ from einops import rearrange
 from activations.config import HarvestConfig, parse_args
 from activations.hooks import BlockCall, attach
 from activations.processor import AttnCall
-from activations.prompts import PromptSet
-from activations.sites import Site, list_sites, resolve_sites
+from activations.prompts import PromptSet, check_prompts
+from activations.sites import Site, latent_size, list_sites, resolve_sites
 from activations.store import (
+    MANIFEST,
     META_DTYPE,
     ActivationStore,
-    CorruptShardError,
+    ConfigMismatchError,
     SiteReader,
     SiteWriter,
     StoreError,
     StoreWriteError,
-    config_hash,
-    sha256_file,
+    check_store_record,
+    store_record,
+    verify_shard,
 )
 from activations.timesteps import BRANCHES, check_branch, select_steps
 
@@ -116,14 +118,14 @@ class Harvester:
     """
 
     def __init__(self, config: HarvestConfig, pipe=None, *, rank: int = 0, world_size: int = 1, device=None):
+        # every check that can refuse the run happens here, before run() writes anything
         self.config = config
         self.rank, self.world_size = rank, world_size
+        config.check()
         check_branch(config.branch)
-        if config.images_per_shard < 1 or config.batch_size < 1 or config.images_per_prompt < 1:
-            raise ValueError("images_per_shard, batch_size and images_per_prompt must be >= 1")
-        if config.positions is not None and config.positions < 1:
-            raise ValueError(f"positions must be >= 1 or None, got {config.positions}")
         self.prompts = PromptSet(config.prompts, config.seed)
+        if config.prompts.kind != "toyworld":  # toyworld prompts are made from the vocabulary
+            check_prompts(config.model, self.prompts.texts())
         self.pipe = pipe if pipe is not None else load_model(config.model, device=device, dtype=DTYPES[config.dtype])
         self.pipe.set_progress_bar_config(disable=True)
         set_scheduler(self.pipe, config.scheduler)
@@ -136,22 +138,28 @@ class Harvester:
         self.steps = select_steps(config.timesteps, self.schedule, self.num_train_timesteps)
         if not self.steps:
             raise ValueError(f"timesteps {config.timesteps!r} select no step of the schedule {self.schedule}")
-        self.sites: list[Site] = resolve_sites(list_sites(self.pipe.unet), config.sites)
+        # the grid of every site comes from this run's latent size, not the model's default
+        self.latent = latent_size(self.pipe, config.height, config.width)
+        self.sites: list[Site] = resolve_sites(list_sites(self.pipe.unet, self.latent), config.sites)
         self.branches = BRANCHES if config.branch == "both" else (config.branch,)
         self.num_images = len(self.prompts) * config.images_per_prompt
         self.num_shards = -(-self.num_images // config.images_per_shard)
         self.root = Path(config.out)
+        self.record = store_record(config.content_dict(), model_fingerprint(self.pipe.unet), numerics(self.pipe.unet, config))
         self.header = {
             "model": config.model,
-            "model_revision": model_fingerprint(self.pipe.unet),
+            "model_revision": self.record["model_revision"],
             "timesteps": [self.schedule[s] for s in self.steps],
             "steps": self.steps,
             "num_train_timesteps": self.num_train_timesteps,
             "branch": config.branch,
             "num_images": self.num_images,
             "images_per_shard": config.images_per_shard,
-            "config": config.content_dict(),
-            "config_hash": config_hash(config.content_dict()),
+            "latent_size": list(self.latent),
+            # the store's one config (without the list of sites): every site of a store shares it
+            "config": self.record["config"],
+            "config_hash": self.record["config_hash"],
+            "numerics": self.record["numerics"],
         }
 
     # -- setup -------------------------------------------------------------------------------
@@ -166,40 +174,53 @@ class Harvester:
         p = image // self.config.images_per_prompt
         return {"image": image, "prompt": p, "text": self.prompts.text(p), "seed": self.config.seed + image}
 
+    def _prompt_lines(self) -> list[str]:
+        return [json.dumps(self.image_record(image)) + "\n" for image in range(self.num_images)]
+
     def _write_prompts(self) -> None:
+        """Write prompts.jsonl once; later runs check that it holds exactly their prompts."""
         path = self.root / "prompts.jsonl"
+        lines = self._prompt_lines()
         if path.exists():
-            return  # same config (checked by the writers): same prompts
+            stored = path.read_text().splitlines(keepends=True)
+            if stored != lines:
+                bad = next((k for k, (a, b) in enumerate(zip(stored, lines)) if a != b), min(len(stored), len(lines)))
+                raise ConfigMismatchError(
+                    f"{path} differs from the prompts of this config (first at line {bad + 1} of {len(stored)} stored, "
+                    f"{len(lines)} requested); refusing to mix them. Use another output folder."
+                )
+            return
         tmp = path.with_name(f"prompts.jsonl.tmp-{os.getpid()}")
         with open(tmp, "w") as f:
-            for image in range(self.num_images):
-                f.write(json.dumps(self.image_record(image)) + "\n")
+            f.writelines(lines)
         os.replace(tmp, path)
 
-    def _verify(self, writers: dict[str, SiteWriter], shards: list[int]) -> None:
-        mine = set(shards)
-        for name, w in writers.items():
-            for rec in w.manifest["shards"]:
-                if rec["index"] not in mine:
-                    continue
-                for part in ("acts", "meta"):
-                    path = w.dir / f"{rec['name']}.{part}.npy"
-                    if not path.exists() or sha256_file(path) != rec["sha256"][part]:
-                        raise CorruptShardError(
-                            f"shard {rec['name']} of site {name} is corrupted or missing ({path} does not match its sha256). "
-                            f"Remove its record from {w.dir / 'manifest.json'} and its files, then rerun to regenerate it."
-                        )
+    def _saved_config(self) -> str:
+        import yaml
+
+        return yaml.safe_dump({**self.config.to_dict(), "out": str(self.root)}, sort_keys=False)
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> dict:
+        with _threads(self.config.threads):
+            return self._run()
+
+    def _run(self) -> dict:
         cfg = self.config
+        check_store_record(self.root, self.record, saved_config=self._saved_config())
         writers = self._writers()
         if self.rank == 0:
-            self._write_prompts()
+            try:
+                self._write_prompts()
+            except OSError as e:
+                raise StoreWriteError(f"could not write {self.root / 'prompts.jsonl'}: {e.strerror or e}; fix the cause and rerun the same command") from e
         mine = [k for k in range(self.num_shards) if k % self.world_size == self.rank]
         done = {name: w.finished() for name, w in writers.items()}
-        if cfg.verify:
-            self._verify(writers, [k for k in mine if any(k in d for d in done.values())])
+        if cfg.verify:  # finished shards this rank would skip must be intact
+            for name, w in writers.items():
+                for rec in w.manifest["shards"]:
+                    if rec["index"] in mine:
+                        verify_shard(w.dir, rec, name)
         todo = [k for k in mine if not all(k in d for d in done.values())]
         n_todo = sum(min(cfg.images_per_shard, self.num_images - k * cfg.images_per_shard) for k in todo)
         bar = _progress(n_todo, enabled=cfg.progress and self.rank == 0, desc=f"harvest {self.root.name}")
@@ -266,6 +287,9 @@ class Harvester:
         folder = self.root / "images"
         folder.mkdir(parents=True, exist_ok=True)
         for image, rec, pil in zip(batch, records, images):
+            if (folder / f"{image}.png").exists():
+                # written by an earlier run of the same config (store.json says so): written once
+                continue
             _save_atomic(folder / f"{image}.png", lambda p: pil.save(p, format="PNG"))
             scene = self.prompts.scene(rec["prompt"])
             if scene is not None:  # toyworld: keep the ground truth next to the image
@@ -277,6 +301,31 @@ class Harvester:
                 _save_atomic(folder / f"{image}.json", lambda p: p.write_text(json.dumps(truth)))
                 rendered = render(scene).image
                 _save_atomic(folder / f"{image}.truth.png", lambda p: Image.fromarray(rendered).save(p, format="PNG"))
+
+
+def numerics(unet, config: HarvestConfig) -> dict:
+    """What decides the stored numbers besides the config: float rounding differs between
+    devices, dtypes, CPU thread counts and library versions."""
+    import diffusers
+
+    return {
+        "device": unet.device.type,
+        "dtype": str(unet.dtype).removeprefix("torch."),
+        "threads": int(config.threads),
+        "torch": torch.__version__.split("+")[0],
+        "diffusers": diffusers.__version__,
+    }
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """Run with ``n`` torch CPU threads (CPU rows depend on it), then restore the caller's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _save_atomic(path: Path, write) -> None:
@@ -314,6 +363,8 @@ class _SiteObserver:
         n, b = len(self.records), x.shape[0]
         if b != (2 * n if state.cfg else n):
             raise RuntimeError(f"site {self.site.name}: a batch of {b} rows for {n} images (guidance: {state.cfg})")
+        if x.shape[1] != self.site.tokens_per_image:  # the grid was computed for another size
+            raise RuntimeError(f"site {self.site.name}: {x.shape[1]} tokens, grid {self.site.resolution} expects {self.site.tokens_per_image}")
         for br in self.branches:
             # diffusers stacks [uncond; cond]: slices, not a mask, so that a GPU never waits here
             xb = x[:n] if (state.cfg and br == "uncond") else x[b - n :]
@@ -381,8 +432,6 @@ def harvest(config: HarvestConfig, pipe=None) -> dict:
     devices = int(config.devices) if str(config.devices).isdigit() else config.devices
     fabric = Fabric(accelerator=config.accelerator, devices=devices, num_nodes=config.num_nodes, strategy="ddp" if multi else "auto")
     fabric.launch()  # with several devices, starts the other ranks by rerunning this command
-    if fabric.world_size > 1 and fabric.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // fabric.world_size))  # ranks share the cores
     harvester = Harvester(config, pipe, rank=fabric.global_rank, world_size=fabric.world_size, device=fabric.device)
     summary = harvester.run()
     if fabric.world_size > 1:
@@ -404,12 +453,27 @@ def describe_store(root: str | os.PathLike) -> str:
     return "\n".join(lines)
 
 
+def _kept(root: str | os.PathLike) -> str:
+    """What an interrupted harvest kept: finished shards per site, read from the manifests."""
+    counts = []
+    for path in Path(root).glob(f"*/{MANIFEST}"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            counts.append(len(json.loads(path.read_text())["shards"]))
+    if not counts:
+        return "nothing was written"
+    n = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)} to {max(counts)}"
+    return f"kept {n} finished shards in each of {len(counts)} sites of {root}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``diffatlas harvest <config.yaml> [--field value ...]``"""
     argv = list(sys.argv[1:] if argv is None else argv)
     config = parse_args(argv)
     try:
         summary = harvest(config)
+    except KeyboardInterrupt:
+        print(f"diffatlas harvest: interrupted; {_kept(config.out)}; rerun the same command to resume", file=sys.stderr)
+        return 130
     except (StoreError, ValueError, FileNotFoundError) as e:
         print(f"diffatlas harvest: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from einops import rearrange
 
 from activations.hooks import BlockCall, attach
 from activations.processor import AttnCall
-from activations.sites import resolve_sites
+from activations.sites import list_sites, resolve_sites
 from activations.timesteps import BRANCHES, check_branch, select_steps
 
 
@@ -43,6 +43,12 @@ class Trace:
         self._steps: dict[int, list[int]] = {}
         self.timesteps_by_step: dict[int, int] = {}
         self._generation_steps: dict[int, set[int]] = {}
+        self._latent: tuple[int, int] | None = None  # latent (H, W) of the U-Net call running now
+        self._latent_of: dict[int, tuple[int, int]] = {}  # generation -> its latent size
+
+    def on_unet_call(self, module, args, kwargs) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        self._latent = tuple(int(d) for d in sample.shape[-2:])
 
     # -- gating ------------------------------------------------------------------------------
     def wanted(self, state) -> bool:
@@ -59,6 +65,7 @@ class Trace:
 
     def _record(self, kind: str, site: str, state, codes: torch.Tensor, value: torch.Tensor) -> None:
         self.timesteps_by_step[state.step] = state.t
+        self._latent_of[state.generation] = self._latent
         steps = self._steps.setdefault(state.generation, [])
         if state.step not in steps:
             steps.append(state.step)
@@ -95,26 +102,43 @@ class Trace:
         return torch.cat([torch.stack(values, dim=1) for _, values in sorted(gens.items())])
 
     def _grid(self, site: str) -> tuple[int, int]:
-        return next(s.resolution for s in self.sites if s.name == site)
+        """The site's (H, W) in the traced calls: from their latent size, not the default one."""
+        sizes = set(self._latent_of.values())
+        if len(sizes) > 1:
+            raise ValueError(f"the traced calls ran at different latent sizes {sorted(sizes)}; trace one size per block")
+        latent = next(iter(sizes), None)
+        return next(s.resolution for s in list_sites(self.pipe.unet, latent) if s.name == site)
+
+    def _kind(self, site: str) -> str | None:
+        return next((s.kind for s in self.sites if s.name == site), None)
+
+    def _check_kind(self, site: str, kind: str, accessor: str) -> None:
+        actual = self._kind(site)
+        if actual is not None and actual != kind:
+            use = "tr.block(site) or tr[site]" if actual == "block" else "tr.probs(site) or tr.heads(site)"
+            example = f" (its heads are sites like {site}.transformer_blocks.0.attn2)" if actual == "block" else ""
+            raise ValueError(f"tr.{accessor}({site!r}): {site!r} is a {actual} site; use {use}{example}")
 
     def __getitem__(self, site: str) -> torch.Tensor:
-        kind = next((s.kind for s in self.sites if s.name == site), None)
-        if kind == "head":
+        if self._kind(site) == "head":
             return self.probs(site) if self.attention else self.heads(site)
         return self.block(site)
 
     def block(self, site: str, branch: str | None = None) -> torch.Tensor:
         """Δ of a block site as [image, step, i, j, channel]."""
+        self._check_kind(site, "block", "block")
         h, w = self._grid(site)
         return rearrange(self._stacked("delta", site, branch), "b s (i j) c -> b s i j c", i=h, j=w)
 
     def probs(self, site: str, branch: str | None = None) -> torch.Tensor:
         """Attention maps of a head site as [image, step, head, i, j, token]."""
+        self._check_kind(site, "head", "probs")
         h, w = self._grid(site)
         return rearrange(self._stacked("probs", site, branch), "b s h (i j) t -> b s h i j t", i=h, j=w)
 
     def heads(self, site: str, branch: str | None = None) -> torch.Tensor:
         """Per-head outputs (before to_out) of a head site as [image, step, i, j, head, d]."""
+        self._check_kind(site, "head", "heads")
         h, w = self._grid(site)
         return rearrange(self._stacked("out", site, branch), "b s h (i j) d -> b s i j h d", i=h, j=w)
 
@@ -142,6 +166,8 @@ def trace(
         if head_outputs:
             needs.add("out")
         with contextlib.ExitStack() as stack:
+            # our own pre-hook (torch's, not the tap's): the grid comes from each call's latent
+            stack.callback(pipe.unet.register_forward_pre_hook(tr.on_unet_call, with_kwargs=True).remove)
             for s in chosen:
                 if s.kind == "block":
                     stack.enter_context(tap.observe_block(s.name, tr.on_block, steps=tr.wanted))
