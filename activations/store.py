@@ -553,6 +553,40 @@ class ActivationStore:
     def image_path(self, image: int) -> Path:
         return self.root / "images" / f"{int(image)}.png"
 
+    def export(self, path: str | os.PathLike, sites: Sequence[str] | None = None) -> Path:
+        """Write the folder that ``push_to_hub`` uploads: one parquet file per site (a dataset
+        config named after the site) and a README whose YAML header lists them, so that
+        ``datasets.load_dataset(path, name=site)`` reads it back, locally or from the Hub."""
+        path = Path(path)
+        names = list(self.sites if sites is None else sites)
+        configs = []
+        for name in names:
+            data_file = f"{name}/train-00000-of-00001.parquet"
+            (path / name).mkdir(parents=True, exist_ok=True)
+            self.site(name).to_dataset().to_parquet(str(path / data_file))
+            configs.append({"config_name": name, "data_files": [{"split": "train", "path": data_file}]})
+        import yaml
+
+        header = yaml.safe_dump({"configs": configs}, sort_keys=False)
+        (path / "README.md").write_text(
+            f"---\n{header}---\n\nActivations harvested by diffatlas from {self.root.name}: one config per site; "
+            f"columns `act` (float16) and {', '.join(f'`{f}`' for f in META_FIELDS)}.\n"
+        )
+        return path
+
+    def push_to_hub(self, repo_id: str, sites: Sequence[str] | None = None, *, private: bool = True, token: str | None = None) -> str:
+        """Upload the store's rows as a Hugging Face dataset (one config per site): ``export``
+        to a temporary folder, then one ``upload_folder`` of it. Returns the commit URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.export(tmp, sites)
+            api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+            return str(api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="dataset"))
+
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.root)!r}, sites={self.sites})"
 
@@ -746,6 +780,36 @@ class SiteReader:
         out = torch.full((h, w, self.width), float("nan"), dtype=torch.float16)
         out[torch.from_numpy(meta["i"].astype(np.int64)), torch.from_numpy(meta["j"].astype(np.int64))] = acts
         return out
+
+    def to_dataset(self):
+        """The site's rows as a ``datasets.Dataset``: column ``act`` (float16, fixed length
+        ``width``) and one column per metadata field, in store order.
+
+        Built from Arrow arrays that wrap the memory-mapped shards (no copy into RAM; each shard
+        is verified first, as for ``read``). ``save_to_disk``, ``to_parquet`` or ``push_to_hub``
+        of the result write a copy.
+        """
+        import datasets
+        import pyarrow as pa
+
+        tables = [self._arrow_shard(k) for k in range(len(self.shards))]
+        if not tables:
+            tables = [self._arrow_table(np.zeros((0, self.width), ACT_DTYPE), np.zeros(0, META_DTYPE))]
+        table = pa.concat_tables(tables)
+        return datasets.Dataset(datasets.table.InMemoryTable(table), info=datasets.DatasetInfo(description=f"diffatlas site {self.name}"))
+
+    def _arrow_shard(self, k: int):
+        return self._arrow_table(self.acts_shard(k), self.meta_shard(k))
+
+    def _arrow_table(self, acts: np.ndarray, meta: np.ndarray):
+        import pyarrow as pa
+
+        # pa.array on a contiguous numeric ndarray wraps its buffer (here the mmap) without copying
+        flat = pa.array(np.asarray(acts).reshape(-1), type=pa.float16())
+        columns = {"act": pa.FixedSizeListArray.from_arrays(flat, self.width)}
+        for field in META_FIELDS:
+            columns[field] = pa.array(np.asarray(meta[field]))  # structured field: strided, so copied (small)
+        return pa.table(columns)
 
     def branch_names(self, codes: np.ndarray) -> np.ndarray:
         return np.asarray(BRANCHES)[codes]

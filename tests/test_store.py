@@ -288,3 +288,54 @@ def test_read_only_manifest_is_one_clear_store_write_error(tmp_path, monkeypatch
     assert "shard-000000" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(StoreWriteError, match="Permission denied"):
         SiteWriter(tmp_path, "other.site", width=2, grid=(1, 1))
+
+
+def test_to_dataset_holds_every_row_and_metadata_column(synthetic, tmp_path):
+    import datasets
+
+    root, acts, meta, _ = synthetic
+    site = ActivationStore(root).site(SITE)
+    ds = site.to_dataset()
+    assert isinstance(ds, datasets.Dataset) and len(ds) == len(acts)
+    # the act column wraps the memory-mapped shard: no copy in RAM
+    assert ds.data.table["act"].chunks[0].values.buffers()[1].address == site.acts_shard(0).ctypes.data
+    assert ds.column_names == ["act", "image", "prompt", "seed", "step", "t", "tau", "branch", "i", "j"]
+    assert ds.features["act"].feature.dtype == "float16" and ds.features["act"].length == 8
+    table = ds.data.table
+    np.testing.assert_allclose(np.stack(table["act"].to_numpy(zero_copy_only=False)), acts, atol=2e-3)
+    for field in ("image", "step", "t", "branch", "i", "j"):
+        np.testing.assert_array_equal(table[field].to_numpy(), meta[field])
+    ds.save_to_disk(str(tmp_path / "saved"))
+    back = datasets.load_from_disk(str(tmp_path / "saved"))
+    assert back.data.table.equals(table)
+
+
+def test_to_dataset_of_a_corrupted_shard_is_refused(synthetic):
+    root = synthetic[0]
+    flip_byte(root / SITE / "shard-000001.acts.npy")
+    with pytest.raises(CorruptShardError, match="shard-000001"):
+        ActivationStore(root).site(SITE).to_dataset()
+
+
+def test_export_writes_the_folder_push_to_hub_uploads(synthetic, tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    root, acts, meta, _ = synthetic
+    out = ActivationStore(root).export(tmp_path / "exported")
+    back = datasets.load_dataset(str(out), name=SITE, split="train", cache_dir=str(tmp_path / "cache"))
+    assert len(back) == len(acts) and back.column_names[0] == "act"
+    np.testing.assert_array_equal(np.array(back["image"]), meta["image"])
+
+    uploaded = {}
+
+    def upload_folder(self, repo_id, folder_path, repo_type):
+        from pathlib import Path
+
+        uploaded.update(repo_id=repo_id, repo_type=repo_type, files=sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()))
+        return "https://huggingface.co/datasets/me/acts/commit/0"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **kw: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    ActivationStore(root).push_to_hub("me/acts")
+    assert uploaded == {"repo_id": "me/acts", "repo_type": "dataset", "files": ["README.md", f"{SITE}/train-00000-of-00001.parquet"]}
