@@ -339,3 +339,27 @@ def test_export_writes_the_folder_push_to_hub_uploads(synthetic, tmp_path, monke
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     ActivationStore(root).push_to_hub("me/acts")
     assert uploaded == {"repo_id": "me/acts", "repo_type": "dataset", "files": ["README.md", f"{SITE}/train-00000-of-00001.parquet"]}
+
+
+def test_train_on_a_corrupted_shard__refused_naming_the_shard(tmp_path, capsys):
+    from sae.cli import main
+    from sae.synthetic import write_sparse_store
+
+    write_sparse_store(tmp_path / "store", n=512, d=8, images=8)
+    shard = sorted((tmp_path / "store" / SITE).glob("shard-*.acts.npy"))[0]
+    flip_byte(shard)
+    args = ["--data.store", str(tmp_path / "store"), "--data.batch_size", "64", "--data.branch", "cond",
+            "--model.sae.num_latents", "32", "--model.sae.k", "4", "--model.init_samples", "256",
+            "--model.recovered.images", "0", "--model.save_dir", str(tmp_path / "out"),
+            "--trainer.logger", "false", "--trainer.max_steps", "2", "--trainer.val_check_interval", "null",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.callbacks", "[]"]
+    try:
+        rc = main(args)
+    except CorruptShardError as e:  # however the CLI reports it, the shard is named and nothing trains
+        message = str(e)
+    else:
+        assert rc != 0
+        message = capsys.readouterr().err
+    assert shard.name in message
+    assert not (tmp_path / "out" / SITE).exists()
