@@ -129,7 +129,7 @@ class Harvester:
         check_branch(config.branch)
         self.prompts = PromptSet(config.prompts, config.seed)
         if config.prompts.kind != "toyworld":  # toyworld prompts are made from the vocabulary
-            check_prompts(config.model, self.prompts.texts())
+            check_prompts(config.model, (self.prompts.text(i) for i in range(len(self.prompts))))
         self.pipe = pipe if pipe is not None else load_model(config.model, device=device, dtype=DTYPES[config.dtype])
         self.pipe.set_progress_bar_config(disable=True)
         set_scheduler(self.pipe, config.scheduler)

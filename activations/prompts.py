@@ -46,9 +46,6 @@ class PromptSet:
             raise ValueError(f"the prompt set must hold at least 1 prompt, got 0 from the {kind} source{where}")
         self.n = int(n)
 
-    def texts(self) -> list[str]:
-        return [self.text(i) for i in range(self.n)]
-
     def __len__(self) -> int:
         return self.n
 

@@ -60,7 +60,7 @@ import torch
 
 from activations.timesteps import BRANCHES, branch_code, in_window
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one store config (store.json), manifests hold it without sites, numerics
 ACT_DTYPE = np.float16
 META_DTYPE = np.dtype(
     [
@@ -309,6 +309,12 @@ def check_store_record(root: str | os.PathLike, record: dict, saved_config: str 
         with _locked(root):
             path = root / STORE_RECORD
             if not path.exists():
+                legacy = next(root.glob(f"*/{MANIFEST}"), None)
+                if legacy is not None:  # sites written before store.json existed: nothing to check against
+                    raise ConfigMismatchError(
+                        f"{root} holds sites (e.g. {legacy.parent.name}) but no {STORE_RECORD}: it was written by an "
+                        f"older diffatlas whose configuration cannot be checked; harvest into another output folder."
+                    )
                 if saved_config is not None and not (root / HARVEST_CONFIG).exists():
                     (root / HARVEST_CONFIG).write_text(saved_config)
                 _write_json_atomic(path, record)
@@ -370,6 +376,11 @@ class SiteWriter:
         self._clean_temporaries()
 
     def _check(self, existing: dict) -> None:
+        if existing.get("format") != FORMAT_VERSION:
+            raise ConfigMismatchError(
+                f"{self.dir / MANIFEST} has store format {existing.get('format')!r}, this diffatlas writes format "
+                f"{FORMAT_VERSION}; refusing to mix them. Harvest into another output folder."
+            )
         problems = []
         for key in ("model", "model_revision", "site", "width", "grid"):
             if key in self.header and existing.get(key) != self.header[key]:

@@ -363,3 +363,22 @@ def test_train_on_a_corrupted_shard__refused_naming_the_shard(tmp_path, capsys):
         message = capsys.readouterr().err
     assert shard.name in message
     assert not (tmp_path / "out" / SITE).exists()
+
+
+def test_store_without_store_json_but_with_sites__refused(tmp_path):
+    from activations.store import check_store_record, store_record
+
+    SiteWriter(tmp_path, SITE, width=2, grid=(1, 1))  # an older harvest's site
+    with pytest.raises(ConfigMismatchError, match="no store.json"):
+        check_store_record(tmp_path, store_record({"seed": 0, "sites": [SITE]}, "rev", {"threads": 1}))
+
+
+def test_store_record_is_written_once_and_checked_after(tmp_path):
+    from activations.store import check_store_record, store_record
+
+    record = store_record({"seed": 0, "sites": ["a"]}, "rev", {"threads": 1})
+    check_store_record(tmp_path, record, saved_config="seed: 0\n")
+    check_store_record(tmp_path, store_record({"seed": 0, "sites": ["b"]}, "rev", {"threads": 1}))  # sites may differ
+    with pytest.raises(ConfigMismatchError, match=r"seed: 0 -> 5.*numerics.threads: 1 -> 2"):
+        check_store_record(tmp_path, store_record({"seed": 5, "sites": ["a"]}, "rev", {"threads": 2}))
+    assert (tmp_path / "harvest.yaml").read_text() == "seed: 0\n"
