@@ -223,7 +223,7 @@ class Harvester:
         if cfg.verify:  # finished shards this rank would skip must be intact
             for name, w in writers.items():
                 for rec in w.manifest["shards"]:
-                    if rec["index"] in mine:
+                    if rec["index"] % self.world_size == self.rank:
                         verify_shard(w.dir, rec, name)
         todo = [k for k in mine if not all(k in d for d in done.values())]
         n_todo = sum(min(cfg.images_per_shard, self.num_images - k * cfg.images_per_shard) for k in todo)
