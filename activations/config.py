@@ -3,7 +3,9 @@
 Read from YAML with jsonargparse (``diffatlas harvest <config.yaml> [--field value ...]``); the
 config is saved in every site's manifest, and its hash decides whether a rerun resumes or is
 refused. Fields that only say *how* to run (devices, progress bar, checks) are left out of the
-hash, so a 2-process run resumes a 1-process one and vice versa.
+hash, so a 2-process run resumes a 1-process one and vice versa. ``threads`` is not part of the
+hash either but is part of the recorded numerics (it changes float rounding on the CPU), so a
+resume with other threads is refused naming it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 # fields that do not change what is stored (excluded from the config hash and the comparison)
-RUNTIME_FIELDS = ("out", "devices", "accelerator", "num_nodes", "progress", "verify")
+RUNTIME_FIELDS = ("out", "devices", "accelerator", "num_nodes", "progress", "verify", "threads")
+
+
+OPTIONAL = ("positions", "prompts.num_prompts")  # fields where null has a meaning
 
 
 @dataclass
@@ -92,9 +97,32 @@ class HarvestConfig:
     """show a progress bar with images/s"""
     verify: bool = True
     """on resume, check finished shards against their sha256 before trusting them"""
+    threads: int = 1
+    """torch CPU threads of every rank (torch.set_num_threads). CPU results depend on the thread
+    count, not on the number of ranks: the same threads give the same rows with any --devices.
+    Recorded in the manifests; a resume with other threads is refused"""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        """Refuse numbers out of range, naming the field (before anything is loaded or written)."""
+        at_least_one = {
+            "num_inference_steps": self.num_inference_steps,
+            "batch_size": self.batch_size,
+            "images_per_shard": self.images_per_shard,
+            "images_per_prompt": self.images_per_prompt,
+            "threads": self.threads,
+            "positions": self.positions,
+            "prompts.num_prompts": self.prompts.num_prompts,
+        }
+        for name, value in at_least_one.items():
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1{' or null' if name in OPTIONAL else ''}, got {value!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (<= 1 disables guidance), got {self.guidance_scale}")
 
     def content_dict(self) -> dict:
         """The fields that decide what is stored (hashed into the manifest)."""

@@ -64,17 +64,33 @@ def check_numbers(cfg: GenerateConfig) -> None:
         raise UsageError("--seeds is empty; give at least one seed, e.g. --seeds '[0]'")
 
 
+def generators(seeds) -> list[torch.Generator]:
+    """One CPU generator per image, seeded with the image's seed.
+
+    The rule for the same image everywhere: every client (``generate``, ``trace`` scripts, the
+    harvester, HRVs, steering, the explorer) draws an image's initial noise from its own CPU
+    generator, whatever device the model runs on. An image then depends on its prompt, seed, steps
+    and guidance only: not on its batch neighbours (bit for bit at one batch size, within float
+    tolerance across batch sizes, where matrix kernels may round differently), and not on the
+    device that holds the noise generator.
+    """
+    return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+
+
+def sample(pipe, prompts, seeds, *, steps: int, guidance: float, height: int | None = None, width: int | None = None,
+           output_type: str = "pil"):
+    """One pipeline call for ``prompts`` with one seed each (see ``generators``): the pipeline's output."""
+    return pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, generator=generators(seeds),
+                height=height, width=width, output_type=output_type)
+
+
 def generate(pipe, jobs: list[tuple[str, int]], steps: int, guidance: float, batch_size: int = 16,
              progress: bool = True):
     """Yield (prompt, seed, PIL image) for every (prompt, seed) job, deterministic per job."""
     bar = tqdm(total=len(jobs), desc="generate", unit="img", disable=not progress)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        # one generator per image, so an image does not depend on its batch neighbours
-        generators = [torch.Generator(pipe.device).manual_seed(seed) for _, seed in chunk]
-        images = pipe(
-            prompt=[p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=generators
-        ).images
+        images = sample(pipe, [p for p, _ in chunk], [s for _, s in chunk], steps=steps, guidance=guidance).images
         for (prompt, seed), image in zip(chunk, images):
             yield prompt, seed, image
         bar.update(len(chunk))

@@ -30,8 +30,6 @@ class PromptSet:
             self._texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         elif kind == "list":
             self._texts = [t for t in source.texts if t.strip()]
-            if not self._texts:
-                raise ValueError("prompts.kind 'list' needs a non-empty prompts.texts")
         elif kind == "dataset":
             self._dataset = _load_dataset(source)
         elif kind == "toyworld":
@@ -43,6 +41,9 @@ class PromptSet:
         n = source.num_prompts if source.num_prompts is not None else available
         if available is not None and n > available:
             raise ValueError(f"prompts.num_prompts={n} but the {kind} source holds only {available} prompts")
+        if n < 1:  # an empty store would look like a finished harvest
+            where = f" ({source.path})" if source.path else ""
+            raise ValueError(f"the prompt set must hold at least 1 prompt, got 0 from the {kind} source{where}")
         self.n = int(n)
 
     def __len__(self) -> int:
@@ -66,6 +67,20 @@ class PromptSet:
         from toyworld.prompts import scene_to_prompt
 
         return scene_to_prompt(self.scene(index), np.random.default_rng([self.seed, index, 1]))
+
+
+def check_prompts(model: str, texts) -> None:
+    """Refuse prompts the model cannot read, before anything is written.
+
+    Only the toy model has a closed vocabulary (its tokenizer maps other words to one unknown
+    token); kept in this one function so that it can move behind a model plugin.
+    """
+    if model != "toy":
+        return
+    from toyworld.prompts import check_prompt
+
+    for text in texts:
+        check_prompt(text)
 
 
 def _load_dataset(source: PromptSource):

@@ -53,9 +53,9 @@ def _pair(size) -> tuple[int, int]:
     return int(size), int(size)
 
 
-def _ordered_blocks(unet) -> list[tuple[str, object, tuple[int, int]]]:
+def _ordered_blocks(unet, sample_size=None) -> list[tuple[str, object, tuple[int, int]]]:
     """(prefix, block, resolution) for down blocks, mid block and up blocks, in forward order."""
-    h, w = _pair(unet.config.sample_size)
+    h, w = _pair(unet.config.sample_size if sample_size is None else sample_size)
     out, down_sizes = [], []
     for k, block in enumerate(unet.down_blocks):
         down_sizes.append((h, w))
@@ -71,11 +71,44 @@ def _ordered_blocks(unet) -> list[tuple[str, object, tuple[int, int]]]:
     return out
 
 
-def list_sites(unet) -> list[Site]:
-    """All block sites and head sites of ``unet`` in forward order (each block then its heads)."""
+def num_downsamplings(unet) -> int:
+    return sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+
+
+def latent_size(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """The latent (H, W) of a pipeline call at ``height`` x ``width`` pixels (None: the default).
+
+    A size the model cannot take is a ValueError naming it and the valid sizes: every U-Net level
+    halves the latent, and the skip connections only match when each halving is exact.
+    """
+    unet = pipe.unet
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    default = _pair(getattr(pipe, "default_sample_size", None) or unet.config.sample_size)
+    step = factor * 2 ** num_downsamplings(unet)
+    size = []
+    for name, value, dflt in (("height", height, default[0]), ("width", width, default[1])):
+        if value is None:
+            size.append(dflt)
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < step or value % step:
+            raise ValueError(
+                f"{name} must be a positive multiple of {step} pixels for this model (VAE factor {factor} x "
+                f"2^{num_downsamplings(unet)} U-Net downsamplings), got {value!r}; valid sizes: "
+                f"{', '.join(str(step * k) for k in range(1, 5))}, ... (default {dflt * factor})"
+            )
+        size.append(value // factor)
+    return size[0], size[1]
+
+
+def list_sites(unet, sample_size=None) -> list[Site]:
+    """All block sites and head sites of ``unet`` in forward order (each block then its heads).
+
+    ``sample_size``: the latent size (H, W) or H of the run, which decides each site's
+    resolution; None: the U-Net's default sample size.
+    """
     sites: list[Site] = []
     next_head = 0
-    for prefix, block, res in _ordered_blocks(unet):
+    for prefix, block, res in _ordered_blocks(unet, sample_size):
         for a, transformer in enumerate(getattr(block, "attentions", None) or []):
             block_name = f"{prefix}.attentions.{a}"
             heads_here: list[Site] = []

@@ -12,12 +12,23 @@ A row is one token: one spatial position (i, j) of one site at one step of one i
 
 Safety rules, in the order they happen when a shard is written:
   1. both files are written under ``.tmp`` names, their sha256 computed while writing;
-  2. they are renamed to their final names;
-  3. the shard's record (rows, checksums) is appended to ``manifest.json`` under a file lock,
-     by writing a temporary manifest (fsynced) and renaming it over the old one.
+  2. under the site's file lock: the shard is checked not to be finished (by another writer
+     meanwhile), its files are renamed to their final names, and its record (rows, checksums) is
+     appended to ``manifest.json`` by writing a temporary manifest (fsynced) and renaming it over
+     the old one. Doing all three under one lock means a late writer can never replace files whose
+     sha256 another writer has recorded.
 A shard that is not in the manifest does not exist for readers, so a crash at any point leaves the
 store readable and a rerun rewrites exactly the unfinished shards. Several processes (ranks) may
 write shards of the same site at once; the lock serialises their manifest updates.
+
+The store as a whole has one configuration: ``<root>/store.json`` holds the harvest config minus
+its list of sites, its hash, the model revision and the numerics (device, dtype, threads, library
+versions); ``<root>/harvest.yaml`` is the config that created the store (what to rerun to rebuild a
+shard). Every later harvest into the folder is checked against store.json (``check_store_record``).
+
+Reading verifies each shard's sha256 once per process, on its first use (``verify="lazy"``, the
+default; the verdict is cached by path, size and mtime); ``verify="eager"`` (or True) checks every
+shard when the store is opened; only ``verify="never"`` skips the check.
 
 Writing a store from arbitrary arrays (for tests of code that reads stores)::
 
@@ -49,7 +60,7 @@ import torch
 
 from activations.timesteps import BRANCHES, branch_code, in_window
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one store config (store.json), manifests hold it without sites, numerics
 ACT_DTYPE = np.float16
 META_DTYPE = np.dtype(
     [
@@ -66,6 +77,9 @@ META_DTYPE = np.dtype(
 )
 META_FIELDS = META_DTYPE.names
 MANIFEST = "manifest.json"
+STORE_RECORD = "store.json"
+HARVEST_CONFIG = "harvest.yaml"
+VERIFY_MODES = ("lazy", "eager", "never")
 _HOST = socket.gethostname().replace("-", "_")
 
 
@@ -143,6 +157,26 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _write_error(what: str, path: Path, e: OSError) -> StoreWriteError:
+    """One clear line for a failed write (full disk, read-only file or folder), no raw OSError."""
+    reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return StoreWriteError(
+        f"could not write {what} ({path}): {reason}. Finished shards are kept; fix the cause "
+        f"(e.g. make the folder writable) and rerun the same command to resume."
+    )
+
+
+@contextlib.contextmanager
+def _writing(what: str, path: Path):
+    """Turn an OSError raised while writing ``what`` into a StoreWriteError."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except OSError as e:
+        raise _write_error(what, path, e) from e
+
+
 @contextlib.contextmanager
 def _locked(directory: Path):
     """Exclusive lock on a site folder, held while its manifest is read-modified-written."""
@@ -195,6 +229,111 @@ def make_meta(n: int, fields: dict[str, Any] | None = None, num_train_timesteps:
 
 
 # --------------------------------------------------------------------------------------------
+# checksums: the one place where a shard's files are compared with its manifest record
+
+# (path, size, mtime_ns, sha256) of files found intact in this process: a file that changes
+# changes its size or mtime, so a cached verdict is never stale in practice
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+def rebuild_hint(root: Path, site: str) -> str:
+    """The command that rebuilds a shard of ``site`` of the store at ``root``."""
+    saved = root / HARVEST_CONFIG
+    if saved.exists():
+        return f"rerun `diffatlas harvest {saved} --sites '[{site}]'`"
+    return "rerun the harvest that wrote it"
+
+
+def verify_shard(directory: Path, record: dict, site: str) -> None:
+    """Check both files of one shard against the sha256 of its manifest record.
+
+    Raises CorruptShardError naming the shard file and how to rebuild it. Each file is hashed at
+    most once per process while it keeps its size and mtime.
+    """
+    directory = Path(directory)
+    for part in ("acts", "meta"):
+        path = directory / f"{record['name']}.{part}.npy"
+        expected = record["sha256"][part]
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            problem = "is missing"
+        else:
+            key = (str(path), st.st_size, st.st_mtime_ns, expected)
+            if key in _VERIFIED:
+                continue
+            if sha256_file(path) == expected:
+                _VERIFIED.add(key)
+                continue
+            problem = "does not match its sha256 in the manifest"
+        raise CorruptShardError(
+            f"shard {record['name']} of site {site} is corrupted: {path} {problem}. To rebuild it, delete "
+            f"its record from {directory / MANIFEST} and its files, then {rebuild_hint(directory.parent, site)}."
+        )
+
+
+def _verify_mode(verify: bool | str) -> str:
+    # False used to mean "never check"; reading unchecked data is now opt-in by name only
+    mode = {True: "eager", False: "lazy"}.get(verify, verify) if isinstance(verify, bool) else verify
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)} (or True/False), got {verify!r}")
+    return mode
+
+
+# --------------------------------------------------------------------------------------------
+# the store's one configuration
+
+
+def store_record(config: dict, model_revision: str | None, numerics: dict) -> dict:
+    """What store.json holds: the content config without its sites, its hash, and what decides
+    the numbers (every harvest into the store must agree on all of it)."""
+    content = {k: v for k, v in config.items() if k != "sites"}
+    return {
+        "format": FORMAT_VERSION,
+        "config": content,
+        "config_hash": config_hash(content),
+        "model_revision": model_revision,
+        "numerics": dict(numerics),
+    }
+
+
+def check_store_record(root: str | os.PathLike, record: dict, saved_config: str | None = None) -> None:
+    """Write ``record`` as the store's store.json, or check it against the one already there.
+
+    A mismatch raises ConfigMismatchError naming every differing field. ``saved_config`` (YAML
+    text) is written once as harvest.yaml, the config a rebuild reruns.
+    """
+    root = Path(root)
+    with _writing("the store record", root / STORE_RECORD):
+        root.mkdir(parents=True, exist_ok=True)
+        with _locked(root):
+            path = root / STORE_RECORD
+            if not path.exists():
+                legacy = next(root.glob(f"*/{MANIFEST}"), None)
+                if legacy is not None:  # sites written before store.json existed: nothing to check against
+                    raise ConfigMismatchError(
+                        f"{root} holds sites (e.g. {legacy.parent.name}) but no {STORE_RECORD}: it was written by an "
+                        f"older diffatlas whose configuration cannot be checked; harvest into another output folder."
+                    )
+                if saved_config is not None and not (root / HARVEST_CONFIG).exists():
+                    (root / HARVEST_CONFIG).write_text(saved_config)
+                _write_json_atomic(path, record)
+                return
+            existing = json.loads(path.read_text())
+    problems = config_diff(existing.get("config", {}), record["config"])
+    if existing.get("model_revision") != record["model_revision"]:
+        problems.append(f"model_revision: {existing.get('model_revision')!r} -> {record['model_revision']!r}")
+    problems += config_diff(existing.get("numerics", {}), record["numerics"], prefix="numerics.")
+    if problems:
+        raise ConfigMismatchError(
+            f"{root} holds a harvest with a different configuration; a store has one configuration "
+            f"for all its sites, so refusing to mix them. Differing fields (stored -> requested): "
+            f"{'; '.join(problems)}. Use another output folder, or the stored configuration "
+            f"({path}) to resume or add sites."
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # writing
 
 
@@ -213,9 +352,10 @@ class SiteWriter:
         self.root = Path(root)
         self.site = site
         self.dir = self.root / site
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.width = int(width)
         header = dict(header or {})
+        with _writing(f"the folder of site {site}", self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
         header.setdefault("config", {})
         header.setdefault("config_hash", config_hash(header["config"]))
         header.setdefault("num_train_timesteps", 1000)
@@ -227,8 +367,8 @@ class SiteWriter:
             "dtype": "float16",
             **header,
         }
-        with _locked(self.dir):
-            path = self.dir / MANIFEST
+        path = self.dir / MANIFEST
+        with _writing(f"the manifest of site {site}", path), _locked(self.dir):
             if path.exists():
                 self._check(json.loads(path.read_text()))
             else:
@@ -236,10 +376,17 @@ class SiteWriter:
         self._clean_temporaries()
 
     def _check(self, existing: dict) -> None:
+        if existing.get("format") != FORMAT_VERSION:
+            raise ConfigMismatchError(
+                f"{self.dir / MANIFEST} has store format {existing.get('format')!r}, this diffatlas writes format "
+                f"{FORMAT_VERSION}; refusing to mix them. Harvest into another output folder."
+            )
         problems = []
         for key in ("model", "model_revision", "site", "width", "grid"):
             if key in self.header and existing.get(key) != self.header[key]:
                 problems.append(f"{key}: {existing.get(key)!r} -> {self.header[key]!r}")
+        if "numerics" in self.header:
+            problems += config_diff(existing.get("numerics", {}), self.header["numerics"], prefix="numerics.")
         if existing.get("config_hash") != self.header["config_hash"]:
             problems += config_diff(existing.get("config", {}), self.header["config"])
             if not problems:
@@ -285,26 +432,28 @@ class SiteWriter:
         tmp = {part: self.dir / f"{name}.{part}.npy{_tmp_suffix()}" for part in ("acts", "meta")}
         try:
             sha = {"acts": _save_npy(tmp["acts"], acts), "meta": _save_npy(tmp["meta"], meta)}
-            for part, path in tmp.items():
-                os.replace(path, self.dir / f"{name}.{part}.npy")
+            record = {"index": int(index), "name": name, "rows": int(len(acts)), "sha256": sha, **extra}
+            self._publish(record, tmp)
         except OSError as e:
-            for path in tmp.values():
+            raise _write_error(f"shard {name} of site {self.site}", self.dir, e) from e
+        finally:
+            for path in tmp.values():  # left only if the shard was not published
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-            reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            raise StoreWriteError(
-                f"could not write shard {name} of site {self.site} in {self.dir}: {reason}. "
-                f"Finished shards are kept; fix the cause and rerun the same command to resume."
-            ) from e
-        record = {"index": int(index), "name": name, "rows": int(len(acts)), "sha256": sha, **extra}
+        return record
+
+    def _publish(self, record: dict, tmp: dict[str, Path]) -> None:
+        """Rename the shard's files and record them, both under the lock (see the module doc)."""
+        name = record["name"]
         with _locked(self.dir):
             manifest = self.manifest
-            if any(int(s["index"]) == index for s in manifest["shards"]):
-                raise StoreError(f"shard {name} of {self.site} was finished by another writer meanwhile")
+            if any(int(s["index"]) == record["index"] for s in manifest["shards"]):
+                raise StoreError(f"shard {name} of {self.site} was finished by another writer meanwhile; its files are kept")
+            for part, path in tmp.items():
+                os.replace(path, self.dir / f"{name}.{part}.npy")
             manifest["shards"].append(record)
             manifest["shards"].sort(key=lambda s: s["index"])
             _write_json_atomic(self.dir / MANIFEST, manifest)
-        return record
 
 
 def _pid_alive(pid: int) -> bool:
@@ -366,10 +515,16 @@ def write_synthetic_store(
 
 
 class ActivationStore:
-    """An existing harvest folder. ``verify=True`` checks every shard's sha256 on opening."""
+    """An existing harvest folder.
 
-    def __init__(self, root: str | os.PathLike, *, verify: bool = False, model: str | None = None):
+    verify: "lazy" (default; False means the same) checks each shard's sha256 once per process,
+    before its first use; "eager" (or True) checks every shard now; "never" trusts the files
+    (only for callers that verified them already).
+    """
+
+    def __init__(self, root: str | os.PathLike, *, verify: bool | str = "lazy", model: str | None = None):
         self.root = Path(root)
+        self.verify_mode = _verify_mode(verify)
         if not self.root.is_dir():
             raise FileNotFoundError(f"no activation store at {self.root} (not a folder)")
         self.sites = sorted(str(p.parent.relative_to(self.root)) for p in self.root.glob("**/" + MANIFEST))
@@ -381,7 +536,7 @@ class ActivationStore:
                 stored = self.site(name).manifest.get("model")
                 if stored != model:
                     raise StoreError(f"store {self.root} holds activations of model {stored!r}, not {model!r}")
-        if verify:
+        if self.verify_mode == "eager":
             self.verify()
 
     def site(self, name: str) -> "SiteReader":
@@ -390,7 +545,7 @@ class ActivationStore:
             hint = f" Closest: {', '.join(close)}." if close else ""
             raise KeyError(f"site {name!r} is not in store {self.root}.{hint} Valid sites: {', '.join(self.sites)}")
         if name not in self._readers:
-            self._readers[name] = SiteReader(self.root / name)
+            self._readers[name] = SiteReader(self.root / name, verify=self.verify_mode)
         return self._readers[name]
 
     def verify(self) -> None:
@@ -409,6 +564,40 @@ class ActivationStore:
     def image_path(self, image: int) -> Path:
         return self.root / "images" / f"{int(image)}.png"
 
+    def export(self, path: str | os.PathLike, sites: Sequence[str] | None = None) -> Path:
+        """Write the folder that ``push_to_hub`` uploads: one parquet file per site (a dataset
+        config named after the site) and a README whose YAML header lists them, so that
+        ``datasets.load_dataset(path, name=site)`` reads it back, locally or from the Hub."""
+        path = Path(path)
+        names = list(self.sites if sites is None else sites)
+        configs = []
+        for name in names:
+            data_file = f"{name}/train-00000-of-00001.parquet"
+            (path / name).mkdir(parents=True, exist_ok=True)
+            self.site(name).to_dataset().to_parquet(str(path / data_file))
+            configs.append({"config_name": name, "data_files": [{"split": "train", "path": data_file}]})
+        import yaml
+
+        header = yaml.safe_dump({"configs": configs}, sort_keys=False)
+        (path / "README.md").write_text(
+            f"---\n{header}---\n\nActivations harvested by diffatlas from {self.root.name}: one config per site; "
+            f"columns `act` (float16) and {', '.join(f'`{f}`' for f in META_FIELDS)}.\n"
+        )
+        return path
+
+    def push_to_hub(self, repo_id: str, sites: Sequence[str] | None = None, *, private: bool = True, token: str | None = None) -> str:
+        """Upload the store's rows as a Hugging Face dataset (one config per site): ``export``
+        to a temporary folder, then one ``upload_folder`` of it. Returns the commit URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.export(tmp, sites)
+            api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+            return str(api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="dataset"))
+
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.root)!r}, sites={self.sites})"
 
@@ -416,8 +605,10 @@ class ActivationStore:
 class SiteReader:
     """Memory-mapped rows of one site: random access, filters, shuffled batches, feature maps."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, *, verify: bool | str = "lazy"):
         self.dir = Path(directory)
+        self.verify_mode = _verify_mode(verify)
+        self._checked: set[int] = set()
         self.manifest: dict = json.loads((self.dir / MANIFEST).read_text())
         self.name: str = self.manifest["site"]
         self.width: int = int(self.manifest["width"])
@@ -443,6 +634,9 @@ class SiteReader:
     def _open(self, k: int, part: str) -> np.ndarray:
         path = self._path(k, part)
         name = self.shards[k]["name"]
+        if self.verify_mode != "never" and k not in self._checked:
+            verify_shard(self.dir, self.shards[k], self.name)
+            self._checked.add(k)
         try:
             arr = np.load(path, mmap_mode="r")
         except FileNotFoundError:
@@ -468,16 +662,8 @@ class SiteReader:
 
     def verify(self) -> None:
         """Compare every shard's files with the sha256 recorded in the manifest."""
-        for k, shard in enumerate(self.shards):
-            for part in ("acts", "meta"):
-                path = self._path(k, part)
-                if not path.exists():
-                    raise CorruptShardError(f"shard {shard['name']} of site {self.name}: {path} is missing")
-                if sha256_file(path) != shard["sha256"][part]:
-                    raise CorruptShardError(
-                        f"shard {shard['name']} of site {self.name} is corrupted: {path} does not match its "
-                        f"sha256 in the manifest. Delete its record from {self.dir / MANIFEST} (or the folder) and rerun the harvest."
-                    )
+        for shard in self.shards:
+            verify_shard(self.dir, shard, self.name)
 
     # -- metadata ----------------------------------------------------------------------------
     def meta_column(self, field: str) -> np.ndarray:
@@ -605,6 +791,36 @@ class SiteReader:
         out = torch.full((h, w, self.width), float("nan"), dtype=torch.float16)
         out[torch.from_numpy(meta["i"].astype(np.int64)), torch.from_numpy(meta["j"].astype(np.int64))] = acts
         return out
+
+    def to_dataset(self):
+        """The site's rows as a ``datasets.Dataset``: column ``act`` (float16, fixed length
+        ``width``) and one column per metadata field, in store order.
+
+        Built from Arrow arrays that wrap the memory-mapped shards (no copy into RAM; each shard
+        is verified first, as for ``read``). ``save_to_disk``, ``to_parquet`` or ``push_to_hub``
+        of the result write a copy.
+        """
+        import datasets
+        import pyarrow as pa
+
+        tables = [self._arrow_shard(k) for k in range(len(self.shards))]
+        if not tables:
+            tables = [self._arrow_table(np.zeros((0, self.width), ACT_DTYPE), np.zeros(0, META_DTYPE))]
+        table = pa.concat_tables(tables)
+        return datasets.Dataset(datasets.table.InMemoryTable(table), info=datasets.DatasetInfo(description=f"diffatlas site {self.name}"))
+
+    def _arrow_shard(self, k: int):
+        return self._arrow_table(self.acts_shard(k), self.meta_shard(k))
+
+    def _arrow_table(self, acts: np.ndarray, meta: np.ndarray):
+        import pyarrow as pa
+
+        # pa.array on a contiguous numeric ndarray wraps its buffer (here the mmap) without copying
+        flat = pa.array(np.asarray(acts).reshape(-1), type=pa.float16())
+        columns = {"act": pa.FixedSizeListArray.from_arrays(flat, self.width)}
+        for field in META_FIELDS:
+            columns[field] = pa.array(np.asarray(meta[field]))  # structured field: strided, so copied (small)
+        return pa.table(columns)
 
     def branch_names(self, codes: np.ndarray) -> np.ndarray:
         return np.asarray(BRANCHES)[codes]

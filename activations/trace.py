@@ -44,6 +44,7 @@ class Trace:
         self._steps: dict[int, list[int]] = {}
         self.timesteps_by_step: dict[int, int] = {}
         self._generation_steps: dict[int, set[int]] = {}
+        self._grids: dict[str, set[tuple[int, int]]] = defaultdict(set)  # site -> grids of its traced calls
 
     # -- gating ------------------------------------------------------------------------------
     def wanted(self, state) -> bool:
@@ -69,11 +70,13 @@ class Trace:
 
     def on_block(self, call: BlockCall) -> None:
         if self.wanted(call.state):
+            self._grids[call.site].add(call.grid)
             self._record("delta", call.site, call.state, call.codes, call.delta)
 
     def on_heads(self, call: AttnCall) -> None:
         if not self.wanted(call.state):
             return
+        self._grids[call.site].add(call.grid)
         if self.attention:
             self._record("probs", call.site, call.state, call.codes, call.probs)
         if self.head_outputs:
@@ -99,26 +102,42 @@ class Trace:
         return torch.cat([torch.stack(values, dim=1) for _, values in sorted(gens.items())])
 
     def _grid(self, site: str) -> tuple[int, int]:
-        return next(s.resolution for s in self.sites if s.name == site)
+        """The site's (H, W) in the traced calls (the run's size, not the model's default)."""
+        grids = self._grids.get(site, set())
+        if len(grids) > 1:
+            raise ValueError(f"the traced calls of {site} ran at different grids {sorted(grids)}; trace one image size per block")
+        return next(iter(grids), None) or next(s.resolution for s in self.sites if s.name == site)
+
+    def _kind(self, site: str) -> str | None:
+        return next((s.kind for s in self.sites if s.name == site), None)
+
+    def _check_kind(self, site: str, kind: str, accessor: str) -> None:
+        actual = self._kind(site)
+        if actual is not None and actual != kind:
+            use = "tr.block(site) or tr[site]" if actual == "block" else "tr.probs(site) or tr.heads(site)"
+            example = f" (its heads are sites like {site}.transformer_blocks.0.attn2)" if actual == "block" else ""
+            raise ValueError(f"tr.{accessor}({site!r}): {site!r} is a {actual} site; use {use}{example}")
 
     def __getitem__(self, site: str) -> torch.Tensor:
-        kind = next((s.kind for s in self.sites if s.name == site), None)
-        if kind == "head":
+        if self._kind(site) == "head":
             return self.probs(site) if self.attention else self.heads(site)
         return self.block(site)
 
     def block(self, site: str, branch: str | None = None) -> torch.Tensor:
         """Δ of a block site as [image, step, i, j, channel]."""
+        self._check_kind(site, "block", "block")
         h, w = self._grid(site)
         return rearrange(self._stacked("delta", site, branch), "b s (i j) c -> b s i j c", i=h, j=w)
 
     def probs(self, site: str, branch: str | None = None) -> torch.Tensor:
         """Attention maps of a head site as [image, step, head, i, j, token]."""
+        self._check_kind(site, "head", "probs")
         h, w = self._grid(site)
         return rearrange(self._stacked("probs", site, branch), "b s h (i j) t -> b s h i j t", i=h, j=w)
 
     def heads(self, site: str, branch: str | None = None) -> torch.Tensor:
         """Per-head outputs (before to_out) of a head site as [image, step, i, j, head, d]."""
+        self._check_kind(site, "head", "heads")
         h, w = self._grid(site)
         return rearrange(self._stacked("out", site, branch), "b s h (i j) d -> b s i j h d", i=h, j=w)
 

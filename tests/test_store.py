@@ -229,3 +229,156 @@ def test_missing_store_is_a_clear_error(tmp_path):
         ActivationStore(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         ActivationStore(tmp_path)
+
+
+def flip_byte(path, offset=-5):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_shard_is_refused_on_read_by_default_naming_the_shard(synthetic):
+    root = synthetic[0]
+    flip_byte(root / SITE / "shard-000002.acts.npy")
+    site = ActivationStore(root).site(SITE)  # the default checks each shard before its first use
+    with pytest.raises(CorruptShardError) as err:
+        site.read([250])
+    assert "shard-000002.acts.npy" in str(err.value) and "rerun" in str(err.value)
+    site.read([0])  # other shards stay readable
+    ActivationStore(root, verify="never").site(SITE).read([250])  # skipping is explicit only
+    with pytest.raises(CorruptShardError, match="shard-000002"):
+        ActivationStore(root, verify=False).site(SITE).read([250])  # False no longer means "never"
+
+
+def test_verified_shards_are_not_hashed_again_in_the_same_process(synthetic, monkeypatch):
+    root = synthetic[0]
+    ActivationStore(root).site(SITE).read([0])
+    calls = []
+    monkeypatch.setattr(store_mod, "sha256_file", lambda p, *a: calls.append(p) or "x")
+    ActivationStore(root).site(SITE).read([1])
+    assert calls == []
+
+
+def test_bad_verify_mode_names_the_choices(synthetic):
+    with pytest.raises(ValueError, match="lazy, eager, never"):
+        ActivationStore(synthetic[0], verify="sometimes")
+
+
+def test_a_late_writer_of_a_finished_shard_leaves_its_files_untouched(tmp_path, monkeypatch):
+    a = SiteWriter(tmp_path, SITE, width=2, grid=(1, 1))
+    b = SiteWriter(tmp_path, SITE, width=2, grid=(1, 1))
+    # b checked before a recorded the shard: its early check passes, the locked one must not
+    monkeypatch.setattr(b, "finished", lambda: set())
+    a.write_shard(0, np.ones((3, 2)), make_meta(3))
+    with pytest.raises(StoreError, match="finished by another writer"):
+        b.write_shard(0, np.full((3, 2), 7.0), make_meta(3))
+    ActivationStore(tmp_path, verify="eager").site(SITE)  # a's files still match their sha256
+    assert not list((tmp_path / SITE).glob("*.tmp*"))
+
+
+def test_read_only_manifest_is_one_clear_store_write_error(tmp_path, monkeypatch):
+    w = SiteWriter(tmp_path, SITE, width=2, grid=(1, 1))
+
+    def read_only(path, obj):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(store_mod, "_write_json_atomic", read_only)
+    with pytest.raises(StoreWriteError, match="Permission denied.*rerun the same command") as err:
+        w.write_shard(0, np.ones((3, 2)), make_meta(3))
+    assert "shard-000000" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(StoreWriteError, match="Permission denied"):
+        SiteWriter(tmp_path, "other.site", width=2, grid=(1, 1))
+
+
+def test_to_dataset_holds_every_row_and_metadata_column(synthetic, tmp_path):
+    import datasets
+
+    root, acts, meta, _ = synthetic
+    site = ActivationStore(root).site(SITE)
+    ds = site.to_dataset()
+    assert isinstance(ds, datasets.Dataset) and len(ds) == len(acts)
+    # the act column wraps the memory-mapped shard: no copy in RAM
+    assert ds.data.table["act"].chunks[0].values.buffers()[1].address == site.acts_shard(0).ctypes.data
+    assert ds.column_names == ["act", "image", "prompt", "seed", "step", "t", "tau", "branch", "i", "j"]
+    assert ds.features["act"].feature.dtype == "float16" and ds.features["act"].length == 8
+    table = ds.data.table
+    np.testing.assert_allclose(np.stack(table["act"].to_numpy(zero_copy_only=False)), acts, atol=2e-3)
+    for field in ("image", "step", "t", "branch", "i", "j"):
+        np.testing.assert_array_equal(table[field].to_numpy(), meta[field])
+    ds.save_to_disk(str(tmp_path / "saved"))
+    back = datasets.load_from_disk(str(tmp_path / "saved"))
+    assert back.data.table.equals(table)
+
+
+def test_to_dataset_of_a_corrupted_shard_is_refused(synthetic):
+    root = synthetic[0]
+    flip_byte(root / SITE / "shard-000001.acts.npy")
+    with pytest.raises(CorruptShardError, match="shard-000001"):
+        ActivationStore(root).site(SITE).to_dataset()
+
+
+def test_export_writes_the_folder_push_to_hub_uploads(synthetic, tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    root, acts, meta, _ = synthetic
+    out = ActivationStore(root).export(tmp_path / "exported")
+    back = datasets.load_dataset(str(out), name=SITE, split="train", cache_dir=str(tmp_path / "cache"))
+    assert len(back) == len(acts) and back.column_names[0] == "act"
+    np.testing.assert_array_equal(np.array(back["image"]), meta["image"])
+
+    uploaded = {}
+
+    def upload_folder(self, repo_id, folder_path, repo_type):
+        from pathlib import Path
+
+        uploaded.update(repo_id=repo_id, repo_type=repo_type, files=sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()))
+        return "https://huggingface.co/datasets/me/acts/commit/0"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **kw: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    ActivationStore(root).push_to_hub("me/acts")
+    assert uploaded == {"repo_id": "me/acts", "repo_type": "dataset", "files": ["README.md", f"{SITE}/train-00000-of-00001.parquet"]}
+
+
+def test_train_on_a_corrupted_shard__refused_naming_the_shard(tmp_path, capsys):
+    from sae.cli import main
+    from sae.synthetic import write_sparse_store
+
+    write_sparse_store(tmp_path / "store", n=512, d=8, images=8)
+    shard = sorted((tmp_path / "store" / SITE).glob("shard-*.acts.npy"))[0]
+    flip_byte(shard)
+    args = ["--data.store", str(tmp_path / "store"), "--data.batch_size", "64", "--data.branch", "cond",
+            "--model.sae.num_latents", "32", "--model.sae.k", "4", "--model.init_samples", "256",
+            "--model.recovered.images", "0", "--model.save_dir", str(tmp_path / "out"),
+            "--trainer.logger", "false", "--trainer.max_steps", "2", "--trainer.val_check_interval", "null",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.callbacks", "[]"]
+    try:
+        rc = main(args)
+    except CorruptShardError as e:  # however the CLI reports it, the shard is named and nothing trains
+        message = str(e)
+    else:
+        assert rc != 0
+        message = capsys.readouterr().err
+    assert shard.name in message
+    assert not (tmp_path / "out" / SITE).exists()
+
+
+def test_store_without_store_json_but_with_sites__refused(tmp_path):
+    from activations.store import check_store_record, store_record
+
+    SiteWriter(tmp_path, SITE, width=2, grid=(1, 1))  # an older harvest's site
+    with pytest.raises(ConfigMismatchError, match="no store.json"):
+        check_store_record(tmp_path, store_record({"seed": 0, "sites": [SITE]}, "rev", {"threads": 1}))
+
+
+def test_store_record_is_written_once_and_checked_after(tmp_path):
+    from activations.store import check_store_record, store_record
+
+    record = store_record({"seed": 0, "sites": ["a"]}, "rev", {"threads": 1})
+    check_store_record(tmp_path, record, saved_config="seed: 0\n")
+    check_store_record(tmp_path, store_record({"seed": 0, "sites": ["b"]}, "rev", {"threads": 1}))  # sites may differ
+    with pytest.raises(ConfigMismatchError, match=r"seed: 0 -> 5.*numerics.threads: 1 -> 2"):
+        check_store_record(tmp_path, store_record({"seed": 5, "sites": ["a"]}, "rev", {"threads": 2}))
+    assert (tmp_path / "harvest.yaml").read_text() == "seed: 0\n"
