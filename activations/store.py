@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from activations.timesteps import BRANCHES, branch_code, in_window
+from activations.timesteps import BRANCHES, branch_code, parse_when
 
 FORMAT_VERSION = 2  # 2: one store config (store.json), manifests hold it without sites, numerics
 ACT_DTYPE = np.float16
@@ -676,19 +676,19 @@ class SiteReader:
 
     def select(
         self,
-        window: str | tuple[float, float] | None = None,
+        window=None,
         branch: str | None = None,
         images: Sequence[int] | None = None,
         steps: Sequence[int] | None = None,
     ) -> np.ndarray:
         """Row indices (int64, ascending) matching every given filter.
 
-        window: "early" | "middle" | "late" | (lo, hi) on tau; branch: "cond" | "uncond";
-        images: image ids; steps: step indices.
+        window: a timestep gate (``activations.timesteps``: early | middle | late, {tau: [lo, hi]},
+        {steps: [..]}, ...); branch: "cond" | "uncond"; images: image ids; steps: step indices.
         """
         mask = np.ones(self.num_rows, dtype=bool)
         if window is not None:
-            mask &= in_window(self.meta_column("t"), self.num_train_timesteps, window)
+            mask &= parse_when(window).mask(self.meta_column("step"), self.meta_column("t"), self.num_train_timesteps)
         if branch is not None:
             mask &= self.meta_column("branch") == branch_code(branch)
         if images is not None:

@@ -25,30 +25,22 @@ from diffatlas.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-WindowSpec = str | tuple[float, float] | None
+WindowSpec = str | dict | None
 BRANCHES = ("cond", "uncond")  # or None: every stored row
 
 
-def check_window(window: WindowSpec | list[float]) -> WindowSpec:
-    """``window`` as the data module keeps it (a name, a (lo, hi) tuple or None), or a UsageError
-    naming the valid windows. The one place the data module validates windows (it can delegate to
-    a typed window parser in activations.timesteps once there is one)."""
-    from activations.timesteps import WINDOWS
+def check_window(window):
+    """``window`` as a typed gate (``activations.timesteps``), or None for every step. The one
+    place the data module reads windows: ``early`` / ``middle`` / ``late`` or ``{tau: [lo, hi]}``
+    (any gate spelling, e.g. ``{steps: [0, 1]}``, selects rows too)."""
+    from activations.timesteps import parse_when
 
-    valid = f"valid windows: {', '.join(WINDOWS)}, a [lo, hi] pair with 0 <= lo < hi <= 1, or null (all timesteps)"
     if window is None:
         return None
-    if isinstance(window, str):
-        if window not in WINDOWS:
-            raise UsageError(f"unknown timestep window {window!r}; {valid}")
-        return window
     try:
-        lo, hi = (float(x) for x in window)
-    except (TypeError, ValueError):
-        raise UsageError(f"timestep window {window!r} is neither a name nor a [lo, hi] pair; {valid}") from None
-    if not 0.0 <= lo < hi <= 1.0:
-        raise UsageError(f"timestep window [{lo:g}, {hi:g}] must satisfy 0 <= lo < hi <= 1; {valid}")
-    return lo, hi
+        return parse_when(window)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _finite_rows(acts: torch.Tensor) -> torch.Tensor:
@@ -136,8 +128,8 @@ class ActivationDataModule(pl.LightningDataModule):
         Args:
             store: Folder of a harvest (ActivationStore root).
             site: Site to train on; may be omitted when the store holds exactly one.
-            window: Timestep window: early (tau in [0.6, 1]), middle ([0.2, 0.6)), late ([0, 0.2)), a
-                [lo, hi] pair, or null for one SAE pooled over all timesteps.
+            window: Timestep window: early (tau in [0.6, 1]), middle ([0.2, 0.6)), late ([0, 0.2)),
+                {tau: [lo, hi]}, or null for one SAE pooled over all timesteps.
             branch: Guidance branch to train on (cond or uncond); null keeps every stored row.
             batch_size: Tokens per batch on each rank (the global batch is batch_size x world size).
             val_fraction: Fraction of images held out for validation metrics (split by image, not by token).
@@ -220,9 +212,9 @@ class ActivationDataModule(pl.LightningDataModule):
             taus = np.unique(reader.meta_column("t")) / reader.num_train_timesteps
             branches = sorted({str(b) for b in reader.branch_names(np.unique(reader.meta_column("branch")))})
             raise ValueError(
-                f"no rows of site {self.site_name!r} match window={self.window!r}, branch={self.branch!r} "
+                f"no rows of site {self.site_name!r} match window={self.window_spec!r}, branch={self.branch!r} "
                 f"(the site has {reader.num_rows} rows with tau in {sorted(float(t) for t in taus)} and "
-                f"branches {branches}); valid windows: early [0.6, 1], middle [0.2, 0.6), late [0, 0.2), or (lo, hi)"
+                f"branches {branches}); valid windows: early [0.6, 1], middle [0.2, 0.6), late [0, 0.2), or {tau: [lo, hi]}"
             )
         images = reader.meta_column("image")[ids]
         unique = np.unique(images)
@@ -244,7 +236,7 @@ class ActivationDataModule(pl.LightningDataModule):
         if len(self.train_ids) < self.batch_size * world:
             raise ValueError(
                 f"site {self.site_name!r} has {len(self.train_ids)} training rows after filtering "
-                f"(window={self.window!r}, branch={self.branch!r}), fewer than one global batch of "
+                f"(window={self.window_spec!r}, branch={self.branch!r}), fewer than one global batch of "
                 f"batch_size {self.batch_size} x {world} rank(s); lower --data.batch_size"
             )
 

@@ -409,10 +409,10 @@ class LitSAE(pl.LightningModule):
         manifest = reader.manifest
         timesteps = [int(t) for t in manifest.get("timesteps", [])]
         if dm.window is not None:
-            from activations.timesteps import in_window
-
             n_train = int(manifest.get("num_train_timesteps", 1000))
-            timesteps = [t for t, ok in zip(timesteps, in_window(timesteps, n_train, dm.window)) if ok]
+            steps = manifest.get("steps", list(range(len(timesteps))))
+            keep = dm.window.mask(np.asarray(steps), np.asarray(timesteps), n_train)
+            timesteps = [t for t, ok in zip(timesteps, keep) if ok]
         timesteps = spread_timesteps(timesteps, cfg.timesteps)
         if not timesteps:
             return None

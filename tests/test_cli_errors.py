@@ -37,6 +37,7 @@ def store(tmp_path):
     (["--data.window", "earlyish"], "'earlyish'"),
     (["--data.window", "[0.8, 0.2]"], "[0.8, 0.2]"),
     (["--data.window", "[0.5, 1.5]"], "[0.5, 1.5]"),
+    (["--data.window", "{tau: [0.8, 0.2]}"], "0 <= lo < hi <= 1"),
     (["--data.window", "late"], "window='late'"),  # the store holds t = 999 and 500 only: no step in it
     (["--data.batch_size", "0"], "batch_size must be >= 1, got 0"),
     (["--data.branch", "foo"], "'foo'"),

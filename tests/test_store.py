@@ -59,7 +59,7 @@ def test_select_filters_by_window_branch_images_and_steps(synthetic):
     np.testing.assert_array_equal(site.select(window="early"), np.flatnonzero(t >= 600))
     np.testing.assert_array_equal(site.select(window="middle"), np.flatnonzero((t >= 200) & (t < 600)))
     np.testing.assert_array_equal(site.select(window="late"), np.flatnonzero(t < 200))
-    np.testing.assert_array_equal(site.select(window=(0.4, 1.0), branch="uncond"), np.flatnonzero((t >= 400) & (br == 0)))
+    np.testing.assert_array_equal(site.select(window={"tau": [0.4, 1.0]}, branch="uncond"), np.flatnonzero((t >= 400) & (br == 0)))
     np.testing.assert_array_equal(site.select(images=[1, 4], steps=[2]), np.flatnonzero(np.isin(img, [1, 4]) & (meta["step"] == 2)))
 
 
