@@ -4,8 +4,14 @@ Public API (imported lazily, so that ``import activations.store`` never pays for
 
 * models:     ``load_pipeline`` (from .pipeline), ``build_unet``, ``model_config``
 * sites:      ``Site``, ``list_sites``, ``head_table``, ``resolve_sites``
-* processor:  ``HeadProcessor``, ``AttnCall``, ``HeadEdit``, ``SwapKV``, ``AddVector``
-* hooks:      ``Tap``, ``attach``, ``edit_block``, ``capture_block``, ``observe_heads``, ``edit_heads``
+* the Intervention protocol: ``Intervention``, ``Call``, ``register_intervention``,
+  ``save_interventions``, ``load_interventions``; built-in kinds ``HeadEdit``, ``SwapKV``,
+  ``AddVector``, ``Scale``, ``Ablate``, ``Apply``, ``Observe``
+* gates and masks: ``Window``, ``Steps``, ``Every``, ``Timesteps``, ``All``, ``Branch``,
+  ``parse_when``; ``Patches``, ``Box``, ``Quadrant``, ``MaskImage``
+* hooks:      ``intervene``, ``Tap``, ``attach``, ``edit_block``, ``capture_block``, ``observe_heads``, ``edit_heads``
+* evaluation: ``evaluate`` (the denoising loss under interventions)
+* sampling:   ``generate``, ``sample``, ``generators`` (one CPU generator per image)
 * tracing:    ``trace``, ``Trace``
 * harvesting: ``Harvester``, ``HarvestConfig``
 * store:      ``ActivationStore``, ``SiteReader``, ``SiteWriter``, ``write_synthetic_store``
@@ -13,7 +19,7 @@ Public API (imported lazily, so that ``import activations.store`` never pays for
 
 from __future__ import annotations
 
-from diffatlas.lazy import lazy_exports
+from common.lazy import lazy_exports
 
 _EXPORTS = {
     "load_pipeline": "activations.pipeline",
@@ -25,10 +31,35 @@ _EXPORTS = {
     "head_table": "activations.sites",
     "resolve_sites": "activations.sites",
     "HeadProcessor": "activations.processor",
+    "Intervention": "activations.intervention",
+    "Call": "activations.intervention",
     "AttnCall": "activations.processor",
-    "HeadEdit": "activations.processor",
-    "SwapKV": "activations.processor",
-    "AddVector": "activations.processor",
+    "register_intervention": "activations.intervention",
+    "save_interventions": "activations.intervention",
+    "load_interventions": "activations.intervention",
+    "HeadEdit": "activations.edits",
+    "SwapKV": "activations.edits",
+    "AddVector": "activations.edits",
+    "Scale": "activations.edits",
+    "Ablate": "activations.edits",
+    "Apply": "activations.edits",
+    "Observe": "activations.edits",
+    "Window": "activations.timesteps",
+    "Steps": "activations.timesteps",
+    "Every": "activations.timesteps",
+    "Timesteps": "activations.timesteps",
+    "All": "activations.timesteps",
+    "Branch": "activations.timesteps",
+    "parse_when": "activations.timesteps",
+    "Patches": "activations.masks",
+    "Box": "activations.masks",
+    "Quadrant": "activations.masks",
+    "MaskImage": "activations.masks",
+    "intervene": "activations.hooks",
+    "evaluate": "activations.evaluate",
+    "generate": "activations.generate",
+    "sample": "activations.generate",
+    "generators": "activations.generate",
     "Tap": "activations.hooks",
     "RunState": "activations.hooks",
     "attach": "activations.hooks",

@@ -25,9 +25,10 @@ OPTIONAL = ("positions", "prompts.num_prompts")  # fields where null has a meani
 class PromptSource:
     """Where the prompts come from."""
 
-    kind: Literal["toyworld", "file", "dataset", "list"] = "toyworld"
-    """toyworld: sampled toy scenes (ground truth saved); file: a text file, one prompt per line;
-    dataset: a Hugging Face `datasets` dataset (local folder or name); list: the `texts` field"""
+    kind: str = "toyworld"
+    """file: a text file, one prompt per line; dataset: a Hugging Face `datasets` dataset (local
+    folder or name); list: the `texts` field; or a registered prompt source (entry-point group
+    diffatlas.prompt_sources), e.g. toyworld: sampled toy scenes (ground truth saved)"""
     path: Optional[str] = None
     """file: the text file; dataset: a dataset name or local folder (saved with save_to_disk or
     loadable by load_dataset)"""

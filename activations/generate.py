@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from diffatlas.config import save_config
-from diffatlas.errors import UsageError
+from common.config import save_config
+from common.errors import UsageError
 
 
 @dataclass
@@ -37,16 +37,14 @@ class GenerateConfig:
 
 
 def check_prompts(model: str, prompts: list[str]) -> None:
-    """Refuse empty prompts, and for the toy model unknown words and impossible scenes, before
-    drawing anything."""
+    """Refuse empty prompts, and prompts the model cannot read (for the toy model: unknown words
+    and impossible scenes), before drawing anything."""
+    from activations.prompts import check_prompts as check_for_model
+
     for k, prompt in enumerate(prompts):
         if not prompt.strip():
             raise UsageError(f"prompt {k} is empty; every prompt needs at least one word")
-    if model == "toy":
-        from toyworld.prompts import check_prompt, check_scene
-
-        for prompt in prompts:
-            check_scene(check_prompt(prompt))
+    check_for_model(model, prompts)
 
 
 def check_numbers(cfg: GenerateConfig) -> None:
@@ -152,7 +150,7 @@ def write_records(out: Path, records: dict[str, dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffatlas.config import parse
+    from common.config import parse
 
     cfg = parse(GenerateConfig, argv, "diffatlas generate", __doc__)
     paths = run(cfg)  # bad input raises; the diffatlas dispatcher prints it as one line

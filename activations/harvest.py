@@ -31,6 +31,7 @@ from einops import rearrange
 from activations.config import HarvestConfig, parse_args
 from activations.generate import sample
 from activations.hooks import attach
+from activations.pipeline import load_pipeline
 from activations.intervention import Call
 from activations.prompts import PromptSet, check_prompts
 from activations.sites import Site, latent_size, list_sites, resolve_sites
@@ -50,26 +51,6 @@ from activations.store import (
 from activations.timesteps import BRANCHES, Steps, check_branch, select_steps
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def load_model(name: str, device=None, dtype=None):
-    """The pipeline for ``name`` through the project's loader (activations.pipeline)."""
-    try:
-        from activations.pipeline import load_pipeline
-    except ImportError:  # the loader is not there yet: local folders and the random toy only
-        load_pipeline = None
-    if load_pipeline is not None:
-        return load_pipeline(name, device=device, dtype=dtype)
-    if name == "toy":
-        from toyworld.model import build_pipeline
-
-        pipe = build_pipeline()
-    else:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(name)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype) if dtype not in (None, torch.float32) else pipe.to(device=device)
 
 
 def model_fingerprint(unet) -> str:
@@ -149,9 +130,8 @@ class Harvester:
         config.check()
         check_branch(config.branch)
         self.prompts = PromptSet(config.prompts, config.seed)
-        if config.prompts.kind != "toyworld":  # toyworld prompts are made from the vocabulary
-            check_prompts(config.model, (self.prompts.text(i) for i in range(len(self.prompts))))
-        self.pipe = pipe if pipe is not None else load_model(config.model, device=device, dtype=DTYPES[config.dtype])
+        check_prompts(config.model, (self.prompts.text(i) for i in range(len(self.prompts))))
+        self.pipe = pipe if pipe is not None else load_pipeline(config.model, device=device, dtype=DTYPES[config.dtype])
         self.pipe.set_progress_bar_config(disable=True)
         set_scheduler(self.pipe, config.scheduler)
         if config.branch != "cond" and config.guidance_scale <= 1:
@@ -313,15 +293,13 @@ class Harvester:
                 # written by an earlier run of the same config (store.json says so): written once
                 continue
             _save_atomic(folder / f"{image}.png", lambda p: pil.save(p, format="PNG"))
-            scene = self.prompts.scene(rec["prompt"])
-            if scene is not None:  # toyworld: keep the ground truth next to the image
+            truth = self.prompts.ground_truth(rec["prompt"])
+            if truth is not None:  # a prompt source that knows its ground truth: keep it beside the image
+                _save_atomic(folder / f"{image}.json", lambda p: p.write_text(json.dumps({**rec, **truth})))
+            rendered = self.prompts.truth_image(rec["prompt"])
+            if rendered is not None:
                 from PIL import Image
 
-                from toyworld.render import render
-
-                truth = {**rec, "scene": scene.to_dict()}
-                _save_atomic(folder / f"{image}.json", lambda p: p.write_text(json.dumps(truth)))
-                rendered = render(scene).image
                 _save_atomic(folder / f"{image}.truth.png", lambda p: Image.fromarray(rendered).save(p, format="PNG"))
 
 

@@ -181,8 +181,7 @@ def intervention_kinds() -> list[str]:
 
 
 def _load_entry_points() -> None:
-    import activations.edits  # noqa: F401  (the built-in kinds)
-
+    # the built-in kinds (activations.edits) register through the same entry points as others'
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name not in _REGISTRY:
             ep.load()
@@ -195,7 +194,7 @@ def intervention_class(kind: str) -> type["Intervention"]:
         close = difflib.get_close_matches(str(kind), list(_REGISTRY), n=2)
         hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
         raise ValueError(f"unknown intervention kind {kind!r}{hint}; valid kinds: {', '.join(sorted(_REGISTRY))} "
-                         f"(kinds from other packages register through the entry-point group {ENTRY_POINT_GROUP!r})")
+                         f"(kinds register on import or through the entry-point group {ENTRY_POINT_GROUP!r})")
     return _REGISTRY[kind]
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from common import plugins
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -50,20 +52,19 @@ def model_config(name: str | Path) -> dict:
     if stem is None:
         close = difflib.get_close_matches(key, list(available) + list(_aliases()), n=3, cutoff=0.4)
         hint = f" Closest: {', '.join(close)}." if close else ""
-        raise ValueError(f"unknown model config {name!r}.{hint} Valid: {', '.join(available)}, 'toy' (or a path to a YAML file)")
+        raise ValueError(f"unknown model config {name!r}.{hint} Valid: {', '.join(available)}, a registered model ({', '.join(plugins.names(plugins.MODELS))}), or a path to a YAML file")
     return yaml.safe_load(available[stem].read_text())
 
 
 def build_unet(name: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None, seed: int = 0):
     """A UNet2DConditionModel of a known architecture with random weights.
 
-    ``name``: a config of configs/models/ (see ``model_config``) or ``"toy"`` (the bundled toy
-    model's architecture). ``device="meta"`` gives the structure without allocating weights.
+    ``name``: a config of configs/models/ (see ``model_config``) or a registered model name
+    (``"toy"``: the bundled toy model's architecture, see ``common.plugins``). ``device="meta"`` gives the structure without allocating weights.
     """
-    if str(name) == "toy":
-        from toyworld.model import build_pipeline  # the lead's bundled architecture
-
-        unet = build_pipeline(seed=seed).unet
+    plugin = plugins.model_plugin(str(name))
+    if plugin is not None and plugin.build_unet is not None:  # a registered model (e.g. toy)
+        unet = plugin.build_unet(seed=seed)
         if dtype is not None:
             unet = unet.to(dtype=dtype)
         if device not in (None, "meta"):
@@ -97,9 +98,9 @@ TINY_WORDS = (
 
 def tiny_tokenizer(max_length: int = 16, words=TINY_WORDS):
     """A word-level tokenizer built in memory (no files, no network), CLIP-style special tokens."""
-    from toyworld.tokenizer import build_tokenizer
+    from activations.tokenizer import word_tokenizer
 
-    return build_tokenizer(max_length, words)
+    return word_tokenizer(words, max_length)
 
 
 def _tiny_text_encoder(hidden: int, vocab_size: int, max_length: int, with_projection: bool = False):

@@ -1,4 +1,4 @@
-"""Load a text-to-image pipeline: the bundled toy model, a local diffusers folder, or a hub id."""
+"""Load a text-to-image pipeline: a registered model name (``toy``), a local diffusers folder, or a hub id."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from urllib.parse import urlparse
 
 import torch
 
-TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "toyworld" / "weights"
+from common import plugins
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -36,20 +37,14 @@ def _not_found(name: str, why: str) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"model {name!r} could not be found offline ({why}). Download it on a machine with access, "
         f"e.g. `huggingface-cli download {name} --local-dir /path/to/model`, then pass the local "
-        f"folder: load_pipeline('/path/to/model'). Bundled models: 'toy'."
+        f"folder: load_pipeline('/path/to/model'). Registered models: {', '.join(plugins.names(plugins.MODELS)) or 'none'}."
     )
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path | str:
-    """Map a model name to a local folder, or return the hub id unchanged."""
+    """Map a model name to a local folder, or return the hub id unchanged (registered names are
+    loaded by their plugin, see ``load_pipeline``)."""
     name = str(name_or_path)
-    if name == "toy":
-        if not (TOY_WEIGHTS / "model_index.json").exists():
-            raise ModelNotFoundError(
-                f"the bundled toy model is missing at {TOY_WEIGHTS}; retrain it with "
-                "`python -m toyworld.train --config configs/toyworld/train.yaml`"
-            )
-        return TOY_WEIGHTS
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").exists():
@@ -57,7 +52,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path | str:
         return path
     if path.exists() or name.startswith((".", "/", "~")) or not HUB_ID.match(name):
         raise ModelNotFoundError(
-            f"model {name!r} is neither 'toy', nor a diffusers folder, nor a hub id like 'org/name'"
+            f"model {name!r} is neither a registered model ({', '.join(plugins.names(plugins.MODELS)) or 'none'}), "
+            f"nor a diffusers folder, nor a hub id like 'org/name'"
         )
     return name
 
@@ -66,17 +62,21 @@ def load_pipeline(name_or_path: str | os.PathLike = "toy", device: str | torch.d
                   dtype: torch.dtype | None = None):
     """Load a diffusers text-to-image pipeline.
 
-    ``name_or_path``: "toy" (the bundled model), a local diffusers folder, or a hub id (read from
-    the local cache; downloaded only when the hub is reachable). ``device`` defaults to CUDA when
-    available, ``dtype`` to float16 on CUDA and float32 on the CPU.
+    ``name_or_path``: a registered model name (``toy``, the bundled model; see
+    ``common.plugins``), a local diffusers folder, or a hub id (read from the local cache;
+    downloaded only when the hub is reachable). ``device`` defaults to CUDA when available,
+    ``dtype`` to float16 on CUDA and float32 on the CPU.
     """
     from diffusers import DiffusionPipeline
 
-    from diffatlas.quiet import quiet_libraries
+    from common.quiet import quiet_libraries
 
     quiet_libraries()  # no loading bars or set-up notices, also when called from Python
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    plugin = plugins.model_plugin(str(name_or_path)) if not isinstance(name_or_path, Path) else None
+    if plugin is not None:
+        return plugin.load(device=device, dtype=dtype)
     source = resolve_model(name_or_path)
     kwargs = {"dtype": dtype}
     if isinstance(source, str):  # a hub id: the cache first, the network only if it answers

@@ -1,7 +1,7 @@
-"""Prompt sets for harvesting: a text file, a `datasets` dataset, an inline list, or toyworld scenes.
+"""Prompt sets for harvesting: a text file, a `datasets` dataset, an inline list, or a registered source.
 
 Every source is indexable by prompt index, so any process can compute its own prompts without
-reading the others', and a toyworld prompt is a pure function of (seed, index): rerunning or
+reading the others', and a registered source's prompt is a pure function of (seed, index): rerunning or
 splitting a harvest over ranks gives the same prompts.
 """
 
@@ -9,17 +9,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from activations.config import PromptSource
+from common import plugins
+
+
+BUILTIN_KINDS = ("file", "list", "dataset")
 
 
 class PromptSet:
+    """The prompts of a harvest: a file, a list, a `datasets` dataset, or a registered prompt
+    source (``common.plugins``; ``toyworld`` is one), indexable by prompt index."""
+
     def __init__(self, source: PromptSource, seed: int = 0):
         self.source = source
         self.seed = seed
         self._texts = None
         self._dataset = None
+        self.plugin = None
         kind = source.kind
         if kind == "file":
             if not source.path:
@@ -32,14 +39,11 @@ class PromptSet:
             self._texts = [t for t in source.texts if t.strip()]
         elif kind == "dataset":
             self._dataset = _load_dataset(source)
-        elif kind == "toyworld":
-            if source.num_prompts is None:
-                raise ValueError("prompts.kind 'toyworld' needs prompts.num_prompts (the generator is endless)")
         else:
-            raise ValueError(f"unknown prompt source {kind!r}; valid: toyworld, file, dataset, list")
-        available = len(self._texts) if self._texts is not None else len(self._dataset) if self._dataset is not None else None
+            self.plugin = plugins.prompt_source(kind)(source, seed)
+        available = len(self._texts) if self._texts is not None else len(self._dataset) if self._dataset is not None else len(self.plugin)
         n = source.num_prompts if source.num_prompts is not None else available
-        if available is not None and n > available:
+        if n > available:
             raise ValueError(f"prompts.num_prompts={n} but the {kind} source holds only {available} prompts")
         if n < 1:  # an empty store would look like a finished harvest
             where = f" ({source.path})" if source.path else ""
@@ -49,14 +53,6 @@ class PromptSet:
     def __len__(self) -> int:
         return self.n
 
-    def scene(self, index: int):
-        """The toyworld scene of prompt ``index`` (None for other sources)."""
-        if self.source.kind != "toyworld":
-            return None
-        from toyworld.scene import sample_scene
-
-        return sample_scene(np.random.default_rng([self.seed, index, 0]), split=self.source.scene_split)
-
     def text(self, index: int) -> str:
         if not 0 <= index < self.n:
             raise IndexError(f"prompt {index} out of range (0..{self.n - 1})")
@@ -64,23 +60,24 @@ class PromptSet:
             return self._texts[index]
         if self._dataset is not None:
             return str(self._dataset[index][self.source.column])
-        from toyworld.prompts import scene_to_prompt
+        return self.plugin.text(index)
 
-        return scene_to_prompt(self.scene(index), np.random.default_rng([self.seed, index, 1]))
+    def ground_truth(self, index: int) -> dict | None:
+        """What a registered prompt source knows of prompt ``index`` (saved beside its image)."""
+        return None if self.plugin is None else self.plugin.ground_truth(index)
+
+    def truth_image(self, index: int):
+        return None if self.plugin is None else self.plugin.truth_image(index)
 
 
 def check_prompts(model: str, texts) -> None:
-    """Refuse prompts the model cannot read, before anything is written.
-
-    Only the toy model has a closed vocabulary (its tokenizer maps other words to one unknown
-    token); kept in this one function so that it can move behind a model plugin.
-    """
-    if model != "toy":
+    """Refuse prompts the model cannot read, before anything is written: a registered model with
+    a closed vocabulary (e.g. ``toy``) checks each one and names the bad words."""
+    plugin = plugins.model_plugin(model)
+    if plugin is None or plugin.check_prompt is None:
         return
-    from toyworld.prompts import check_prompt
-
     for text in texts:
-        check_prompt(text)
+        plugin.check_prompt(text)
 
 
 def _load_dataset(source: PromptSource):

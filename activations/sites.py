@@ -192,11 +192,13 @@ def resolve_sites(unet_or_sites, names: str | Iterable[str]) -> list[Site]:
 
 def unet_for(spec: str):
     """A U-Net (weights not needed) for a model spec: a config name of configs/models/, a YAML
-    path, "toy", or a local diffusers pipeline folder / hub id (config only, weights on meta)."""
+    path, a registered model name ("toy"), or a local diffusers pipeline folder / hub id (config
+    only, weights on meta)."""
     from activations.models import build_unet, model_config
+    from common import plugins
 
-    if spec == "toy":
-        return build_unet("toy")
+    if plugins.model_plugin(spec) is not None:
+        return build_unet(spec)
     try:
         model_config(spec)
     except ValueError as err:

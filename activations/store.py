@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from activations.timesteps import BRANCHES, branch_code, parse_when
+from common.errors import ReportedError
 
 FORMAT_VERSION = 2  # 2: one store config (store.json), manifests hold it without sites, numerics
 ACT_DTYPE = np.float16
@@ -88,7 +89,7 @@ def _tmp_suffix() -> str:
     return f".tmp-{_HOST}-{os.getpid()}"
 
 
-class StoreError(RuntimeError):
+class StoreError(ReportedError, RuntimeError):
     """Base class of store errors."""
 
 

@@ -46,8 +46,8 @@ BRANCHES = ("uncond", "cond")  # stored as int8: index into this tuple
 BRANCH_CHOICES = ("cond", "uncond", "both")
 
 GATE_FORMS = (
-    "'all', a window name ('early', 'middle', 'late'), {tau: [lo, hi]} with 0 <= lo < hi <= 1, "
-    "{steps: [i, ...]} (step indices), {every: N} or 'every:N', {t: [t, ...]} (scheduler timesteps)"
+    "all; a window: early, middle, late; {tau: [lo, hi]} with 0 <= lo < hi <= 1; {steps: [i, ...]} (step indices); "
+    "{every: N} or every:N; {t: [t, ...]} (scheduler timesteps)"
 )
 
 

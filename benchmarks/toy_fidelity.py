@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from activations.generate import generate  # noqa: E402
 from activations.pipeline import load_pipeline, model_defaults  # noqa: E402
-from diffatlas.config import parse, save_config  # noqa: E402
+from common.config import parse, save_config  # noqa: E402
 from toyworld.grid import labelled_grid  # noqa: E402
 from toyworld.oracle import CHECKS, REPORTED, check_image  # noqa: E402
 from toyworld.prompts import scene_to_prompt  # noqa: E402

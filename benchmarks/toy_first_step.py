@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from activations.pipeline import load_pipeline  # noqa: E402
-from diffatlas.config import parse  # noqa: E402
+from common.config import parse  # noqa: E402
 from toyworld.oracle import REPORTED, check_image  # noqa: E402
 from toyworld.prompts import scene_to_prompt  # noqa: E402
 from toyworld.scene import Obj, Scene, sample_scene  # noqa: E402

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
-    from diffatlas.config import parse
+    from common.config import parse
     from toyworld.oracle import REPORTED, check_image
     from toyworld.render import render
     from toyworld.scene import sample_scene

@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"diffatlas: unknown command {name!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    from diffatlas.errors import one_line, user_error_types
-    from diffatlas.quiet import quiet_libraries
+    from common.errors import one_line, user_error_types
+    from common.quiet import quiet_libraries
 
     quiet_libraries()
     module_name, func_name = COMMANDS[name][0].split(":")

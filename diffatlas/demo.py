@@ -90,7 +90,7 @@ def step_sae(cfg: DemoConfig, pipe, store: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from activations.pipeline import load_pipeline
-    from diffatlas.config import parse, save_config
+    from common.config import parse, save_config
 
     cfg = parse(DemoConfig, argv, "diffatlas demo", __doc__.split("\n\n")[0])
     Path(cfg.out).mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ Public API (imported lazily, so that ``import sae`` does not pay for Lightning):
 
 from __future__ import annotations
 
-from diffatlas.lazy import lazy_exports
+from common.lazy import lazy_exports
 
 _EXPORTS = {
     "SAE": "sae.sparse_coder",

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     cli = build_cli(argv)
     trainer, model = cli.trainer, cli.model
     if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers):
-        from diffatlas.quiet import quiet_libraries
+        from common.quiet import quiet_libraries
 
         quiet_libraries(wandb=True)
     trainer.fit(model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))

@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from diffatlas.errors import UsageError
+from common.errors import UsageError
 
 log = logging.getLogger(__name__)
 

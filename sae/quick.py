@@ -42,7 +42,7 @@ def train_quick(store: str, site: str | None = None, *, out: str = "runs/sae", a
         from lightning.pytorch.loggers import WandbLogger
 
         logger = WandbLogger(project="diffatlas", save_dir=out, offline="WANDB_MODE" not in os.environ)
-        from diffatlas.quiet import quiet_libraries
+        from common.quiet import quiet_libraries
 
         quiet_libraries(wandb=True)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu" if not _cuda() else "auto", logger=logger,

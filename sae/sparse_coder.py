@@ -303,9 +303,10 @@ class SparseCoder(nn.Module):
         contribution (SAELens' ``use_error_term``); ``False``: the reconstruction alone. ``gate``:
         ``when``, ``branch``, ``mask`` as for any intervention.
         """
-        from sae.splice import SAESplice
+        from activations.intervention import intervention_class
 
-        return SAESplice(sae=self, site=site or self.placement.site, error_term=error_term, **gate)
+        # looked up by name (sae.splice registers it): that module imports this one
+        return intervention_class("sae_splice")(sae=self, site=site or self.placement.site, error_term=error_term, **gate)
 
     def push_to_hub(self, repo_id: str, *, site: str | None = None, private: bool = False,
                     commit_message: str = "Upload SAE", sparsity: Tensor | None = None) -> str:

@@ -437,7 +437,7 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffatlas.config import parse
+    from common.config import parse
 
     train(parse(TrainConfig, argv, "python -m toyworld.train", __doc__.split("\n\n")[0]))
     return 0

@@ -8,6 +8,11 @@ traceback. Commands raise them and need no try/except of their own.
 from __future__ import annotations
 
 
+class ReportedError(Exception):
+    """Base of errors the command line reports as one line although they are not bad values
+    (e.g. a store that cannot be used, ``activations.store.StoreError``)."""
+
+
 class UsageError(ValueError):
     """Bad input: an option out of range, an unknown name, a file or store that cannot be used.
 
@@ -19,16 +24,13 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     stores and command-line parse errors. Imported lazily: only an error pays for the imports."""
     import argparse
 
-    types: list[type[BaseException]] = [ValueError, KeyError, FileNotFoundError, argparse.ArgumentError]
+    types: list[type[BaseException]] = [ValueError, KeyError, FileNotFoundError, argparse.ArgumentError, ReportedError]
     try:
         from jsonargparse import ArgumentError as JsonArgumentError
 
         types.append(JsonArgumentError)
     except ImportError:  # pragma: no cover - jsonargparse is a dependency
         pass
-    from activations.store import StoreError
-
-    types.append(StoreError)
     return tuple(types)
 
 
