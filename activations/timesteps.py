@@ -46,7 +46,7 @@ BRANCHES = ("uncond", "cond")  # stored as int8: index into this tuple
 BRANCH_CHOICES = ("cond", "uncond", "both")
 
 GATE_FORMS = (
-    "all; a window: early, middle, late; {tau: [lo, hi]} with 0 <= lo < hi <= 1; {steps: [i, ...]} (step indices); "
+    "'all'; a window 'early', 'middle', 'late'; {tau: [lo, hi]} with 0 <= lo < hi <= 1; {steps: [i, ...]} (step indices); "
     "{every: N} or every:N; {t: [t, ...]} (scheduler timesteps)"
 )
 
@@ -108,7 +108,8 @@ class Window(When):
         lo, hi = float(self.lo), float(self.hi)
         if not (0.0 <= lo < hi <= 1.0):
             raise ValueError(f"timestep window {{tau: [{lo:g}, {hi:g}]}} must satisfy 0 <= lo < hi <= 1 "
-                             f"(tau = t / num_train_timesteps, 1 = pure noise)")
+                             f"(tau = t / num_train_timesteps, 1 = pure noise); valid windows: early, middle, late, "
+                             f"or {{tau: [lo, hi]}}")
         object.__setattr__(self, "lo", lo)
         object.__setattr__(self, "hi", hi)
 
@@ -261,7 +262,7 @@ def parse_when(spec: Any) -> When:
             if not n.strip().isdigit():
                 raise ValueError(f"timestep gate {spec!r}: N in 'every:N' must be an integer >= 1")
             return Every(int(n))
-        raise ValueError(f"unknown timestep window {spec!r}; valid gates: {GATE_FORMS}")
+        raise ValueError(f"unknown timestep window {spec!r}; valid windows: early, middle, late; valid gates: {GATE_FORMS}")
     if isinstance(spec, dict) and len(spec) == 1:
         key, value = next(iter(spec.items()))
         if key in _DICT_FORMS:

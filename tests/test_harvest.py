@@ -208,8 +208,8 @@ def test_config_file_round_trip_and_cli_overrides(tmp_path):
     assert cfg.timesteps == "early" and cfg.prompts.num_prompts == 3 and cfg.branch == "cond"
     from activations.config import parse_args
 
-    cfg = parse_args([str(path), "--timesteps", "[999, 500]", "--branch", "both"])
-    assert cfg.timesteps == [999, 500] and cfg.branch == "both"
+    cfg = parse_args([str(path), "--timesteps", "{t: [999, 500]}", "--branch", "both"])
+    assert cfg.timesteps == {"t": [999, 500]} and cfg.branch == "both"
 
 
 # -- subprocess tests: the real command, killed and distributed ---------------------------------

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from activations.pipeline import TOY_WEIGHTS, ModelNotFoundError, load_pipeline
+from activations.pipeline import ModelNotFoundError, load_pipeline
+from toyworld.plugin import WEIGHTS as TOY_WEIGHTS
 
 
 def _draw(pipe, prompt="a big red plain square at the top left on a gray background, by day", seed=0, steps=4):
