@@ -18,7 +18,6 @@ conditional branch.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,29 +25,6 @@ from torch import Tensor
 
 from activations.hooks import intervene
 from activations.intervention import Intervention
-
-
-def store_images(store, image_ids: Sequence[int], size: int | None = None) -> tuple[Tensor, list[str]]:
-    """Final images [n, 3, H, W] in [-1, 1] and their prompt texts, from a harvest folder."""
-    from PIL import Image
-
-    from activations.store import ActivationStore
-
-    store = store if isinstance(store, ActivationStore) else ActivationStore(store)
-    texts = {int(r["image"]): r["text"] for r in store.prompts()}
-    arrays, out_texts = [], []
-    for image in image_ids:
-        path = store.image_path(image)
-        if not path.exists():
-            raise FileNotFoundError(f"no final image for image {image} in {path.parent} (harvest with save_images: true)")
-        if int(image) not in texts:
-            raise KeyError(f"no prompt for image {image} in {store.root / 'prompts.jsonl'}")
-        im = Image.open(path).convert("RGB")
-        if size is not None and im.size != (size, size):
-            im = im.resize((size, size))
-        arrays.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
-        out_texts.append(texts[int(image)])
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), out_texts
 
 
 def _targets(sched, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -118,7 +94,11 @@ def _images(pipe, store, images, prompts, seeds) -> tuple[Tensor, list[str]]:
     if store is not None:
         if images is None:
             raise ValueError("evaluate(store=...) needs images= (the image ids to score)")
-        return store_images(store, [int(i) for i in images])
+        from activations.store import ActivationStore
+
+        store = store if isinstance(store, ActivationStore) else ActivationStore(store)
+        ids = [int(i) for i in images]
+        return store.images(ids), store.texts(ids)
     if isinstance(images, Tensor):
         if prompts is None or len(prompts) != len(images):
             raise ValueError(f"evaluate(images=tensor) needs one prompt per image, got {0 if prompts is None else len(prompts)} for {len(images)}")
@@ -135,4 +115,4 @@ def _images(pipe, store, images, prompts, seeds) -> tuple[Tensor, list[str]]:
     raise ValueError("evaluate needs images: store= and images= (ids), images= (a tensor) and prompts=, or prompts= and seeds=")
 
 
-__all__: list[Any] = ["evaluate", "store_images"]
+__all__ = ["evaluate"]

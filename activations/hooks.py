@@ -1,4 +1,4 @@
-"""The one mechanism that reads and edits a U-Net: a Tap (DESIGN.md §1).
+"""The one mechanism that reads and edits a U-Net: a Tap.
 
 A Tap installs our HeadProcessor on every cross-attention module and, on demand, forward hooks on
 the Transformer2DModel block sites; it tracks the denoising step (step, t, tau), the guidance

@@ -1,4 +1,4 @@
-"""Sites: the named places of a U-Net that we read and edit (DESIGN.md §3).
+"""Sites: the named places of a U-Net that we read and edit.
 
 * block site: a ``Transformer2DModel`` (e.g. ``mid_block.attentions.0``); its value is the
   residual update Δ = output − input, ``[batch, H*W, C]``.

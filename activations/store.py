@@ -1,4 +1,4 @@
-"""The on-disk activation store (DESIGN.md §4): writing shards safely and reading them memory-mapped.
+"""The on-disk activation store: writing shards safely and reading them memory-mapped.
 
 Layout of one harvest folder::
 
@@ -564,6 +564,29 @@ class ActivationStore:
 
     def image_path(self, image: int) -> Path:
         return self.root / "images" / f"{int(image)}.png"
+
+    def texts(self, images: Sequence[int]) -> list[str]:
+        """The prompt text of each image id."""
+        by_image = {int(r["image"]): r["text"] for r in self.prompts()}
+        missing = [int(i) for i in images if int(i) not in by_image]
+        if missing:
+            raise KeyError(f"no prompt for image {missing[0]} in {self.root / 'prompts.jsonl'}")
+        return [by_image[int(i)] for i in images]
+
+    def images(self, images: Sequence[int], size: int | None = None) -> torch.Tensor:
+        """The final images [n, 3, H, W] in [-1, 1] (the VAE's range), resized to ``size`` if given."""
+        from PIL import Image
+
+        arrays = []
+        for image in images:
+            path = self.image_path(image)
+            if not path.exists():
+                raise FileNotFoundError(f"no final image for image {image} in {path.parent} (harvest with save_images: true)")
+            im = Image.open(path).convert("RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size))
+            arrays.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
     def export(self, path: str | os.PathLike, sites: Sequence[str] | None = None) -> Path:
         """Write the folder that ``push_to_hub`` uploads: one parquet file per site (a dataset

@@ -25,7 +25,7 @@ from einops import rearrange
 from activations.hooks import BlockCall, attach
 from activations.processor import AttnCall
 from activations.sites import resolve_sites
-from activations.timesteps import BRANCHES, check_branch, parse_when, select_steps
+from activations.timesteps import BRANCHES, Branch, check_branch, parse_when, select_steps
 
 
 class Trace:
@@ -65,7 +65,7 @@ class Trace:
         if state.step not in steps:
             steps.append(state.step)
         for br in self._branches():
-            rows = torch.nonzero(codes == BRANCHES.index(br)).flatten()
+            rows = Branch(br).rows(codes)
             self._data[(kind, site, br)][state.generation].append(value[rows].detach().cpu())
 
     def on_block(self, call: BlockCall) -> None:

@@ -1,4 +1,4 @@
-"""sae: sparse autoencoders on U-Net activations (DESIGN.md §5).
+"""sae: sparse autoencoders on U-Net activations.
 
 Public API (imported lazily, so that ``import sae`` does not pay for Lightning):
 

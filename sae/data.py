@@ -1,4 +1,4 @@
-"""``ActivationDataModule``: SAE training batches from an activation store (DESIGN.md §4).
+"""``ActivationDataModule``: SAE training batches from an activation store.
 
 Rows are filtered by timestep window and branch, split into train and validation by *image* (tokens
 of one image are strongly correlated, so a row-level split would leak), and served in a global

@@ -136,7 +136,7 @@ class LitSAE(pl.LightningModule):
                 density window).
             save_dir: Where the trained SAE is written at the end of fit (one folder per site,
                 sparsify / SAELens layout); null means <trainer.default_root_dir>/sae.
-            recovered: The loss-recovered metric (DESIGN.md §5).
+            recovered: The loss-recovered metric.
         """
         super().__init__()
         self.sae_cfg = copy.deepcopy(sae) if sae is not None else SparseCoderConfig()

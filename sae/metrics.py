@@ -1,4 +1,4 @@
-"""SAE metrics (DESIGN.md §5): FVU overall and per timestep window, sparsity statistics, and the
+"""SAE metrics: FVU overall and per timestep window, sparsity statistics, and the
 diffusion analogue of "loss recovered".
 
 FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over an evaluation set (1 - explained variance),

@@ -5,7 +5,7 @@ the SAE's reconstruction of x and x̂' the reconstruction from the latents after
 x̂' = x̂). Keeping the error term means that an edit of one latent changes the site's value by that
 latent's contribution only, as SAELens' ``use_error_term`` does; without an edit it leaves the
 value unchanged up to float rounding. Without it the U-Net sees what the SAE can express, which is
-what "loss recovered" scores (DESIGN.md §5).
+what "loss recovered" scores.
 """
 
 from __future__ import annotations

@@ -1,0 +1,63 @@
+"""Named models and prompt sources come from plugins: the toy world registers through entry points,
+and a user's own names work the same way (registered at run time here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from activations.config import HarvestConfig, PromptSource
+from activations.harvest import harvest
+from activations.models import build_tiny_pipeline
+from activations.pipeline import load_pipeline
+from activations.prompts import PromptSet
+from activations.store import ActivationStore
+from common import plugins
+
+
+class Colours(plugins.PromptSourcePlugin):
+    """A user's prompt source: 'a <colour> cat', with its colour as ground truth."""
+
+    COLOURS = ("red", "green", "blue")
+
+    def __len__(self):
+        return len(self.COLOURS)
+
+    def text(self, index):
+        return f"a {self.COLOURS[index]} cat"
+
+    def ground_truth(self, index):
+        return {"colour": self.COLOURS[index]}
+
+
+@pytest.fixture(scope="module")
+def registered():
+    tiny = build_tiny_pipeline("sd1")
+    plugins.register_prompt_source("test-colours", Colours)
+    plugins.register_model("test-tiny", plugins.ModelPlugin(load=lambda device=None, dtype=None: tiny,
+                                                            check_prompt=lambda text: text))
+    return tiny
+
+
+def test_toy_world__registered_through_entry_points():
+    assert "toy" in plugins.names(plugins.MODELS)
+    assert "toyworld" in plugins.names(plugins.PROMPT_SOURCES)
+    texts = PromptSet(PromptSource(kind="toyworld", num_prompts=2), seed=0)
+    assert len(texts) == 2 and texts.ground_truth(0)["scene"]["objects"]
+
+
+def test_a_users_model_and_prompt_source__harvest_by_name(registered, tmp_path):
+    assert load_pipeline("test-tiny") is registered
+    cfg = HarvestConfig(model="test-tiny", out=str(tmp_path / "s"), sites=["mid_block.attentions.0"],
+                        prompts=PromptSource(kind="test-colours"), num_inference_steps=2, guidance_scale=2.0,
+                        batch_size=3, images_per_shard=3, progress=False)
+    harvest(cfg, pipe=registered)
+    store = ActivationStore(tmp_path / "s")
+    assert store.texts([0, 1, 2]) == ["a red cat", "a green cat", "a blue cat"]
+    assert json.loads((tmp_path / "s" / "images" / "2.json").read_text())["colour"] == "blue"
+
+
+def test_unknown_prompt_source__names_the_registered_ones():
+    with pytest.raises(ValueError, match="valid: file, dataset, list, .*toyworld"):
+        PromptSet(PromptSource(kind="toyworlds", num_prompts=2))
