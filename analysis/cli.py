@@ -34,6 +34,9 @@ def run_hrv(argv: list[str]) -> int:
 
     cfg = parse_config(HRVConfig, argv, "diffatlas analyze hrv")
     try:
+        from analysis.concepts import load_concepts
+
+        load_concepts(cfg.concepts)  # a bad list fails before the model loads
         pipe = load_model(cfg, cfg.model)
         hrv = build_hrv(cfg, pipe)
     except (ValueError, FileNotFoundError, KeyError) as e:
