@@ -5,10 +5,13 @@ def test_demo__runs_the_chain_and_prints_where_it_wrote_each_result(tmp_path, ca
     pytest.importorskip("wandb")
     from diffatlas.cli import main
 
-    code = main(["demo", "--out", str(tmp_path), "--num_images", "2", "--harvest_prompts", "4", "--sae_epochs", "1"])
+    code = main(["demo", "--out", str(tmp_path), "--num_images", "2", "--harvest_prompts", "4", "--sae_epochs", "1",
+                 "--hrv_prompts", "2"])
     out = capsys.readouterr().out
     assert code == 0
     assert (tmp_path / "generated_grid.png").exists()
     assert "[1] generated 2 images" in out and "[2] harvested" in out and "[3] trained a TopK SAE" in out
     assert (tmp_path / "demo_config.yaml").exists()
     assert list((tmp_path / "sae").rglob("sae.safetensors"))
+    assert "[4] head relevance vectors of 7 toy attributes x 52 heads" in out
+    assert (tmp_path / "hrv" / "hrv_heatmap.png").exists()
