@@ -39,13 +39,22 @@ def concept_strengths(q_bhnd: torch.Tensor, k_bhsd: torch.Tensor, mask_bs: torch
     softmax(Q_h K_hᵀ · scale) over the concatenated concept tokens (masked slots excluded), then a
     word's map is averaged over its tokens and over spatial positions (Section 3 of the paper).
     """
+    return weighted_strengths(q_bhnd, k_bhsd, mask_bs, slot_weights(mask_bs, slot_concept_s, num_concepts), scale)
+
+
+def slot_weights(mask_bs: torch.Tensor, slot_concept_s: torch.Tensor, num_concepts: int) -> torch.Tensor:
+    """[b, S, concepts]: 1 / (tokens of the chosen word) on the word's slots, 0 elsewhere."""
+    onehot_sc = torch.nn.functional.one_hot(slot_concept_s, num_concepts).float()
+    weights_bsc = onehot_sc[None] * mask_bs[:, :, None].float()  # masked slots do not count
+    return weights_bsc / weights_bsc.sum(1, keepdim=True).clamp_min(1)
+
+
+def weighted_strengths(q_bhnd: torch.Tensor, k_bhsd: torch.Tensor, mask_bs: torch.Tensor, weights_bsc: torch.Tensor,
+                       scale: float) -> torch.Tensor:
     scores_bhns = einsum(q_bhnd.float(), k_bhsd.float(), "b h n d, b h s d -> b h n s") * scale
     scores_bhns = scores_bhns.masked_fill(~mask_bs[:, None, None, :], float("-inf"))
-    probs_bhs = reduce(scores_bhns.softmax(-1), "b h n s -> b h s", "mean")
-    onehot_sc = torch.nn.functional.one_hot(slot_concept_s, num_concepts).to(probs_bhs)  # [S, C]
-    weights_bsc = onehot_sc[None] * mask_bs[:, :, None].to(probs_bhs)  # masked slots do not count
-    total_bhc = einsum(probs_bhs, weights_bsc, "b h s, b s c -> b h c")
-    return total_bhc / weights_bsc.sum(1)[:, None, :]  # / tokens of each chosen word
+    probs_bhs = reduce(scores_bhns.softmax(-1), "b h n s -> b h s", "mean")  # average over positions
+    return einsum(probs_bhs, weights_bsc, "b h s, b s c -> b h c")  # average over the word's tokens
 
 
 def head_votes(strengths_bhc: torch.Tensor) -> torch.Tensor:
@@ -201,7 +210,7 @@ class VoteCounter:
         self.votes = torch.zeros(max(1, steps_hint), C, self.num_heads, dtype=torch.long)
         self.step_t: list[int | None] = [None] * self.votes.shape[0]
         self._keys: dict[str, torch.Tensor] = {}
-        self._choice = None  # [b, steps, sites, concepts]
+        self._idx = self._mask = self._weights = None  # [b, steps, sites, ...] of the current batch
 
     def begin_batch(self, job_ids: list[int], steps: int) -> None:
         n_words = self.bank.num_words
@@ -209,7 +218,15 @@ class VoteCounter:
         for j in job_ids:
             rng = np.random.default_rng([self.seed, int(j)])
             rows.append(np.stack([rng.integers(0, n, size=(steps, len(self.sites))) for n in n_words], -1))
-        self._choice = torch.as_tensor(np.stack(rows), dtype=torch.long)
+        choice_bPC = torch.as_tensor(np.stack(rows), dtype=torch.long).flatten(1, 2)  # P = steps x sites
+        b, P, C = choice_bPC.shape
+        idx, mask = self.bank.slots(choice_bPC.reshape(b * P, C))
+        weights = slot_weights(mask, self.bank.slot_concept_S, C)
+        # per (step, site): slot rows [b, S], mask [b, S], weights [b, S, C], computed once per batch
+        shape = (b, steps, len(self.sites))
+        self._idx = idx.view(*shape, -1)
+        self._mask = mask.view(*shape, -1)
+        self._weights = weights.view(*shape, *weights.shape[1:])
         self._grow(steps)
 
     def _grow(self, steps: int) -> None:
@@ -233,13 +250,12 @@ class VoteCounter:
         self._grow(step + 1)
         if self.step_t[step] is None:
             self.step_t[step] = call.t
-        choice_bC = self._choice[:, min(step, self._choice.shape[1] - 1), site_index]
-        if choice_bC.shape[0] != call.q_cond.shape[0]:
-            raise RuntimeError(f"{call.q_cond.shape[0]} conditional rows but {choice_bC.shape[0]} images in the batch")
-        idx_bS, mask_bS = self.bank.slots(choice_bC)
+        p = (slice(None), min(step, self._idx.shape[1] - 1), site_index)
+        idx_bS, mask_bS, weights_bSC = self._idx[p], self._mask[p], self._weights[p]
+        if idx_bS.shape[0] != call.q_cond.shape[0]:
+            raise RuntimeError(f"{call.q_cond.shape[0]} conditional rows but {idx_bS.shape[0]} images in the batch")
         keys_hTd = self.keys(call)
         device = call.q_cond.device
         k_bhSd = keys_hTd[:, idx_bS.to(device)].permute(1, 0, 2, 3)  # [h, b, S, d] -> [b, h, S, d]
-        strengths = concept_strengths(call.q_cond, k_bhSd, mask_bS.to(device), self.bank.slot_concept_S.to(device),
-                                      len(self.bank.concepts), call.scale)
+        strengths = weighted_strengths(call.q_cond, k_bhSd, mask_bS.to(device), weights_bSC.to(device), call.scale)
         self.votes[step, :, first:first + heads] += head_votes(strengths).cpu()
