@@ -74,7 +74,7 @@ def weakening_curves(curves: dict[str, dict[str, tuple[list[float], list[float]]
     cols = min(4, len(names))
     rows = (len(names) + cols - 1) // cols
     pw, ph, pad = 220, 170, 34
-    img = Image.new("RGB", (cols * pw, rows * ph + 20), WHITE)
+    img = Image.new("RGB", (max(cols * pw, 460), rows * ph + 34), WHITE)
     draw, font = ImageDraw.Draw(img), _font()
     all_scores = [s for c in curves.values() for _, ys in c.values() for s in ys]
     lo = min(0.0, min(all_scores, default=0.0))
@@ -100,7 +100,7 @@ def weakening_curves(curves: dict[str, dict[str, tuple[list[float], list[float]]
         draw.rectangle([x, rows * ph + 6, x + 10, rows * ph + 14], fill=color)
         draw.text((x + 14, rows * ph + 4), order, fill=BLACK, font=font)
         x += 90
-    draw.text((x, rows * ph + 4), f"y: {ylabel}; x: fraction of heads weakened", fill=BLACK, font=font)
+    draw.text((4, rows * ph + 19), f"y: {ylabel}; x: fraction of heads weakened", fill=BLACK, font=font)
     path = Path(path)
     img.save(path)
     return path
