@@ -82,6 +82,10 @@ def run_weakening(hrv: HRV, pipe, scorer, concepts: list[str] | None = None, *, 
     plus "area_between" (A_LeRHF − A_MoRHF) and "area_vs_random" (A_random − A_MoRHF)}."""
     from tqdm.auto import tqdm
 
+    if points < 5:
+        raise ValueError(f"points={points}: score at least 5 head counts between none and all heads (Section 4's curves)")
+    if images_per_point < 1:
+        raise ValueError(f"images_per_point={images_per_point}: need at least 1 image per point")
     hrv.check_model(pipe)
     concepts = list(concepts or hrv.concepts.names)
     for c in concepts:

@@ -12,6 +12,7 @@ Last line: {"ratio", "plain_s", "hrv_s", "prompts", "steps", "repeats", "model"}
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -54,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_model(cfg, cfg.model)
     steps, guidance = sampling_defaults(pipe, cfg.steps, cfg.guidance)
     texts = prompt_texts(cfg)
-    plain(pipe, texts[: args.batch], cfg.seeds, 2, guidance, args.batch)  # warm-up
+    plain(pipe, texts[: args.batch], cfg.seeds, 2, guidance, args.batch)  # warm-up of both paths
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = dataclasses.replace(cfg, out=tmp, steps=2, prompts=PromptSource(kind="toyworld", num_prompts=min(args.batch, args.prompts)))
+        build_hrv(warm, pipe)
     times = {"plain": [], "hrv": []}
     for r in range(args.repeats):
         t0 = time.perf_counter()
