@@ -1,0 +1,48 @@
+"""analysis: reading what the U-Net's parts do. This half: head relevance vectors and ordered
+weakening (Park et al., ICLR 2025, Sections 3-4; DESIGN.md §6).
+
+Public API (imported lazily, so that ``import analysis`` stays cheap):
+
+* ``ConceptList``, ``load_concepts(path_or_name)``: concept lists (configs/concepts/)
+* ``HRV``: ``.load(dir, pipe=None)``, ``.save(dir)``, ``.hrv``, ``.votes``, ``.top_heads(concept, n)``,
+  ``.window(name)``, ``.check_model(pipe)``
+* ``HRVConfig``, ``build_hrv(cfg, pipe=None)``: HRVs counted during generation, resumable
+* ``WeakenConfig``, ``run_weakening(hrv, pipe, scorer, ...)``, ``head_orders``, ``head_counts``
+* ``ToyOracleScorer`` (toy world), ``ClipScorer`` (real models)
+* ``main``: ``diffatlas analyze {hrv, weaken}``
+
+The layering rule: analysis imports activations and sae, never steering or diffatlas.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ConceptList": "analysis.concepts",
+    "load_concepts": "analysis.concepts",
+    "HRV": "analysis.hrv",
+    "HRVConfig": "analysis.config",
+    "WeakenConfig": "analysis.config",
+    "build_hrv": "analysis.construct",
+    "run_weakening": "analysis.weakening",
+    "head_orders": "analysis.weakening",
+    "head_counts": "analysis.weakening",
+    "ToyOracleScorer": "analysis.toy",
+    "ClipScorer": "analysis.clip_score",
+    "main": "analysis.cli",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'analysis' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("diffatlas.demo:main", "run the whole chain on the bundled toy model"),
     "harvest": ("activations.harvest:main", "harvest U-Net activations into a resumable activation store"),
     "sites": ("activations.sites:main", "list a model's block sites and cross-attention heads"),
+    "analyze": ("analysis.cli:main", "head relevance vectors and ordered weakening (hrv, weaken)"),
 }
 
 

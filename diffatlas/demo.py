@@ -3,7 +3,9 @@
 1. generate toy images from prompts the model never saw in training, and let the pixel oracle
    check each one (a labelled grid PNG);
 2. harvest a small toy set: a block site at every sampling step, into a resumable store;
-3. train a small TopK SAE on that site with Lightning and print its metrics and the W&B run.
+3. train a small TopK SAE on that site with Lightning and print its metrics and the W&B run;
+4. build head relevance vectors of the seven toy attributes on a few prompts and print each
+   attribute's top heads and where the heatmap is.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class DemoConfig:
     """Block site harvested and given an SAE (8x8 tokens per image in the toy model)."""
     sae_epochs: int = 2
     """Epochs of SAE training over the demo harvest."""
+    hrv_prompts: int = 16
+    """Toy prompts the demo's head relevance vectors are built from."""
 
 
 def step_generate(cfg: DemoConfig, pipe) -> Path:
@@ -88,6 +92,24 @@ def step_sae(cfg: DemoConfig, pipe, store: Path) -> Path:
     return folder
 
 
+def step_hrv(cfg: DemoConfig, pipe) -> Path:
+    from activations.config import PromptSource
+    from analysis.cli import hrv_outputs
+    from analysis.config import HRVConfig
+    from analysis.construct import build_hrv
+
+    out = Path(cfg.out) / "hrv"
+    hrv = build_hrv(HRVConfig(model="toy", concepts="toy", prompts=PromptSource(kind="toyworld", num_prompts=cfg.hrv_prompts),
+                              prompt_seed=cfg.seed, out=str(out), progress=False, wandb=False), pipe)
+    png = hrv_outputs(hrv, pipe, out, wandb=False)["heatmap"]
+    print(f"[4] head relevance vectors of {len(hrv.concepts)} toy attributes x {hrv.num_heads} heads "
+          f"from {cfg.hrv_prompts} prompts; top heads (global index):")
+    for name in hrv.concepts.names:
+        print(f"    {name:<10} {', '.join(str(h) for h, *_ in hrv.top_heads(name, 5))}")
+    print(f"    heatmap: {png.resolve()}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from activations.pipeline import load_pipeline
     from common.config import parse, save_config
@@ -100,4 +122,5 @@ def main(argv: list[str] | None = None) -> int:
     step_generate(cfg, pipe)
     store = step_harvest(cfg, pipe)
     step_sae(cfg, pipe, store)
+    step_hrv(cfg, pipe)
     return 0

@@ -6,7 +6,8 @@ def test_demo__runs_the_chain_and_prints_where_it_wrote_each_result(tmp_path, ca
     from diffatlas.cli import main
     from tests.test_quiet import assert_quiet
 
-    code = main(["demo", "--out", str(tmp_path), "--num_images", "2", "--harvest_prompts", "4", "--sae_epochs", "1"])
+    code = main(["demo", "--out", str(tmp_path), "--num_images", "2", "--harvest_prompts", "4", "--sae_epochs", "1",
+                 "--hrv_prompts", "2"])
     out, err = capfd.readouterr()
     assert code == 0
     assert (tmp_path / "generated_grid.png").exists()
@@ -14,3 +15,5 @@ def test_demo__runs_the_chain_and_prints_where_it_wrote_each_result(tmp_path, ca
     assert_quiet(out + err)  # our lines only (capfd: also what libraries write to the file descriptors)
     assert (tmp_path / "demo_config.yaml").exists()
     assert list((tmp_path / "sae").rglob("sae.safetensors"))
+    assert "[4] head relevance vectors of 7 toy attributes x 52 heads" in out
+    assert (tmp_path / "hrv" / "hrv_heatmap.png").exists()

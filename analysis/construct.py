@@ -1,0 +1,157 @@
+"""``diffatlas analyze hrv``: generate images and count HRV votes in the same pass, resumably.
+
+Jobs are (prompt, seed) pairs in a fixed order. After every batch the votes and the number of
+finished jobs are written together, atomically (one safetensors file replaced with os.replace), so
+an interrupted run resumes after the last finished batch and never counts a job twice. The words
+sampled for a job depend only on (word_seed, job id) (see VoteCounter), so the resumed result
+equals the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from analysis.concepts import load_concepts
+from analysis.config import HRVConfig, save_config
+from analysis.hrv import HRV, VoteCounter
+from analysis.mechanism import head_sites, observe_queries
+from analysis.words import encode_words
+
+PROGRESS = "progress.safetensors"
+# fields that do not change the votes: a rerun with other values resumes
+RUNTIME_FIELDS = ("out", "device", "progress", "wandb", "batch_size")
+
+
+def content(cfg: HRVConfig) -> dict:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_FIELDS}
+
+
+def load_model(cfg, name: str):
+    from activations.harvest import set_scheduler
+    from activations.pipeline import load_pipeline
+
+    pipe = load_pipeline(name, device=cfg.device)
+    pipe.set_progress_bar_config(disable=True)
+    set_scheduler(pipe, getattr(cfg, "scheduler", None))
+    return pipe
+
+
+def sampling_defaults(pipe, steps, guidance) -> tuple[int, float]:
+    from activations.pipeline import model_defaults
+
+    d = model_defaults(pipe)
+    return int(steps or d["num_inference_steps"]), float(guidance if guidance is not None else d["guidance_scale"])
+
+
+def prompt_texts(cfg: HRVConfig) -> list[str]:
+    from activations.prompts import PromptSet
+
+    ps = PromptSet(cfg.prompts, seed=cfg.prompt_seed)
+    return [ps.text(i) for i in range(len(ps))]
+
+
+def _save_progress(path: Path, counter: VoteCounter, done: int, cfg_content: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    meta = {"done": str(done), "step_t": json.dumps(counter.step_t), "config": json.dumps(cfg_content, sort_keys=True)}
+    save_file({"votes": counter.votes.contiguous()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # votes and the finished count change together or not at all
+
+
+def _load_progress(path: Path, counter: VoteCounter, cfg_content: dict) -> int:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return 0
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        votes = f.get_tensor("votes")
+    saved = json.loads(meta["config"])
+    if saved != json.loads(json.dumps(cfg_content, sort_keys=True)):
+        diff = sorted(k for k in set(saved) | set(cfg_content) if saved.get(k) != json.loads(json.dumps(cfg_content.get(k))))
+        raise ValueError(f"{path.parent} holds an HRV run with another config (fields differ: {', '.join(diff)}); "
+                         f"use another out folder or delete {path}")
+    counter.votes = votes
+    counter.step_t = json.loads(meta["step_t"])
+    return int(meta["done"])
+
+
+def build_hrv(cfg: HRVConfig, pipe=None, max_batches: int | None = None) -> HRV | None:
+    """Run (or resume) HRV construction; returns the HRV when all jobs are done, else None
+    (``max_batches`` stops early: a way to split a long run, and how the tests interrupt one)."""
+    from activations.sites import head_table
+
+    concepts = load_concepts(cfg.concepts)
+    texts = prompt_texts(cfg)
+    if cfg.model == "toy" and cfg.prompts.kind != "toyworld":
+        from toyworld.prompts import check_prompt  # the toy model knows a fixed vocabulary
+
+        for text in texts:
+            check_prompt(text)
+    pipe = pipe if pipe is not None else load_model(cfg, cfg.model)
+    steps, guidance = sampling_defaults(pipe, cfg.steps, cfg.guidance)
+    bank = encode_words(pipe, concepts)  # every word once, before generating anything
+    sites = head_sites(pipe)
+    pipe.scheduler.set_timesteps(steps)
+    calls = len(pipe.scheduler.timesteps)  # U-Net calls per generation (some schedulers add some)
+    counter = VoteCounter(bank, sites, seed=cfg.word_seed, steps_hint=calls)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "hrv_config.yaml")
+    jobs = [(p, s) for p in range(len(texts)) for s in cfg.seeds]
+    progress_path = out / PROGRESS
+    done = _load_progress(progress_path, counter, content(cfg))
+    bar = _bar(len(jobs), done, cfg.progress)
+    batches = 0
+    t0 = time.perf_counter()
+    with observe_queries(pipe, counter.on_call):
+        for start in range(done, len(jobs), cfg.batch_size):
+            if max_batches is not None and batches >= max_batches:
+                break
+            chunk = list(range(start, min(start + cfg.batch_size, len(jobs))))
+            counter.begin_batch(chunk, calls)
+            generators = [torch.Generator(pipe.device).manual_seed(int(jobs[j][1])) for j in chunk]
+            with torch.no_grad():
+                pipe(prompt=[texts[jobs[j][0]] for j in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                     generator=generators, output_type="latent")
+            done = chunk[-1] + 1
+            _save_progress(progress_path, counter, done, content(cfg))
+            bar.update(len(chunk))
+            batches += 1
+    bar.close()
+    if done < len(jobs):
+        return None
+    hrv = HRV(
+        concepts=concepts,
+        votes=counter.votes,
+        head_table=head_table(pipe.unet),
+        step_t=counter.step_t,
+        num_train_timesteps=int(pipe.scheduler.config.get("num_train_timesteps", 1000)),
+        meta={
+            "model": cfg.model,
+            "prompts": texts,
+            "seeds": list(cfg.seeds),
+            "word_seed": cfg.word_seed,
+            "steps": steps,
+            "guidance": guidance,
+            "scheduler": type(pipe.scheduler).__name__,
+            "images": len(jobs),
+            "seconds_this_run": round(time.perf_counter() - t0, 2),
+        },
+    )
+    hrv.save(out)
+    return hrv
+
+
+def _bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", desc="hrv", disable=not enabled, dynamic_ncols=True)

@@ -1,0 +1,92 @@
+"""The only module of ``analysis`` that touches the U-Net, through the Intervention protocol.
+
+Two small functions, so that a change of mechanism is a change here only:
+
+* ``observe_queries(pipe, on_call)``: at every cross-attention call, hand the conditional-branch
+  queries and this module's key projection to ``on_call`` (HRV voting, Section 3 of Park et al.);
+* ``weaken_heads(pipe, heads, token_scale)``: multiply chosen heads' attention probabilities by a
+  per-prompt, per-token factor at every step (ordered weakening, Section 4).
+
+Everything else in ``analysis`` works on plain tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from activations.edits import HeadEdit, Observe
+from activations.hooks import intervene
+from activations.sites import Site, list_sites
+
+
+@dataclasses.dataclass
+class QueryCall:
+    """What HRV voting needs from one cross-attention call."""
+
+    site: str
+    q_cond: torch.Tensor  # [b_cond, heads, N, d]: queries of the conditional branch
+    project_keys: Callable[[torch.Tensor], torch.Tensor]  # text embeddings [T, C] -> keys [heads, T, d]
+    scale: float  # the module's softmax scale (1/sqrt(d) in SD)
+    step: int | None  # denoising step index
+    t: int | None  # scheduler timestep
+
+
+def head_sites(pipe) -> list[Site]:
+    """The cross-attention head sites of the pipeline's U-Net, in global head order."""
+    return [s for s in list_sites(pipe.unet) if s.kind == "head"]
+
+
+@contextlib.contextmanager
+def observe_queries(pipe, on_call: Callable[[QueryCall], None]) -> Iterator[None]:
+    """Call ``on_call(QueryCall)`` at every cross-attention call of every generation in the block.
+
+    The observers sit at the ``q`` stage, so the processor keeps diffusers' fused attention for
+    the generation itself.
+    """
+
+    def observer(call) -> None:
+        rows = call.rows("cond")
+        q = call.q if rows is None else call.q[rows]
+        on_call(QueryCall(
+            site=call.site,
+            q_cond=q,
+            project_keys=lambda ehs_TC, _call=call: _call.project(ehs_TC)[0][0],
+            scale=float(call.attn.scale),
+            step=call.state.step,
+            t=call.state.t,
+        ))
+
+    with intervene(pipe, *(Observe(site=site.name, stage="q", fn=observer) for site in head_sites(pipe))):
+        yield
+
+
+@contextlib.contextmanager
+def weaken_heads(pipe, heads: Sequence[int], token_scale_bT: torch.Tensor) -> Iterator[None]:
+    """Multiply the attention probabilities of global ``heads`` by ``token_scale_bT`` at every step.
+
+    ``token_scale_bT``: [b_cond, T] factors per conditional-branch prompt and text token (−2 on a
+    prompt's semantic tokens, 1 on start/end/padding, for Section 4's weakening). Probabilities are
+    not renormalised, as in the paper. The unconditional branch (the empty prompt: no semantic
+    tokens) is untouched.
+    """
+    sites = head_sites(pipe)
+    local: dict[str, list[int]] = {}
+    for site in sites:
+        chosen = [h - site.first_head for h in heads if site.first_head <= h < site.first_head + site.heads]
+        if chosen:
+            local[site.name] = chosen
+
+    def scaled(probs_bhnt: torch.Tensor, call) -> torch.Tensor:
+        # one factor per batch row and token: the conditional rows get the prompts' factors
+        factor = torch.ones(probs_bhnt.shape[0], 1, 1, probs_bhnt.shape[-1], dtype=probs_bhnt.dtype, device=probs_bhnt.device)
+        rows = call.rows("cond")
+        factor[slice(None) if rows is None else rows] = token_scale_bT[:, None, None, :].to(factor)
+        return probs_bhnt * factor
+
+    edits = [HeadEdit(site=name, stage="probs", heads=hs, fn=scaled, branch="cond") for name, hs in local.items()]
+    with intervene(pipe, *edits):
+        yield

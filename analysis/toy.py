@@ -1,0 +1,39 @@
+"""Toy-world specifics of the analysis: concept prompts and the pixel-oracle scorer.
+
+Imported only when the toy scorer is chosen (the rest of ``analysis`` works on any model).
+Every toy prompt names one value of each of the seven attributes, so one prompt set serves every
+concept and the images of the order-independent points (no head and all heads weakened) are shared.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from toyworld.oracle import CHECKS, check_image
+from toyworld.prompts import scene_to_prompt
+from toyworld.scene import Scene, sample_scene
+
+
+def toy_prompts(n: int, seed: int = 0) -> list[tuple[str, Scene]]:
+    """``n`` one-object toy scenes and a prompt for each (held-in object pool, varied wording)."""
+    rng = np.random.default_rng([seed, 7])
+    scenes = [sample_scene(rng, num_objects=1) for _ in range(n)]
+    return [(scene_to_prompt(s, rng), s) for s in scenes]
+
+
+class ToyOracleScorer:
+    """Fraction of images in which the pixel oracle still reads the prompt's value of a concept."""
+
+    ylabel = "fraction read correctly"
+
+    def check(self, concepts) -> None:
+        bad = [c for c in concepts if c not in CHECKS or c == "count"]
+        if bad:
+            valid = [c for c in CHECKS if c != "count"]
+            raise ValueError(f"the toy scorer reads only toy attributes; unknown concept(s) {bad}; valid: {', '.join(valid)}")
+
+    def prompts(self, concept: str, n: int, seed: int) -> list[tuple[str, Scene]]:
+        return toy_prompts(n, seed)  # the same prompts for every concept (see module doc)
+
+    def score(self, concept: str, images: list[np.ndarray], targets: list[Scene]) -> list[float]:
+        return [float(check_image(scene, np.asarray(img))[concept]) for img, scene in zip(images, targets)]

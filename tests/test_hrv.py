@@ -1,0 +1,199 @@
+"""Head relevance vectors: one vote per image, head and step; rows of L1 norm H; resumable; clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from activations.config import PromptSource
+from activations.models import build_tiny_pipeline
+from activations.sites import head_table
+from analysis.concepts import ConceptList, load_concepts, word_token_positions
+from analysis.config import HRVConfig
+from analysis.construct import build_hrv
+from analysis.hrv import HRV, concept_strengths, head_votes, normalise_rows
+from analysis.words import encode_words
+
+TINY_CONCEPTS = """concepts:
+  color: [red, green, blue]
+  place: [top left, bottom right, sky]
+  animal: [cat, dog, horse]
+"""
+TINY_PROMPTS = ["a red cat on the top left", "a blue horse in the sky", "a green dog with a tree"]
+
+
+@pytest.fixture
+def concepts_file(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_CONCEPTS)
+    return path
+
+
+def tiny_config(tmp_path, concepts_file, **kw) -> HRVConfig:
+    base = dict(model="tiny", concepts=str(concepts_file), prompts=PromptSource(kind="list", texts=TINY_PROMPTS),
+                seeds=[0, 1], steps=3, guidance=5.0, batch_size=2, out=str(tmp_path / "hrv"), progress=False, wandb=False)
+    base.update(kw)
+    return HRVConfig(**base)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_hrv_on_tiny_pipelines_rows_have_l1_norm_H_and_each_head_votes_once_per_image_and_step(family, tmp_path, concepts_file):
+    pipe = build_tiny_pipeline(family)
+    hrv = build_hrv(tiny_config(tmp_path, concepts_file), pipe)
+    H = len(head_table(pipe.unet))
+    images = len(TINY_PROMPTS) * 2
+    assert hrv.hrv.shape == (3, H) and hrv.hrv.dtype == torch.float32
+    assert torch.allclose(hrv.hrv.abs().sum(1), torch.full((3,), float(H)))
+    assert hrv.votes.dtype == torch.int64 and hrv.votes.shape == (3, 3, H)
+    assert (hrv.votes.sum(1) == images).all()  # [steps, heads]: one vote per image at every step
+    assert all(t is not None for t in hrv.step_t)
+
+
+def test_head_whose_keys_match_a_concept_votes_for_it():
+    torch.manual_seed(0)
+    d, N = 8, 5
+    k_concepts = torch.eye(d)[:3] * 4  # concept c's single token key points along axis c
+    # head 0 queries along axis 1 (concept B), head 1 along axis 2 (concept C)
+    q = torch.zeros(1, 2, N, d)
+    q[0, 0, :, 1] = 3.0
+    q[0, 1, :, 2] = 3.0
+    k = k_concepts[None, None].expand(1, 2, 3, d)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    strengths = concept_strengths(q, k, mask, torch.tensor([0, 1, 2]), 3, scale=d**-0.5)
+    assert strengths.argmax(-1).tolist() == [[1, 2]]
+    votes_ch = head_votes(strengths)
+    assert votes_ch.tolist() == [[0, 0], [1, 0], [0, 1]]
+
+
+def test_multi_token_word_map_is_averaged_over_its_tokens():
+    d = 4
+    # slots: concept 0 has two tokens (a two-token word), concept 1 one token, plus a masked slot
+    q = torch.zeros(1, 1, 2, d)
+    q[0, 0, :, 0] = 1.0
+    k = torch.zeros(1, 1, 4, d)
+    k[0, 0, 0, 0] = 2.0  # first token of the word: high score
+    k[0, 0, 3, 0] = 50.0  # masked slot: must not count even though it would win
+    mask = torch.tensor([[True, True, True, False]])
+    slot_concept = torch.tensor([0, 0, 1, 1])
+    s = concept_strengths(q, k, mask, slot_concept, 2, scale=1.0)
+    p = torch.softmax(torch.tensor([2.0, 0.0, 0.0]), 0)
+    assert torch.allclose(s[0, 0], torch.stack([(p[0] + p[1]) / 2, p[2]]), atol=1e-6)
+
+
+def test_word_bank_keeps_only_semantic_tokens_and_averages_multi_token_words(concepts_file):
+    pipe = build_tiny_pipeline("sd1")
+    bank = encode_words(pipe, load_concepts(concepts_file))
+    assert word_token_positions(pipe.tokenizer, "top left") == [1, 2]
+    assert bank.embeds_TC.shape[0] == 3 + 2 + 2 + 1 + 3  # two two-token words in "place"
+    assert [m.shape for m in bank.mask_per_concept] == [(3, 1), (3, 2), (3, 1)]
+    assert bank.mask_per_concept[1].sum(1).tolist() == [2, 2, 1]
+
+
+def test_resume_does_not_count_any_prompt_twice(tmp_path, concepts_file):
+    pipe = build_tiny_pipeline("sd1")
+    full = build_hrv(tiny_config(tmp_path, concepts_file, out=str(tmp_path / "full")), pipe)
+    cfg = tiny_config(tmp_path, concepts_file, out=str(tmp_path / "cut"))
+    assert build_hrv(cfg, pipe, max_batches=1) is None  # interrupted after the first batch
+    resumed = build_hrv(cfg, pipe)
+    assert torch.equal(resumed.votes, full.votes)
+    again = build_hrv(cfg, pipe)  # a finished run rerun counts nothing more
+    assert torch.equal(again.votes, full.votes)
+
+
+def test_resume_refuses_another_config(tmp_path, concepts_file):
+    pipe = build_tiny_pipeline("sd1")
+    build_hrv(tiny_config(tmp_path, concepts_file), pipe, max_batches=1)
+    with pytest.raises(ValueError, match="another config.*steps"):
+        build_hrv(tiny_config(tmp_path, concepts_file, steps=4), pipe)
+
+
+def test_save_load_round_trip_and_window(tmp_path, concepts_file):
+    pipe = build_tiny_pipeline("sd1")
+    hrv = build_hrv(tiny_config(tmp_path, concepts_file, steps=4), pipe)
+    back = HRV.load(tmp_path / "hrv", pipe)
+    assert torch.equal(back.votes, hrv.votes) and torch.equal(back.hrv, hrv.hrv)
+    assert back.concepts == hrv.concepts and back.head_table == hrv.head_table and back.step_t == hrv.step_t
+    meta = json.loads((tmp_path / "hrv" / "hrv.json").read_text())
+    assert {"prompts", "seeds", "steps", "guidance", "scheduler", "model", "head_table"} <= set(meta)
+    assert back.top_heads("color", 2)[0][1].endswith("attn2")
+    # window(): the HRV of exactly the steps whose tau lies in the window
+    taus = [t / 1000 for t in hrv.step_t]
+    early = [i for i, tau in enumerate(taus) if tau >= 0.6]
+    assert early and len(early) < len(taus)
+    assert torch.equal(hrv.window("early"), normalise_rows(hrv.votes[early].sum(0)))
+    with pytest.raises(ValueError, match="valid windows: early, middle, late"):
+        hrv.window("dawn")
+
+
+def test_loading_against_another_model_names_what_was_expected(tmp_path, concepts_file):
+    build_hrv(tiny_config(tmp_path, concepts_file), build_tiny_pipeline("sd1"))
+    with pytest.raises(ValueError, match=r"HRV built for \d+ heads .* this model has \d+"):
+        HRV.load(tmp_path / "hrv", build_tiny_pipeline("sdxl"))
+    hrv = HRV.load(tmp_path / "hrv")
+    hrv.head_table[3] = ("mid_block.attentions.0.transformer_blocks.0.attn2", 0)
+    with pytest.raises(ValueError, match="differs from this model's at head 3: expected mid_block"):
+        hrv.check_model(build_tiny_pipeline("sd1"))
+
+
+# -- bad concept lists -----------------------------------------------------------------------
+
+
+def test_word_without_semantic_token_is_refused_naming_it(tmp_path):
+    from toyworld.model import build_pipeline
+
+    path = tmp_path / "c.yaml"
+    path.write_text("concepts:\n  color: [red, blue]\n  plant: [Oak tree]\n")
+    with pytest.raises(ValueError, match=r"concept 'plant': concept word 'Oak tree' has no semantic token.*unknown"):
+        encode_words(build_pipeline(), load_concepts(path))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("concepts:\n  color: [red, blue]\n  shape: []\n", "concept 'shape' has no words"),
+    ("concepts:\n  color: [red, blue]\n  shape:\n", "concept 'shape' has no words"),
+    ("concepts:\n  color: [red]\n  color: [blue]\n", r"duplicate concept name\(s\) \['color'\]"),
+    ("concepts:\n  color: [red, blue]\n", "at least 2 concepts"),
+    ("colors: [red]\n", "expected a mapping 'concepts:"),
+])
+def test_bad_concept_lists_give_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_concepts(path)
+
+
+def test_unknown_concept_list_name_lists_the_valid_ones():
+    with pytest.raises(FileNotFoundError, match="valid names: sd34, toy"):
+        load_concepts("sd35")
+
+
+def test_bundled_concept_lists():
+    from toyworld.model import build_pipeline
+    from toyworld.vocab import ATTRIBUTES
+
+    sd = load_concepts("sd34")
+    assert len(sd) == 34 and all(len(ws) == 10 for ws in sd.words)
+    toy = load_concepts("toy")
+    assert toy.names == tuple(ATTRIBUTES) and toy.words == tuple(tuple(v) for v in ATTRIBUTES.values())
+    tok = build_pipeline().tokenizer
+    assert word_token_positions(tok, "top left") == [1, 2]
+    assert ConceptList.from_dict(toy.to_dict()) == toy
+
+
+@pytest.mark.slow
+def test_sdxl_full_structure_gives_1300_heads_and_a_heatmap(tmp_path):
+    from activations.models import build_unet
+    from activations.sites import list_sites
+    from analysis.plots import hrv_heatmap
+
+    unet = build_unet("sdxl-base", device="meta")
+    table = head_table(unet)
+    assert len(table) == 1300
+    votes = torch.randint(0, 5, (2, 3, 1300))
+    hrv = HRV(load_concepts("toy").__class__(("a", "b", "c"), (("x",), ("y",), ("z",))), votes, table, [999, 500])
+    hrv.check_model(unet)
+    assert torch.allclose(hrv.hrv.sum(1), torch.full((3,), 1300.0))
+    res = {s.name: s.resolution for s in list_sites(unet) if s.kind == "head"}
+    png = hrv_heatmap(hrv.hrv.numpy(), ["a", "b", "c"], table, res, tmp_path / "h.png")
+    assert png.stat().st_size > 0
