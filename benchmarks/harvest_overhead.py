@@ -11,10 +11,11 @@ plain, harvest, ...: each pair alternates which goes first, so drifting machine 
 sides alike), and each pair gives one ratio harvest / plain. We report the median of those paired
 ratios and their spread (min, max, interquartile range): pairs taken a few seconds apart share the
 machine's load, so their ratio is far steadier than a ratio of independent best-of-N times on a
-shared machine. Defaults (128 prompts, 2 steps, 6 pairs) are chosen for time: the toy U-Net (with guidance, so
-a batch of 16 per call) costs ~0.15-0.5 s per prompt and step on the 2-core development CPU
-depending on its load, so one run is ~40-120 s and the benchmark ~8-25 min there; every step is
-captured either way, so more steps add time, not coverage. On a GPU use more prompts and steps.
+shared machine. Defaults (128 prompts, 1 step, 4 pairs, so each order twice) are chosen for time: the retrained
+toy U-Net (with guidance, a batch of 16 per call) costs ~0.3-1 s per prompt and step on the 2-core
+development CPU depending on how busy it is, so one run is ~40-120 s; every step is captured
+either way, so more steps add time, not coverage. On a GPU, or with time to spare, raise
+``--steps`` and ``--repeats``.
 
 Memory: a fresh process harvests ``--rss-prompts`` prompts each (default 100 and 1000) and reports
 its peak RSS; a store that streams keeps the two within a few percent. The memory runs use
@@ -203,11 +204,11 @@ def main() -> int:
     p.add_argument("--model", default="toy", help="toy | sd-1.4-random | a load_pipeline name")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--prompts", type=int, default=128, help="prompts of the timing runs")
-    p.add_argument("--steps", type=int, default=2,
-                   help="denoising steps of the timing runs (all captured; the toy U-Net costs ~0.15-0.5 s per "
-                        "prompt-step with guidance on 2 cores, so 2 steps keep 128 prompts x 12 runs at minutes)")
+    p.add_argument("--steps", type=int, default=1,
+                   help="denoising steps of the timing runs (all captured; the toy U-Net costs ~0.3-1 s per "
+                        "prompt-step with guidance on 2 shared cores, so 1 step keeps 128 prompts x 8 runs at minutes)")
     p.add_argument("--batch", type=int, default=8, help="images per pipeline call")
-    p.add_argument("--repeats", type=int, default=6,
+    p.add_argument("--repeats", type=int, default=4,
                    help="interleaved plain/harvest pairs (each alternating which goes first); median pair ratio reported")
     p.add_argument("--rss-prompts", default="100,1000", help="prompt counts of the memory runs (comma separated)")
     p.add_argument("--rss-steps", type=int, default=1, help="denoising steps of the memory runs (all captured)")
