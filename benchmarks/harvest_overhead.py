@@ -4,15 +4,17 @@
     python benchmarks/harvest_overhead.py --model sd-1.4-random --device cuda --prompts 128
 
 Time: plain generation and a harvest of two block sites plus every head site's per-head outputs
-at ``--steps`` timesteps (all steps captured) of ``--prompts`` prompts (default 128: at 32 prompts
-a run lasts ~3 s on the 2-core development CPU and one scheduler hiccup moved the ratio by 10%).
+at ``--steps`` timesteps (all steps captured) of ``--prompts`` prompts (default 128: with 32 prompts a run of the earlier, smaller toy model
+lasted ~3 s, and the best-of-5 ratio moved between 1.04 and 1.15 from run to run).
 The two are run as ``--repeats`` interleaved pairs in one process (plain, harvest, harvest, plain,
 plain, harvest, ...: each pair alternates which goes first, so drifting machine load hits both
 sides alike), and each pair gives one ratio harvest / plain. We report the median of those paired
 ratios and their spread (min, max, interquartile range): pairs taken a few seconds apart share the
 machine's load, so their ratio is far steadier than a ratio of independent best-of-N times on a
-shared machine. Defaults (128 prompts, 1 step, 4 pairs, so each order twice) are chosen for time: the retrained
-toy U-Net (with guidance, a batch of 16 per call) costs ~0.3-1 s per prompt and step on the 2-core
+shared machine.
+
+Defaults (128 prompts, 1 step, 4 pairs, so each order twice) are chosen for time: the retrained toy
+U-Net (with guidance, a batch of 16 per call) costs ~0.3-1 s per prompt and step on the 2-core
 development CPU depending on how busy it is, so one run is ~40-120 s; every step is captured
 either way, so more steps add time, not coverage. On a GPU, or with time to spare, raise
 ``--steps`` and ``--repeats``.
