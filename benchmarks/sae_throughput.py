@@ -13,9 +13,17 @@ activations, in one run.
   `SparseCoder` with the per-step work of its trainer for loss_fn='fvu' (forward with dead mask,
   backward, parallel-gradient removal, Adam step, unit-norm decoder, fired-latent bookkeeping).
 
-Each system runs ``--warmup`` untimed steps and then ``--steps`` timed ones, ``--repeats`` times
-interleaved with the others; its best run counts. Prints one JSON line per
-system and, last, the headline ratios {"vs_sae_lens", "vs_sparsify", "vs_bare_loop"} (ours / theirs).
+Each system runs ``--warmup`` untimed steps and then ``--steps`` timed ones, once per round, for
+``--repeats`` rounds (default 5); the order of the systems rotates from round to round so that none
+always runs first or last. Each round gives one ratio ours / theirs per peer from runs taken
+minutes apart at most; we report the median over rounds and its spread (min, max). On a shared
+machine a best-of-N throughput mostly measures luck (one run of 0.89 against sparsify, others of
+1.1), while paired ratios move together with the machine's load. SAELens runs both its dense and
+its ``use_sparse_activations`` trainer in the first round and then only the faster one.
+
+Prints one JSON line per system (median tokens/s and the per-round figures) and, last, the headline
+{"vs_sae_lens", "vs_sae_lens_spread", "vs_sparsify", "vs_sparsify_spread", "vs_bare_loop_spread",
+"vs_bare_loop"} (ours / theirs, medians; spreads are [min, max] over rounds).
 
     OMP_NUM_THREADS=2 python benchmarks/sae_throughput.py [--d 256 --latents 4096 --k 32 --batch 4096]
 """
@@ -26,6 +34,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -160,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latents", type=int, default=4096, help="SAE width")
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096, help="tokens per step")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per system")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per system")
-    p.add_argument("--repeats", type=int, default=2,
-                   help="measure each system this many times (interleaved) and keep its best: background load "
-                        "on a shared machine only ever slows a run down")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per system and round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per system and round")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="rounds: every system once per round, in an order rotating from round to round; "
+                        "medians over rounds are reported")
     p.add_argument("--skip", nargs="*", default=[], choices=["sae_lens", "sparsify"], help="peers to leave out")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -176,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     n_tokens = args.batch * (args.warmup + args.steps + 2)
     acts16 = sparse_activations(n_tokens, args.d, num_features=4 * args.d, active=16).half()
     acts = acts16.float()  # what the in-memory systems train on: the store's values, as float32
-    results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         from activations.store import write_synthetic_store
 
@@ -191,28 +199,42 @@ def main(argv: list[str] | None = None) -> int:
         if "sparsify" not in args.skip:
             runs += [("sparsify", lambda: bench_sparsify(acts, args))]
         failed: dict[str, str] = {}
-        for _ in range(args.repeats):
-            for name, fn in runs:
+        per_round: list[dict[str, float]] = []
+        for r in range(args.repeats):
+            order = runs[r % len(runs):] + runs[: r % len(runs)]
+            got: dict[str, float] = {}
+            for name, fn in order:
                 if name in failed:
                     continue
                 try:
-                    results[name] = max(results.get(name, 0.0), fn())
+                    got[name] = fn()
                 except Exception as e:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
                     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
                     failed[name] = f"{type(e).__name__}: {first}"
-        for name, _ in runs:
+            if r == 0 and "sae_lens" in got and "sae_lens_sparse" in got:
+                # measure only SAELens' faster trainer from now on
+                slower = "sae_lens_sparse" if got["sae_lens"] >= got["sae_lens_sparse"] else "sae_lens"
+                runs = [(n, f) for n, f in runs if n != slower]
+            if "sae_lens" in got or "sae_lens_sparse" in got:
+                got["sae_lens_best"] = max(got.get("sae_lens", 0.0), got.get("sae_lens_sparse", 0.0))
+            per_round.append(got)
+            print(f"round {r}: " + ", ".join(f"{n} {v:.0f} tok/s" for n, v in got.items()), file=sys.stderr, flush=True)
+        names = [n for n in ("ours", "bare_loop", "sae_lens", "sae_lens_sparse", "sparsify")]
+        for name in names:
+            vals = [g[name] for g in per_round if name in g]
             if name in failed:
                 print(json.dumps({"system": name, "error": failed[name]}), flush=True)
-            else:
-                print(json.dumps({"system": name, "tokens_per_s": round(results[name], 1), **common}), flush=True)
-    ours = results["ours"]
-    lens = max(results.get("sae_lens", 0.0), results.get("sae_lens_sparse", 0.0))
-    headline = {
-        "vs_sae_lens": round(ours / lens, 3) if lens else None,
-        "vs_sparsify": round(ours / results["sparsify"], 3) if results.get("sparsify") else None,
-        "vs_bare_loop": round(ours / results["bare_loop"], 3),
-    }
-    print(json.dumps(headline))
+            elif vals:
+                print(json.dumps({"system": name, "tokens_per_s": round(statistics.median(vals), 1),
+                                  "per_round": [round(v, 1) for v in vals], **common}), flush=True)
+    headline: dict[str, object] = {"repeats": args.repeats, "steps": args.steps}
+    for key, peer in (("vs_sae_lens", "sae_lens_best"), ("vs_sparsify", "sparsify"), ("vs_bare_loop", "bare_loop")):
+        ratios = [g["ours"] / g[peer] for g in per_round if g.get("ours") and g.get(peer)]
+        headline[f"{key}_spread"] = [round(min(ratios), 3), round(max(ratios), 3)] if ratios else None
+        headline[key] = round(statistics.median(ratios), 3) if ratios else None
+    # the three headline medians last, in a fixed order
+    print(json.dumps({**{k: v for k, v in headline.items() if not k.startswith("vs_") or k.endswith("_spread")},
+                      **{k: headline[k] for k in ("vs_sae_lens", "vs_sparsify", "vs_bare_loop")}}))
     return 0
 
 

@@ -75,8 +75,9 @@ class BatchTopKSAE(SparseCoder):
 
     def train_step(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
         n = x.shape[0]
-        x_c = x - self.b_dec
         with torch.no_grad():
+            # graph-free pre-activations; the sparse kernels re-attach gradient to the picks only
+            x_c = x.to(self.dtype) - self.b_dec
             pre = F.linear(x_c, self.encoder.weight, self.encoder.bias)
             acts = F.relu(pre)
             group = ctx.process_group

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from sae.config import Placement, SparseCoderConfig
-from sae.kernels import gather_pre_acts, sparse_decode
+from sae.kernels import gather_pre_acts, row_layout, sparse_decode
 from sae.latents import Latents
 from sae.registry import get_architecture
 
@@ -141,43 +141,62 @@ class SparseCoder(nn.Module):
     # ---------------------------------------------------------------------- shared pieces
     def _mse(self, x: Tensor, recon: Tensor) -> Tensor:
         """Squared error summed over dimensions, averaged over tokens."""
-        return (x - recon).pow(2).sum(-1).mean()
+        # one fused op forward and backward instead of sub, pow, sum and mean over [n, d]
+        return F.mse_loss(recon, x.to(recon.dtype), reduction="sum") / x.shape[0]
 
-    def _sparse_select(self, x_c: Tensor, pre: Tensor, rows: Tensor, cols: Tensor, offsets: Tensor) -> Tensor:
-        """ReLU of pre-activations at (rows, cols) with gradients into encoder and b_dec."""
-        vals = gather_pre_acts(x_c, self.encoder.weight, self.encoder.bias, rows, cols, offsets, pre[rows, cols])
+    def _sparse_select(self, x: Tensor, x_c: Tensor, values: Tensor, rows: Tensor, cols: Tensor,
+                       offsets: Tensor) -> Tensor:
+        """ReLU of the pre-activations ``values`` picked at (rows, cols) (computed without a graph,
+        x_c = x - b_dec likewise), with sparse gradients into the encoder and b_dec."""
+        vals = gather_pre_acts(x, self.b_dec, self.encoder.weight, self.encoder.bias, rows, cols, offsets,
+                               values, x_c=x_c)
         return F.relu(vals)
 
     def _sparse_train_output(self, x: Tensor, x_c: Tensor, pre: Tensor, rows: Tensor, cols: Tensor,
-                             offsets: Tensor, ctx: TrainContext) -> TrainOutput:
+                             offsets: Tensor, ctx: TrainContext, values: Tensor | None = None) -> TrainOutput:
         """The shared tail of the selection-based SAEs (TopK, BatchTopK): decode the selected
-        latents sparsely, score mse and AuxK, return the train-step contract."""
-        vals = self._sparse_select(x_c, pre, rows, cols, offsets)
-        recon = sparse_decode(vals, cols, self.W_dec, offsets) + self.b_dec
+        latents sparsely, score mse and AuxK, return the train-step contract.
+
+        x_c = x - b_dec and pre [n, m] are the graph-free pre-activation inputs and outputs;
+        ``values`` = pre[rows, cols] when the selection already has them (topk returns them)."""
+        if values is None:
+            values = pre[rows, cols]
+        vals = self._sparse_select(x, x_c, values, rows, cols, offsets)
+        recon = sparse_decode(vals, cols, self.W_dec, offsets, rows) + self.b_dec
         losses = {"mse": self._mse(x, recon)}
         if self.cfg.auxk_coefficient > 0:
-            losses["auxk"] = self._auxk_loss(x_c, pre, x - recon, ctx.dead_mask)
+            losses["auxk"] = self._auxk_loss(x, x_c, pre, recon, ctx.dead_mask)
         latents = Latents(self.num_latents, values=vals.detach(), indices=cols, offsets=offsets)
         return TrainOutput(recon=recon, latents=latents, losses=losses)
 
-    def _auxk_loss(self, x_c: Tensor, pre: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
+    def _auxk_loss(self, x: Tensor, x_c: Tensor, pre: Tensor, recon: Tensor, dead_mask: Tensor | None) -> Tensor:
         """AuxK (Gao et al. 2024, App. B.1): the k_aux most active dead latents reconstruct the
-        residual x - x_hat of the live ones; weighted by ``auxk_coefficient``."""
-        zero = residual.new_zeros(())
+        residual x - x_hat of the live ones; weighted by ``auxk_coefficient``.
+
+        Costs nothing when no latent is dead (the usual case once training is under way)."""
+        zero = recon.new_zeros(())
         if self.cfg.auxk_coefficient <= 0 or dead_mask is None:
             return zero
-        num_dead = int(dead_mask.sum())
+        dead = dead_mask.nonzero().squeeze(1)
+        num_dead = dead.numel()
         if num_dead == 0:
             return zero
-        n = pre.shape[0]
+        n, m = pre.shape
         k_aux = min(self.cfg.resolved_k_aux(self.d_in), num_dead)
-        masked = pre.masked_fill(~dead_mask[None, :], float("-inf"))
-        _, idx = masked.topk(k_aux, dim=-1, sorted=False)  # [n, k_aux]
-        rows = torch.arange(n, device=pre.device).repeat_interleave(k_aux)
-        offsets = torch.arange(0, n * k_aux, k_aux, device=pre.device)
-        vals = self._sparse_select(x_c, pre, rows, idx.reshape(-1), offsets)
-        e_hat = sparse_decode(vals, idx.reshape(-1), self.W_dec, offsets)
-        return self.cfg.auxk_coefficient * (e_hat - residual.detach()).pow(2).sum(-1).mean()
+        with torch.no_grad():
+            if 2 * num_dead <= m:
+                # Few dead latents: top-k over their columns only ([n, num_dead]), not over an
+                # [n, m] copy with the live latents masked to -inf.
+                values, local = pre.index_select(1, dead).topk(k_aux, dim=-1, sorted=False)
+                idx = dead[local]
+            else:
+                values, idx = pre.masked_fill(~dead_mask[None, :], float("-inf")).topk(k_aux, dim=-1, sorted=False)
+        rows, offsets = row_layout(n, k_aux, pre.device)
+        cols = idx.reshape(-1)
+        vals = self._sparse_select(x, x_c, values.reshape(-1), rows, cols, offsets)
+        e_hat = sparse_decode(vals, cols, self.W_dec, offsets, rows)
+        residual = (x - recon).detach()
+        return self.cfg.auxk_coefficient * F.mse_loss(e_hat, residual, reduction="sum") / n
 
     # --------------------------------------------------------------- decoder constraints
     @torch.no_grad()

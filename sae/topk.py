@@ -6,14 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sae.kernels import row_layout
 from sae.latents import Latents
 from sae.registry import register_architecture
 from sae.sparse_coder import SparseCoder, TrainContext, TrainOutput
-
-
-def _row_layout(n: int, k: int, device) -> tuple[Tensor, Tensor]:
-    """rows [n*k] and offsets [n] of a fixed-k flat layout."""
-    return (torch.arange(n, device=device).repeat_interleave(k), torch.arange(0, n * k, k, device=device))
 
 
 @register_architecture("topk")
@@ -24,18 +20,19 @@ class TopKSAE(SparseCoder):
     def encode(self, x: Tensor) -> Latents:
         vals, idx = self.pre_acts(x).topk(self.cfg.k, dim=-1, sorted=False)
         n = vals.shape[0]
-        _, offsets = _row_layout(n, self.cfg.k, vals.device)
+        _, offsets = row_layout(n, self.cfg.k, vals.device)
         return Latents(self.num_latents, values=F.relu(vals).reshape(-1), indices=idx.reshape(-1), offsets=offsets)
 
     def train_step(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
         n, k = x.shape[0], self.cfg.k
-        x_c = x - self.b_dec
         with torch.no_grad():
-            # Dense pre-activations without a graph; gradient is re-attached to the k picks only.
+            # Dense pre-activations without a graph; gradient is re-attached to the k picks only
+            # (Gao et al. 2024, App. D).
+            x_c = x.to(self.dtype) - self.b_dec
             pre = F.linear(x_c, self.encoder.weight, self.encoder.bias)
             # TopK before ReLU selects the same positive entries as TopK(ReLU(.)) without a dense
-            # ReLU pass; slots whose value is not positive become zeros either way.
-            _, idx = pre.topk(k, dim=-1, sorted=False)
-        rows, offsets = _row_layout(n, k, x.device)
-        cols = idx.reshape(-1)
-        return self._sparse_train_output(x, x_c, pre, rows, cols, offsets, ctx)
+            # ReLU pass; slots whose value is not positive become zeros either way. Its values are
+            # the picked pre-activations, so no [n, m] gather is needed afterwards.
+            vals, idx = pre.topk(k, dim=-1, sorted=False)
+        rows, offsets = row_layout(n, k, x.device)
+        return self._sparse_train_output(x, x_c, pre, rows, idx.reshape(-1), offsets, ctx, values=vals.reshape(-1))
