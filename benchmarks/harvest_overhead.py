@@ -123,6 +123,7 @@ def harvest_config(pipe, out: str, n: int, steps: int, batch: int) -> HarvestCon
         save_images=False,
         progress=False,
         verify=False,
+        threads=torch.get_num_threads(),  # the plain runs use the process's threads: compare like with like
     )
 
 
