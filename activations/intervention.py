@@ -125,10 +125,6 @@ class Call:
         return self.module
 
     @property
-    def branch(self) -> torch.Tensor:  # TODO(merge of the store work): callers move to ``codes``
-        return self.codes
-
-    @property
     def resolution(self) -> tuple[int, int]:
         return self.grid
 
