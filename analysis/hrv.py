@@ -211,6 +211,7 @@ class VoteCounter:
         self.step_t: list[int | None] = [None] * self.votes.shape[0]
         self._keys: dict[str, torch.Tensor] = {}
         self._idx = self._mask = self._weights = None  # [b, steps, sites, ...] of the current batch
+        self._pending = None  # this batch's votes on the model's device: no host sync per call
 
     def begin_batch(self, job_ids: list[int], steps: int) -> None:
         n_words = self.bank.num_words
@@ -228,6 +229,14 @@ class VoteCounter:
         self._mask = mask.view(*shape, -1)
         self._weights = weights.view(*shape, *weights.shape[1:])
         self._grow(steps)
+        self._pending = None
+
+    def end_batch(self) -> None:
+        """Add the batch's votes (kept on the model's device during generation) to ``votes``."""
+        if self._pending is not None:
+            self._grow(self._pending.shape[0])
+            self.votes[: self._pending.shape[0]] += self._pending.cpu()
+            self._pending = None
 
     def _grow(self, steps: int) -> None:
         if steps > self.votes.shape[0]:
@@ -258,4 +267,9 @@ class VoteCounter:
         device = call.q_cond.device
         k_bhSd = keys_hTd[:, idx_bS.to(device)].permute(1, 0, 2, 3)  # [h, b, S, d] -> [b, h, S, d]
         strengths = weighted_strengths(call.q_cond, k_bhSd, mask_bS.to(device), weights_bSC.to(device), call.scale)
-        self.votes[step, :, first:first + heads] += head_votes(strengths).cpu()
+        if self._pending is None or step >= self._pending.shape[0]:
+            grown = torch.zeros(max(step + 1, self.votes.shape[0]), *self.votes.shape[1:], dtype=torch.long, device=device)
+            if self._pending is not None:
+                grown[: self._pending.shape[0]] = self._pending
+            self._pending = grown
+        self._pending[step, :, first:first + heads] += head_votes(strengths)
