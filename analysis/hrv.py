@@ -103,11 +103,13 @@ class HRV:
     def row(self, concept: str) -> torch.Tensor:
         return self.hrv[self.concepts.index(concept)]
 
-    def order(self, concept: str, most_first: bool = True) -> list[int]:
-        """Global heads sorted by relevance to ``concept`` (ties broken by head index)."""
+    def order(self, concept: str, most_first: bool = True, tie_seed: int | None = None) -> list[int]:
+        """Global heads sorted by relevance to ``concept``; ties (e.g. heads with no vote) broken by
+        head index, or by a permutation seeded with ``tie_seed`` so that no resolution goes first."""
         r = self.row(concept).numpy()
         keys = -r if most_first else r
-        return [int(h) for h in np.lexsort((np.arange(len(r)), keys))]
+        tiebreak = np.arange(len(r)) if tie_seed is None else np.random.default_rng([tie_seed, 5]).permutation(len(r))
+        return [int(h) for h in np.lexsort((tiebreak, keys))]
 
     def top_heads(self, concept: str, n: int = 10) -> list[tuple[int, str, int, float]]:
         """The ``n`` most relevant heads: (global head, site, head in module, HRV value)."""
