@@ -122,6 +122,7 @@ def build_hrv(cfg: HRVConfig, pipe=None, max_batches: int | None = None) -> HRV 
             with torch.no_grad():
                 pipe(prompt=[texts[jobs[j][0]] for j in chunk], num_inference_steps=steps, guidance_scale=guidance,
                      generator=generators, output_type="latent")
+            counter.end_batch()
             done = chunk[-1] + 1
             _save_progress(progress_path, counter, done, content(cfg))
             bar.update(len(chunk))

@@ -103,11 +103,13 @@ class HRV:
     def row(self, concept: str) -> torch.Tensor:
         return self.hrv[self.concepts.index(concept)]
 
-    def order(self, concept: str, most_first: bool = True) -> list[int]:
-        """Global heads sorted by relevance to ``concept`` (ties broken by head index)."""
+    def order(self, concept: str, most_first: bool = True, tie_seed: int | None = None) -> list[int]:
+        """Global heads sorted by relevance to ``concept``; ties (e.g. heads with no vote) broken by
+        head index, or by a permutation seeded with ``tie_seed`` so that no resolution goes first."""
         r = self.row(concept).numpy()
         keys = -r if most_first else r
-        return [int(h) for h in np.lexsort((np.arange(len(r)), keys))]
+        tiebreak = np.arange(len(r)) if tie_seed is None else np.random.default_rng([tie_seed, 5]).permutation(len(r))
+        return [int(h) for h in np.lexsort((tiebreak, keys))]
 
     def top_heads(self, concept: str, n: int = 10) -> list[tuple[int, str, int, float]]:
         """The ``n`` most relevant heads: (global head, site, head in module, HRV value)."""
@@ -211,6 +213,7 @@ class VoteCounter:
         self.step_t: list[int | None] = [None] * self.votes.shape[0]
         self._keys: dict[str, torch.Tensor] = {}
         self._idx = self._mask = self._weights = None  # [b, steps, sites, ...] of the current batch
+        self._pending = None  # this batch's votes on the model's device: no host sync per call
 
     def begin_batch(self, job_ids: list[int], steps: int) -> None:
         n_words = self.bank.num_words
@@ -228,6 +231,14 @@ class VoteCounter:
         self._mask = mask.view(*shape, -1)
         self._weights = weights.view(*shape, *weights.shape[1:])
         self._grow(steps)
+        self._pending = None
+
+    def end_batch(self) -> None:
+        """Add the batch's votes (kept on the model's device during generation) to ``votes``."""
+        if self._pending is not None:
+            self._grow(self._pending.shape[0])
+            self.votes[: self._pending.shape[0]] += self._pending.cpu()
+            self._pending = None
 
     def _grow(self, steps: int) -> None:
         if steps > self.votes.shape[0]:
@@ -258,4 +269,9 @@ class VoteCounter:
         device = call.q_cond.device
         k_bhSd = keys_hTd[:, idx_bS.to(device)].permute(1, 0, 2, 3)  # [h, b, S, d] -> [b, h, S, d]
         strengths = weighted_strengths(call.q_cond, k_bhSd, mask_bS.to(device), weights_bSC.to(device), call.scale)
-        self.votes[step, :, first:first + heads] += head_votes(strengths).cpu()
+        if self._pending is None or step >= self._pending.shape[0]:
+            grown = torch.zeros(max(step + 1, self.votes.shape[0]), *self.votes.shape[1:], dtype=torch.long, device=device)
+            if self._pending is not None:
+                grown[: self._pending.shape[0]] = self._pending
+            self._pending = grown
+        self._pending[step, :, first:first + heads] += head_votes(strengths)

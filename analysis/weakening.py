@@ -32,11 +32,13 @@ def head_counts(num_heads: int, points: int) -> list[int]:
 
 
 def head_orders(hrv: HRV, concept: str, seed: int) -> dict[str, list[int]]:
-    """MoRHF, LeRHF and a random order (seeded by (seed, concept index)) of all global heads."""
+    """MoRHF, LeRHF and a random order (seeded by (seed, concept index)) of all global heads; ties in
+    the HRV are broken by a seeded permutation, not by head index (which would put the 16x16
+    down-block heads first among the many heads with no vote)."""
     rng = np.random.default_rng([seed, hrv.concepts.index(concept), 11])
     return {
-        "MoRHF": hrv.order(concept, most_first=True),
-        "LeRHF": hrv.order(concept, most_first=False),
+        "MoRHF": hrv.order(concept, most_first=True, tie_seed=seed),
+        "LeRHF": hrv.order(concept, most_first=False, tie_seed=seed),
         "random": [int(h) for h in rng.permutation(hrv.num_heads)],
     }
 
