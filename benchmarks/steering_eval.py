@@ -1,0 +1,333 @@
+"""Steering on the toy world, scored by the pixel oracle (toyworld.oracle).
+
+    python benchmarks/steering_eval.py                       # >= 100 prompts per cell (long on a CPU)
+    python benchmarks/steering_eval.py --prompts 8 --steps 10  # a quick check
+
+Cells (single-object scenes; one image per prompt, seed = prompt index):
+* spatial: move the object to a target quadrant (the diagonally opposite one; a centred object gets
+  a random one) by a spatial feature edit (Tinaz et al.: the object's features set to β·‖Z_ij‖ in
+  the target quadrant, 0 elsewhere) applied early, middle or late. Success: the oracle reads an
+  object in the target quadrant. Anchor (Tinaz et al., SD 1.4): 0.80 / 0.35 / 0.23; chance 0.25.
+* style: make the object striped, or the picture night, by a global feature edit (β·‖Z_ij‖/Σ‖Z‖
+  times the features' decoder directions at every position) in each window; ``style_preserved``:
+  the oracle also finds every other attribute of the prompt (shape, colour, position, background,
+  and texture or style, whichever is not the target).
+* hrv_color: at ``--attr-guidance`` (a low guidance, where the toy model often misses the asked
+  colour): ``base`` = colour right without steering; ``hrv`` = the colour token's attention
+  rescaled by HRV[color, h]; ``uniform`` = the same token rescaled by the mean factor at every
+  head (same total weight; note HRV rows have L1 norm H, so the mean is 1 and uniform equals base
+  by construction); ``adjusting`` = 2·HRV[color] − HRV[background] (undesired: background, the
+  concept a colour is most often confused with).
+* head_encode: the prompt with another colour word encoded through the ``--heads`` heads the colour
+  HRV ranks highest, on the object's patches only (its rendered mask, resized to each grid),
+  against as many random heads. Success: the oracle reads the other colour.
+
+The object's features (spatial) are the SAE features whose activation correlates most with the
+object's mask across patches (Pearson over every cond-branch row of early steps of the selection
+images: activation vs the object's coverage of the patch). Style features: the largest
+standardised difference of mean activation, striped vs plain objects (on object patches) and night
+vs day pictures (all patches). The SAE (TopK at ``--site``) and the HRVs are built inside the
+benchmark unless ``--sae`` / ``--hrv`` give folders. Last line JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+WINDOWS = ("early", "middle", "late")
+OPPOSITE = {"top left": "bottom right", "top right": "bottom left", "bottom left": "top right", "bottom right": "top left"}
+QUADS = tuple(OPPOSITE)
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=100, help="prompts per cell")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    ap.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's)")
+    ap.add_argument("--attr-guidance", type=float, default=1.5, help="guidance of the hrv_color cell")
+    ap.add_argument("--site", default="up_blocks.2.attentions.0")
+    ap.add_argument("--sae", default=None, help="SAE folder for --site (default: harvest and train one)")
+    ap.add_argument("--hrv", default=None, help="HRV folder (default: build one)")
+    ap.add_argument("--harvest-prompts", type=int, default=64)
+    ap.add_argument("--hrv-prompts", type=int, default=32)
+    ap.add_argument("--select-prompts", type=int, default=32, help="images used to pick features")
+    ap.add_argument("--features", type=int, default=4, help="features per edit")
+    ap.add_argument("--spatial-beta", type=float, default=2.0)
+    ap.add_argument("--style-beta", type=float, default=128.0, help="β of the global edit (2 x the 64 patches)")
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--out", default="outputs/bench/steering_eval")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args()
+
+
+# -- resources -------------------------------------------------------------------------------
+
+
+def build_sae(args, pipe, steps, guidance) -> str:
+    from activations.config import HarvestConfig, PromptSource
+    from activations.harvest import harvest
+    from sae import train_quick
+
+    store = Path(args.out) / "harvest"
+    harvest(HarvestConfig(model="toy", out=str(store), sites=[args.site], seed=args.seed,
+                          prompts=PromptSource(kind="toyworld", num_prompts=args.harvest_prompts),
+                          num_inference_steps=steps, guidance_scale=guidance, timesteps="all", branch="cond",
+                          batch_size=8, progress=True), pipe=pipe)
+    folder, _ = train_quick(str(store), site=args.site, out=str(Path(args.out) / "sae"), epochs=2, wandb=False,
+                            recovered_images=0, seed=args.seed)
+    return str(folder)
+
+
+def build_hrvs(args, pipe, steps, guidance) -> str:
+    from activations.config import PromptSource
+    from analysis.config import HRVConfig
+    from analysis.construct import build_hrv
+
+    out = Path(args.out) / "hrv"
+    build_hrv(HRVConfig(model="toy", concepts="toy", prompts=PromptSource(kind="toyworld", num_prompts=args.hrv_prompts),
+                        prompt_seed=args.seed, steps=steps, guidance=guidance, out=str(out), progress=True, wandb=False), pipe)
+    return str(out)
+
+
+# -- scenes ----------------------------------------------------------------------------------
+
+
+def scenes(n: int, seed: int, **fixed):
+    from toyworld.scene import Scene, sample_scene
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        s = sample_scene(rng, num_objects=1, split="train")
+        obj = dataclasses.replace(s.objects[0], **{k: v for k, v in fixed.items() if k in ("texture", "color")})
+        out.append(Scene((obj,), s.background, fixed.get("style", s.style)))
+    return out
+
+
+def prompt(scene) -> str:
+    from toyworld.prompts import scene_to_prompt
+
+    return scene_to_prompt(scene)  # canonical: every attribute named
+
+
+def images(pipe, prompts, seeds, steps, guidance, ivs=(), batch=8):
+    from activations.generate import sample
+    from steering import steer
+
+    out = []
+    for i in range(0, len(prompts), batch):
+        p, s = prompts[i:i + batch], seeds[i:i + batch]
+        with steer(pipe, *ivs, prompts=p):
+            out += [np.asarray(im) for im in sample(pipe, p, s, steps=steps, guidance=guidance).images]
+    return out
+
+
+# -- feature choice ---------------------------------------------------------------------------
+
+
+def site_rows(pipe, prompts, seeds, steps, guidance, site, window):
+    """cond-branch rows of ``site`` in ``window``: [images, rows of steps, patches, width]."""
+    from activations.edits import Observe
+    from steering import steer
+
+    got: list[torch.Tensor] = []
+
+    def grab(x, call):
+        rows = call.rows("cond")
+        got.append((x if rows is None else x[rows]).detach().float().clone())
+
+    obs = Observe(site=site, stage="block", fn=grab, when=window, sees="before")
+    per_image = []
+    for i, (p, s) in enumerate(zip(prompts, seeds)):
+        got.clear()
+        images(pipe, [p], [s], steps, guidance, [obs], batch=1)
+        per_image.append(torch.cat(got))  # [steps_in_window, n, c]
+    return per_image
+
+
+def pick_features(args, pipe, sae, steps, guidance):
+    from toyworld.render import patch_coverage, render
+
+    sel = scenes(args.select_prompts, args.seed + 1)
+    # half striped, half night, so the style contrasts exist
+    sel = [dataclasses.replace(s, objects=(dataclasses.replace(s.objects[0], texture="striped" if k % 2 else "plain"),),
+                               style="night" if (k // 2) % 2 else "day") for k, s in enumerate(sel)]
+    rows = site_rows(pipe, [prompt(s) for s in sel], list(range(len(sel))), steps, guidance, args.site, None)
+    grid = int(round(rows[0].shape[1] ** 0.5))
+    with torch.no_grad():
+        z = [sae.encode(r.reshape(-1, r.shape[-1])).to_dense().reshape(r.shape[0], r.shape[1], -1) for r in rows]
+    n_steps = z[0].shape[0]
+    early = slice(0, max(1, int(round(0.4 * n_steps))))  # tau in [0.6, 1]: the first 40% of the steps
+    cover = [torch.from_numpy(patch_coverage(render(s).masks, grid)[0].reshape(-1)) for s in sel]
+    a = torch.cat([zi[early].reshape(-1, zi.shape[-1]) for zi in z])
+    m = torch.cat([c.repeat(zi[early].shape[0]) for c, zi in zip(cover, z)])
+    a_c, m_c = a - a.mean(0), m - m.mean()
+    corr = (a_c * m_c[:, None]).sum(0) / (a_c.norm(dim=0) * m_c.norm()).clamp_min(1e-9)
+    obj = [int(i) for i in corr.argsort(descending=True)[: args.features]]
+
+    def contrast(values, labels):
+        v = torch.stack(values)
+        lab = torch.tensor(labels, dtype=torch.bool)
+        diff = v[lab].mean(0) - v[~lab].mean(0)
+        return [int(i) for i in (diff / v.std(0).clamp_min(1e-6)).argsort(descending=True)[: args.features]]
+
+    on_obj = [(zi * (c > 0.5).float()[None, :, None]).sum(1).mean(0) / (c > 0.5).float().sum().clamp_min(1) for zi, c in zip(z, cover)]
+    everywhere = [zi.mean((0, 1)) for zi in z]
+    striped = contrast(on_obj, [s.objects[0].texture == "striped" for s in sel])
+    night = contrast(everywhere, [s.style == "night" for s in sel])
+    return {"object": obj, "object_corr": [round(float(corr[i]), 3) for i in obj], "striped": striped, "night": night}
+
+
+# -- cells -----------------------------------------------------------------------------------
+
+
+def rate(flags) -> float:
+    return round(float(np.mean(flags)), 4) if len(flags) else float("nan")
+
+
+def read_positions(image) -> list[str]:
+    from toyworld.oracle import read_scene
+
+    try:
+        return [o.position for o in read_scene(image).objects]
+    except ValueError:
+        return []
+
+
+def cell_spatial(args, pipe, sae_folder, feats, steps, guidance):
+    from steering import FeatureEdit
+
+    sc = scenes(args.prompts, args.seed + 2)
+    rng = np.random.default_rng(args.seed + 2)
+    targets = [OPPOSITE.get(s.objects[0].position) or QUADS[rng.integers(4)] for s in sc]
+    out = {}
+    for window in WINDOWS:
+        flags = []
+        for q in QUADS:  # one batch per target quadrant (the region is shared by a batch)
+            idx = [i for i, t in enumerate(targets) if t == q]
+            if not idx:
+                continue
+            edit = FeatureEdit(sae=sae_folder, features=feats, op="spatial", strength=args.spatial_beta,
+                               region={"quadrant": q}, when=window)
+            ims = images(pipe, [prompt(sc[i]) for i in idx], idx, steps, guidance, [edit], args.batch)
+            flags += [q in read_positions(im) for im in ims]
+        out[window] = rate(flags)
+    return out
+
+
+def cell_style(args, pipe, sae_folder, feats, steps, guidance):
+    from steering import FeatureEdit
+    from toyworld.oracle import check_image
+
+    sc = scenes(args.prompts, args.seed + 3, texture="plain", style="day")
+    ps, seeds = [prompt(s) for s in sc], list(range(len(sc)))
+    style, kept = {}, {}
+    for target in ("striped", "night"):
+        truth = [dataclasses.replace(s, objects=(dataclasses.replace(s.objects[0], texture="striped"),)) if target == "striped"
+                 else dataclasses.replace(s, style="night") for s in sc]
+        attr = "texture" if target == "striped" else "style"
+        others = [a for a in ("shape", "color", "position", "background", "texture", "style") if a != attr]
+        for window in WINDOWS:
+            edit = FeatureEdit(sae=sae_folder, features=feats[target], op="global", strength=args.style_beta, when=window)
+            checks = [check_image(t, im) for t, im in zip(truth, images(pipe, ps, seeds, steps, guidance, [edit], args.batch))]
+            style[f"{target}_{window}"] = rate([c[attr] for c in checks])
+            kept[f"{target}_{window}"] = rate([all(c[a] for a in others) for c in checks])
+    return style, kept
+
+
+def cell_hrv(args, pipe, hrv_folder, steps):
+    from steering import HRVEdit
+    from toyworld.oracle import check_image
+
+    sc = scenes(args.prompts, args.seed + 4)
+    ps, seeds = [prompt(s) for s in sc], list(range(len(sc)))
+    out = {}
+
+    def score(ivs, groups):
+        flags = []
+        for color, idx in groups.items():
+            ims = images(pipe, [ps[i] for i in idx], idx, steps, args.attr_guidance, ivs(color), args.batch)
+            flags += [check_image(sc[i], im)["color"] for i, im in zip(idx, ims)]
+        return rate(flags)
+
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(sc):
+        groups.setdefault(s.objects[0].color, []).append(i)
+    out["base"] = score(lambda c: [], groups)
+    out["hrv"] = score(lambda c: [HRVEdit(hrv=hrv_folder, concept="color", token=c)], groups)
+    out["uniform"] = score(lambda c: [HRVEdit(hrv=hrv_folder, concept="color", token=c, uniform=True)], groups)
+    out["adjusting"] = score(lambda c: [HRVEdit(hrv=hrv_folder, concept="color", undesired="background", token=c)], groups)
+    return out
+
+
+def cell_heads(args, pipe, hrv_folder, steps, guidance):
+    from analysis.hrv import HRV
+    from steering import EncodePrompt
+    from toyworld.oracle import check_image
+    from toyworld.render import render
+    from toyworld.vocab import COLORS
+
+    hrv = HRV.load(hrv_folder)
+    top = [h for h, *_ in hrv.top_heads("color", args.heads)]
+    rnd = [int(h) for h in np.random.default_rng(args.seed + 5).choice(hrv.num_heads, args.heads, replace=False)]
+    sc = scenes(args.prompts, args.seed + 5)
+    out = {}
+    for name, heads in (("hrv_heads", top), ("random_heads", rnd)):
+        flags = []
+        for i, s in enumerate(tqdm(sc, desc=f"head_encode {name}", leave=False)):
+            obj = s.objects[0]
+            other = COLORS[(COLORS.index(obj.color) + 1) % len(COLORS)]
+            target = dataclasses.replace(s, objects=(dataclasses.replace(obj, color=other),))
+            edit = EncodePrompt(prompt=prompt(target), heads=heads, mask={"image": render(s).masks[0].astype(np.float32)})
+            im = images(pipe, [prompt(s)], [i], steps, guidance, [edit], 1)[0]
+            flags.append(check_image(target, im)["color"])
+        out[name] = rate(flags)
+    out["heads"] = {"hrv": top, "random": rnd}
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    from activations.pipeline import load_pipeline, model_defaults
+    from sae.sparse_coder import SparseCoder
+
+    torch.manual_seed(args.seed)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline("toy", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    d = model_defaults(pipe)
+    steps = args.steps or d["num_inference_steps"]
+    guidance = args.guidance if args.guidance is not None else d["guidance_scale"]
+    sae_folder = args.sae or build_sae(args, pipe, steps, guidance)
+    hrv_folder = args.hrv or build_hrvs(args, pipe, steps, guidance)
+    sae = SparseCoder.from_pretrained(sae_folder)
+    feats = pick_features(args, pipe, sae, steps, guidance)
+    print(json.dumps({"features": feats, "sae": sae_folder, "hrv": hrv_folder}), flush=True)
+    spatial = cell_spatial(args, pipe, sae_folder, feats["object"], steps, guidance)
+    print(json.dumps({"spatial": spatial}), flush=True)
+    style, kept = cell_style(args, pipe, sae_folder, feats, steps, guidance)
+    print(json.dumps({"style": style, "style_preserved": kept}), flush=True)
+    hrv_color = cell_hrv(args, pipe, hrv_folder, steps)
+    print(json.dumps({"hrv_color": hrv_color}), flush=True)
+    heads = cell_heads(args, pipe, hrv_folder, steps, guidance)
+    heads_used = heads.pop("heads")
+    print(json.dumps({"settings": {k: v for k, v in vars(args).items()} | {"steps": steps, "guidance": guidance},
+                      "heads_used": heads_used}), flush=True)
+    print(json.dumps({"spatial": spatial, "style": style, "style_preserved": kept, "hrv_color": hrv_color,
+                      "head_encode": heads}))
+
+
+if __name__ == "__main__":
+    main()

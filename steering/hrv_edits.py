@@ -1,0 +1,117 @@
+"""HRV concept strengthening and adjusting (Park et al., ICLR 2025, Section 5; DESIGN.md §6).
+
+Strengthening rescales the target token's attention probabilities in every cross-attention head h
+by HRV[c, h]; adjusting by 2·HRV[desired, h] − HRV[undesired, h] (the same as strengthening when
+the two concepts are one). The authors clamp large factors for SDXL (``clamp``). Probabilities are
+not renormalised, as in the paper. ``uniform=True`` is the control: the same token rescaled by the
+mean factor at every head (the same total weight spread evenly).
+
+    HRVEdit(hrv="runs/hrv/toy", concept="color", token="red")                 # strengthening
+    HRVEdit(hrv="runs/hrv/toy", concept="color", undesired="shape", token="red")  # adjusting
+
+``token`` is a word, found in each prompt with the pipeline's tokenizer when ``steer`` is given
+the prompts, or a token index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from activations.edits import HeadEdit
+from activations.intervention import register_intervention
+from steering.base import Composite, head_sites
+from steering.tokens import resolve_tokens
+
+
+@register_intervention("hrv_edit")
+@dataclasses.dataclass(kw_only=True, eq=False)
+class HRVEdit(Composite):
+    """Rescale a token's attention in every head by its HRV value for a concept (see module doc)."""
+
+    stages = ("probs",)
+    stage: str = "probs"
+    branch: Any = "cond"
+    hrv: Any = None
+    """HRV folder (``diffatlas analyze hrv``) or a loaded analysis.hrv.HRV"""
+    concept: str = ""
+    """the concept to strengthen (the desired one when adjusting)"""
+    undesired: str | None = None
+    """adjusting: the concept to move away from (factor 2·HRV[concept] − HRV[undesired])"""
+    token: Any = None
+    """the target token: a word of the prompt or a token index"""
+    clamp: float | None = None
+    """largest factor (the authors clamp for SDXL); None = no clamp"""
+    uniform: bool = False
+    """control: the mean factor at every head instead of the HRV's"""
+
+    def __post_init__(self):
+        from analysis.hrv import HRV
+
+        super().__post_init__()
+        self._folder = None
+        if isinstance(self.hrv, (str, Path)):
+            self._folder = str(self.hrv)
+            self.hrv = HRV.load(self.hrv)
+        if not isinstance(self.hrv, HRV):
+            raise ValueError(f"HRVEdit needs HRVs (a folder or an analysis.hrv.HRV), got {type(self.hrv).__name__}")
+        if self.token is None:
+            raise ValueError("HRVEdit needs token= (a word of the prompt or a token index)")
+        self.factors()  # unknown concepts fail here, naming the valid ones
+
+    def factors(self) -> torch.Tensor:
+        """Per global head factor [H]."""
+        names = list(self.hrv.concepts.names)
+        for c in (self.concept, self.undesired):
+            if c is not None and c not in names:
+                raise KeyError(f"concept {c!r} is not in these HRVs; valid concepts: {', '.join(names)}")
+        f = self.hrv.row(self.concept)
+        if self.undesired is not None:
+            f = 2 * f - self.hrv.row(self.undesired)
+        if self.clamp is not None:
+            f = f.clamp(max=float(self.clamp))
+        if self.uniform:
+            f = torch.full_like(f, float(f.mean()))
+        return f
+
+    def expand(self, pipe, prompts):
+        self.hrv.check_model(pipe)
+        if isinstance(self.token, str) and not prompts:
+            raise ValueError(f"token {self.token!r} is a word: give steer(..., prompts=[...]) so it can be found in each prompt")
+        tokens = resolve_tokens(pipe.tokenizer, prompts or [""], self.token)
+        factor_h = self.factors()
+        edits = []
+        for site in head_sites(pipe):
+            f_local = factor_h[site.first_head:site.first_head + site.heads]
+            edits.append(HeadEdit(site=site.name, stage="probs", fn=_rescale(f_local, tokens), **self.gate()))
+        return edits
+
+    def to_dict(self):
+        hrv = self.hrv
+        if self._folder is None:
+            raise ValueError("an HRV edit can be written to a recipe only with HRVs loaded from a folder (HRV.save)")
+        try:
+            self.hrv = self._folder
+            return super().to_dict()
+        finally:
+            self.hrv = hrv
+
+
+def _rescale(factor_h: torch.Tensor, tokens: list[list[int]]):
+    def fn(probs_bhnt, call):
+        b, h, _, t = probs_bhnt.shape
+        # one token set per image: rows map to prompts through call.images (one image per prompt)
+        images = call.images.tolist()
+        sel_bt = torch.zeros(b, t, dtype=torch.bool, device=probs_bhnt.device)
+        for row, image in enumerate(images):
+            idx = tokens[image if len(tokens) > 1 else 0] if (len(tokens) == 1 or image < len(tokens)) else None
+            if idx is None:
+                raise ValueError(f"batch row {row} is image {image} but only {len(tokens)} prompts were given to steer")
+            sel_bt[row, [i for i in idx if i < t]] = True
+        f = factor_h.to(probs_bhnt)[None, :, None, None]
+        return torch.where(sel_bt[:, None, None, :], probs_bhnt * f, probs_bhnt)
+
+    return fn

@@ -1,0 +1,35 @@
+"""Toy-world helpers for steering (toyworld is imported lazily, inside the functions)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def object_features(store: str, site: str, sae, n: int = 4, window="early", max_rows: int = 200_000) -> list[tuple[int, float]]:
+    """The ``n`` SAE features whose activation correlates most with the object's mask.
+
+    Pearson correlation, over the store's rows of ``site`` in ``window``, between each feature's
+    activation and the share of the row's patch that an object covers (the scene is parsed back
+    from the image's prompt and rendered). Returns [(feature, correlation)], best first.
+    """
+    from activations.store import ActivationStore
+    from toyworld.prompts import parse_prompt
+    from toyworld.render import patch_coverage, render
+
+    st = ActivationStore(store)
+    reader = st.site(site)
+    rows = reader.select(window=window)
+    rows = rows[:max_rows]
+    acts, meta = reader.read(rows)
+    h, w = reader.grid
+    ids = sorted({int(i) for i in meta["image"]})
+    cover = {i: patch_coverage(render(parse_prompt(t)).masks, h).max(0) for i, t in zip(ids, st.texts(ids))}
+    m = torch.tensor(np.array([cover[int(im)][int(i), int(j)] for im, i, j in zip(meta["image"], meta["i"], meta["j"])]),
+                     dtype=torch.float32)
+    with torch.no_grad():
+        z = sae.encode(acts.float().to(sae.dtype)).to_dense().float()
+    z_c, m_c = z - z.mean(0), m - m.mean()
+    corr = (z_c * m_c[:, None]).sum(0) / (z_c.norm(dim=0) * m_c.norm()).clamp_min(1e-9)
+    best = corr.argsort(descending=True)[:n]
+    return [(int(k), round(float(corr[k]), 4)) for k in best]
