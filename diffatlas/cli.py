@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "harvest": ("activations.harvest:main", "harvest U-Net activations into a resumable activation store"),
     "sites": ("activations.sites:main", "list a model's block sites and cross-attention heads"),
     "analyze": ("analysis.cli:main", "head relevance vectors and ordered weakening (hrv, weaken)"),
+    "explore": ("steering.explorer.server:main", "a local web app over every head x patch x step, with edits that become recipes"),
 }
 
 
