@@ -210,3 +210,22 @@ def test_cli__explore_is_a_diffatlas_command():
     from diffatlas.cli import COMMANDS
 
     assert COMMANDS["explore"][0] == "steering.explorer.server:main"
+
+
+def test_hrv__heads_coloured_by_top_concept_and_top_n_selection(random_toy_pipe, tmp_path):
+    from activations.sites import head_table
+    from analysis.concepts import ConceptList
+    from analysis.hrv import HRV
+
+    table = head_table(random_toy_pipe.unet)
+    votes = torch.zeros(2, 2, len(table), dtype=torch.long)
+    votes[:, 0, :10] = 5  # "color" wins heads 0..9, "shape" the rest
+    votes[:, 1, 10:] = 3
+    votes[:, 0, 7] = 9
+    HRV(ConceptList(("color", "shape"), (("red",), ("circle",))), votes, table, [999, 500]).save(tmp_path / "hrv")
+    ex = Explorer(random_toy_pipe, model="toy", hrv=HRV.load(tmp_path / "hrv", pipe=random_toy_pipe))
+    client = TestClient(make_app(ex))
+    info = client.get("/api/info").json()["hrv"]
+    assert info["concepts"] == ["color", "shape"] and info["head_concept"][:11] == ["color"] * 10 + ["shape"]
+    assert client.get("/api/hrv/top", params={"concept": "color", "n": 3}).json()["heads"] == [7, 0, 1]
+    assert "unknown concept 'size'" in client.get("/api/hrv/top", params={"concept": "size", "n": 3}).json()["error"]

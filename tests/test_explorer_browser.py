@@ -114,7 +114,8 @@ def test_browser__generate_select_scale_shows_the_python_api_image(server, brows
     assert shown(page, "#diff").max() > 0
 
     site = explorer.sites[0].name
-    edit = HeadEdit(site=site, stage="probs", heads=[0, 2], scale=-2.0, mask=Patches(patches, grid=(16, 16)))
+    words = list(range(1, 12))  # the prompt's words (start and end tokens untouched)
+    edit = HeadEdit(site=site, stage="probs", heads=[0, 2], tokens=words, scale=-2.0, mask=Patches(patches, grid=(16, 16)))
     with intervene(explorer.pipe, edit):
         expected = np.asarray(sample(explorer.pipe, [PROMPT], [4], steps=2, guidance=4.0).images[0].convert("RGB"))
     assert np.array_equal(after, expected)

@@ -77,7 +77,8 @@ class EditSpec:
     factor: float = -2.0
     """scale: the factor (-2: Park et al.'s weakening)"""
     tokens: list[int] | None = None
-    """scale: token indices to scale (None: all tokens)"""
+    """scale: token indices to scale (None: the prompt's words; start, end and padding untouched, as in
+    Park et al.'s weakening, since scaling the start token, which soaks up most attention, swamps any edit)"""
     prompt: str = ""
     """swap: the other prompt encoded into the selection"""
     branch: str | None = None
@@ -350,10 +351,12 @@ class Explorer:
         if spec.op == "scale":
             from activations.edits import HeadEdit
 
-            if spec.tokens is not None:
-                for t in spec.tokens:
-                    self._check_view(gen, 0, t)
-            return [HeadEdit(site=name, stage="probs", heads=locals_, tokens=spec.tokens, scale=float(spec.factor),
+            tokens = list(range(1, len(gen.tokens) - 1)) if spec.tokens is None else [int(t) for t in spec.tokens]
+            for t in tokens:
+                self._check_view(gen, 0, t)
+            if not tokens:
+                raise ValueError("no tokens to scale: the prompt has no words")
+            return [HeadEdit(site=name, stage="probs", heads=locals_, tokens=tokens, scale=float(spec.factor),
                              mask=self._mask_for(spec, grids[name]), when=when, branch=branch)
                     for name, locals_ in by_site.items()]
         from activations.edits import SwapKV
