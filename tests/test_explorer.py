@@ -229,3 +229,11 @@ def test_hrv__heads_coloured_by_top_concept_and_top_n_selection(random_toy_pipe,
     assert info["concepts"] == ["color", "shape"] and info["head_concept"][:11] == ["color"] * 10 + ["shape"]
     assert client.get("/api/hrv/top", params={"concept": "color", "n": 3}).json()["heads"] == [7, 0, 1]
     assert "unknown concept 'size'" in client.get("/api/hrv/top", params={"concept": "size", "n": 3}).json()["error"]
+
+
+def test_cli__explore_with_a_missing_sae_is_one_line_exit_2(tmp_path, capsys):
+    from diffatlas.cli import main
+
+    assert main(["explore", "--sae", str(tmp_path / "nowhere"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffatlas explore: error: ") and "nowhere" in err and "\n" not in err
