@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sites": ("activations.sites:main", "list a model's block sites and cross-attention heads"),
     "analyze": ("analysis.cli:main", "head relevance vectors and ordered weakening (hrv, weaken)"),
     "steer": ("steering.cli:main", "run a steering recipe: before/after grids and a W&B run"),
+    "explore": ("steering.explorer.server:main", "a local web app over every head x patch x step, with edits that become recipes"),
 }
 
 

@@ -1,0 +1,29 @@
+"""The explorer: a local web app over every cross-attention head × patch × timestep of a model,
+with edits (head scaling, prompt swaps, SAE features) that export as recipes.
+
+* ``Explorer`` (``session``): the model, its head table, generations with their attention maps
+  captured once (Observe interventions at stage ``probs``), edits through the Intervention protocol;
+* ``make_app`` (``server``): the FastAPI app serving ``static/explorer.html`` and the JSON API;
+* ``run_recipe`` / ``make_recipe`` (``recipe``): the YAML an edit exports and the function that
+  reproduces its image;
+* ``SAEFeatureEdit`` (``sae_edit``): an SAE splice editing one feature, writable to a recipe.
+
+``diffatlas explore`` runs ``server.main``.
+"""
+
+from __future__ import annotations
+
+from common.lazy import lazy_exports
+
+_EXPORTS = {
+    "Explorer": "steering.explorer.session",
+    "EditSpec": "steering.explorer.session",
+    "make_app": "steering.explorer.server",
+    "ExploreConfig": "steering.explorer.server",
+    "make_recipe": "steering.explorer.recipe",
+    "run_recipe": "steering.explorer.recipe",
+    "read_recipe": "steering.explorer.recipe",
+    "SAEFeatureEdit": "steering.explorer.sae_edit",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -1,0 +1,416 @@
+"""The explorer's model side: generations with every cross-attention head's maps, and edits.
+
+Everything here reads or writes the U-Net through the Intervention protocol only:
+
+* a generation attaches one ``Observe`` at stage ``probs`` per attn2 site, which copies the
+  conditional rows' attention probabilities [heads, patches, prompt tokens] of every step to the
+  CPU as float16 while the image is drawn; views (the head grid, one head, a hovered patch) are
+  then slices of that cache, never recomputed (Patch Explorer, Grabe et al. 2025, computes its
+  views the same way, from maps recorded during one generation);
+* an edit is a list of interventions (``HeadEdit`` at stage ``probs``, ``SwapKV``,
+  ``SAEFeatureEdit``) built from an ``EditSpec``; it becomes a recipe (``steering.explorer.recipe``)
+  and the edited image is drawn by ``run_recipe`` itself, so the page and the recipe agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import itertools
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+
+from steering.explorer.recipe import make_recipe, recipe_yaml, run_recipe
+
+OPS = ("scale", "swap", "sae")
+WINDOWS = ("all", "early", "middle", "late")
+BRANCHES = ("cond", "uncond", "both")
+
+
+def png_base64(image) -> str:
+    """A PIL image (or uint8 [H, W, 3] array) as base64 PNG (lossless: the page shows these bytes)."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@dataclasses.dataclass
+class Generation:
+    """One drawn image with its maps: ``maps[site]`` float16 [steps, heads, H*W, tokens]."""
+
+    id: str
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    tokens: list[str]
+    image: np.ndarray  # uint8 [H, W, 3]
+    maps: dict[str, torch.Tensor]
+    edits: dict[str, dict] = dataclasses.field(default_factory=dict)  # edit id -> {"recipe", "image"}
+
+
+@dataclasses.dataclass
+class EditSpec:
+    """One edit made in the page (the JSON body of ``POST /api/edit``)."""
+
+    gen: str
+    """the generation edited (its prompt, seed, steps and guidance are reused)"""
+    op: str = "scale"
+    """scale (multiply the heads' attention), swap (the heads read another prompt) or sae (edit a feature)"""
+    heads: list[int] = dataclasses.field(default_factory=list)
+    """global head indices (the grid's); scale and swap need at least one"""
+    patches: list[int] = dataclasses.field(default_factory=list)
+    """patch indices on the selection grid (``select_grid``, row-major); empty = refused (use all=True)"""
+    all_patches: bool = False
+    """edit every patch instead of a selection"""
+    when: Any = "all"
+    """all / early / middle / late, or {"steps": [first, last]} (inclusive range)"""
+    factor: float = -2.0
+    """scale: the factor (-2: Park et al.'s weakening)"""
+    tokens: list[int] | None = None
+    """scale: token indices to scale (None: the prompt's words; start, end and padding untouched, as in
+    Park et al.'s weakening, since scaling the start token, which soaks up most attention, swamps any edit)"""
+    prompt: str = ""
+    """swap: the other prompt encoded into the selection"""
+    branch: str | None = None
+    """cond / uncond / both (default: both for scale and sae, cond for swap)"""
+    feature: int = 0
+    """sae: the feature"""
+    mode: str = "scale"
+    """sae: inject / scale / ablate"""
+    value: float = 0.0
+    """sae: amount injected or factor"""
+
+
+class Explorer:
+    """A loaded model and its recent generations (kept in memory, the oldest dropped first)."""
+
+    def __init__(self, pipe, model: str = "toy", sae=None, hrv=None, keep: int = 8):
+        from activations.sites import head_table, list_sites
+
+        self.pipe, self.model, self.keep = pipe, model, keep
+        pipe.set_progress_bar_config(disable=True)
+        self.sites = [s for s in list_sites(pipe.unet, self._latent_size()) if s.kind == "head"]
+        self.head_table = head_table(self.sites)
+        self.sae, self.hrv = sae, hrv
+        if sae is not None:
+            self.check_sae(sae)
+        if hrv is not None:
+            hrv.check_model(pipe)
+        self.generations: OrderedDict[str, Generation] = OrderedDict()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # one pipeline call at a time
+
+    # -- model facts ----------------------------------------------------------------------
+    def _latent_size(self) -> tuple[int, int]:
+        from activations.sites import latent_size
+
+        return latent_size(self.pipe)
+
+    @property
+    def select_grid(self) -> tuple[int, int]:
+        """The finest head grid: the page selects patches on it."""
+        return max((s.resolution for s in self.sites), key=lambda r: r[0] * r[1])
+
+    def defaults(self) -> dict:
+        from activations.pipeline import model_defaults
+
+        d = model_defaults(self.pipe)
+        return {"steps": int(d["num_inference_steps"]), "guidance": float(d["guidance_scale"])}
+
+    def info(self) -> dict:
+        """What the page needs to lay out the grid: sites (columns) with their heads (rows)."""
+        out = {"model": self.model, "select_grid": list(self.select_grid), "defaults": self.defaults(),
+               "sites": [{"name": s.name, "grid": list(s.resolution), "heads": s.heads, "first_head": s.first_head}
+                         for s in self.sites],
+               "num_heads": len(self.head_table), "sae": None, "hrv": None}
+        if self.sae is not None:
+            p = self.sae.placement
+            out["sae"] = {"site": p.site, "stage": p.stage, "features": self.sae.num_latents, "source": str(self.sae.source)}
+        if self.hrv is not None:
+            hrv = self.hrv.hrv
+            top = hrv.argmax(0).tolist()
+            out["hrv"] = {"concepts": list(self.hrv.concepts.names), "head_concept": [self.hrv.concepts.names[c] for c in top]}
+        return out
+
+    def check_sae(self, sae) -> None:
+        """Refuse an SAE made for another model or a site this model lacks."""
+        p = sae.placement
+        names = {s.name: s for s in self.sites}
+        from activations.sites import list_sites
+
+        blocks = {s.name: s for s in list_sites(self.pipe.unet) if s.kind == "block"}
+        if p.model and p.model != self.model:
+            raise ValueError(f"this SAE was trained on model {p.model!r}, not {self.model!r}; "
+                             f"start the explorer with --model {p.model} or give an SAE of {self.model!r}")
+        site = names.get(p.site) or blocks.get(p.site)
+        if site is None:
+            raise ValueError(f"this SAE's site {p.site!r} is not a site of model {self.model!r}; "
+                             f"valid sites: {', '.join(list(blocks) + list(names))}")
+        if site.width != sae.d_in:
+            raise ValueError(f"this SAE takes width {sae.d_in} but site {p.site!r} of model {self.model!r} has width {site.width}")
+
+    def tokens(self, prompt: str) -> list[str]:
+        """The prompt's tokens as the pipeline's tokenizer splits it (start and end tokens included)."""
+        tok = self.pipe.tokenizer
+        ids = tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids
+        return [t.replace("</w>", "") for t in tok.convert_ids_to_tokens(ids)]
+
+    def check_prompt(self, prompt: str) -> None:
+        from activations.prompts import check_prompts
+
+        if not prompt or not prompt.strip():
+            raise ValueError("the prompt is empty; type at least one word")
+        check_prompts(self.model, [prompt])
+
+    # -- generation with the head grid captured ---------------------------------------------
+    def generate(self, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+                 capture: bool = True) -> Generation:
+        """Draw one image; with ``capture``, every head's maps at every step for every prompt token."""
+        from activations.edits import Observe
+        from activations.generate import sample
+        from activations.hooks import intervene
+
+        d = self.defaults()
+        steps = d["steps"] if steps is None else int(steps)
+        guidance = d["guidance"] if guidance is None else float(guidance)
+        if steps < 1 or steps > 1000:
+            raise ValueError(f"steps must be in 1..1000, got {steps}")
+        if guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {guidance}")
+        if int(seed) < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.check_prompt(prompt)
+        tokens = self.tokens(prompt)
+        n_tok = len(tokens)
+        per_site: dict[str, list[torch.Tensor]] = {s.name: [] for s in self.sites}
+
+        def keeper(name):
+            store = per_site[name]
+
+            def keep(x, call):  # x: probs [b, heads, n, t]
+                rows = call.rows("cond")
+                row = x[rows[0]] if rows is not None else x[0]
+                store.append(row[:, :, :n_tok].to(torch.float16).cpu())
+
+            return keep
+
+        observers = [Observe(site=s.name, stage="probs", fn=keeper(s.name), sees="before") for s in self.sites] if capture else []
+        with self._lock:
+            with intervene(self.pipe, *observers):
+                images = sample(self.pipe, [prompt], [int(seed)], steps=steps, guidance=guidance).images
+        maps = {name: torch.stack(v) if v else torch.zeros(0) for name, v in per_site.items()}
+        gen = Generation(id=f"g{next(self._ids)}", prompt=prompt, seed=int(seed), steps=steps, guidance=guidance,
+                         tokens=tokens, image=np.asarray(images[0].convert("RGB")), maps=maps)
+        self.generations[gen.id] = gen
+        while len(self.generations) > self.keep:
+            self.generations.popitem(last=False)
+        return gen
+
+    def get(self, gen_id: str) -> Generation:
+        if gen_id not in self.generations:
+            kept = ", ".join(self.generations) or "none"
+            raise KeyError(f"unknown generation {gen_id!r} (generations kept: {kept}); generate an image first")
+        return self.generations[gen_id]
+
+    # -- views, served from the cache ---------------------------------------------------
+    def _check_view(self, gen: Generation, step: int, token: int | None = None) -> None:
+        if not gen.maps or next(iter(gen.maps.values())).numel() == 0:
+            raise ValueError(f"generation {gen.id} was drawn without its head maps")
+        if not 0 <= int(step) < gen.steps:
+            raise ValueError(f"step {step} out of range; generation {gen.id} has {gen.steps} steps (valid: 0..{gen.steps - 1})")
+        if token is not None and not 0 <= int(token) < len(gen.tokens):
+            raise ValueError(f"token {token} out of range; the prompt has {len(gen.tokens)} tokens "
+                             f"(valid: 0..{len(gen.tokens) - 1}: {' '.join(gen.tokens)})")
+
+    def _head(self, head: int) -> tuple[Any, int]:
+        if not 0 <= int(head) < len(self.head_table):
+            raise ValueError(f"head {head} out of range; the model has {len(self.head_table)} heads (valid: 0..{len(self.head_table) - 1})")
+        name, local = self.head_table[int(head)]
+        return next(s for s in self.sites if s.name == name), local
+
+    def grid(self, gen_id: str, step: int, token: int) -> list[dict]:
+        """Every head's map [H*W] for ``token`` at ``step``, in the global head order."""
+        gen = self.get(gen_id)
+        self._check_view(gen, step, token)
+        out = []
+        for s in self.sites:
+            m = gen.maps[s.name][int(step), :, :, int(token)].float()  # [heads, n]
+            for j in range(s.heads):
+                out.append({"head": s.first_head + j, "site": s.name, "local": j, "grid": list(s.resolution),
+                            "values": np.round(m[j].numpy(), 4).tolist()})
+        return out
+
+    def head_maps(self, gen_id: str, head: int, token: int | None = None, step: int | None = None) -> dict:
+        """One head's maps: for one (token, step), or [steps][tokens][H*W] when both are None."""
+        gen = self.get(gen_id)
+        site, local = self._head(head)
+        self._check_view(gen, 0 if step is None else step, token)
+        m = gen.maps[site.name][:, local].float()  # [steps, n, tokens]
+        base = {"head": int(head), "site": site.name, "local": local, "grid": list(site.resolution), "tokens": gen.tokens}
+        if token is None and step is None:
+            return {**base, "maps": np.round(m.permute(0, 2, 1).numpy(), 4).tolist()}
+        if token is None or step is None:
+            raise ValueError("give both token and step, or neither (all maps of the head)")
+        return {**base, "values": np.round(m[int(step), :, int(token)].numpy(), 4).tolist()}
+
+    def patch(self, gen_id: str, step: int, y: float, x: float, token: int | None = None, top: int = 10) -> dict:
+        """Which heads attend from the image point (y, x) (fractions) to which token at ``step``:
+        the ``top`` (head, token) pairs by attention, and each head's value for ``token``."""
+        gen = self.get(gen_id)
+        self._check_view(gen, step, token)
+        if not (0 <= y <= 1 and 0 <= x <= 1):
+            raise ValueError(f"patch position must be fractions in [0, 1], got y={y}, x={x}")
+        values = []  # [heads, tokens]
+        for s in self.sites:
+            h, w = s.resolution
+            i, j = min(int(y * h), h - 1), min(int(x * w), w - 1)
+            values.append(gen.maps[s.name][int(step), :, i * w + j, :].float())
+        v = torch.cat(values)  # [num_heads, tokens]
+        content = v[:, 1:-1] if v.shape[1] > 2 else v  # the start / end tokens soak up attention; rank the words
+        off = 1 if v.shape[1] > 2 else 0
+        flat = content.flatten()
+        k = min(top, flat.numel())
+        best = torch.topk(flat, k)
+        pairs = [{"head": int(i) // content.shape[1], "token": int(i) % content.shape[1] + off,
+                  "word": gen.tokens[int(i) % content.shape[1] + off], "value": round(float(val), 4)}
+                 for val, i in zip(best.values, best.indices)]
+        out = {"pairs": pairs}
+        if token is not None:
+            out["token_values"] = np.round(v[:, int(token)].numpy(), 4).tolist()
+        return out
+
+    # -- edits ---------------------------------------------------------------------------
+    def _mask_for(self, spec: EditSpec, grid: tuple[int, int]):
+        """The selection (on ``select_grid``) as Patches on ``grid``: a coarse patch is in when
+        any fine patch inside it is."""
+        from activations.masks import Patches
+
+        if spec.all_patches:
+            return None
+        H, W = self.select_grid
+        sel = np.zeros(H * W, dtype=bool)
+        sel[np.asarray(spec.patches, dtype=int)] = True
+        sel = sel.reshape(H, W)
+        h, w = grid
+        coarse = np.zeros((h, w), dtype=bool)
+        ii, jj = np.nonzero(sel)
+        coarse[(ii * h) // H, (jj * w) // W] = True
+        return Patches(np.flatnonzero(coarse), grid=(h, w))
+
+    def _when(self, when) -> Any:
+        if when in (None, "all"):
+            return None
+        if isinstance(when, str):
+            if when not in WINDOWS:
+                raise ValueError(f"unknown step window {when!r}; valid: {', '.join(WINDOWS)} or {{'steps': [first, last]}}")
+            return when
+        if isinstance(when, dict) and set(when) == {"steps"} and len(when["steps"]) == 2:
+            return when
+        raise ValueError(f"step range must be all, early, middle, late or {{'steps': [first, last]}}, got {when!r}")
+
+    def interventions(self, spec: EditSpec) -> list:
+        """The interventions of one edit (one per attn2 site with chosen heads, or one SAE splice)."""
+        gen = self.get(spec.gen)
+        if spec.op not in OPS:
+            raise ValueError(f"unknown edit {spec.op!r}; valid edits: {', '.join(OPS)}")
+        H, W = self.select_grid
+        if not spec.all_patches:
+            if not spec.patches:
+                raise ValueError("no patches selected: drag a box or brush on the image, or choose 'all patches'")
+            bad = [p for p in spec.patches if not 0 <= int(p) < H * W]
+            if bad:
+                raise ValueError(f"patch {bad[0]} out of range for the {H}x{W} selection grid (valid: 0..{H * W - 1})")
+        when = self._when(spec.when)
+        if isinstance(when, dict):
+            a, b = (int(v) for v in when["steps"])
+            if not (0 <= a <= b < gen.steps):
+                raise ValueError(f"step range {a}..{b} out of range; valid steps 0..{gen.steps - 1} with first <= last")
+            when = {"steps": list(range(a, b + 1))}
+        branch = spec.branch or ("cond" if spec.op == "swap" else "both")
+        if branch not in BRANCHES:
+            raise ValueError(f"unknown branch {branch!r}; valid: {', '.join(BRANCHES)}")
+        if spec.op == "sae":
+            return [self._sae_edit(spec, when, branch)]
+        if not spec.heads:
+            raise ValueError("no heads selected: click heads in the grid (or pick the top heads of an HRV concept)")
+        by_site: dict[str, list[int]] = {}
+        for head in sorted(set(int(h) for h in spec.heads)):
+            site, local = self._head(head)
+            by_site.setdefault(site.name, []).append(local)
+        grids = {s.name: s.resolution for s in self.sites}
+        if spec.op == "scale":
+            from activations.edits import HeadEdit
+
+            tokens = list(range(1, len(gen.tokens) - 1)) if spec.tokens is None else [int(t) for t in spec.tokens]
+            for t in tokens:
+                self._check_view(gen, 0, t)
+            if not tokens:
+                raise ValueError("no tokens to scale: the prompt has no words")
+            return [HeadEdit(site=name, stage="probs", heads=locals_, tokens=tokens, scale=float(spec.factor),
+                             mask=self._mask_for(spec, grids[name]), when=when, branch=branch)
+                    for name, locals_ in by_site.items()]
+        from activations.edits import SwapKV
+
+        self.check_prompt(spec.prompt)
+        ehs = self.encode(spec.prompt)
+        return [SwapKV(site=name, encoder_hidden_states=ehs, heads=locals_, mask=self._mask_for(spec, grids[name]),
+                       when=when, branch=branch) for name, locals_ in by_site.items()]
+
+    def _sae_edit(self, spec: EditSpec, when, branch):
+        if self.sae is None:
+            raise ValueError("no SAE loaded: start the explorer with --sae DIR to edit SAE features")
+        from steering.explorer.sae_edit import SAEFeatureEdit
+
+        site = self.sae.placement.site
+        grid = next((s.resolution for s in self.sites if s.name == site or s.block == site), self.select_grid)
+        return SAEFeatureEdit(sae=self.sae, feature=spec.feature, mode=spec.mode, value=spec.value,
+                              mask=self._mask_for(spec, grid), when=when, branch=branch)
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        """The prompt's text embeddings [tokens, C] (what the cross-attention reads)."""
+        with torch.no_grad():
+            emb = self.pipe.encode_prompt(prompt, self.pipe.device, 1, False)[0]
+        return emb[0].float().cpu()
+
+    def edit(self, spec: EditSpec) -> dict:
+        """Draw the edited image through its recipe: {edit id, image (PNG base64), diff, recipe}."""
+        gen = self.get(spec.gen)
+        interventions = self.interventions(spec)
+        recipe = make_recipe(self.model, gen.prompt, gen.seed, gen.steps, gen.guidance, interventions)
+        with self._lock:
+            image = np.asarray(run_recipe(recipe, pipe=self.pipe)[0].convert("RGB"))
+        diff = np.abs(image.astype(np.int16) - gen.image.astype(np.int16))
+        # amplified so that small changes show; the max says how large it really is
+        shown = np.clip(diff.astype(np.float32) * (255.0 / max(int(diff.max()), 1)), 0, 255).astype(np.uint8)
+        edit_id = f"e{next(self._ids)}"
+        gen.edits[edit_id] = {"recipe": recipe, "image": image}
+        return {"edit": edit_id, "gen": gen.id, "image": png_base64(image), "diff": png_base64(shown),
+                "max_diff": int(diff.max()), "changed_pixels": int((diff.max(-1) > 0).sum()),
+                "recipe": recipe_yaml(recipe)}
+
+    def recipe(self, gen_id: str, edit_id: str) -> str:
+        gen = self.get(gen_id)
+        if edit_id not in gen.edits:
+            raise KeyError(f"unknown edit {edit_id!r} of generation {gen_id} (edits: {', '.join(gen.edits) or 'none'})")
+        return recipe_yaml(gen.edits[edit_id]["recipe"])
+
+    def hrv_top(self, concept: str, n: int) -> list[int]:
+        """The global heads of the ``n`` largest HRV entries of ``concept``."""
+        if self.hrv is None:
+            raise ValueError("no HRVs loaded: start the explorer with --hrv DIR")
+        names = list(self.hrv.concepts.names)
+        if concept not in names:
+            raise ValueError(f"unknown concept {concept!r}; valid concepts: {', '.join(names)}")
+        if not 1 <= int(n) <= len(self.head_table):
+            raise ValueError(f"n must be in 1..{len(self.head_table)}, got {n}")
+        return [h for h, *_ in self.hrv.top_heads(concept, int(n))]

@@ -1,0 +1,239 @@
+"""The explorer's API (FastAPI TestClient, the toy architecture with random weights, 2-3 steps):
+maps captured once per generation, views from the cache, edits whose recipes reproduce the image
+bit for bit, SAE feature edits, and bad input answered as one JSON message."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from steering.explorer.recipe import read_recipe, run_recipe  # noqa: E402
+from steering.explorer.server import make_app  # noqa: E402
+from steering.explorer.session import Explorer  # noqa: E402
+
+PROMPT = "a red circle in the top left on a blue background"
+OTHER = "a green square in the bottom right on a white background"
+
+
+def decode(b64: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def explorer(random_toy_pipe):
+    return Explorer(random_toy_pipe, model="toy")
+
+
+@pytest.fixture(scope="module")
+def client(explorer):
+    return TestClient(make_app(explorer))
+
+
+@pytest.fixture(scope="module")
+def gen(client):
+    r = client.post("/api/generate", json={"prompt": PROMPT, "seed": 3, "steps": 3, "guidance": 4.0})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_generate__image_tokens_and_every_head_map_for_every_step_and_token(explorer, gen):
+    assert gen["tokens"][2:4] == ["red", "circle"] and len(gen["tokens"]) == 13
+    assert decode(gen["image"]).shape == (64, 64, 3)
+    g = explorer.get(gen["gen"])
+    assert sum(m.shape[1] for m in g.maps.values()) == len(explorer.head_table) == 52
+    for s in explorer.sites:
+        m = g.maps[s.name]
+        assert m.dtype == torch.float16 and m.shape == (3, s.heads, s.resolution[0] * s.resolution[1], 13)
+        # probabilities over all 40 padded tokens sum to 1; the prompt's 13 hold at most that
+        assert float(m.float().sum(-1).max()) <= 1.01
+
+
+def test_grid_and_head_views__served_from_the_cache_without_running_the_unet(explorer, client, gen):
+    calls = []
+    handle = explorer.pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))  # test-only counter
+    try:
+        grid = client.get("/api/grid", params={"gen": gen["gen"], "step": 1, "token": 2}).json()["heads"]
+        head = client.get("/api/head", params={"gen": gen["gen"], "head": 2}).json()
+        one = client.get("/api/head", params={"gen": gen["gen"], "head": 2, "token": 2, "step": 1}).json()
+        patch = client.get("/api/patch", params={"gen": gen["gen"], "step": 1, "y": 0.1, "x": 0.9, "token": 2}).json()
+    finally:
+        handle.remove()
+    assert calls == []
+    assert [h["head"] for h in grid] == list(range(52))
+    assert all(len(h["values"]) == h["grid"][0] * h["grid"][1] for h in grid)
+    assert np.asarray(head["maps"]).shape == (3, 13, 256)
+    assert one["values"] == grid[2]["values"] == head["maps"][1][2]
+    assert len(patch["token_values"]) == 52 and len(patch["pairs"]) == 10
+
+
+def test_grid__layers_in_forward_order_heads_inside(explorer, client):
+    info = client.get("/api/info").json()
+    names = [s["name"] for s in info["sites"]]
+    assert names[0].startswith("down_blocks.0") and names[-1].startswith("up_blocks.")
+    assert any(n.startswith("mid_block") for n in names)
+    assert [s["first_head"] for s in info["sites"]] == list(range(0, 52, 4))
+    assert info["select_grid"] == [16, 16]
+
+
+@pytest.mark.parametrize("edit", [
+    {"op": "scale", "factor": -2.0, "heads": [0, 1, 17, 40], "patches": list(range(0, 96))},
+    {"op": "scale", "factor": 3.0, "heads": [2], "all_patches": True, "when": {"steps": [1, 2]}, "tokens": [2, 3]},
+    {"op": "swap", "prompt": OTHER, "heads": list(range(52)), "patches": list(range(128, 256)), "when": "early"},
+])
+def test_edit__recipe_reproduces_the_shown_image_bit_for_bit(explorer, client, gen, edit, tmp_path):
+    r = client.post("/api/edit", json={"gen": gen["gen"], **edit})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    shown = decode(out["image"])
+    assert out["max_diff"] > 0 and not np.array_equal(shown, decode(gen["image"]))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(client.get("/api/recipe", params={"gen": gen["gen"], "edit": out["edit"]}).text)
+    recipe = read_recipe(path)
+    assert list(recipe) == ["model", "prompts", "seeds", "steps", "guidance", "interventions"]
+    assert recipe["prompts"] == [PROMPT] and recipe["seeds"] == [3] and recipe["steps"] == 3
+    image = np.asarray(run_recipe(path, pipe=explorer.pipe)[0].convert("RGB"))
+    assert np.array_equal(image, shown)
+
+
+def test_edit__selection_is_restricted_to_the_selected_patches_at_every_grid(explorer, gen):
+    from steering.explorer.session import EditSpec
+
+    coarse = next(s for s in explorer.sites if s.resolution == (8, 8))
+    ivs = explorer.interventions(EditSpec(gen=gen["gen"], heads=[0, coarse.first_head + 3], patches=[0, 1, 16, 17]))
+    assert [iv.site for iv in ivs] == [explorer.sites[0].name, coarse.name]
+    assert [iv.mask.grid for iv in ivs] == [(16, 16), (8, 8)]
+    assert [iv.mask.indices for iv in ivs] == [(0, 1, 16, 17), (0,)]  # 2x2 fine patches -> 1 coarse patch
+    assert [iv.heads for iv in ivs] == [[0], [3]]
+
+
+@pytest.mark.parametrize("request_, message", [
+    (("get", "/api/grid", {"step": 1, "token": 99}), "token 99 out of range"),
+    (("get", "/api/grid", {"step": 7, "token": 1}), "step 7 out of range"),
+    (("get", "/api/grid", {"step": "x", "token": 1}), "bad request: step"),
+    (("get", "/api/head", {"head": 52}), "head 52 out of range"),
+    (("post", "/api/edit", {"heads": [0], "patches": []}), "no patches selected"),
+    (("post", "/api/edit", {"heads": [], "patches": [3]}), "no heads selected"),
+    (("post", "/api/edit", {"heads": [0], "patches": [3], "when": {"steps": [2, 9]}}), "step range 2..9 out of range"),
+    (("post", "/api/edit", {"heads": [0], "patches": [3], "op": "paint"}), "unknown edit 'paint'"),
+    (("post", "/api/edit", {"heads": [0], "patches": [3], "colour": 1}), "unknown edit field(s) ['colour']"),
+    (("post", "/api/edit", {"op": "sae", "patches": [3]}), "no SAE loaded"),
+    (("post", "/api/edit", {"op": "swap", "heads": [0], "patches": [3], "prompt": "a purple unicorn"}), "purple"),
+    (("get", "/api/hrv/top", {"concept": "red"}), "no HRVs loaded"),
+])
+def test_bad_input__one_json_message_and_the_server_keeps_serving(client, gen, request_, message):
+    method, path, params = request_
+    if method == "get":
+        r = client.get(path, params={"gen": gen["gen"], **params})
+    else:
+        r = client.post(path, json={"gen": gen["gen"], **params})
+    assert r.status_code in (400, 404), r.text
+    assert message in r.json()["error"] and "Traceback" not in r.text
+    assert client.get("/api/grid", params={"gen": gen["gen"], "step": 0, "token": 1}).status_code == 200
+
+
+def test_bad_input__unknown_prompt_word_and_unknown_generation(client):
+    r = client.post("/api/generate", json={"prompt": "a purple unicorn", "seed": 0, "steps": 2})
+    assert r.status_code == 400 and "purple" in r.json()["error"]
+    r = client.get("/api/grid", params={"gen": "g999", "step": 0, "token": 0})
+    assert r.status_code == 404 and "unknown generation 'g999'" in r.json()["error"]
+
+
+def test_server_error__answered_as_json_without_a_traceback(explorer, client, gen, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(explorer, "grid", broken)
+    r = client.get("/api/grid", params={"gen": gen["gen"], "step": 0, "token": 0})
+    assert r.status_code == 500 and r.json() == {"error": "server error: RuntimeError: disk on fire"}
+    monkeypatch.undo()
+    assert client.get("/api/grid", params={"gen": gen["gen"], "step": 0, "token": 0}).status_code == 200
+
+
+def test_page__served_with_its_script(client):
+    r = client.get("/")
+    assert r.status_code == 200 and "<canvas id=\"overlay\"" in r.text and "/api/edit" in r.text
+
+
+# ---- SAE features -------------------------------------------------------------------------
+
+SAE_SITE = "down_blocks.0.attentions.0"  # a block site of the toy, width 32, 16x16
+
+
+def make_sae(folder, model="toy", d=32):
+    from sae.config import Placement, SparseCoderConfig
+    from sae.registry import get_architecture
+
+    torch.manual_seed(0)
+    sae = get_architecture("topk")(SparseCoderConfig(num_latents=64, k=4), d)
+    sae.placement = Placement(site=SAE_SITE, stage="block", model=model)
+    sae.save_pretrained(folder)
+    from sae.sparse_coder import SparseCoder
+
+    return SparseCoder.from_pretrained(folder)
+
+
+def test_sae_feature_edit__recipe_reproduces_the_image(random_toy_pipe, tmp_path):
+    ex = Explorer(random_toy_pipe, model="toy", sae=make_sae(tmp_path / "sae"))
+    client = TestClient(make_app(ex))
+    assert client.get("/api/info").json()["sae"]["features"] == 64
+    g = client.post("/api/generate", json={"prompt": PROMPT, "seed": 1, "steps": 2}).json()
+    r = client.post("/api/edit", json={"gen": g["gen"], "op": "sae", "feature": 5, "mode": "inject", "value": 50.0,
+                                       "patches": list(range(64))})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["max_diff"] > 0 and "sae_feature_edit" in out["recipe"]
+    import yaml
+
+    image = np.asarray(run_recipe(yaml.safe_load(out["recipe"]), pipe=random_toy_pipe)[0].convert("RGB"))
+    assert np.array_equal(image, decode(out["image"]))
+    bad = client.post("/api/edit", json={"gen": g["gen"], "op": "sae", "feature": 64, "patches": [0]}).json()
+    assert "SAE feature 64 out of range" in bad["error"]
+
+
+def test_sae_of_another_model__refused_naming_both(random_toy_pipe, tmp_path):
+    with pytest.raises(ValueError, match="trained on model 'sd-1.5', not 'toy'"):
+        Explorer(random_toy_pipe, model="toy", sae=make_sae(tmp_path / "other", model="sd-1.5"))
+
+
+def test_cli__explore_is_a_diffatlas_command():
+    from diffatlas.cli import COMMANDS
+
+    assert COMMANDS["explore"][0] == "steering.explorer.server:main"
+
+
+def test_hrv__heads_coloured_by_top_concept_and_top_n_selection(random_toy_pipe, tmp_path):
+    from activations.sites import head_table
+    from analysis.concepts import ConceptList
+    from analysis.hrv import HRV
+
+    table = head_table(random_toy_pipe.unet)
+    votes = torch.zeros(2, 2, len(table), dtype=torch.long)
+    votes[:, 0, :10] = 5  # "color" wins heads 0..9, "shape" the rest
+    votes[:, 1, 10:] = 3
+    votes[:, 0, 7] = 9
+    HRV(ConceptList(("color", "shape"), (("red",), ("circle",))), votes, table, [999, 500]).save(tmp_path / "hrv")
+    ex = Explorer(random_toy_pipe, model="toy", hrv=HRV.load(tmp_path / "hrv", pipe=random_toy_pipe))
+    client = TestClient(make_app(ex))
+    info = client.get("/api/info").json()["hrv"]
+    assert info["concepts"] == ["color", "shape"] and info["head_concept"][:11] == ["color"] * 10 + ["shape"]
+    assert client.get("/api/hrv/top", params={"concept": "color", "n": 3}).json()["heads"] == [7, 0, 1]
+    assert "unknown concept 'size'" in client.get("/api/hrv/top", params={"concept": "size", "n": 3}).json()["error"]
+
+
+def test_cli__explore_with_a_missing_sae_is_one_line_exit_2(tmp_path, capsys):
+    from diffatlas.cli import main
+
+    assert main(["explore", "--sae", str(tmp_path / "nowhere"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffatlas explore: error: ") and "nowhere" in err and "\n" not in err

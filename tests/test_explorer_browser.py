@@ -1,0 +1,149 @@
+"""The explorer's page in a real browser: headless Chromium (the system's package) driven by
+Playwright against a uvicorn server in a thread (the toy architecture, random weights, 2 steps)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no system chromium on PATH (.ci/run installs it: apt-get install -y chromium)")
+
+PROMPT = "a red circle in the top left on a blue background"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(random_toy_pipe):
+    from steering.explorer.server import make_app
+    from steering.explorer.session import Explorer
+
+    explorer = Explorer(random_toy_pipe, model="toy")
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(make_app(explorer), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/", explorer
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def open_page(browser, url):
+    page = browser.new_page(viewport={"width": 1500, "height": 900})
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_selector("body[data-ready='1']")
+    return page, errors
+
+
+def shown(page, selector) -> np.ndarray:
+    from PIL import Image
+
+    src = page.get_attribute(selector, "src")
+    assert src and src.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+
+
+def generate(page, steps=2, seed=4):
+    page.fill("#prompt", PROMPT)
+    page.fill("#seed", str(seed))
+    page.fill("#steps", str(steps))
+    page.fill("#guidance", "4")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('grid').dataset.ready !== undefined")
+
+
+def test_browser__generate_select_scale_shows_the_python_api_image(server, browser):
+    from activations.edits import HeadEdit
+    from activations.generate import sample
+    from activations.hooks import intervene
+    from activations.masks import Patches
+
+    url, explorer = server
+    page, errors = open_page(browser, url)
+    generate(page)
+    before = shown(page, "#image")
+    assert page.locator("#grid canvas").count() == 52
+    # heads 0 and 2 of the first (16x16) site, clicked in the grid
+    page.check("input[name=click][value=select]")
+    page.click("#grid canvas[data-head='0']")
+    page.click("#grid canvas[data-head='2']")
+    assert page.inner_text("#nheads") == "2"
+    # a box over the top-left quarter of the image
+    box = page.locator("#overlay").bounding_box()
+    page.mouse.move(box["x"] + 2, box["y"] + 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2 - 2, box["y"] + box["height"] / 2 - 2, steps=5)
+    page.mouse.up()
+    patches = sorted(page.evaluate("[...S.sel]"))
+    assert patches == [i * 16 + j for i in range(8) for j in range(8)]
+    page.fill("#factor", "-2")
+    page.click("#apply")
+    page.wait_for_selector("#after[src]")
+    after = shown(page, "#after")
+    assert not np.array_equal(after, before)
+    assert shown(page, "#diff").max() > 0
+
+    site = explorer.sites[0].name
+    words = list(range(1, 12))  # the prompt's words (start and end tokens untouched)
+    edit = HeadEdit(site=site, stage="probs", heads=[0, 2], tokens=words, scale=-2.0, mask=Patches(patches, grid=(16, 16)))
+    with intervene(explorer.pipe, edit):
+        expected = np.asarray(sample(explorer.pipe, [PROMPT], [4], steps=2, guidance=4.0).images[0].convert("RGB"))
+    assert np.array_equal(after, expected)
+    assert "kind: head_edit" in page.inner_text("#recipe")
+    # hovering a patch names heads and tokens; a click opens a head large
+    page.mouse.move(box["x"] + 20, box["y"] + 20)
+    page.wait_for_function("document.getElementById('hover').textContent.includes('top (head, token)')")
+    page.check("input[name=click][value=open]")
+    page.click("#grid canvas[data-head='1']")
+    page.wait_for_selector("#large table")
+    assert page.locator("#large canvas").count() == 2 * 13
+    assert errors == []
+    page.close()
+
+
+def test_browser__bad_input_shows_a_message_and_the_page_keeps_working(server, browser):
+    url, _ = server
+    page, errors = open_page(browser, url)
+    page.fill("#prompt", "a purple unicorn")
+    page.fill("#steps", "2")
+    page.click("#generate")
+    page.wait_for_selector("#error:visible")
+    assert "purple" in page.inner_text("#error") and "Traceback" not in page.inner_text("#error")
+    generate(page)
+    assert not page.is_visible("#error")
+    page.click("#apply")  # no heads, no patches
+    page.wait_for_selector("#error:visible")
+    assert "no patches selected" in page.inner_text("#error")
+    # only the browser's own notes of the two refused requests (status 400), no script error
+    assert all("status of 400" in e for e in errors), errors
+    page.close()
