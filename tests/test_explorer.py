@@ -197,6 +197,9 @@ def test_sae_feature_edit__recipe_reproduces_the_image(random_toy_pipe, tmp_path
 
     image = np.asarray(run_recipe(yaml.safe_load(out["recipe"]), pipe=random_toy_pipe)[0].convert("RGB"))
     assert np.array_equal(image, decode(out["image"]))
+    feats = client.get("/api/features", params={"gen": g["gen"], "step": 1, "y": 0.2, "x": 0.2}).json()
+    assert feats["grid"] == [16, 16] and 0 < len(feats["features"]) <= 4  # TopK k=4
+    assert all(len(f["heatmap"]) == 256 and 0 < f["density"] <= 1 for f in feats["features"])
     bad = client.post("/api/edit", json={"gen": g["gen"], "op": "sae", "feature": 64, "patches": [0]}).json()
     assert "SAE feature 64 out of range" in bad["error"]
 
