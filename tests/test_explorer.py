@@ -59,6 +59,13 @@ def test_generate__image_tokens_and_every_head_map_for_every_step_and_token(expl
         assert float(m.float().sum(-1).max()) <= 1.01
 
 
+def test_generate__capturing_the_maps_leaves_the_image_bit_for_bit_as_a_plain_sample(explorer, gen):
+    from activations.generate import sample
+
+    plain = sample(explorer.pipe, [PROMPT], [3], steps=3, guidance=4.0).images[0]
+    assert np.array_equal(decode(gen["image"]), np.asarray(plain.convert("RGB")))
+
+
 def test_grid_and_head_views__served_from_the_cache_without_running_the_unet(explorer, client, gen):
     calls = []
     handle = explorer.pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))  # test-only counter
