@@ -247,3 +247,16 @@ def test_cli__explore_with_a_missing_sae_is_one_line_exit_2(tmp_path, capsys):
     assert main(["explore", "--sae", str(tmp_path / "nowhere"), "--port", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("diffatlas explore: error: ") and "nowhere" in err and "\n" not in err
+
+
+def test_recipe__diffatlas_steer_reproduces_the_page_image_bit_for_bit(explorer, client, gen, tmp_path):
+    steer_cli = pytest.importorskip("steering.cli", reason="diffatlas steer (the steering branch) is not here")
+    from PIL import Image
+
+    out = client.post("/api/edit", json={"gen": gen["gen"], "heads": [0, 3, 30], "patches": list(range(40, 120)),
+                                         "when": "early"}).json()
+    (tmp_path / "recipe.yaml").write_text(out["recipe"])
+    cfg = steer_cli.SteerConfig(recipe=str(tmp_path / "recipe.yaml"), out=str(tmp_path / "steer"), wandb=False)
+    steer_cli.steer_recipe(cfg, pipe=explorer.pipe)
+    after = np.asarray(Image.open(tmp_path / "steer" / "after" / "0000.png").convert("RGB"))
+    assert np.array_equal(after, decode(out["image"]))
