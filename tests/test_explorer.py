@@ -59,6 +59,13 @@ def test_generate__image_tokens_and_every_head_map_for_every_step_and_token(expl
         assert float(m.float().sum(-1).max()) <= 1.01
 
 
+def test_generate__capturing_the_maps_leaves_the_image_bit_for_bit_as_a_plain_sample(explorer, gen):
+    from activations.generate import sample
+
+    plain = sample(explorer.pipe, [PROMPT], [3], steps=3, guidance=4.0).images[0]
+    assert np.array_equal(decode(gen["image"]), np.asarray(plain.convert("RGB")))
+
+
 def test_grid_and_head_views__served_from_the_cache_without_running_the_unet(explorer, client, gen):
     calls = []
     handle = explorer.pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))  # test-only counter
@@ -197,6 +204,9 @@ def test_sae_feature_edit__recipe_reproduces_the_image(random_toy_pipe, tmp_path
 
     image = np.asarray(run_recipe(yaml.safe_load(out["recipe"]), pipe=random_toy_pipe)[0].convert("RGB"))
     assert np.array_equal(image, decode(out["image"]))
+    feats = client.get("/api/features", params={"gen": g["gen"], "step": 1, "y": 0.2, "x": 0.2}).json()
+    assert feats["grid"] == [16, 16] and 0 < len(feats["features"]) <= 4  # TopK k=4
+    assert all(len(f["heatmap"]) == 256 and 0 < f["density"] <= 1 for f in feats["features"])
     bad = client.post("/api/edit", json={"gen": g["gen"], "op": "sae", "feature": 64, "patches": [0]}).json()
     assert "SAE feature 64 out of range" in bad["error"]
 
@@ -237,3 +247,16 @@ def test_cli__explore_with_a_missing_sae_is_one_line_exit_2(tmp_path, capsys):
     assert main(["explore", "--sae", str(tmp_path / "nowhere"), "--port", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("diffatlas explore: error: ") and "nowhere" in err and "\n" not in err
+
+
+def test_recipe__diffatlas_steer_reproduces_the_page_image_bit_for_bit(explorer, client, gen, tmp_path):
+    steer_cli = pytest.importorskip("steering.cli", reason="diffatlas steer (the steering branch) is not here")
+    from PIL import Image
+
+    out = client.post("/api/edit", json={"gen": gen["gen"], "heads": [0, 3, 30], "patches": list(range(40, 120)),
+                                         "when": "early"}).json()
+    (tmp_path / "recipe.yaml").write_text(out["recipe"])
+    cfg = steer_cli.SteerConfig(recipe=str(tmp_path / "recipe.yaml"), out=str(tmp_path / "steer"), wandb=False)
+    steer_cli.steer_recipe(cfg, pipe=explorer.pipe)
+    after = np.asarray(Image.open(tmp_path / "steer" / "after" / "0000.png").convert("RGB"))
+    assert np.array_equal(after, decode(out["image"]))

@@ -10,6 +10,7 @@ unknown ids, 500 for a server error, never a traceback; the server keeps serving
 * ``GET  /api/grid?gen=&step=&token=``         every head's map for one token at one step (from the cache)
 * ``GET  /api/head?gen=&head=[&token=&step=]`` one head's map, or all its maps [steps][tokens][H*W]
 * ``GET  /api/patch?gen=&step=&y=&x=[&token=]`` which heads attend from a point to which token
+* ``GET  /api/features?gen=&step=&y=&x=``     with an SAE: features active at a point, with heatmaps
 * ``POST /api/edit``      an ``EditSpec`` -> {edit, image, diff, max_diff, recipe (YAML)}
 * ``GET  /api/recipe?gen=&edit=``              an edit's recipe YAML
 * ``GET  /api/hrv/top?concept=&n=``            the top n heads of an HRV concept
@@ -138,6 +139,11 @@ def make_app(explorer: Explorer):
     @_answers
     def patch(gen: str, step: int, y: float, x: float, token: int | None = None):
         return explorer.patch(gen, step, y, x, token)
+
+    @app.get("/api/features")
+    @_answers
+    def features(gen: str, step: int, y: float, x: float):
+        return explorer.features(gen, step, y, x)
 
     @app.post("/api/edit")
     @_answers

@@ -56,6 +56,7 @@ class Generation:
     image: np.ndarray  # uint8 [H, W, 3]
     maps: dict[str, torch.Tensor]
     edits: dict[str, dict] = dataclasses.field(default_factory=dict)  # edit id -> {"recipe", "image"}
+    sae_acts: torch.Tensor | None = None  # with an SAE: its site's value, float16 [steps, H*W, width]
 
 
 @dataclasses.dataclass
@@ -205,12 +206,23 @@ class Explorer:
             return keep
 
         observers = [Observe(site=s.name, stage="probs", fn=keeper(s.name), sees="before") for s in self.sites] if capture else []
+        sae_rows: list[torch.Tensor] = []
+        if capture and self.sae is not None:
+            def keep_sae(x, call):  # block [b, n, c] or heads [b, h, n, d]: the SAE's input rows
+                rows = call.rows("cond")
+                row = x[rows[0]] if rows is not None else x[0]
+                row = row if row.ndim == 2 else row.permute(1, 0, 2).reshape(row.shape[1], -1)
+                sae_rows.append(row.to(torch.float16).cpu())
+
+            p = self.sae.placement
+            observers.append(Observe(site=p.site, stage=p.stage or "block", fn=keep_sae, sees="before"))
         with self._lock:
             with intervene(self.pipe, *observers):
                 images = sample(self.pipe, [prompt], [int(seed)], steps=steps, guidance=guidance).images
         maps = {name: torch.stack(v) if v else torch.zeros(0) for name, v in per_site.items()}
         gen = Generation(id=f"g{next(self._ids)}", prompt=prompt, seed=int(seed), steps=steps, guidance=guidance,
-                         tokens=tokens, image=np.asarray(images[0].convert("RGB")), maps=maps)
+                         tokens=tokens, image=np.asarray(images[0].convert("RGB")), maps=maps,
+                         sae_acts=torch.stack(sae_rows) if sae_rows else None)
         self.generations[gen.id] = gen
         while len(self.generations) > self.keep:
             self.generations.popitem(last=False)
@@ -288,6 +300,30 @@ class Explorer:
         if token is not None:
             out["token_values"] = np.round(v[:, int(token)].numpy(), 4).tolist()
         return out
+
+    def features(self, gen_id: str, step: int, y: float, x: float, top: int = 8) -> dict:
+        """The SAE features active at the image point (y, x) at ``step``, strongest first, each with
+        its heatmap over the site's patches at that step and the fraction of patches where it fires."""
+        if self.sae is None:
+            raise ValueError("no SAE loaded: start the explorer with --sae DIR to list features")
+        gen = self.get(gen_id)
+        self._check_view(gen, step)
+        if gen.sae_acts is None:
+            raise ValueError(f"generation {gen.id} was drawn before the SAE was loaded; generate again")
+        if not (0 <= y <= 1 and 0 <= x <= 1):
+            raise ValueError(f"patch position must be fractions in [0, 1], got y={y}, x={x}")
+        site = self.sae.placement.site
+        h, w = next((s.resolution for s in self.sites if s.name == site or s.block == site), self.select_grid)
+        with torch.no_grad():
+            z = self.sae.encode(gen.sae_acts[int(step)].float().to(self.sae.dtype)).to_dense().float()  # [n, m]
+        p = min(int(y * h), h - 1) * w + min(int(x * w), w - 1)
+        vals = z[p]
+        k = min(top, int((vals > 0).sum()))
+        best = torch.topk(vals, k) if k else None
+        feats = [] if best is None else [
+            {"feature": int(f), "value": round(float(v), 4), "density": round(float((z[:, f] > 0).float().mean()), 4),
+             "heatmap": np.round(z[:, f].numpy(), 4).tolist()} for v, f in zip(best.values, best.indices)]
+        return {"site": site, "grid": [h, w], "patch": p, "features": feats}
 
     # -- edits ---------------------------------------------------------------------------
     def _mask_for(self, spec: EditSpec, grid: tuple[int, int]):
