@@ -22,6 +22,7 @@ from activations.intervention import load_interventions
 
 def _import_kinds() -> None:
     # steering's kinds register on import (the entry points name them too, for installed copies)
+    import steering.sae_edit  # noqa: F401
     import steering.features  # noqa: F401
     import steering.heads  # noqa: F401
     import steering.hrv_edits  # noqa: F401
@@ -88,15 +89,16 @@ class Recipe:
         return int(steps), float(guidance)
 
 
-def run_recipe(recipe: Recipe, pipe, *, before: bool = True):
-    """(images without steering or None, images with it): lists of PIL images, one per prompt."""
+def run_recipe(recipe: Recipe, pipe, *, before: bool = True, output_type: str = "pil"):
+    """(images without steering or None, images with it): one per prompt (PIL by default)."""
     from activations.generate import sample
     from steering.steer import steer
 
     steps, guidance = recipe.settings(pipe)
-    plain = sample(pipe, recipe.prompts, recipe.seeds, steps=steps, guidance=guidance).images if before else None
+    draw = dict(steps=steps, guidance=guidance, output_type=output_type)
+    plain = sample(pipe, recipe.prompts, recipe.seeds, **draw).images if before else None
     with steer(pipe, *recipe.interventions, prompts=recipe.prompts):
-        steered = sample(pipe, recipe.prompts, recipe.seeds, steps=steps, guidance=guidance).images
+        steered = sample(pipe, recipe.prompts, recipe.seeds, **draw).images
     return plain, steered
 
 

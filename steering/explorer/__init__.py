@@ -23,7 +23,7 @@ _EXPORTS = {
     "make_recipe": "steering.explorer.recipe",
     "run_recipe": "steering.explorer.recipe",
     "read_recipe": "steering.explorer.recipe",
-    "SAEFeatureEdit": "steering.explorer.sae_edit",
+    "SAEFeatureEdit": "steering.sae_edit",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

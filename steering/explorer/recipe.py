@@ -46,16 +46,14 @@ def read_recipe(source: str | Path | dict) -> dict[str, Any]:
 
 
 def run_recipe(source: str | Path | dict, pipe=None, output_type: str = "pil"):
-    """Apply a recipe: its interventions attached during ``sample`` of its prompts and seeds.
+    """Apply a recipe through ``steering.recipe.run_recipe`` (the one path from a recipe to an
+    image: ``steer`` → ``intervene`` → ``sample``), so the page, ``diffatlas steer`` and Python agree.
 
     ``pipe``: a loaded pipeline of the recipe's model (None: ``load_pipeline(recipe["model"])``).
-    Returns the pipeline output's images.
+    Returns the steered images.
     """
-    from activations.generate import sample
-    from activations.hooks import intervene
-    from activations.intervention import load_interventions
-
-    import steering.explorer.sae_edit  # noqa: F401  (registers the explorer's SAE feature edit kind)
+    from steering.recipe import Recipe
+    from steering.recipe import run_recipe as run_steering_recipe
 
     recipe = read_recipe(source)
     if pipe is None:
@@ -63,7 +61,5 @@ def run_recipe(source: str | Path | dict, pipe=None, output_type: str = "pil"):
 
         pipe = load_pipeline(recipe["model"])
         pipe.set_progress_bar_config(disable=True)
-    interventions = load_interventions(recipe["interventions"])
-    with intervene(pipe, *interventions):
-        return sample(pipe, recipe["prompts"], recipe["seeds"], steps=int(recipe["steps"]),
-                      guidance=float(recipe["guidance"]), output_type=output_type).images
+    _, steered = run_steering_recipe(Recipe(**recipe), pipe, before=False, output_type=output_type)
+    return steered

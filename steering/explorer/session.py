@@ -405,7 +405,7 @@ class Explorer:
     def _sae_edit(self, spec: EditSpec, when, branch):
         if self.sae is None:
             raise ValueError("no SAE loaded: start the explorer with --sae DIR to edit SAE features")
-        from steering.explorer.sae_edit import SAEFeatureEdit
+        from steering.sae_edit import SAEFeatureEdit
 
         site = self.sae.placement.site
         grid = next((s.resolution for s in self.sites if s.name == site or s.block == site), self.select_grid)
