@@ -37,9 +37,9 @@ def expand(pipe, interventions: Sequence[Intervention], prompts: Sequence[str] |
 
 
 @contextlib.contextmanager
-def steer(pipe, *interventions: Intervention, prompts: Sequence[str] | None = None) -> Iterator[list[Intervention]]:
+def steer(pipe, *interventions: Intervention, prompts: Sequence[str] | None = None) -> Iterator:
     """Apply ``interventions`` to every generation of ``pipe`` inside the block (composable: pass
     several; they act in the given order). ``prompts``: the prompts of the generations, one per
     image, needed by edits that name a token by its word."""
-    with intervene(pipe, *expand(pipe, interventions, prompts)) as attached:
-        yield attached
+    with intervene(pipe, *expand(pipe, interventions, prompts)) as tap:
+        yield tap  # the activations.hooks.Tap holding the expanded interventions

@@ -3,7 +3,6 @@ restoration after errors, and the clear errors for bad input."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
