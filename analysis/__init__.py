@@ -9,7 +9,9 @@ Public API (imported lazily, so that ``import analysis`` stays cheap):
 * ``HRVConfig``, ``build_hrv(cfg, pipe=None)``: HRVs counted during generation, resumable
 * ``WeakenConfig``, ``run_weakening(hrv, pipe, scorer, ...)``, ``head_orders``, ``head_counts``
 * ``ToyOracleScorer`` (toy world), ``ClipScorer`` (real models)
-* ``main``: ``diffatlas analyze {hrv, weaken}``
+* ``FeatureStats``, ``compute_feature_stats(sae, site_reader)``: per-feature statistics of an SAE
+  (density, timestep and spatial profiles, top tokens, co-firing features), streaming
+* ``main``: ``diffatlas analyze {hrv, weaken, features}``
 
 The layering rule: analysis imports activations and sae, never steering or diffatlas.
 """
@@ -31,6 +33,8 @@ _EXPORTS = {
     "ToyOracleScorer": "analysis.toy",
     "ClipScorer": "analysis.clip_score",
     "main": "analysis.cli",
+    "FeatureStats": "analysis.features",
+    "compute_feature_stats": "analysis.features",
 }
 
 __all__ = sorted(_EXPORTS)
