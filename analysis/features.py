@@ -122,11 +122,14 @@ def merge_topk(top_act: torch.Tensor, top_row: torch.Tensor, idx: torch.Tensor, 
                rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge flat entries (latent idx, value, global row) into the running per-latent top-k [m, k]."""
     m, k = top_act.shape
+    # only entries above their latent's current k-th best can enter (most, after the first chunks)
+    enter = vals > top_act[idx, -1]
+    idx, vals, rows = idx[enter], vals[enter], rows[enter]
     if not len(idx):
         return top_act, top_row
-    # sort by (latent, -value): a stable sort on value then on latent
-    order = torch.argsort(vals, descending=True, stable=True)
-    order = order[torch.argsort(idx[order], stable=True)]
+    # one sort by (latent, value descending): positive float32 bits order like the floats
+    bits = vals.contiguous().view(torch.int32).long()
+    order = torch.argsort(idx * (1 << 32) + ((1 << 31) - 1 - bits))
     idx_s, vals_s, rows_s = idx[order], vals[order], rows[order]
     starts = torch.searchsorted(idx_s, idx_s, right=False)  # first position of each entry's latent
     rank = torch.arange(len(idx_s)) - starts
@@ -157,30 +160,29 @@ class _Cooc:
     def add(self, rows: torch.Tensor, idx: torch.Tensor) -> None:
         if not len(rows):
             return
-        # pairs of latents on the same token: entries are grouped by token (sorted below to be sure)
-        order = torch.argsort(rows, stable=True)
-        rows, idx = rows[order], idx[order]
+        # a [tokens, kmax] table of each token's latents (-1 pads), then all ordered pairs a != b
+        # entries come grouped by token (``sparse_codes`` keeps the Latents / nonzero order)
         counts = torch.bincount(rows)
         counts = counts[counts > 0]
         starts = torch.cumsum(counts, 0) - counts
         kmax = int(counts.max())
-        # a [tokens, kmax] table of each token's latents (-1 pads), then all ordered pairs a != b
         tok = torch.repeat_interleave(torch.arange(len(counts)), counts)
         slot = torch.arange(len(idx)) - starts[tok]
         table = torch.full((len(counts), kmax), -1, dtype=torch.long)
         table[tok, slot] = idx
-        a = table[:, :, None].expand(-1, kmax, kmax)
-        b = table[:, None, :].expand(-1, kmax, kmax)
-        ok = (a >= 0) & (b >= 0) & (a != b)
-        keys = a[ok] * self.m + b[ok]
+        a, b = table[:, :, None], table[:, None, :]
+        valid = (a >= 0) & (b >= 0) & (a != b)
         if self.dense is not None:
-            self.dense.index_add_(0, keys, torch.ones_like(keys))
-        else:
-            u, c = np.unique(keys.numpy(), return_counts=True)
-            allk = np.concatenate([self.keys, u])
-            allc = np.concatenate([self.counts, c])
-            self.keys, inv = np.unique(allk, return_inverse=True)
-            self.counts = np.bincount(inv, weights=allc).astype(np.int64)
+            # invalid pairs go to one extra bin, dropped: no boolean gather of the [tokens, k, k] pairs
+            keys = torch.where(valid, a * self.m + b, self.m * self.m)
+            self.dense += torch.bincount(keys.reshape(-1), minlength=self.m * self.m + 1)[:-1]
+            return
+        keys = (a * self.m + b)[valid]
+        u, c = np.unique(keys.numpy(), return_counts=True)
+        allk = np.concatenate([self.keys, u])
+        allc = np.concatenate([self.counts, c])
+        self.keys, inv = np.unique(allk, return_inverse=True)
+        self.counts = np.bincount(inv, weights=allc).astype(np.int64)
 
     def top(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[m, n] most co-firing latents per latent and their counts (-1 / 0 pads)."""
