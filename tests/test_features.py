@@ -89,3 +89,21 @@ def test_feature_stats__load_missing_folder_names_it(tmp_path):
 def test_feature_stats__width_mismatch_refused(store):
     with pytest.raises(ValueError, match="width"):
         F.compute_feature_stats(tiny_sae(d=8), store, progress=False)
+
+
+def test_feature_pictures__top_images_strip_and_profile_are_pngs(store, tmp_path):
+    from PIL import Image
+
+    from analysis.feature_plots import feature_heatmap, step_strip_png, tau_profile_png, top_images_png
+
+    sae = tiny_sae()
+    st = F.compute_feature_stats(sae, store, progress=False)
+    f = int(st.density.argmax())
+    ex = st.top_examples(f)[0]
+    heat = feature_heatmap(sae, store, f, ex["image"], ex["step"])
+    assert heat.shape == store.grid
+    assert np.isnan(heat).any() and np.nanmax(heat) == pytest.approx(ex["activation"], rel=1e-3)  # unharvested = NaN
+    for png in (top_images_png(st, sae, store, f, tmp_path / "top.png", n=3),
+                step_strip_png(sae, store, f, ex["image"], tmp_path / "strip.png"),
+                tau_profile_png(st, f, tmp_path / "tau.png")):
+        assert Image.open(png).size[0] > 100
