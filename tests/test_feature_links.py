@@ -69,3 +69,31 @@ def test_feature_heads__head_site_sae_uses_decoder_slices(random_toy_pipe):
     att = feature_head_attribution(sae, random_toy_pipe, None, None)["attribution"]
     assert att.shape == (8, len(head_table(random_toy_pipe.unet)))
     assert int(att[0].argmax()) == site.first_head + 1 and att[0].sum() == pytest.approx(site.head_dim ** 0.5)
+
+
+def test_toy_truth__auroc_per_window_and_value(toy_store, block_sae):
+    from activations.store import ActivationStore
+    from analysis.toy_truth import best_labels, channel_truth, concept_values, feature_truth
+
+    reader = ActivationStore(toy_store).site(SITE)
+    res = feature_truth(block_sae, reader, toy_store)
+    assert res["auroc"].shape == (3, 32, len(concept_values()))
+    assert "color=red" in res["values"] and sum(res["rows"]) == reader.num_rows
+    finite = res["auroc"][np.isfinite(res["auroc"])]
+    assert finite.size and finite.min() >= 0 and finite.max() <= 1
+    ch = channel_truth(reader, toy_store)
+    assert ch.shape == (reader.width, len(concept_values())) and np.nanmin(ch) >= 0.5
+    assert len(best_labels(res["auroc"][0], res["values"])) == 32
+
+
+def test_feature_concepts__one_head_feature_gets_that_heads_concept():
+    from analysis.feature_concepts import concept_scores, top_concepts
+
+    hrv = torch.tensor([[4.0, 0, 0, 0], [0, 2, 2, 0]])  # rows L1 = H = 4
+    att = torch.tensor([[1.0, -3, 0, 0], [0, 0, 0, 0], [0, 0.5, 0.5, 0]])
+    s = concept_scores(hrv, att)
+    assert top_concepts(s, ["color", "shape"], 0)[0] == ("color", 1.0)
+    assert top_concepts(s, ["color", "shape"], 1) == []
+    assert top_concepts(s, ["color", "shape"], 2)[0][0] == "shape"
+    with pytest.raises(ValueError, match="heads"):
+        concept_scores(hrv, att[:, :3])

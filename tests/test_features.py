@@ -107,3 +107,18 @@ def test_feature_pictures__top_images_strip_and_profile_are_pngs(store, tmp_path
                 step_strip_png(sae, store, f, ex["image"], tmp_path / "strip.png"),
                 tau_profile_png(st, f, tmp_path / "tau.png")):
         assert Image.open(png).size[0] > 100
+
+
+def test_auroc__matches_pairwise_definition_with_ties():
+    from analysis.auroc import auroc, sparse_auroc
+
+    rng = np.random.default_rng(0)
+    n = 200
+    s = np.where(rng.random((n, 3)) < 0.7, 0.0, rng.integers(1, 5, (n, 3)).astype(float))  # sparse, tied
+    y = rng.random((n, 2)) < 0.3
+    ref = np.array([[np.mean([(a > b) + 0.5 * (a == b) for a in s[y[:, v], f] for b in s[~y[:, v], f]])
+                     for v in range(2)] for f in range(3)])
+    np.testing.assert_allclose(auroc(s, y), ref)
+    r, f = np.nonzero(s)
+    np.testing.assert_allclose(sparse_auroc(r, f, s[r, f], 3, y), ref)
+    assert auroc(np.arange(4.0), np.array([0, 0, 1, 1]))[0, 0] == 1.0
