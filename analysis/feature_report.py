@@ -135,9 +135,12 @@ def build_report(cfg: FeaturesConfig, pipe=None) -> dict:
               "hrv": str(cfg.hrv) if cfg.hrv else None}
     extra = {}
     if hrv is not None and pipe is not None:
-        from analysis.cli import hrv_outputs
+        from activations.sites import list_sites
+        from analysis.plots import hrv_heatmap
 
-        extra["hrv_heatmap"] = str(Path(hrv_outputs(hrv, pipe, out, wandb=False)["heatmap"]).relative_to(out))
+        res = {s.name: s.resolution for s in list_sites(pipe.unet) if s.kind == "head"}
+        png = hrv_heatmap(hrv.hrv.numpy(), list(hrv.concepts.names), hrv.head_table, res, out / "hrv_heatmap.png")
+        extra["hrv_heatmap"] = str(Path(png).relative_to(out))
     if cfg.weaken:
         curves = sorted(Path(cfg.weaken).glob("*.png"))
         if curves:
