@@ -5,7 +5,9 @@
 2. harvest a small toy set: a block site at every sampling step, into a resumable store;
 3. train a small TopK SAE on that site with Lightning and print its metrics and the W&B run;
 4. build head relevance vectors of the seven toy attributes on a few prompts and print each
-   attribute's top heads and where the heatmap is.
+   attribute's top heads and where the heatmap is;
+5. what the SAE's features mean: statistics, top images with heatmaps, heads, HRV concepts and
+   toy ground truth, logged as one W&B run and written as a static HTML report.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ class DemoConfig:
     """Epochs of SAE training over the demo harvest."""
     hrv_prompts: int = 16
     """Toy prompts the demo's head relevance vectors are built from."""
+    features: int = 16
+    """SAE features shown in the feature browser (the densest ones)."""
+    feature_examples: int = 2
+    """Top tokens per shown feature rerun to attribute it to heads."""
 
 
 def step_generate(cfg: DemoConfig, pipe) -> Path:
@@ -110,6 +116,21 @@ def step_hrv(cfg: DemoConfig, pipe) -> Path:
     return out
 
 
+def step_features(cfg: DemoConfig, pipe, store: Path, sae: Path, hrv: Path) -> Path:
+    from analysis.cli import finish_features
+    from analysis.feature_report import FeaturesConfig, build_report
+
+    fcfg = FeaturesConfig(sae=str(sae), store=str(store), site=cfg.site, hrv=str(hrv), out=str(Path(cfg.out) / "features"),
+                          features=cfg.features, examples=cfg.feature_examples, progress=False)
+    report = build_report(fcfg, pipe=pipe)
+    best = sorted((r for r in report["features"] if r.get("truth")), key=lambda r: -r["truth"]["auroc"])[:3]
+    print(f"[5] feature browser: {len(report['features'])} of {report['num_latents']} features (statistics, top images, "
+          f"heads, HRV concepts, toy labels); best labelled: "
+          + ", ".join(f"{r['id']}={r['truth']['label']} (AUROC {r['truth']['auroc']:.2f})" for r in best))
+    finish_features(fcfg, report)
+    return Path(fcfg.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     from activations.pipeline import load_pipeline
     from common.config import parse, save_config
@@ -121,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     step_generate(cfg, pipe)
     store = step_harvest(cfg, pipe)
-    step_sae(cfg, pipe, store)
-    step_hrv(cfg, pipe)
+    sae = step_sae(cfg, pipe, store)
+    hrv = step_hrv(cfg, pipe)
+    step_features(cfg, pipe, store, sae, hrv)
     return 0
