@@ -7,7 +7,8 @@ than the site's raw channels, and do their heads' HRVs name the right attribute?
 3. per ground-truth concept value (``toyworld.render.token_labels``: every value of color, shape,
    texture, size, position, background, style), over all harvested steps: choose the best feature
    (highest AUROC) on the even images and report its AUROC on the odd images; the same for the best
-   single raw channel (either sign), the baseline an SAE must beat;
+   single raw channel (either sign: a channel may detect a value by going down, while a feature's
+   activation is used as is), the baseline an SAE must beat;
 4. HRVs of the seven toy attributes from ``--hrv-prompts`` prompts (``analysis.build_hrv``); each
    chosen feature's head attribution (``analysis.feature_heads``, rerun of its top ``--examples``
    tokens) times the HRVs gives its top HRV concept; ``hrv_agreement`` is the fraction of chosen
