@@ -9,7 +9,12 @@ Public API (imported lazily, so that ``import analysis`` stays cheap):
 * ``HRVConfig``, ``build_hrv(cfg, pipe=None)``: HRVs counted during generation, resumable
 * ``WeakenConfig``, ``run_weakening(hrv, pipe, scorer, ...)``, ``head_orders``, ``head_counts``
 * ``ToyOracleScorer`` (toy world), ``ClipScorer`` (real models)
-* ``main``: ``diffatlas analyze {hrv, weaken}``
+* ``FeatureStats``, ``compute_feature_stats(sae, site_reader)``: per-feature statistics of an SAE
+  (density, timestep and spatial profiles, top tokens, co-firing features), streaming
+* ``feature_head_attribution(sae, pipe, store, stats)``: [features, heads] in the global head order;
+  ``concept_scores(hrv, attribution)``: features x HRV concepts
+* ``FeaturesConfig``, ``build_report(cfg, pipe=None)``: the feature browser's data (W&B + HTML)
+* ``main``: ``diffatlas analyze {hrv, weaken, features}``
 
 The layering rule: analysis imports activations and sae, never steering or diffatlas.
 """
@@ -31,6 +36,12 @@ _EXPORTS = {
     "ToyOracleScorer": "analysis.toy",
     "ClipScorer": "analysis.clip_score",
     "main": "analysis.cli",
+    "FeatureStats": "analysis.features",
+    "compute_feature_stats": "analysis.features",
+    "feature_head_attribution": "analysis.feature_heads",
+    "concept_scores": "analysis.feature_concepts",
+    "FeaturesConfig": "analysis.feature_report",
+    "build_report": "analysis.feature_report",
 }
 
 __all__ = sorted(_EXPORTS)

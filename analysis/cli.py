@@ -2,6 +2,7 @@
 
     diffatlas analyze hrv configs/analysis/hrv_toy.yaml        # build HRVs (resumable)
     diffatlas analyze weaken configs/analysis/weaken_toy.yaml  # MoRHF / LeRHF / random curves
+    diffatlas analyze features <sae> <store> [--hrv DIR] [--out DIR]  # feature browser (W&B + HTML)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 SUBCOMMANDS = {
     "hrv": "build head relevance vectors during generation (Park et al., ICLR 2025, Section 3)",
     "weaken": "ordered weakening of heads in HRV order, scored per concept (Section 4)",
+    "features": "what an SAE's features mean: statistics, heads, HRV concepts, toy truth; W&B run + HTML report",
 }
 
 
@@ -99,9 +101,49 @@ def run_weaken(argv: list[str]) -> int:
     return 0
 
 
+def run_features(argv: list[str]) -> int:
+    from common.config import parse, save_config
+    from analysis.feature_report import FeaturesConfig, build_report
+
+    argv = list(argv)
+    positional = []
+    while argv and not argv[0].startswith("-") and len(positional) < 2:
+        positional.append(argv.pop(0))
+    argv = [x for pair in zip(("--sae", "--store"), positional) for x in pair] + argv
+    cfg = parse(FeaturesConfig, argv, "diffatlas analyze features", FeaturesConfig.__doc__)
+    if not cfg.sae or not cfg.store:
+        print("diffatlas analyze features: error: give the SAE folder and the store: "
+              "diffatlas analyze features <sae> <store> [--hrv DIR] [--out DIR]", file=sys.stderr)
+        return 2
+    try:
+        report = build_report(cfg)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"diffatlas analyze features: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return 2
+    out = Path(cfg.out)
+    save_config(cfg, out / "features_config.yaml")
+    print(f"{len(report['features'])} features of {report['num_latents']} at {report['site']} over {report['rows']} rows: {out.resolve()}")
+    return finish_features(cfg, report)
+
+
+def finish_features(cfg, report) -> int:
+    """W&B run and HTML report of a built feature report; prints where both are."""
+    out = Path(cfg.out)
+    if cfg.html:
+        from analysis.feature_html import write_html
+
+        print(f"HTML report (open from disk): {write_html(report, out).resolve()}")
+    if cfg.wandb:
+        from analysis.feature_wandb import log_feature_run
+
+        run = log_feature_run(report, out)
+        print(f"W&B run (offline unless WANDB_MODE is set): {run}\n  upload it with: wandb sync {run}")
+    return 0
+
+
 def _usage() -> str:
     lines = ["usage: diffatlas analyze <subcommand> <config.yaml> [--field value ...]", "", "subcommands:"]
-    lines += [f"  {k:<7} {v}" for k, v in SUBCOMMANDS.items()]
+    lines += [f"  {k:<8} {v}" for k, v in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -114,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"diffatlas analyze: unknown subcommand {name!r}; valid subcommands: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
-    return {"hrv": run_hrv, "weaken": run_weaken}[name](rest)
+    return {"hrv": run_hrv, "weaken": run_weaken, "features": run_features}[name](rest)
 
 
 if __name__ == "__main__":

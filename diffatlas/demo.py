@@ -6,7 +6,9 @@
 3. train a small TopK SAE on that site with Lightning and print its metrics and the W&B run;
 4. build head relevance vectors of the seven toy attributes on a few prompts and print each
    attribute's top heads and where the heatmap is;
-5. steer: move each object to the opposite quadrant by a spatial edit of its SAE features there
+5. what the SAE's features mean: statistics, top images with heatmaps, heads, HRV concepts and
+   toy ground truth, logged as one W&B run and written as a static HTML report;
+6. steer: move each object to the opposite quadrant by a spatial edit of its SAE features there
    (Tinaz et al.), at early steps, written as a recipe; a before/after grid PNG.
 """
 
@@ -36,6 +38,10 @@ class DemoConfig:
     """Epochs of SAE training over the demo harvest."""
     hrv_prompts: int = 16
     """Toy prompts the demo's head relevance vectors are built from."""
+    features: int = 16
+    """SAE features shown in the feature browser (the densest ones)."""
+    feature_examples: int = 2
+    """Top tokens per shown feature rerun to attribute it to heads."""
     steer_images: int = 4
     """Images steered in the last step (before/after grid)."""
     steer_strength: float = 2.0
@@ -116,6 +122,19 @@ def step_hrv(cfg: DemoConfig, pipe) -> Path:
     return out
 
 
+def step_features(cfg: DemoConfig, pipe, store: Path, sae: Path, hrv: Path) -> Path:
+    from analysis.cli import finish_features
+    from analysis.feature_report import FeaturesConfig, build_report
+
+    fcfg = FeaturesConfig(sae=str(sae), store=str(store), site=cfg.site, hrv=str(hrv), out=str(Path(cfg.out) / "features"),
+                          features=cfg.features, examples=cfg.feature_examples, progress=False)
+    report = build_report(fcfg, pipe=pipe)
+    best = sorted((r for r in report["features"] if r.get("truth")), key=lambda r: -r["truth"]["auroc"])[:3]
+    print(f"[5] feature browser: {len(report['features'])} of {report['num_latents']} features (statistics, top images, "
+          f"heads, HRV concepts, toy labels); best labelled: "
+          + ", ".join(f"{r['id']}={r['truth']['label']} (AUROC {r['truth']['auroc']:.2f})" for r in best))
+    finish_features(fcfg, report)
+    return Path(fcfg.out)
 def step_steer(cfg: DemoConfig, pipe, store: Path, sae_folder: Path) -> Path:
     from sae.sparse_coder import SparseCoder
     from steering import FeatureEdit, Recipe, run_recipe
@@ -152,7 +171,7 @@ def step_steer(cfg: DemoConfig, pipe, store: Path, sae_folder: Path) -> Path:
         except ValueError:
             return False
 
-    print(f"[5] steered {len(after)} images: object features {[f for f, _ in feats]} (correlation with the object's "
+    print(f"[6] steered {len(after)} images: object features {[f for f, _ in feats]} (correlation with the object's "
           f"mask {[c for _, c in feats]}) set in the {target} quadrant at early steps; the oracle finds an object there "
           f"in {sum(map(moved, before))}/{len(before)} before, {sum(map(moved, after))}/{len(after)} after\n"
           f"    recipe: {(out / 'recipe.yaml').resolve()} (rerun: diffatlas steer {out / 'recipe.yaml'})\n"
@@ -171,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     step_generate(cfg, pipe)
     store = step_harvest(cfg, pipe)
-    sae_folder = step_sae(cfg, pipe, store)
-    step_hrv(cfg, pipe)
-    step_steer(cfg, pipe, store, sae_folder)
+    sae = step_sae(cfg, pipe, store)
+    hrv = step_hrv(cfg, pipe)
+    step_features(cfg, pipe, store, sae, hrv)
+    step_steer(cfg, pipe, store, sae)
     return 0

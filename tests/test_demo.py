@@ -7,7 +7,7 @@ def test_demo__runs_the_chain_and_prints_where_it_wrote_each_result(tmp_path, ca
     from tests.test_quiet import assert_quiet
 
     code = main(["demo", "--out", str(tmp_path), "--num_images", "2", "--harvest_prompts", "4", "--sae_epochs", "1",
-                 "--hrv_prompts", "2", "--steer_images", "2"])
+                 "--hrv_prompts", "2", "--features", "4", "--steer_images", "2"])
     out, err = capfd.readouterr()
     assert code == 0
     assert (tmp_path / "generated_grid.png").exists()
@@ -17,5 +17,7 @@ def test_demo__runs_the_chain_and_prints_where_it_wrote_each_result(tmp_path, ca
     assert list((tmp_path / "sae").rglob("sae.safetensors"))
     assert "[4] head relevance vectors of 7 toy attributes x 52 heads" in out
     assert (tmp_path / "hrv" / "hrv_heatmap.png").exists()
-    assert "[5] steered" in out and (tmp_path / "steer" / "before_after.png").exists()
+    assert "[5] feature browser" in out and "HTML report (open from disk)" in out and "W&B run" in out
+    assert (tmp_path / "features" / "index.html").exists() and list((tmp_path / "features" / "wandb").glob("offline-run-*"))
+    assert "[6] steered" in out and (tmp_path / "steer" / "before_after.png").exists()
     assert (tmp_path / "steer" / "recipe.yaml").exists()

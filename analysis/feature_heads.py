@@ -1,0 +1,174 @@
+"""Feature -> heads: how much each cross-attention head writes an SAE feature.
+
+Block-site SAE (placement.stage "block"): the block's value is its Δ (output - input of the
+Transformer2DModel), the sum of the attn1, attn2, ff paths through ``proj_out`` (plus biases and
+what the norms mix in). Head h of an attn2 module inside the block writes, at position p, the
+direct-path vector
+    v_h(p) = W_proj_out · W_o[:, h*d:(h+1)*d] · out_h(p)          (biases left out)
+and its share of feature f is the projection of that vector on f's encoder direction,
+    a_f,h = < v_h(p), W_enc[f] >,
+averaged over f's top activations (image, step, i, j, branch) of the store. We rerun those
+generations (the store's prompt and seed per image; steps, guidance and scheduler from the store's
+harvest config) with ``Observe`` interventions at stage "heads" on each attn2 site of the block and
+at stage "block" on the block itself (the feature's encoder pre-activation there, recorded as a
+check that the rerun reproduces the harvest). The shares need not sum to the activation: the
+self-attention, feed-forward and residual paths, the encoder bias and b_dec, the TopK
+nonlinearity and the indirect paths (a head's output read by ff) are not attributed.
+
+Head-site SAE (stage "heads", width = heads * head_dim): each head's share is the L2 norm of the
+decoder direction's slice for that head.
+
+The result is a [features, heads] matrix in the GLOBAL head order (``activations.sites.head_table``);
+heads outside the SAE's block are 0.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def head_slices_attribution(sae, site_heads: int, first_head: int, num_heads: int) -> torch.Tensor:
+    """[m, num_heads]: per-head L2 norm of each decoder direction, for an SAE on a head site."""
+    m, width = sae.W_dec.shape
+    d = width // site_heads
+    out = torch.zeros(m, num_heads)
+    out[:, first_head: first_head + site_heads] = sae.W_dec.detach().float().reshape(m, site_heads, d).norm(dim=-1)
+    return out
+
+
+def _harvest_config(store_root: Path) -> dict:
+    cfg = json.loads((store_root / "store.json").read_text()).get("config", {})
+    if "num_inference_steps" not in cfg:
+        raise ValueError(f"{store_root / 'store.json'} records no harvest config (num_inference_steps, guidance_scale): "
+                         "a synthetic store cannot be rerun")
+    return cfg
+
+
+def block_head_attribution(sae, pipe, store_root: str | Path, stats, features: list[int] | None = None,
+                           examples: int = 8, batch_size: int = 8, progress: bool = True) -> dict:
+    """Rerun the top examples of ``features`` (default: all that fired) and attribute them to heads.
+
+    Returns {"attribution": [m, H] float32 (mean share over the examples; 0 for features not
+    measured), "activation": [m] mean rerun encoder pre-activation at those examples, "store_activation":
+    [m] mean stored activation there, "examples": [m] count, "head_table": [(site, head)]}.
+    """
+    from tqdm.auto import tqdm
+
+    from activations.generate import sample
+    from activations.hooks import intervene
+    from activations.edits import Observe
+    from activations.harvest import set_scheduler
+    from activations.sites import head_table, list_sites
+
+    store_root = Path(store_root)
+    cfg = _harvest_config(store_root)
+    block = sae.placement.site or stats.info["site"]
+    sites = list_sites(pipe.unet)
+    table = head_table(sites)
+    heads = [s for s in sites if s.kind == "head" and s.block == block]
+    if not heads:
+        raise ValueError(f"no cross-attention heads inside {block!r}; block sites with heads: "
+                         f"{', '.join(sorted({s.block for s in sites if s.kind == 'head'}))}")
+    m = sae.num_latents
+    features = [f for f in (range(m) if features is None else features) if int(stats.top_row[f, 0]) >= 0]
+    # the examples to measure: image -> [(feature, step, n index, branch code, stored activation)]
+    h_, w_ = stats.grid
+    todo: dict[int, list] = defaultdict(list)
+    for f in features:
+        for ex in stats.top_examples(f, examples):
+            todo[ex["image"]].append((f, ex["step"], ex["i"] * w_ + ex["j"], ex["branch"], ex["activation"]))
+    from activations.store import ActivationStore
+
+    prompts = {int(r["image"]): r for r in ActivationStore(store_root).prompts()}
+    enc = sae.encoder.weight.detach().float()  # [m, c]
+    block_mod = pipe.unet.get_submodule(block)
+    proj = getattr(block_mod, "proj_out", None)
+    w_proj = proj.weight.detach().float().reshape(proj.weight.shape[0], -1) if proj is not None else None  # [c, inner]
+    # per head site: W_proj · W_o folded once, [heads, c, d]
+    folded = {}
+    for s in heads:
+        w_o = pipe.unet.get_submodule(s.name).to_out[0].weight.detach().float()  # [inner, heads*d]
+        full = w_proj @ w_o if w_proj is not None else w_o
+        folded[s.name] = full.reshape(full.shape[0], s.heads, s.head_dim).permute(1, 0, 2)  # [heads, c, d]
+    share = torch.zeros(m, len(table), dtype=torch.float64)
+    act = torch.zeros(m, dtype=torch.float64)
+    stored = torch.zeros(m, dtype=torch.float64)
+    count = torch.zeros(m, dtype=torch.float64)
+    set_scheduler(pipe, cfg.get("scheduler"))
+    images = sorted(todo)
+    bar = tqdm(total=len(images), desc=f"feature->heads {block}", unit="img", disable=not progress)
+    for lo in range(0, len(images), batch_size):
+        batch = images[lo: lo + batch_size]
+
+        def wanted(step, branch_code):
+            # [(batch position, feature, n)] of this step and branch
+            return [(k, f, n) for k, im in enumerate(batch) for (f, s, n, b, _) in todo[im] if s == step and b == branch_code]
+
+        def on_heads(call, site=None):
+            for code, branch in ((1, "cond"), (0, "uncond")):
+                rows = call.rows(branch)
+                items = wanted(call.step, code)
+                if rows is None or not items:
+                    continue
+                rows = torch.as_tensor(rows).reshape(-1)
+                k, f, n = (torch.tensor(c) for c in zip(*items))
+                out = call.out[rows[k], :, n].float()  # [e, heads, d]
+                s = next(x for x in heads if x.name == site)
+                vec = torch.einsum("hcd,ehd->ehc", folded[site], out)  # each head's direct write [e, heads, c]
+                contrib = torch.einsum("ehc,ec->eh", vec, enc[f]).double()
+                share.index_put_((f[:, None], s.first_head + torch.arange(s.heads)[None, :]), contrib, accumulate=True)
+
+        def on_block(call):
+            for code, branch in ((1, "cond"), (0, "uncond")):
+                rows = call.rows(branch)
+                items = wanted(call.step, code)
+                if rows is None or not items:
+                    continue
+                rows = torch.as_tensor(rows).reshape(-1)
+                k, f, n = (torch.tensor(c) for c in zip(*items))
+                x = call.delta[rows[k], n].float()  # [e, c]
+                pre = torch.einsum("ec,ec->e", x - sae.b_dec.detach().float(), enc[f]) + sae.encoder.bias.detach().float()[f]
+                act.index_add_(0, f, pre.double())
+                count.index_add_(0, f, torch.ones(len(f), dtype=torch.float64))
+
+        obs = [Observe(site=s.name, stage="heads", fn=(lambda call, _n=s.name: on_heads(call, _n))) for s in heads]
+        obs.append(Observe(site=block, stage="block", fn=on_block))
+        with torch.no_grad(), intervene(pipe, *obs):
+            sample(pipe, [prompts[i]["text"] for i in batch], [int(prompts[i]["seed"]) for i in batch],
+                   steps=int(cfg["num_inference_steps"]), guidance=float(cfg["guidance_scale"]),
+                   height=cfg.get("height"), width=cfg.get("width"), output_type="latent")
+        for im in batch:
+            for (f, _, _, _, a) in todo[im]:
+                stored[f] += a
+        bar.update(len(batch))
+    bar.close()
+    c = count.clamp(min=1)
+    return {"attribution": (share / c[:, None]).float(), "activation": (act / c).float(),
+            "store_activation": (stored / c).float(), "examples": count.float(), "head_table": table}
+
+
+def feature_head_attribution(sae, pipe, store_root, stats, **kwargs) -> dict:
+    """Block-site SAE: ``block_head_attribution``; head-site SAE: decoder slices. Same dict keys
+    (``attribution`` [m, H] in the global head order, ``head_table``)."""
+    from activations.sites import head_table, list_sites
+
+    if sae.placement.stage == "heads":
+        sites = list_sites(pipe.unet)
+        site = next((s for s in sites if s.name == sae.placement.site and s.kind == "head"), None)
+        if site is None:
+            raise ValueError(f"SAE site {sae.placement.site!r} is not a head site of this model")
+        table = head_table(sites)
+        return {"attribution": head_slices_attribution(sae, site.heads, site.first_head, len(table)), "head_table": table}
+    return block_head_attribution(sae, pipe, store_root, stats, **kwargs)
+
+
+def top_heads(attribution_mh: torch.Tensor, table: list[tuple[str, int]], feature: int, n: int = 3) -> list[tuple[int, str, int, float]]:
+    """The ``n`` heads with the largest share of ``feature``: (global head, site, local head, share)."""
+    row = attribution_mh[feature]
+    order = torch.argsort(row, descending=True)[:n]
+    return [(int(h), table[int(h)][0], table[int(h)][1], float(row[h])) for h in order]

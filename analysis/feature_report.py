@@ -1,0 +1,159 @@
+"""``diffatlas analyze features``: everything known about an SAE's features, in one folder.
+
+    diffatlas analyze features <sae> <store> [--hrv DIR] [--out DIR] [--features N] ...
+
+Writes under ``out``: ``stats/`` (``FeatureStats``), ``links.json`` (per shown feature: top heads,
+top HRV concepts, best toy ground-truth label and AUROC), ``attribution.safetensors`` ([m, heads]),
+``png/`` (top images with heatmaps, step strip, timestep profile per shown feature), then one W&B
+run (``analysis.feature_wandb``) and a static HTML report (``analysis.feature_html``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+@dataclass
+class FeaturesConfig:
+    """Feature statistics, links and browsers (W&B run + static HTML) of one trained SAE over a store."""
+
+    sae: str = ""
+    """the SAE folder (or a folder of SAEs with --site)"""
+    store: str = ""
+    """the activation store the SAE reads (a harvest folder)"""
+    site: Optional[str] = None
+    """the site (default: the SAE's placement)"""
+    hrv: Optional[str] = None
+    """an HRV folder (``diffatlas analyze hrv``): features get their top HRV concepts; its heatmap is logged"""
+    weaken: Optional[str] = None
+    """a weakening results folder (``diffatlas analyze weaken``): its curves PNG is logged"""
+    out: str = "runs/features"
+    """output folder (stats, links, PNGs, HTML report, W&B run)"""
+    features: int = 32
+    """features shown (pictures, head links, table rows): the densest ones that fire"""
+    top_k: int = 16
+    """top tokens kept per feature"""
+    examples: int = 4
+    """top tokens per feature rerun for the head attribution (0: no head links)"""
+    images: int = 4
+    """top images per feature picture"""
+    model: Optional[str] = None
+    """model for the head attribution rerun (default: the store's model)"""
+    device: Optional[str] = None
+    """torch device of the rerun"""
+    wandb: bool = True
+    """log the feature browser run to W&B (offline unless WANDB_MODE is set)"""
+    html: bool = True
+    """write the static HTML report"""
+    progress: bool = True
+    """progress bars"""
+
+
+def shown_features(stats, n: int) -> list[int]:
+    alive = torch.nonzero(stats.density > 0).reshape(-1)
+    order = alive[torch.argsort(stats.density[alive], descending=True)]
+    return [int(f) for f in order[:n]]
+
+
+def build_report(cfg: FeaturesConfig, pipe=None) -> dict:
+    """Compute and save everything; returns the report dict (also ``out/report.json``)."""
+    from activations.store import ActivationStore
+    from analysis.feature_plots import step_strip_png, tau_profile_png, top_images_png
+    from analysis.features import compute_feature_stats
+    from sae import SAE
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sae = SAE.from_pretrained(cfg.sae, site=cfg.site)
+    store = ActivationStore(cfg.store)
+    site = cfg.site or sae.placement.site
+    if site is None:
+        raise ValueError(f"the SAE at {cfg.sae} records no site; pass --site (sites of the store: {', '.join(store.sites)})")
+    reader = store.site(site)
+    stats = compute_feature_stats(sae, reader, top_k=cfg.top_k, progress=cfg.progress, store_root=str(store.root))
+    stats.save(out / "stats")
+    feats = shown_features(stats, cfg.features)
+    store_cfg = json.loads((store.root / "store.json").read_text()) if (store.root / "store.json").exists() else {}
+    model = cfg.model or store_cfg.get("config", {}).get("model") or sae.placement.model
+    is_toy = model == "toy" and (store.root / "images").is_dir() and any((store.root / "images").glob("*.json"))
+
+    rows = {f: {"id": f, "density": float(stats.density[f]), "mean": float(stats.mean[f]),
+                "mean_active": float(stats.mean_active[f]), "max": float(stats.max[f]),
+                "cooccurring": [int(c) for c in stats.cooc_idx[f] if int(c) >= 0][:5]} for f in feats}
+    # pictures
+    for f in feats:
+        png = out / "png"
+        rows[f]["top_png"] = str(top_images_png(stats, sae, reader, f, png / f"f{f}_top.png", n=cfg.images, store_root=store.root).relative_to(out))
+        rows[f]["tau_png"] = str(tau_profile_png(stats, f, png / f"f{f}_tau.png").relative_to(out))
+        ex = stats.top_examples(f, 1)
+        if ex:
+            branch = "cond" if ex[0]["branch"] == 1 else "uncond"
+            rows[f]["strip_png"] = str(step_strip_png(sae, reader, f, ex[0]["image"], png / f"f{f}_strip.png", branch=branch,
+                                                      store_root=store.root).relative_to(out))
+    # feature -> heads (and HRV concepts)
+    hrv = None
+    if cfg.examples > 0 and model is not None and (store.root / "store.json").exists():
+        from activations.pipeline import load_pipeline
+        from analysis.feature_heads import feature_head_attribution, top_heads
+        from safetensors.torch import save_file
+
+        if pipe is None:
+            pipe = load_pipeline(model, device=cfg.device)
+            pipe.set_progress_bar_config(disable=True)
+        res = feature_head_attribution(sae, pipe, store.root, stats, features=feats, examples=cfg.examples, progress=cfg.progress)
+        att = res["attribution"]
+        save_file({"attribution": att.contiguous()}, str(out / "attribution.safetensors"))
+        for f in feats:
+            rows[f]["top_heads"] = [{"head": h, "site": s, "local": j, "share": v} for h, s, j, v in top_heads(att, res["head_table"], f, 3)]
+        if cfg.hrv:
+            from analysis.feature_concepts import concept_scores, top_concepts
+            from analysis.hrv import HRV
+
+            hrv = HRV.load(cfg.hrv)
+            scores = concept_scores(hrv.hrv, att)
+            for f in feats:
+                rows[f]["hrv_concepts"] = [{"concept": c, "score": v} for c, v in top_concepts(scores, list(hrv.concepts.names), f, 3)]
+    # feature -> toy ground truth
+    if is_toy:
+        from analysis.toy_truth import best_labels, feature_truth
+
+        truth = feature_truth(sae, reader, store.root)
+        np.save(out / "toy_auroc.npy", truth["auroc"])
+        best_all = best_labels(_best_over_windows(truth["auroc"]), truth["values"])
+        for f in feats:
+            label, auc = best_all[f]
+            w = int(np.nanargmax(np.nan_to_num(truth["auroc"][:, f, truth["values"].index(label)], nan=-1))) if label else 0
+            rows[f]["truth"] = {"label": label, "auroc": auc, "window": truth["windows"][w] if label else None}
+    report = {"sae": str(sae.source), "store": str(store.root), "site": site, "model": model, "toy": is_toy,
+              "num_latents": sae.num_latents, "rows": stats.info["rows"], "features": [rows[f] for f in feats],
+              "hrv": str(cfg.hrv) if cfg.hrv else None}
+    extra = {}
+    if hrv is not None and pipe is not None:
+        from activations.sites import list_sites
+        from analysis.plots import hrv_heatmap
+
+        res = {s.name: s.resolution for s in list_sites(pipe.unet) if s.kind == "head"}
+        png = hrv_heatmap(hrv.hrv.numpy(), list(hrv.concepts.names), hrv.head_table, res, out / "hrv_heatmap.png")
+        extra["hrv_heatmap"] = str(Path(png).relative_to(out))
+    if cfg.weaken:
+        curves = sorted(Path(cfg.weaken).glob("*.png"))
+        if curves:
+            import shutil
+
+            shutil.copy(curves[0], out / "weakening_curves.png")
+            extra["weakening_curves"] = "weakening_curves.png"
+    report["pictures"] = extra
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    return report
+
+
+def _best_over_windows(auroc_wfv: np.ndarray) -> np.ndarray:
+    """[features, values]: each (feature, value)'s best AUROC over the windows (NaN where none)."""
+    a = np.where(np.isfinite(auroc_wfv), auroc_wfv, -np.inf).max(0)
+    return np.where(np.isfinite(a), a, np.nan)

@@ -1,0 +1,79 @@
+"""Speed of the feature-statistics pass (``analysis.features.compute_feature_stats``) against reading
+the same rows from the store alone, in one run.
+
+A synthetic sparse store (``sae.synthetic.write_sparse_store``) of ``--rows`` rows of width ``--d``
+and an untrained TopK SAE of ``--latents`` latents (the pass's cost does not depend on training).
+Each round times (a) reading every row in chunks of ``--chunk`` (``SiteReader.read``) and (b) the
+full statistics pass over the same rows with the same chunks; the order alternates between rounds
+(interleaved repeats). The ratio per round is tokens/s of (b) over tokens/s of (a); we report the
+median over ``--repeats`` rounds and its spread. Goal: ratio >= 0.5.
+
+Last line JSON: {"read_tok_s", "stats_tok_s", "ratio_spread", "ratio"}.
+
+    OMP_NUM_THREADS=2 python benchmarks/feature_stats_speed.py [--rows 65536 --d 64 --latents 512 --k 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=65536)
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--latents", type=int, default=512)
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--chunk", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+
+    from analysis.features import compute_feature_stats
+    from sae.config import SparseCoderConfig
+    from sae.registry import get_architecture
+    from sae.synthetic import write_sparse_store
+
+    torch.manual_seed(0)
+    sae = get_architecture("topk")(SparseCoderConfig(num_latents=args.latents, k=args.k), args.d)
+    with tempfile.TemporaryDirectory() as tmp:
+        reader = write_sparse_store(Path(tmp) / "store", n=args.rows, d=args.d, images=64)
+        reader.read(np.arange(min(reader.num_rows, 1024)))  # verify checksums before timing
+
+        def read_only() -> float:
+            t0 = time.perf_counter()
+            for lo in range(0, reader.num_rows, args.chunk):
+                reader.read(np.arange(lo, min(lo + args.chunk, reader.num_rows)))
+            return reader.num_rows / (time.perf_counter() - t0)
+
+        def stats() -> float:
+            t0 = time.perf_counter()
+            compute_feature_stats(sae, reader, chunk_rows=args.chunk, progress=False)
+            return reader.num_rows / (time.perf_counter() - t0)
+
+        read_only(), stats()  # warm both paths
+        reads, passes, ratios = [], [], []
+        for r in range(args.repeats):
+            if r % 2 == 0:
+                a, b = read_only(), stats()
+            else:
+                b, a = stats(), read_only()
+            reads.append(a), passes.append(b), ratios.append(b / a)
+            print(json.dumps({"round": r, "read_tok_s": round(a), "stats_tok_s": round(b), "ratio": round(b / a, 4)}))
+    print(json.dumps({"read_tok_s": round(statistics.median(reads)), "stats_tok_s": round(statistics.median(passes)),
+                      "ratio_spread": [round(min(ratios), 4), round(max(ratios), 4)],
+                      "ratio": round(statistics.median(ratios), 4)}))
+
+
+if __name__ == "__main__":
+    main()
