@@ -45,8 +45,8 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from activations.masks import Mask, mask_spec, parse_mask
-from activations.timesteps import All, Branch, When, gate_spec, parse_branch, parse_when
+from activations.masks import mask_spec, parse_mask
+from activations.timesteps import All, Branch, gate_spec, parse_branch, parse_when
 
 # stage -> einops layout of the value an intervention sees there ("n" = H*W patches, "t" = tokens)
 STAGES: dict[str, str] = {

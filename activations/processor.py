@@ -20,13 +20,12 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from activations.intervention import Call, Intervention, project_kv, run_stage
+from activations.intervention import Call, Intervention, run_stage
 from activations.timesteps import branch_codes
 
 # names kept for callers of the first API
 from activations.edits import AddVector, HeadEdit, Observer, SwapKV  # noqa: E402,F401  (re-exported)
 
-_project_kv = project_kv
 AttnCall = Call
 
 

@@ -22,8 +22,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from einops import rearrange
 
-from activations.hooks import BlockCall, attach
-from activations.processor import AttnCall
+from activations.hooks import attach
+from activations.intervention import Call
 from activations.sites import resolve_sites
 from activations.timesteps import BRANCHES, Branch, check_branch, parse_when, select_steps
 
@@ -68,12 +68,12 @@ class Trace:
             rows = Branch(br).rows(codes)
             self._data[(kind, site, br)][state.generation].append(value[rows].detach().cpu())
 
-    def on_block(self, call: BlockCall) -> None:
+    def on_block(self, call: Call) -> None:
         if self.wanted(call.state):
             self._grids[call.site].add(call.grid)
             self._record("delta", call.site, call.state, call.codes, call.delta)
 
-    def on_heads(self, call: AttnCall) -> None:
+    def on_heads(self, call: Call) -> None:
         if not self.wanted(call.state):
             return
         self._grids[call.site].add(call.grid)

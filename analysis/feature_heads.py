@@ -28,7 +28,6 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerFast
 
-from activations.tokenizer import BOS, EOS, UNK, word_tokenizer  # noqa: F401  (re-exported)
+from activations.tokenizer import word_tokenizer
 from toyworld.prompts import WORDS
 
 MAX_LENGTH = 40  # the longest prompt the grammar writes is 27 words and commas, plus start and end
