@@ -56,6 +56,9 @@ def quiet_libraries(*, wandb: bool = False) -> None:
     if wandb or "wandb" in sys.modules:
         import wandb as wandb_module
 
+        # W&B runs offline unless the user chose a mode. Said here, in the environment, because a
+        # wandb set up before the run (below) asks for an API key whatever mode the run passes.
+        os.environ.setdefault("WANDB_MODE", "offline")
         # Set up now, so that WANDB_SILENT already applies when a run checks its settings:
         # Lightning's WandbLogger passes anonymous=None, which wandb warns about otherwise.
         wandb_module.setup()

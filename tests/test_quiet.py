@@ -16,9 +16,10 @@ FOREIGN = ("low_cpu_mem_usage", "torchvision", "litlogger", "anonymous", "git ro
 
 
 def _run(args: list[str], cwd: Path) -> str:
-    # Only what a newcomer's shell would have: none of the silencing variables set by hand.
-    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "WANDB_DISABLE_GIT")}
-    env.update({"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
+    # Only what a newcomer's shell would have: none of the silencing variables set by hand, and no
+    # W&B mode or API key (runs must go offline by themselves).
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "WANDB_DISABLE_GIT", "WANDB_MODE", "WANDB_API_KEY")}
+    env.update({"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     out = subprocess.run([sys.executable, "-m", "diffatlas", *args], cwd=cwd, env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
