@@ -157,6 +157,38 @@ def head_table(unet_or_sites) -> list[tuple[str, int]]:
     return table
 
 
+def head_sites(model) -> list[Site]:
+    """The cross-attention head sites of a pipeline, a U-Net or a list of sites, in global head order."""
+    sites = model if isinstance(model, list) else list_sites(getattr(model, "unet", model))
+    return [s for s in sites if s.kind == "head"]
+
+
+def heads_by_site(model, heads) -> dict[str, list[int]]:
+    """Global head indices or (site, module head) pairs -> {site: [module heads]}, sites in head
+    order. Out-of-range heads and unknown sites are a ValueError naming the valid ones."""
+    sites = head_sites(model)
+    total = sum(s.heads for s in sites)
+    by_name = {s.name: s for s in sites}
+    out: dict[str, list[int]] = {}
+    for h in heads:
+        if isinstance(h, (list, tuple)):
+            if len(h) != 2 or h[0] not in by_name:
+                raise ValueError(f"head {list(h)!r} is not a (site, head) pair of this model; valid sites: {', '.join(by_name)}")
+            site, local = by_name[h[0]], int(h[1])
+            if not 0 <= local < site.heads:
+                raise ValueError(f"head {local} out of range at {site.name} with {site.heads} heads (valid: 0..{site.heads - 1})")
+        else:
+            g = int(h)
+            if not 0 <= g < total:
+                raise ValueError(f"global head {g} out of range for this model's {total} cross-attention heads (valid: 0..{total - 1})")
+            site = next(s for s in sites if g in s.head_range)
+            local = g - site.first_head
+        out.setdefault(site.name, [])
+        if local not in out[site.name]:
+            out[site.name].append(local)
+    return {s.name: sorted(out[s.name]) for s in sites if s.name in out}
+
+
 def resolve_sites(unet_or_sites, names: str | Iterable[str]) -> list[Site]:
     """Sites for ``names``: site names, or the groups "all", "blocks", "heads".
 

@@ -104,33 +104,27 @@ def block_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
     for lo in range(0, len(images), batch_size):
         batch = images[lo: lo + batch_size]
 
-        def wanted(step, branch_code):
-            # [(batch position, feature, n)] of this step and branch
-            return [(k, f, n) for k, im in enumerate(batch) for (f, s, n, b, _) in todo[im] if s == step and b == branch_code]
-
-        def on_heads(call, site=None):
+        def examples(call):
+            """(batch rows, features, patches) of the top examples at this call, per branch."""
             for code, branch in ((1, "cond"), (0, "uncond")):
                 rows = call.rows(branch)
-                items = wanted(call.step, code)
+                items = [(k, f, n) for k, im in enumerate(batch) for (f, s, n, b, _) in todo[im] if s == call.step and b == code]
                 if rows is None or not items:
                     continue
-                rows = torch.as_tensor(rows).reshape(-1)
                 k, f, n = (torch.tensor(c) for c in zip(*items))
-                out = call.out[rows[k], :, n].float()  # [e, heads, d]
+                yield torch.as_tensor(rows).reshape(-1)[k], f, n
+
+        def on_heads(call, site=None):
+            for rows, f, n in examples(call):
+                out = call.out[rows, :, n].float()  # [e, heads, d]
                 s = next(x for x in heads if x.name == site)
                 vec = torch.einsum("hcd,ehd->ehc", folded[site], out)  # each head's direct write [e, heads, c]
                 contrib = torch.einsum("ehc,ec->eh", vec, enc[f]).double()
                 share.index_put_((f[:, None], s.first_head + torch.arange(s.heads)[None, :]), contrib, accumulate=True)
 
         def on_block(call):
-            for code, branch in ((1, "cond"), (0, "uncond")):
-                rows = call.rows(branch)
-                items = wanted(call.step, code)
-                if rows is None or not items:
-                    continue
-                rows = torch.as_tensor(rows).reshape(-1)
-                k, f, n = (torch.tensor(c) for c in zip(*items))
-                x = call.delta[rows[k], n].float()  # [e, c]
+            for rows, f, n in examples(call):
+                x = call.delta[rows, n].float()  # [e, c]
                 pre = torch.einsum("ec,ec->e", x - sae.b_dec.detach().float(), enc[f]) + sae.encoder.bias.detach().float()[f]
                 act.index_add_(0, f, pre.double())
                 count.index_add_(0, f, torch.ones(len(f), dtype=torch.float64))

@@ -20,7 +20,7 @@ import torch
 
 from activations.edits import HeadEdit, Observe
 from activations.hooks import intervene
-from activations.sites import Site, list_sites
+from activations.sites import head_sites, heads_by_site  # noqa: F401  (head_sites: re-exported)
 
 
 @dataclasses.dataclass
@@ -33,11 +33,6 @@ class QueryCall:
     scale: float  # the module's softmax scale (1/sqrt(d) in SD)
     step: int | None  # denoising step index
     t: int | None  # scheduler timestep
-
-
-def head_sites(pipe) -> list[Site]:
-    """The cross-attention head sites of the pipeline's U-Net, in global head order."""
-    return [s for s in list_sites(pipe.unet) if s.kind == "head"]
 
 
 @contextlib.contextmanager
@@ -73,12 +68,7 @@ def weaken_heads(pipe, heads: Sequence[int], token_scale_bT: torch.Tensor) -> It
     not renormalised, as in the paper. The unconditional branch (the empty prompt: no semantic
     tokens) is untouched.
     """
-    sites = head_sites(pipe)
-    local: dict[str, list[int]] = {}
-    for site in sites:
-        chosen = [h - site.first_head for h in heads if site.first_head <= h < site.first_head + site.heads]
-        if chosen:
-            local[site.name] = chosen
+    local = heads_by_site(pipe, heads)
 
     def scaled(probs_bhnt: torch.Tensor, call) -> torch.Tensor:
         # one factor per batch row and token: the conditional rows get the prompts' factors

@@ -33,32 +33,3 @@ class Composite(Intervention):
         return {"when": self.when, "branch": self.branch, "mask": self.mask}
 
 
-def head_sites(pipe) -> list:
-    from activations.sites import list_sites
-
-    return [s for s in list_sites(pipe.unet) if s.kind == "head"]
-
-
-def heads_by_site(pipe, heads) -> dict[str, list[int]]:
-    """Global head indices or (site, local head) pairs -> {site: [local heads]} in head order."""
-    sites = head_sites(pipe)
-    total = sum(s.heads for s in sites)
-    by_name = {s.name: s for s in sites}
-    out: dict[str, list[int]] = {}
-    for h in heads:
-        if isinstance(h, (list, tuple)):
-            if len(h) != 2 or h[0] not in by_name:
-                raise ValueError(f"head {list(h)!r} is not a (site, head) pair of this model; valid sites: {', '.join(by_name)}")
-            site, local = by_name[h[0]], int(h[1])
-            if not 0 <= local < site.heads:
-                raise ValueError(f"head {local} out of range at {site.name} with {site.heads} heads (valid: 0..{site.heads - 1})")
-        else:
-            g = int(h)
-            if not 0 <= g < total:
-                raise ValueError(f"global head {g} out of range for this model's {total} cross-attention heads (valid: 0..{total - 1})")
-            site = next(s for s in sites if s.first_head <= g < s.first_head + s.heads)
-            local = g - site.first_head
-        out.setdefault(site.name, [])
-        if local not in out[site.name]:
-            out[site.name].append(local)
-    return {s.name: sorted(out[s.name]) for s in sites if s.name in out}

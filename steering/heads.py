@@ -17,7 +17,8 @@ import torch
 
 from activations.edits import HeadEdit, SwapKV
 from activations.intervention import register_intervention
-from steering.base import Composite, heads_by_site
+from activations.sites import heads_by_site
+from steering.base import Composite
 
 
 def _check_heads(heads) -> list:

@@ -23,7 +23,8 @@ import torch
 
 from activations.edits import HeadEdit
 from activations.intervention import register_intervention
-from steering.base import Composite, head_sites
+from activations.sites import head_sites
+from steering.base import Composite
 from steering.tokens import resolve_tokens
 
 
