@@ -81,7 +81,33 @@ def test_grid_and_head_views__served_from_the_cache_without_running_the_unet(exp
     assert all(len(h["values"]) == h["grid"][0] * h["grid"][1] for h in grid)
     assert np.asarray(head["maps"]).shape == (3, 13, 256)
     assert one["values"] == grid[2]["values"] == head["maps"][1][2]
-    assert len(patch["token_values"]) == 52 and len(patch["pairs"]) == 10
+    assert len(patch["token_values"]) == 52 and len(patch["pairs"]) <= 10
+    assert patch["uniform"] == 1 / 40 and patch["threshold"] == 2 / 40  # the toy's text encoder pads to 40 tokens
+    assert all(q["value"] >= patch["threshold"] for q in patch["pairs"])
+    assert all(patch["token_values"][h] >= patch["threshold"] for h in patch["heads"])
+
+
+def test_patch__names_only_heads_well_above_uniform_attention_else_none(explorer, client, gen):
+    """A patch where no head attends (the background) names no heads, not the largest of the noise."""
+    import dataclasses
+
+    g = explorer.get(gen["gen"])
+    assert g.keys == 40
+    maps = {name: torch.full_like(m, 1 / g.keys) for name, m in g.maps.items()}  # every head uniform everywhere
+    site = explorer.sites[1]  # heads 4..7
+    maps[site.name][1, 1, 0, 2] = 0.5    # head 5 from patch 0 to token 2: 20 x uniform
+    maps[site.name][1, 3, 0, 2] = 0.06   # head 7: 2.4 x uniform
+    maps[site.name][1, 2, 0, 2] = 0.045  # head 6: 1.8 x uniform, not enough
+    synthetic = dataclasses.replace(g, id="g-uniform", maps=maps)
+    explorer.generations[synthetic.id] = synthetic
+    try:
+        hot = client.get("/api/patch", params={"gen": synthetic.id, "step": 1, "y": 0.0, "x": 0.0, "token": 2}).json()
+        cold = client.get("/api/patch", params={"gen": synthetic.id, "step": 1, "y": 0.9, "x": 0.9, "token": 2}).json()
+    finally:
+        del explorer.generations[synthetic.id]
+    assert hot["heads"] == [5, 7]
+    assert [(q["head"], q["token"]) for q in hot["pairs"]] == [(5, 2), (7, 2)]
+    assert cold["heads"] == [] and cold["pairs"] == [] and len(cold["token_values"]) == 52
 
 
 def test_grid__layers_in_forward_order_heads_inside(explorer, client):

@@ -147,3 +147,29 @@ def test_browser__bad_input_shows_a_message_and_the_page_keeps_working(server, b
     # only the browser's own notes of the two refused requests (status 400), no script error
     assert all("status of 400" in e for e in errors), errors
     page.close()
+
+
+def test_browser__hover_outlines_only_heads_above_uniform_and_says_when_there_are_none(server, browser):
+    url, explorer = server
+    page, errors = open_page(browser, url)
+    generate(page)
+    gen, step, token = page.evaluate("[S.gen, S.step, S.token]")
+    g = explorer.get(gen)
+    for m in g.maps.values():  # every head uniform everywhere, but head 5 from the top-left patch to the token
+        m.fill_(1 / g.keys)
+    site = explorer.sites[1]
+    assert site.first_head == 4
+    g.maps[site.name][step, 1, 0, token] = 0.5
+    box = page.locator("#overlay").bounding_box()
+    page.mouse.move(box["x"] + 2, box["y"] + 2)
+    page.wait_for_function("document.getElementById('hover').textContent.includes('patch (0, 0)')")
+    assert page.eval_on_selector_all("#grid canvas.hot", "cs => cs.map(c => c.dataset.head)") == ["5"]
+    assert "heads attending most to" in page.inner_text("#hover")
+    page.mouse.move(box["x"] + box["width"] - 3, box["y"] + box["height"] - 3)
+    page.wait_for_function("document.getElementById('hover').textContent.includes('patch (15, 15)')")
+    assert page.locator("#grid canvas.hot").count() == 0
+    text = page.inner_text("#hover")
+    assert "no head attends to" in text and "above 0.050 (uniform: 0.025)" in text and "top (head, token): none above" in text
+    assert errors == []
+    page.close()
+

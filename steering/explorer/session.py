@@ -28,6 +28,10 @@ import torch
 from steering.explorer.recipe import make_recipe, recipe_yaml, run_recipe
 
 OPS = ("scale", "swap", "sae")
+# a head attends from a patch to a token when it gives the token at least this many times the
+# share uniform attention over its keys would (1 / keys); below that a hovered patch (often the
+# background) names no heads, since the largest of many near-zero values says nothing
+ABOVE_UNIFORM = 2.0
 WINDOWS = ("all", "early", "middle", "late")
 BRANCHES = ("cond", "uncond", "both")
 
@@ -57,6 +61,7 @@ class Generation:
     maps: dict[str, torch.Tensor]
     edits: dict[str, dict] = dataclasses.field(default_factory=dict)  # edit id -> {"recipe", "image"}
     sae_acts: torch.Tensor | None = None  # with an SAE: its site's value, float16 [steps, H*W, width]
+    keys: int = 0  # text tokens each head's softmax ran over (padding included): uniform attention is 1 / keys
 
 
 @dataclasses.dataclass
@@ -194,6 +199,7 @@ class Explorer:
         tokens = self.tokens(prompt)
         n_tok = len(tokens)
         per_site: dict[str, list[torch.Tensor]] = {s.name: [] for s in self.sites}
+        keys = []
 
         def keeper(name):
             store = per_site[name]
@@ -202,6 +208,7 @@ class Explorer:
                 rows = call.rows("cond")
                 row = x[rows[0]] if rows is not None else x[0]
                 store.append(row[:, :, :n_tok].to(torch.float16).cpu())
+                keys[:] = [x.shape[-1]]  # the padded prompt length: the same at every site and step
 
             return keep
 
@@ -222,7 +229,7 @@ class Explorer:
         maps = {name: torch.stack(v) if v else torch.zeros(0) for name, v in per_site.items()}
         gen = Generation(id=f"g{next(self._ids)}", prompt=prompt, seed=int(seed), steps=steps, guidance=guidance,
                          tokens=tokens, image=np.asarray(images[0].convert("RGB")), maps=maps,
-                         sae_acts=torch.stack(sae_rows) if sae_rows else None)
+                         sae_acts=torch.stack(sae_rows) if sae_rows else None, keys=keys[0] if keys else 0)
         self.generations[gen.id] = gen
         while len(self.generations) > self.keep:
             self.generations.popitem(last=False)
@@ -275,9 +282,12 @@ class Explorer:
             raise ValueError("give both token and step, or neither (all maps of the head)")
         return {**base, "values": np.round(m[int(step), :, int(token)].numpy(), 4).tolist()}
 
-    def patch(self, gen_id: str, step: int, y: float, x: float, token: int | None = None, top: int = 10) -> dict:
+    def patch(self, gen_id: str, step: int, y: float, x: float, token: int | None = None, top: int = 10,
+              top_heads: int = 5) -> dict:
         """Which heads attend from the image point (y, x) (fractions) to which token at ``step``:
-        the ``top`` (head, token) pairs by attention, and each head's value for ``token``."""
+        the ``top`` (head, word) pairs by attention and, with ``token``, each head's value for it and
+        the ``top_heads`` heads giving it most; both only where the attention is at least
+        ``ABOVE_UNIFORM`` times uniform (``threshold``), so a patch no head looks from names none."""
         gen = self.get(gen_id)
         self._check_view(gen, step, token)
         if not (0 <= y <= 1 and 0 <= x <= 1):
@@ -290,15 +300,19 @@ class Explorer:
         v = torch.cat(values)  # [num_heads, tokens]
         content = v[:, 1:-1] if v.shape[1] > 2 else v  # the start / end tokens soak up attention; rank the words
         off = 1 if v.shape[1] > 2 else 0
+        threshold = ABOVE_UNIFORM / gen.keys
         flat = content.flatten()
-        k = min(top, flat.numel())
-        best = torch.topk(flat, k)
+        best = torch.topk(flat, min(top, flat.numel()))
         pairs = [{"head": int(i) // content.shape[1], "token": int(i) % content.shape[1] + off,
                   "word": gen.tokens[int(i) % content.shape[1] + off], "value": round(float(val), 4)}
-                 for val, i in zip(best.values, best.indices)]
-        out = {"pairs": pairs}
+                 for val, i in zip(best.values, best.indices) if val >= threshold]
+        out = {"pairs": pairs, "uniform": round(1.0 / gen.keys, 4), "threshold": round(threshold, 4)}
         if token is not None:
-            out["token_values"] = np.round(v[:, int(token)].numpy(), 4).tolist()
+            to_token = v[:, int(token)]
+            strong = torch.nonzero(to_token >= threshold).flatten()
+            strong = strong[torch.argsort(to_token[strong], descending=True)][:top_heads]
+            out["token_values"] = np.round(to_token.numpy(), 4).tolist()
+            out["heads"] = [int(h) for h in strong]
         return out
 
     def features(self, gen_id: str, step: int, y: float, x: float, top: int = 8) -> dict:
