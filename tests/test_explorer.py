@@ -161,7 +161,7 @@ def test_edit__selection_is_restricted_to_the_selected_patches_at_every_grid(exp
     (("post", "/api/edit", {"heads": [0], "patches": [3], "op": "paint"}), "unknown edit 'paint'"),
     (("post", "/api/edit", {"heads": [0], "patches": [3], "colour": 1}), "unknown edit field(s) ['colour']"),
     (("post", "/api/edit", {"op": "sae", "patches": [3]}), "no SAE loaded"),
-    (("post", "/api/edit", {"op": "swap", "heads": [0], "patches": [3], "prompt": "a purple unicorn"}), "purple"),
+    (("post", "/api/edit", {"op": "swap", "heads": [0], "patches": [3], "prompt": "a purple unicorn"}), "'unicorn'"),
     (("get", "/api/hrv/top", {"concept": "red"}), "no HRVs loaded"),
 ])
 def test_bad_input__one_json_message_and_the_server_keeps_serving(client, gen, request_, message):
@@ -177,9 +177,28 @@ def test_bad_input__one_json_message_and_the_server_keeps_serving(client, gen, r
 
 def test_bad_input__unknown_prompt_word_and_unknown_generation(client):
     r = client.post("/api/generate", json={"prompt": "a purple unicorn", "seed": 0, "steps": 2})
-    assert r.status_code == 400 and "purple" in r.json()["error"]
+    assert r.status_code == 400 and "words outside the toy world's vocabulary: 'unicorn';" in r.json()["error"]
+    r = client.get("/api/tokens", params={"prompt": "a red circel on a blu background"})
+    assert r.status_code == 400
+    assert "'circel' (did you mean 'circle'?), 'blu' (did you mean 'blue'?)" in r.json()["error"]
     r = client.get("/api/grid", params={"gen": "g999", "step": 0, "token": 0})
     assert r.status_code == 404 and "unknown generation 'g999'" in r.json()["error"]
+
+
+def test_prompt_check__is_the_model_plugins_hook_not_the_toys(random_toy_pipe, monkeypatch):
+    """Any registered model with a closed vocabulary is checked, through ModelPlugin.check_prompt."""
+    from common import plugins
+
+    def check(text):
+        if "circle" in text:
+            raise ValueError("this model knows no 'circle' (did you mean 'square'?)")
+
+    plugin = plugins.ModelPlugin(load=lambda **_: random_toy_pipe, check_prompt=check)
+    monkeypatch.setitem(plugins._registry[plugins.MODELS], "closed-words", plugin)
+    client = TestClient(make_app(Explorer(random_toy_pipe, model="closed-words")))
+    r = client.post("/api/generate", json={"prompt": PROMPT, "seed": 0, "steps": 1})
+    assert r.status_code == 400 and r.json() == {"error": "this model knows no 'circle' (did you mean 'square'?)"}
+    assert client.post("/api/generate", json={"prompt": "a unicorn", "seed": 0, "steps": 1}).status_code == 200
 
 
 def test_server_error__answered_as_json_without_a_traceback(explorer, client, gen, monkeypatch):
@@ -203,24 +222,29 @@ def test_page__served_with_its_script(client):
 SAE_SITE = "down_blocks.0.attentions.0"  # a block site of the toy, width 32, 16x16
 
 
-def make_sae(folder, model="toy", d=32):
+def make_sae(folder, model="toy", d=32, site=SAE_SITE):
     from sae.config import Placement, SparseCoderConfig
     from sae.registry import get_architecture
 
     torch.manual_seed(0)
     sae = get_architecture("topk")(SparseCoderConfig(num_latents=64, k=4), d)
-    sae.placement = Placement(site=SAE_SITE, stage="block", model=model)
+    sae.placement = Placement(site=site, stage="block", model=model)
     sae.save_pretrained(folder)
     from sae.sparse_coder import SparseCoder
 
     return SparseCoder.from_pretrained(folder)
 
 
-def test_sae_feature_edit__recipe_reproduces_the_image(random_toy_pipe, tmp_path):
-    ex = Explorer(random_toy_pipe, model="toy", sae=make_sae(tmp_path / "sae"))
-    client = TestClient(make_app(ex))
+@pytest.fixture(scope="module")
+def sae_client(random_toy_pipe, tmp_path_factory):
+    """An explorer with an SAE (no feature analysis) and one generation: (client, generation)."""
+    client = TestClient(make_app(Explorer(random_toy_pipe, model="toy", sae=make_sae(tmp_path_factory.mktemp("sae") / "sae"))))
+    return client, client.post("/api/generate", json={"prompt": PROMPT, "seed": 1, "steps": 2}).json()
+
+
+def test_sae_feature_edit__recipe_reproduces_the_image(random_toy_pipe, sae_client):
+    client, g = sae_client
     assert client.get("/api/info").json()["sae"]["features"] == 64
-    g = client.post("/api/generate", json={"prompt": PROMPT, "seed": 1, "steps": 2}).json()
     r = client.post("/api/edit", json={"gen": g["gen"], "op": "sae", "feature": 5, "mode": "inject", "value": 50.0,
                                        "patches": list(range(64))})
     assert r.status_code == 200, r.text
@@ -233,13 +257,53 @@ def test_sae_feature_edit__recipe_reproduces_the_image(random_toy_pipe, tmp_path
     feats = client.get("/api/features", params={"gen": g["gen"], "step": 1, "y": 0.2, "x": 0.2}).json()
     assert feats["grid"] == [16, 16] and 0 < len(feats["features"]) <= 4  # TopK k=4
     assert all(len(f["heatmap"]) == 256 and 0 < f["density"] <= 1 for f in feats["features"])
-    bad = client.post("/api/edit", json={"gen": g["gen"], "op": "sae", "feature": 64, "patches": [0]}).json()
-    assert "SAE feature 64 out of range" in bad["error"]
 
 
-def test_sae_of_another_model__refused_naming_both(random_toy_pipe, tmp_path):
-    with pytest.raises(ValueError, match="trained on model 'sd-1.5', not 'toy'"):
-        Explorer(random_toy_pipe, model="toy", sae=make_sae(tmp_path / "other", model="sd-1.5"))
+@pytest.mark.parametrize("edit, message", [
+    ({"feature": 64}, "SAE feature 64 out of range; this SAE has 64 features (valid: 0..63)"),
+    ({"feature": -1}, "SAE feature -1 out of range"),
+    ({"feature": "seven"}, "invalid literal for int()"),
+    ({"feature": None}, "int() argument must be"),
+    ({"feature": 3, "mode": "paint"}, "unknown SAE edit mode 'paint'; valid modes: inject, scale, ablate"),
+    ({"feature": 3, "site": "mid_block.attentions.9"}, "unknown edit field(s) ['site']"),  # the SAE fixes the site
+])
+def test_sae_feature_edit__bad_feature_or_site_is_a_message_and_the_server_keeps_serving(sae_client, edit, message):
+    client, g = sae_client
+    r = client.post("/api/edit", json={"gen": g["gen"], "op": "sae", "patches": [0], **edit})
+    assert r.status_code == 400 and message in r.json()["error"] and "Traceback" not in r.text
+    ok = client.post("/api/edit", json={"gen": g["gen"], "op": "sae", "feature": 3, "mode": "ablate", "patches": [0]})
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("sae_kw, message", [
+    ({"model": "sd-1.5"}, "this SAE was trained on model 'sd-1.5', not 'toy'; start the explorer with --model sd-1.5"),
+    ({"site": "mid_block.attentions.7"}, "this SAE's site 'mid_block.attentions.7' is not a site of model 'toy'; "
+                                         "valid sites: down_blocks.0.attentions.0, "),
+    ({"d": 64}, f"this SAE takes width 64 but site '{SAE_SITE}' of model 'toy' has width 32; sites of width 64: "),
+])
+def test_sae_that_does_not_fit_the_model__refused_naming_the_value_and_valid_choices(random_toy_pipe, tmp_path, sae_kw, message):
+    from activations.sites import list_sites
+
+    with pytest.raises(ValueError) as err:
+        Explorer(random_toy_pipe, model="toy", sae=make_sae(tmp_path / "sae", **sae_kw))
+    assert message in str(err.value)
+    if "d" in sae_kw:  # the valid choices are exactly the sites of the SAE's width
+        fits = str(err.value).split("sites of width 64: ")[1].split(", ")
+        assert sorted(fits) == sorted(s.name for s in list_sites(random_toy_pipe.unet) if s.width == 64)
+
+
+@pytest.mark.parametrize("sae_kw, named", [
+    ({"site": "mid_block.attentions.7"}, ["'mid_block.attentions.7'", "valid sites: down_blocks.0.attentions.0"]),
+    ({"d": 64}, ["takes width 64", "sites of width 64: "]),
+])
+def test_cli__explore_with_an_sae_that_does_not_fit_is_one_line_exit_2(tmp_path, capsys, sae_kw, named):
+    from diffatlas.cli import main
+
+    make_sae(tmp_path / "sae", **sae_kw)
+    assert main(["explore", "--sae", str(tmp_path / "sae"), "--device", "cpu", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffatlas explore: error: this SAE") and "\n" not in err
+    assert all(n in err for n in named), err
 
 
 def test_cli__explore_is_a_diffatlas_command():

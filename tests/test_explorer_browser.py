@@ -138,7 +138,7 @@ def test_browser__bad_input_shows_a_message_and_the_page_keeps_working(server, b
     page.fill("#steps", "2")
     page.click("#generate")
     page.wait_for_selector("#error:visible")
-    assert "purple" in page.inner_text("#error") and "Traceback" not in page.inner_text("#error")
+    assert "vocabulary: 'unicorn'" in page.inner_text("#error") and "Traceback" not in page.inner_text("#error")
     generate(page)
     assert not page.is_visible("#error")
     page.click("#apply")  # no heads, no patches

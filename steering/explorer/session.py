@@ -163,7 +163,9 @@ class Explorer:
             raise ValueError(f"this SAE's site {p.site!r} is not a site of model {self.model!r}; "
                              f"valid sites: {', '.join(list(blocks) + list(names))}")
         if site.width != sae.d_in:
-            raise ValueError(f"this SAE takes width {sae.d_in} but site {p.site!r} of model {self.model!r} has width {site.width}")
+            fits = [s.name for s in [*blocks.values(), *names.values()] if s.width == sae.d_in]
+            raise ValueError(f"this SAE takes width {sae.d_in} but site {p.site!r} of model {self.model!r} has width "
+                             f"{site.width}; sites of width {sae.d_in}: {', '.join(fits) or 'none'}")
 
     def tokens(self, prompt: str) -> list[str]:
         """The prompt's tokens as the pipeline's tokenizer splits it (start and end tokens included)."""
