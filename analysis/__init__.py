@@ -13,7 +13,8 @@ Public API (imported lazily, so that ``import analysis`` stays cheap):
   (density, timestep and spatial profiles, top tokens, co-firing features), streaming
 * ``feature_head_attribution(sae, pipe, store, stats)``: [features, heads] in the global head order;
   ``concept_scores(hrv, attribution)``: features x HRV concepts
-* ``FeaturesConfig``, ``build_report(cfg, pipe=None)``: the feature browser's data (W&B + HTML)
+* ``FeaturesConfig``, ``build_report(cfg, pipe=None)``: the feature browser's data (W&B + HTML);
+  ``FeatureLabels.load(out)``: each feature's density, top HRV concept and toy label read back
 * ``main``: ``diffatlas analyze {hrv, weaken, features}``
 
 The layering rule: analysis imports activations and sae, never steering or diffatlas.
@@ -42,6 +43,7 @@ _EXPORTS = {
     "concept_scores": "analysis.feature_concepts",
     "FeaturesConfig": "analysis.feature_report",
     "build_report": "analysis.feature_report",
+    "FeatureLabels": "analysis.feature_report",
 }
 
 __all__ = sorted(_EXPORTS)

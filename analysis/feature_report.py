@@ -2,10 +2,12 @@
 
     diffatlas analyze features <sae> <store> [--hrv DIR] [--out DIR] [--features N] ...
 
-Writes under ``out``: ``stats/`` (``FeatureStats``), ``links.json`` (per shown feature: top heads,
-top HRV concepts, best toy ground-truth label and AUROC), ``attribution.safetensors`` ([m, heads]),
-``png/`` (top images with heatmaps, step strip, timestep profile per shown feature), then one W&B
-run (``analysis.feature_wandb``) and a static HTML report (``analysis.feature_html``).
+Writes under ``out``: ``stats/`` (``FeatureStats``), ``report.json`` (per shown feature: top heads,
+top HRV concepts, best toy ground-truth label and AUROC), ``toy_auroc.npy`` (on the toy: [windows,
+features, values], every feature), ``attribution.safetensors`` ([m, heads]), ``png/`` (top images
+with heatmaps, step strip, timestep profile per shown feature), then one W&B run
+(``analysis.feature_wandb``) and a static HTML report (``analysis.feature_html``).
+``FeatureLabels.load(out)`` reads each feature's labels back (the explorer shows them).
 """
 
 from __future__ import annotations
@@ -120,11 +122,13 @@ def build_report(cfg: FeaturesConfig, pipe=None) -> dict:
             for f in feats:
                 rows[f]["hrv_concepts"] = [{"concept": c, "score": v} for c, v in top_concepts(scores, list(hrv.concepts.names), f, 3)]
     # feature -> toy ground truth
+    truth_values = None
     if is_toy:
         from analysis.toy_truth import best_labels, feature_truth
 
         truth = feature_truth(sae, reader, store.root)
         np.save(out / "toy_auroc.npy", truth["auroc"])
+        truth_values = truth["values"]  # the names of toy_auroc.npy's last axis, for FeatureLabels
         best_all = best_labels(_best_over_windows(truth["auroc"]), truth["values"])
         for f in feats:
             label, auc = best_all[f]
@@ -132,7 +136,7 @@ def build_report(cfg: FeaturesConfig, pipe=None) -> dict:
             rows[f]["truth"] = {"label": label, "auroc": auc, "window": truth["windows"][w] if label else None}
     report = {"sae": str(sae.source), "store": str(store.root), "site": site, "model": model, "toy": is_toy,
               "num_latents": sae.num_latents, "rows": stats.info["rows"], "features": [rows[f] for f in feats],
-              "hrv": str(cfg.hrv) if cfg.hrv else None}
+              "hrv": str(cfg.hrv) if cfg.hrv else None, "truth_values": truth_values}
     extra = {}
     if hrv is not None and pipe is not None:
         from activations.sites import list_sites
@@ -157,3 +161,64 @@ def _best_over_windows(auroc_wfv: np.ndarray) -> np.ndarray:
     """[features, values]: each (feature, value)'s best AUROC over the windows (NaN where none)."""
     a = np.where(np.isfinite(auroc_wfv), auroc_wfv, -np.inf).max(0)
     return np.where(np.isfinite(a), a, np.nan)
+
+
+@dataclass
+class FeatureLabels:
+    """What a ``build_report`` folder says each feature means, read back (``FeatureLabels.load``):
+    its density over the whole store (every feature), its top HRV concept (only the features the
+    report shows: only those were rerun for their heads) and, on the toy, its best ground-truth
+    label with that label's AUROC, best over the timestep windows (every feature)."""
+
+    folder: Path
+    site: str
+    model: Optional[str]
+    num_latents: int
+    density: np.ndarray
+    """[m] fraction of the store's rows where the feature fires"""
+    hrv: dict[int, tuple[str, float]]
+    """feature -> (top HRV concept, its score), for the features the report shows"""
+    truth: Optional[list[tuple[str, float]]]
+    """[m] (best ground-truth label, AUROC), ("", nan) where none; None off the toy"""
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "FeatureLabels":
+        from analysis.features import FeatureStats
+
+        folder = Path(folder)
+        if not (folder / "report.json").is_file():
+            raise FileNotFoundError(f"{folder} is not a feature analysis folder: report.json is missing "
+                                    "(write one with `diffatlas analyze features`)")
+        report = json.loads((folder / "report.json").read_text())
+        stats = FeatureStats.load(folder / "stats")
+        hrv = {int(r["id"]): (r["hrv_concepts"][0]["concept"], float(r["hrv_concepts"][0]["score"]))
+               for r in report["features"] if r.get("hrv_concepts")}
+        truth = None
+        if (folder / "toy_auroc.npy").is_file():
+            from analysis.toy_truth import best_labels, concept_values
+
+            # folders written before report.json named the values hold them in concept_values() order
+            values = report.get("truth_values") or [f"{a}={v}" for a, v in concept_values()]
+            truth = best_labels(_best_over_windows(np.load(folder / "toy_auroc.npy")), values)
+        return cls(folder=folder, site=report["site"], model=report.get("model"), num_latents=int(report["num_latents"]),
+                   density=stats.density.numpy(), hrv=hrv, truth=truth)
+
+    def check_sae(self, sae) -> None:
+        """Refuse labels of another SAE: another model, site or number of features."""
+        p = sae.placement
+        # a model either side does not record is no evidence against the other
+        ours = (self.model or p.model, self.site, self.num_latents)
+        theirs = (p.model or self.model, p.site, sae.num_latents)
+        if ours != theirs:
+            raise ValueError(f"the feature analysis in {self.folder} is of an SAE of model {self.model!r} at site "
+                             f"{self.site!r} with {self.num_latents} features, but this SAE is of model {theirs[0]!r} "
+                             f"at site {p.site!r} with {sae.num_latents}; give the folder that "
+                             "`diffatlas analyze features` wrote for this SAE")
+
+    def of(self, feature: int) -> dict:
+        """One feature's labels, JSON-able (None where the analysis has none)."""
+        f = int(feature)
+        concept, score = self.hrv.get(f, (None, None))
+        label, auc = self.truth[f] if self.truth is not None else ("", float("nan"))
+        return {"density": float(self.density[f]), "hrv_concept": concept, "hrv_score": score,
+                "truth": label or None, "auroc": auc if label else None}

@@ -244,7 +244,8 @@ def sae_client(random_toy_pipe, tmp_path_factory):
 
 def test_sae_feature_edit__recipe_reproduces_the_image(random_toy_pipe, sae_client):
     client, g = sae_client
-    assert client.get("/api/info").json()["sae"]["features"] == 64
+    info = client.get("/api/info").json()["sae"]
+    assert info["features"] == 64 and info["labels"] is None
     r = client.post("/api/edit", json={"gen": g["gen"], "op": "sae", "feature": 5, "mode": "inject", "value": 50.0,
                                        "patches": list(range(64))})
     assert r.status_code == 200, r.text
@@ -257,6 +258,7 @@ def test_sae_feature_edit__recipe_reproduces_the_image(random_toy_pipe, sae_clie
     feats = client.get("/api/features", params={"gen": g["gen"], "step": 1, "y": 0.2, "x": 0.2}).json()
     assert feats["grid"] == [16, 16] and 0 < len(feats["features"]) <= 4  # TopK k=4
     assert all(len(f["heatmap"]) == 256 and 0 < f["density"] <= 1 for f in feats["features"])
+    assert all(f["labels"] is None for f in feats["features"])  # no --features: no labels, none guessed
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -304,6 +306,71 @@ def test_cli__explore_with_an_sae_that_does_not_fit_is_one_line_exit_2(tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.startswith("diffatlas explore: error: this SAE") and "\n" not in err
     assert all(n in err for n in named), err
+
+
+# ---- feature labels from `diffatlas analyze features` --------------------------------------
+
+def test_features__listed_with_the_labels_of_the_feature_analysis(random_toy_pipe, feature_analysis):
+    from analysis.feature_report import FeatureLabels
+    from sae.sparse_coder import SparseCoder
+
+    sae_dir, out, report = feature_analysis
+    ex = Explorer(random_toy_pipe, model="toy", sae=SparseCoder.from_pretrained(sae_dir), labels=FeatureLabels.load(out))
+    client = TestClient(make_app(ex))
+    assert client.get("/api/info").json()["sae"]["labels"] == str(out)
+    g = client.post("/api/generate", json={"prompt": PROMPT, "seed": 1, "steps": 2}).json()
+    rows = {r["id"]: r for r in report["features"]}
+    listed = {}
+    for y in (0.1, 0.5, 0.9):
+        for x in (0.1, 0.5, 0.9):
+            r = client.get("/api/features", params={"gen": g["gen"], "step": 1, "y": y, "x": x})
+            assert r.status_code == 200, r.text
+            listed.update({f["feature"]: f["labels"] for f in r.json()["features"]})
+    assert len(listed) >= 4
+    for f, labels in listed.items():
+        row = rows[f]  # the fixture analyses every feature that fires
+        assert labels["density"] == pytest.approx(row["density"])
+        assert (labels["hrv_concept"], labels["hrv_score"]) == (row["hrv_concepts"][0]["concept"],
+                                                                 pytest.approx(row["hrv_concepts"][0]["score"]))
+        assert (labels["truth"], labels["auroc"]) == (row["truth"]["label"], pytest.approx(row["truth"]["auroc"]))
+    assert len({labels["truth"] for labels in listed.values()}) > 1  # per feature, not one label for all
+
+
+def test_feature_labels__truth_for_every_feature_hrv_concept_only_where_the_report_has_one(feature_analysis, tmp_path):
+    import json
+    import shutil
+
+    from analysis.feature_report import FeatureLabels
+
+    _, out, report = feature_analysis
+    full = FeatureLabels.load(out)
+    # a folder as an older `analyze features` wrote it (no truth_values), with one feature not shown
+    shutil.copytree(out, tmp_path / "a")
+    dropped = report["features"][0]["id"]
+    old = {**report, "features": report["features"][1:]}
+    del old["truth_values"]
+    (tmp_path / "a" / "report.json").write_text(json.dumps(old))
+    back = FeatureLabels.load(tmp_path / "a")
+    assert back.of(dropped)["hrv_concept"] is None and back.of(dropped)["hrv_score"] is None
+    assert back.of(dropped)["truth"] == full.of(dropped)["truth"] == report["features"][0]["truth"]["label"]
+    assert [back.of(f)["truth"] for f in range(16)] == [full.of(f)["truth"] for f in range(16)]
+
+
+def test_features__an_analysis_of_another_sae_or_without_its_sae_is_refused(random_toy_pipe, feature_analysis, tmp_path, capsys):
+    from analysis.feature_report import FeatureLabels
+    from diffatlas.cli import main
+
+    _, out, _ = feature_analysis
+    other = make_sae(tmp_path / "other")  # another site, 64 features
+    with pytest.raises(ValueError, match=f"at site 'up_blocks.2.attentions.0' with 16 features, but this SAE is of model "
+                                         f"'toy' at site '{SAE_SITE}' with 64"):
+        Explorer(random_toy_pipe, model="toy", sae=other, labels=FeatureLabels.load(out))
+    for argv, message in ([["--features", str(out)], "give that SAE with --sae DIR"],
+                          [["--sae", str(tmp_path / "other"), "--features", str(out)], f"at site '{SAE_SITE}' with 64"],
+                          [["--sae", str(tmp_path / "other"), "--features", str(tmp_path)], "report.json is missing"]):
+        assert main(["explore", *argv, "--port", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("diffatlas explore: error: ") and message in err and "\n" not in err, err
 
 
 def test_cli__explore_is_a_diffatlas_command():

@@ -28,12 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(random_toy_pipe):
+def serve(explorer):
     from steering.explorer.server import make_app
-    from steering.explorer.session import Explorer
 
-    explorer = Explorer(random_toy_pipe, model="toy")
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(make_app(explorer), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -45,6 +42,26 @@ def server(random_toy_pipe):
     yield f"http://127.0.0.1:{port}/", explorer
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(random_toy_pipe):
+    from steering.explorer.session import Explorer
+
+    yield from serve(Explorer(random_toy_pipe, model="toy"))
+
+
+@pytest.fixture(scope="module")
+def sae_server(random_toy_pipe, feature_analysis):
+    """An SAE with its feature analysis (``diffatlas explore --sae DIR --features DIR``)."""
+    from analysis.feature_report import FeatureLabels
+    from sae.sparse_coder import SparseCoder
+    from steering.explorer.session import Explorer
+
+    sae_dir, out, report = feature_analysis
+    explorer = Explorer(random_toy_pipe, model="toy", sae=SparseCoder.from_pretrained(sae_dir), labels=FeatureLabels.load(out))
+    for url, _ in serve(explorer):
+        yield url, report
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +190,37 @@ def test_browser__hover_outlines_only_heads_above_uniform_and_says_when_there_ar
     assert errors == []
     page.close()
 
+
+def test_browser__features_show_their_analysis_labels_and_a_bad_feature_edit_is_a_message(sae_server, browser):
+    import re
+
+    url, report = sae_server
+    rows = {r["id"]: r for r in report["features"]}
+    page, errors = open_page(browser, url)
+    generate(page)
+    page.check("#feat-mode")
+    box = page.locator("#overlay").bounding_box()
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_function("document.getElementById('features').textContent.includes('SAE features at')")
+    lines = page.eval_on_selector_all("#features div", "ds => ds.map(d => d.textContent)")
+    assert lines
+    for line in lines:
+        row = rows[int(re.search(r"#(\d+):", line).group(1))]
+        assert f"{100 * row['density']:.1f}% of tokens overall" in line
+        assert f"HRV concept {row['hrv_concepts'][0]['concept']} ({row['hrv_concepts'][0]['score']:.3f})" in line
+        assert f"ground truth {row['truth']['label']} (AUROC {row['truth']['auroc']:.2f})" in line
+    # an SAE edit of a feature the SAE lacks: a message in the page, then the page keeps working
+    page.uncheck("#feat-mode")
+    page.select_option("#op", "sae")
+    page.check("#all-patches")
+    page.fill("#feature", "16")
+    page.click("#apply")
+    page.wait_for_selector("#error:visible")
+    assert "SAE feature 16 out of range; this SAE has 16 features (valid: 0..15)" in page.inner_text("#error")
+    page.fill("#feature", "3")
+    page.select_option("#sae-mode", "ablate")
+    page.click("#apply")
+    page.wait_for_selector("#after[src]")
+    assert not page.is_visible("#error")
+    assert all("status of 400" in e for e in errors), errors
+    page.close()

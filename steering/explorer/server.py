@@ -11,6 +11,7 @@ unknown ids, 500 for a server error, never a traceback; the server keeps serving
 * ``GET  /api/head?gen=&head=[&token=&step=]`` one head's map, or all its maps [steps][tokens][H*W]
 * ``GET  /api/patch?gen=&step=&y=&x=[&token=]`` which heads attend from a point to which token
 * ``GET  /api/features?gen=&step=&y=&x=``     with an SAE: features active at a point, with heatmaps
+                                               (and, with --features, each one's labels)
 * ``POST /api/edit``      an ``EditSpec`` -> {edit, image, diff, max_diff, recipe (YAML)}
 * ``GET  /api/recipe?gen=&edit=``              an edit's recipe YAML
 * ``GET  /api/hrv/top?concept=&n=``            the top n heads of an HRV concept
@@ -35,6 +36,8 @@ class ExploreConfig:
     """An SAE folder (SAE.from_pretrained) whose features the page can edit."""
     hrv: str | None = None
     """An HRV folder (diffatlas analyze hrv): heads coloured by their top concept, top-n head selection."""
+    features: str | None = None
+    """A feature analysis folder of the --sae (diffatlas analyze features --out): listed features show their density, top HRV concept and toy ground-truth label."""
     host: str = "127.0.0.1"
     """Address to listen on (127.0.0.1: this machine only)."""
     port: int = 8765
@@ -166,17 +169,25 @@ def make_app(explorer: Explorer):
 def build_explorer(cfg: ExploreConfig) -> Explorer:
     from activations.pipeline import load_pipeline
 
-    sae = hrv = None
+    sae = hrv = labels = None
+    if cfg.features and not cfg.sae:
+        raise ValueError(f"--features {cfg.features} labels an SAE's features; give that SAE with --sae DIR")
     if cfg.sae:
         from sae.sparse_coder import SparseCoder
 
         sae = SparseCoder.from_pretrained(cfg.sae)
+    if cfg.features:
+        # only the folder given: an analysis found beside the SAE may be of another run of it
+        from analysis.feature_report import FeatureLabels
+
+        labels = FeatureLabels.load(cfg.features)
+        labels.check_sae(sae)  # before the model loads: a wrong folder fails fast
     pipe = load_pipeline(cfg.model, device=cfg.device)
     if cfg.hrv:
         from analysis.hrv import HRV
 
         hrv = HRV.load(cfg.hrv, pipe=pipe)
-    return Explorer(pipe, model=cfg.model, sae=sae, hrv=hrv, keep=cfg.keep)
+    return Explorer(pipe, model=cfg.model, sae=sae, hrv=hrv, keep=cfg.keep, labels=labels)
 
 
 def main(argv: list[str] | None = None) -> int:

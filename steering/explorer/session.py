@@ -98,18 +98,23 @@ class EditSpec:
 
 
 class Explorer:
-    """A loaded model and its recent generations (kept in memory, the oldest dropped first)."""
+    """A loaded model and its recent generations (kept in memory, the oldest dropped first); with an
+    SAE, optionally its feature analysis read back (``labels``: ``analysis.feature_report.FeatureLabels``)."""
 
-    def __init__(self, pipe, model: str = "toy", sae=None, hrv=None, keep: int = 8):
+    def __init__(self, pipe, model: str = "toy", sae=None, hrv=None, keep: int = 8, labels=None):
         from activations.sites import head_table, list_sites
 
         self.pipe, self.model, self.keep = pipe, model, keep
         pipe.set_progress_bar_config(disable=True)
         self.sites = [s for s in list_sites(pipe.unet, self._latent_size()) if s.kind == "head"]
         self.head_table = head_table(self.sites)
-        self.sae, self.hrv = sae, hrv
+        self.sae, self.hrv, self.labels = sae, hrv, labels
         if sae is not None:
             self.check_sae(sae)
+        if labels is not None:
+            if sae is None:
+                raise ValueError("a feature analysis (--features) labels an SAE's features; give that SAE with --sae")
+            labels.check_sae(sae)
         if hrv is not None:
             hrv.check_model(pipe)
         self.generations: OrderedDict[str, Generation] = OrderedDict()
@@ -141,7 +146,8 @@ class Explorer:
                "num_heads": len(self.head_table), "sae": None, "hrv": None}
         if self.sae is not None:
             p = self.sae.placement
-            out["sae"] = {"site": p.site, "stage": p.stage, "features": self.sae.num_latents, "source": str(self.sae.source)}
+            out["sae"] = {"site": p.site, "stage": p.stage, "features": self.sae.num_latents, "source": str(self.sae.source),
+                          "labels": None if self.labels is None else str(self.labels.folder)}
         if self.hrv is not None:
             hrv = self.hrv.hrv
             top = hrv.argmax(0).tolist()
@@ -319,7 +325,8 @@ class Explorer:
 
     def features(self, gen_id: str, step: int, y: float, x: float, top: int = 8) -> dict:
         """The SAE features active at the image point (y, x) at ``step``, strongest first, each with
-        its heatmap over the site's patches at that step and the fraction of patches where it fires."""
+        its heatmap over the site's patches at that step, the fraction of patches where it fires and,
+        with a feature analysis (``labels``), what it says of the feature (``FeatureLabels.of``)."""
         if self.sae is None:
             raise ValueError("no SAE loaded: start the explorer with --sae DIR to list features")
         gen = self.get(gen_id)
@@ -338,7 +345,8 @@ class Explorer:
         best = torch.topk(vals, k) if k else None
         feats = [] if best is None else [
             {"feature": int(f), "value": round(float(v), 4), "density": round(float((z[:, f] > 0).float().mean()), 4),
-             "heatmap": np.round(z[:, f].numpy(), 4).tolist()} for v, f in zip(best.values, best.indices)]
+             "heatmap": np.round(z[:, f].numpy(), 4).tolist(),
+             "labels": None if self.labels is None else self.labels.of(int(f))} for v, f in zip(best.values, best.indices)]
         return {"site": site, "grid": [h, w], "patch": p, "features": feats}
 
     # -- edits ---------------------------------------------------------------------------
