@@ -5,6 +5,10 @@ score[f, c] = sum_h HRV[c, h] * w[f, h] / H, with w[f] = the feature's positive 
 normalised to sum 1 (heads that write against the feature say nothing about what it means; H
 is the number of heads, the L1 norm of each HRV row, so a feature written by one head scores that
 head's HRV entry over H). A feature with no positive share scores NaN.
+
+``concept_lift`` divides each concept's score by its mean over the features scored: heads that
+write much of every feature (and the concepts they vote for) then no longer name every feature's
+top concept; what is left is what a feature's heads serve more than the average feature's.
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ def concept_scores(hrv_ch: torch.Tensor, attribution_mh: torch.Tensor) -> torch.
     total = w.sum(1, keepdim=True)
     w = torch.where(total > 0, w / total.clamp(min=1e-12), torch.full_like(w, float("nan")))
     return w @ hrv_ch.float().T / hrv_ch.shape[1]
+
+
+def concept_lift(scores_mc: torch.Tensor) -> torch.Tensor:
+    """[m, concepts] scores over their mean across the features with a score (NaN rows stay NaN)."""
+    mean_c = torch.nanmean(scores_mc, dim=0, keepdim=True)
+    return scores_mc / mean_c.clamp(min=1e-12)
 
 
 def top_concepts(scores_mc: torch.Tensor, names: list[str], feature: int, n: int = 3) -> list[tuple[str, float]]:

@@ -13,11 +13,11 @@ Accumulated per feature (m latents):
 - top-k tokens: ``top_act`` [m, k] (descending, -inf pads) and ``top_row`` [m, k] (row id, -1 pads),
   merged chunk by chunk; the rows' image, step, tau, i, j are looked up once at the end;
 - co-occurrence: ``cooc_idx``/``cooc_count`` [m, c]: the c features that fire most often on the
-  same token as each feature. Counting choice: for m <= ``DENSE_COOC_MAX`` (2048) a dense int64
-  [m, m] count is kept (32 MiB at the limit) and updated with one ``index_add`` of the chunk's
-  co-firing pairs; above that, each chunk's pairs are reduced with ``np.unique`` and merged into a
-  sorted (pair key, count) list, whose size is the number of distinct pairs seen (at most
-  rows * k^2 / 2 for TopK codes, usually far fewer), never m^2.
+  same token as each feature. Each unordered pair is counted once. Counting choice: for m <=
+  ``DENSE_COOC_MAX`` (2048) a dense int64 [m, m] count is kept (32 MiB at the limit) and updated
+  with one ``bincount`` of the chunk's co-firing pairs; above that, each chunk's pairs are reduced
+  with ``np.unique`` and merged into a sorted (pair key, count) list, whose size is the number of
+  distinct pairs seen (at most rows * k^2 / 2 for TopK codes, usually far fewer), never m^2.
 """
 
 from __future__ import annotations
@@ -160,25 +160,29 @@ class _Cooc:
     def add(self, rows: torch.Tensor, idx: torch.Tensor) -> None:
         if not len(rows):
             return
-        # a [tokens, kmax] table of each token's latents (-1 pads), then all ordered pairs a != b
-        # entries come grouped by token (``sparse_codes`` keeps the Latents / nonzero order)
+        # a [tokens, kmax] table of each token's latents (-1 pads at the end of a row), then each
+        # unordered pair once: slots i < j (a token's latents are distinct, and slot j filled means
+        # slot i is). Entries come grouped by token (``sparse_codes`` keeps the Latents order).
         counts = torch.bincount(rows)
         counts = counts[counts > 0]
         starts = torch.cumsum(counts, 0) - counts
         kmax = int(counts.max())
+        if kmax < 2:
+            return
         tok = torch.repeat_interleave(torch.arange(len(counts)), counts)
         slot = torch.arange(len(idx)) - starts[tok]
         table = torch.full((len(counts), kmax), -1, dtype=torch.long)
         table[tok, slot] = idx
-        a, b = table[:, :, None], table[:, None, :]
-        valid = (a >= 0) & (b >= 0) & (a != b)
+        i, j = torch.triu_indices(kmax, kmax, offset=1)
+        a, b = table[:, i], table[:, j]
+        valid = b >= 0
         if self.dense is not None:
-            # invalid pairs go to one extra bin, dropped: no boolean gather of the [tokens, k, k] pairs
+            # one direction per pair, symmetrised in ``top``; pads go to one extra bin, dropped
             keys = torch.where(valid, a * self.m + b, self.m * self.m)
             self.dense += torch.bincount(keys.reshape(-1), minlength=self.m * self.m + 1)[:-1]
             return
-        keys = (a * self.m + b)[valid]
-        u, c = np.unique(keys.numpy(), return_counts=True)
+        lo, hi = torch.minimum(a, b)[valid], torch.maximum(a, b)[valid]
+        u, c = np.unique((lo * self.m + hi).numpy(), return_counts=True)
         allk = np.concatenate([self.keys, u])
         allc = np.concatenate([self.counts, c])
         self.keys, inv = np.unique(allk, return_inverse=True)
@@ -188,15 +192,17 @@ class _Cooc:
         """[m, n] most co-firing latents per latent and their counts (-1 / 0 pads)."""
         n = min(n, max(self.m - 1, 1))
         if self.dense is not None:
-            c = self.dense.reshape(self.m, self.m)
+            half = self.dense.reshape(self.m, self.m)
+            c = half + half.T
             cnt, ix = c.topk(n, dim=1)
             ix = torch.where(cnt > 0, ix, torch.full_like(ix, -1))
             return ix, cnt
         ix = torch.full((self.m, n), -1, dtype=torch.long)
         cnt = torch.zeros((self.m, n), dtype=torch.long)
-        a, b = self.keys // self.m, self.keys % self.m
-        order = np.lexsort((-self.counts, a))
-        a, b, c = a[order], b[order], self.counts[order]
+        lo, hi = self.keys // self.m, self.keys % self.m
+        a, b, c = np.concatenate([lo, hi]), np.concatenate([hi, lo]), np.concatenate([self.counts, self.counts])
+        order = np.lexsort((-c, a))
+        a, b, c = a[order], b[order], c[order]
         starts = np.searchsorted(a, a, side="left")
         rank = np.arange(len(a)) - starts
         keep = rank < n

@@ -14,11 +14,12 @@ than the site's raw channels, and do their heads' HRVs name the right attribute?
    tokens) times the HRVs gives its top HRV concept; ``hrv_agreement`` is the fraction of chosen
    features whose top HRV concept is the attribute of their best ground-truth label, and
    ``hrv_chance`` the agreement expected if the two were independent (sum over attributes of the
-   product of their frequencies among those features).
+   product of their frequencies among those features). ``hrv_agreement_lift``: the same with
+   each concept's score divided by its mean over the chosen features (``concept_lift``).
 
 Goals (issue 12): sae_mean_auroc >= 0.95, sae_frac_ge_0.95 >= 0.8, above neuron_mean_auroc.
 Last line JSON {"sae_mean_auroc", "sae_frac_ge_0.95", "neuron_mean_auroc", "hrv_agreement",
-"hrv_chance", "per_value": {value: {"sae", "neuron", "feature"}}}.
+"hrv_chance", "hrv_agreement_lift", "hrv_chance_lift", "per_value": {value: {"sae", "neuron", "feature"}}}.
 
     OMP_NUM_THREADS=2 python benchmarks/concept_recovery.py [--prompts 256 --every 4 --out runs/bench/concepts]
 """
@@ -57,7 +58,7 @@ def main() -> None:
     from activations.store import ActivationStore
     from analysis.config import HRVConfig
     from analysis.construct import build_hrv
-    from analysis.feature_concepts import concept_scores
+    from analysis.feature_concepts import concept_lift, concept_scores
     from analysis.feature_heads import feature_head_attribution
     from analysis.features import compute_feature_stats
     from analysis.toy_truth import channel_truth, feature_truth
@@ -109,21 +110,33 @@ def main() -> None:
                                    progress=False)["attribution"]
     scores = concept_scores(hrv.hrv, att)
     names = list(hrv.concepts.names)
-    hits, top_attr, gt_attr = [], [], []
-    for f, label in chosen.items():
-        if not torch.isfinite(scores[f]).any():
-            continue
-        top = names[int(torch.nan_to_num(scores[f], nan=-1).argmax())]
-        gt = label.split("=")[0]
-        top_attr.append(top), gt_attr.append(gt), hits.append(top == gt)
-    chance = sum((top_attr.count(a) / len(top_attr)) * (gt_attr.count(a) / len(gt_attr)) for a in set(names)) if hits else float("nan")
-    print(json.dumps({"stage": "hrv", "features": len(hits), "top_hrv_concepts": {a: top_attr.count(a) for a in sorted(set(top_attr))},
+
+    def agreement(scores_mc):
+        hits, top_attr, gt_attr = [], [], []
+        for f, label in chosen.items():
+            if not torch.isfinite(scores_mc[f]).any():
+                continue
+            top = names[int(torch.nan_to_num(scores_mc[f], nan=-1).argmax())]
+            gt = label.split("=")[0]
+            top_attr.append(top), gt_attr.append(gt), hits.append(top == gt)
+        if not hits:
+            return None, None, {}
+        chance = sum((top_attr.count(a) / len(top_attr)) * (gt_attr.count(a) / len(gt_attr)) for a in set(names))
+        return round(float(np.mean(hits)), 4), round(float(chance), 4), {a: top_attr.count(a) for a in sorted(set(top_attr))}
+
+    rows = torch.tensor(sorted(chosen))
+    lift = torch.full_like(scores, float("nan"))
+    lift[rows] = concept_lift(scores[rows])  # relative to the chosen features' mean
+    hrv_agreement, hrv_chance, tops = agreement(scores)
+    lift_agreement, lift_chance, lift_tops = agreement(lift)
+    print(json.dumps({"stage": "hrv", "features": len(chosen), "top_hrv_concepts": tops, "top_lift_concepts": lift_tops,
+                      "hrv_agreement_lift": lift_agreement, "hrv_chance_lift": lift_chance,
                       "total_s": round(time.time() - t0, 1)}))
     print(json.dumps({"sae_mean_auroc": round(float(sae_auc.mean()), 4),
                       "sae_frac_ge_0.95": round(float((sae_auc >= 0.95).mean()), 4),
                       "neuron_mean_auroc": round(float(neu_auc.mean()), 4),
-                      "hrv_agreement": round(float(np.mean(hits)), 4) if hits else None,
-                      "hrv_chance": round(float(chance), 4) if hits else None,
+                      "hrv_agreement": hrv_agreement, "hrv_chance": hrv_chance,
+                      "hrv_agreement_lift": lift_agreement, "hrv_chance_lift": lift_chance,
                       "per_value": per_value}))
 
 

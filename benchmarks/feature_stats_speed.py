@@ -6,9 +6,12 @@ and an untrained TopK SAE of ``--latents`` latents (the pass's cost does not dep
 Each round times (a) reading every row in chunks of ``--chunk`` (``SiteReader.read``) and (b) the
 full statistics pass over the same rows with the same chunks; the order alternates between rounds
 (interleaved repeats). The ratio per round is tokens/s of (b) over tokens/s of (a); we report the
-median over ``--repeats`` rounds and its spread. Goal: ratio >= 0.5.
+median over ``--repeats`` rounds and its spread. Goal: ratio >= 0.5. Each round also times (c)
+reading + the SAE's encoder alone (no statistics): ``encode_over_read`` is the most any statistics
+pass could reach, ``stats_over_encode`` what the statistics themselves cost on top of encoding.
 
-Last line JSON: {"read_tok_s", "stats_tok_s", "ratio_spread", "ratio"}.
+Last line JSON: {"read_tok_s", "encode_tok_s", "stats_tok_s", "encode_over_read", "stats_over_encode",
+"ratio_spread", "ratio"}.
 
     OMP_NUM_THREADS=2 python benchmarks/feature_stats_speed.py [--rows 65536 --d 64 --latents 512 --k 16]
 """
@@ -56,21 +59,31 @@ def main() -> None:
                 reader.read(np.arange(lo, min(lo + args.chunk, reader.num_rows)))
             return reader.num_rows / (time.perf_counter() - t0)
 
+        def encode_only() -> float:
+            t0 = time.perf_counter()
+            for lo in range(0, reader.num_rows, args.chunk):
+                acts, _ = reader.read(np.arange(lo, min(lo + args.chunk, reader.num_rows)))
+                sae.encode(acts.float())
+            return reader.num_rows / (time.perf_counter() - t0)
+
         def stats() -> float:
             t0 = time.perf_counter()
             compute_feature_stats(sae, reader, chunk_rows=args.chunk, progress=False)
             return reader.num_rows / (time.perf_counter() - t0)
 
-        read_only(), stats()  # warm both paths
-        reads, passes, ratios = [], [], []
+        read_only(), encode_only(), stats()  # warm every path
+        reads, encodes, passes, ratios = [], [], [], []
         for r in range(args.repeats):
-            if r % 2 == 0:
-                a, b = read_only(), stats()
-            else:
-                b, a = stats(), read_only()
-            reads.append(a), passes.append(b), ratios.append(b / a)
-            print(json.dumps({"round": r, "read_tok_s": round(a), "stats_tok_s": round(b), "ratio": round(b / a, 4)}))
-    print(json.dumps({"read_tok_s": round(statistics.median(reads)), "stats_tok_s": round(statistics.median(passes)),
+            order = [read_only, encode_only, stats][r % 3:] + [read_only, encode_only, stats][:r % 3]  # rotate
+            got = {f.__name__: f() for f in order}
+            a, e, b = got["read_only"], got["encode_only"], got["stats"]
+            reads.append(a), encodes.append(e), passes.append(b), ratios.append(b / a)
+            print(json.dumps({"round": r, "read_tok_s": round(a), "encode_tok_s": round(e), "stats_tok_s": round(b),
+                              "ratio": round(b / a, 4)}))
+    med = statistics.median
+    print(json.dumps({"read_tok_s": round(med(reads)), "encode_tok_s": round(med(encodes)), "stats_tok_s": round(med(passes)),
+                      "encode_over_read": round(med(e / a for e, a in zip(encodes, reads)), 4),
+                      "stats_over_encode": round(med(b / e for b, e in zip(passes, encodes)), 4),
                       "ratio_spread": [round(min(ratios), 4), round(max(ratios), 4)],
                       "ratio": round(statistics.median(ratios), 4)}))
 

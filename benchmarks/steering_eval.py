@@ -12,12 +12,14 @@ Cells (single-object scenes; one image per prompt, seed = prompt index):
   times the features' decoder directions at every position) in each window; ``style_preserved``:
   the oracle also finds every other attribute of the prompt (shape, colour, position, background,
   and texture or style, whichever is not the target).
-* hrv_color: at ``--attr-guidance`` (a low guidance, where the toy model often misses the asked
-  colour): ``base`` = colour right without steering; ``hrv`` = the colour token's attention
-  rescaled by HRV[color, h]; ``uniform`` = the same token rescaled by the mean factor at every
-  head (same total weight; note HRV rows have L1 norm H, so the mean is 1 and uniform equals base
-  by construction); ``adjusting`` = 2·HRV[color] − HRV[background] (undesired: background, the
-  concept a colour is most often confused with).
+* hrv_<attribute> (``--attr-concepts``, default colour and shape): at ``--attr-guidance`` (default 1,
+  no classifier-free guidance: the toy model's weakest setting) ``base`` = the asked value read
+  without steering; ``hrv`` = its word's attention rescaled by HRV[attribute, h] (strengthening);
+  two controls with the same total weight: ``uniform`` (the mean factor at every head; HRV rows
+  have L1 norm H, so this is 1 everywhere and equals base by construction) and ``permuted`` (the
+  HRV's factors shuffled across heads); ``adjusting`` = 2·HRV[attribute] − HRV[undesired], with
+  undesired the concept whose HRV row is closest to the attribute's. ``base_rates_by_guidance``:
+  every attribute's unsteered rate at each ``--attr-sweep`` guidance (does the model miss at all?).
 * head_encode: the prompt with another colour word encoded through the ``--heads`` heads the colour
   HRV ranks highest, on the object's patches only (its rendered mask, resized to each grid),
   against as many random heads. Success: the oracle reads the other colour.
@@ -27,7 +29,8 @@ object's mask across patches (Pearson over every cond-branch row of early steps 
 images: activation vs the object's coverage of the patch). Style features: the largest
 standardised difference of mean activation, striped vs plain objects (on object patches) and night
 vs day pictures (all patches). The SAE (TopK at ``--site``) and the HRVs are built inside the
-benchmark unless ``--sae`` / ``--hrv`` give folders. Last line JSON.
+benchmark unless ``--sae`` / ``--hrv`` give folders. ``<out>/steering_examples.png``: per cell, the
+first prompts unsteered and steered (best window). Last line JSON.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from tqdm import tqdm  # noqa: E402
 WINDOWS = ("early", "middle", "late")
 OPPOSITE = {"top left": "bottom right", "top right": "bottom left", "bottom left": "top right", "bottom right": "top left"}
 QUADS = tuple(OPPOSITE)
+EXAMPLES = 4  # prompts per cell shown in the examples figure
 
 
 def parse_args():
@@ -55,7 +59,9 @@ def parse_args():
     ap.add_argument("--prompts", type=int, default=100, help="prompts per cell")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     ap.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's)")
-    ap.add_argument("--attr-guidance", type=float, default=1.5, help="guidance of the hrv_color cell")
+    ap.add_argument("--attr-guidance", type=float, default=1.0, help="guidance of the attribute cells (1: no CFG)")
+    ap.add_argument("--attr-concepts", default="color,shape", help="attributes strengthened through their HRVs")
+    ap.add_argument("--attr-sweep", default="1,1.5,4", help="guidance scales at which base rates are measured")
     ap.add_argument("--site", default="up_blocks.2.attentions.0")
     ap.add_argument("--sae", default=None, help="SAE folder for --site (default: harvest and train one)")
     ap.add_argument("--hrv", default=None, help="HRV folder (default: build one)")
@@ -66,7 +72,7 @@ def parse_args():
     ap.add_argument("--spatial-beta", type=float, default=2.0)
     ap.add_argument("--style-beta", type=float, default=128.0, help="β of the global edit (2 x the 64 patches)")
     ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--out", default="outputs/bench/steering_eval")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args()
@@ -206,15 +212,17 @@ def read_positions(image) -> list[str]:
         return []
 
 
-def cell_spatial(args, pipe, sae_folder, feats, steps, guidance):
+def cell_spatial(args, pipe, sae_folder, feats, steps, guidance, examples):
     from steering import FeatureEdit
 
     sc = scenes(args.prompts, args.seed + 2)
+    first = list(range(min(EXAMPLES, len(sc))))
+    examples["spatial"] = {"base": images(pipe, [prompt(sc[i]) for i in first], first, steps, guidance)}
     rng = np.random.default_rng(args.seed + 2)
     targets = [OPPOSITE.get(s.objects[0].position) or QUADS[rng.integers(4)] for s in sc]
     out = {}
     for window in WINDOWS:
-        flags = []
+        flags, shown = [], {}
         for q in QUADS:  # one batch per target quadrant (the region is shared by a batch)
             idx = [i for i, t in enumerate(targets) if t == q]
             if not idx:
@@ -223,16 +231,19 @@ def cell_spatial(args, pipe, sae_folder, feats, steps, guidance):
                                region={"quadrant": q}, when=window)
             ims = images(pipe, [prompt(sc[i]) for i in idx], idx, steps, guidance, [edit], args.batch)
             flags += [q in read_positions(im) for im in ims]
+            shown.update(zip(idx, ims))
         out[window] = rate(flags)
+        examples["spatial"][window] = [shown[i] for i in first]
     return out
 
 
-def cell_style(args, pipe, sae_folder, feats, steps, guidance):
+def cell_style(args, pipe, sae_folder, feats, steps, guidance, examples):
     from steering import FeatureEdit
     from toyworld.oracle import check_image
 
     sc = scenes(args.prompts, args.seed + 3, texture="plain", style="day")
     ps, seeds = [prompt(s) for s in sc], list(range(len(sc)))
+    base = images(pipe, ps[:EXAMPLES], seeds[:EXAMPLES], steps, guidance)
     style, kept = {}, {}
     for target in ("striped", "night"):
         truth = [dataclasses.replace(s, objects=(dataclasses.replace(s.objects[0], texture="striped"),)) if target == "striped"
@@ -241,38 +252,73 @@ def cell_style(args, pipe, sae_folder, feats, steps, guidance):
         others = [a for a in ("shape", "color", "position", "background", "texture", "style") if a != attr]
         for window in WINDOWS:
             edit = FeatureEdit(sae=sae_folder, features=feats[target], op="global", strength=args.style_beta, when=window)
-            checks = [check_image(t, im) for t, im in zip(truth, images(pipe, ps, seeds, steps, guidance, [edit], args.batch))]
+            ims = images(pipe, ps, seeds, steps, guidance, [edit], args.batch)
+            checks = [check_image(t, im) for t, im in zip(truth, ims)]
+            examples.setdefault(target, {"base": base})[window] = ims[:EXAMPLES]
             style[f"{target}_{window}"] = rate([c[attr] for c in checks])
             kept[f"{target}_{window}"] = rate([all(c[a] for a in others) for c in checks])
     return style, kept
 
 
-def cell_hrv(args, pipe, hrv_folder, steps):
+def undesired_for(hrv, concept: str) -> str:
+    """The concept whose HRV row is closest (cosine) to ``concept``'s: the one its heads most share,
+    so the one adjusting should move away from."""
+    rows = hrv.hrv / hrv.hrv.norm(dim=1, keepdim=True).clamp_min(1e-9)
+    sim = rows @ rows[hrv.concepts.index(concept)]
+    sim[hrv.concepts.index(concept)] = -2.0
+    return hrv.concepts.names[int(sim.argmax())]
+
+
+def cell_attribute(args, pipe, hrv_folder, steps, concept: str, examples: dict):
+    """base / hrv strengthening / uniform and permuted controls / adjusting for one object attribute
+    at ``--attr-guidance``; success: the oracle reads the asked value of ``concept`` (wherever the
+    object is: analysis.toy.reads_value)."""
+    from analysis.hrv import HRV
+    from analysis.toy import reads_value
     from steering import HRVEdit
+
+    sc = scenes(args.prompts, args.seed + 4)
+    ps, seeds = [prompt(s) for s in sc], list(range(len(sc)))
+    undesired = undesired_for(HRV.load(hrv_folder), concept)
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(sc):
+        groups.setdefault(getattr(s.objects[0], concept), []).append(i)
+    variants = {
+        "base": lambda w: [],
+        "hrv": lambda w: [HRVEdit(hrv=hrv_folder, concept=concept, token=w)],
+        "uniform": lambda w: [HRVEdit(hrv=hrv_folder, concept=concept, token=w, uniform=True)],
+        "permuted": lambda w: [HRVEdit(hrv=hrv_folder, concept=concept, token=w, permute=args.seed + 6)],
+        "adjusting": lambda w: [HRVEdit(hrv=hrv_folder, concept=concept, undesired=undesired, token=w)],
+    }
+    out = {}
+    for name, ivs in variants.items():
+        flags, shown = [], {}
+        for word, idx in groups.items():
+            ims = images(pipe, [ps[i] for i in idx], idx, steps, args.attr_guidance, ivs(word), args.batch)
+            flags += [reads_value(sc[i], im, concept) for i, im in zip(idx, ims)]
+            shown.update(zip(idx, ims))
+        out[name] = rate(flags)
+        if name in ("base", "hrv"):
+            examples.setdefault(f"hrv_{concept}", {})[name] = [shown[i] for i in range(min(EXAMPLES, len(sc)))]
+    out["undesired"] = undesired
+    return out
+
+
+def base_rates(args, pipe, steps) -> dict:
+    """How often the unsteered toy model gets each attribute right, per guidance scale (the same
+    prompts and seeds as the attribute cells): where could strengthening help at all?"""
     from toyworld.oracle import check_image
 
     sc = scenes(args.prompts, args.seed + 4)
     ps, seeds = [prompt(s) for s in sc], list(range(len(sc)))
     out = {}
-
-    def score(ivs, groups):
-        flags = []
-        for color, idx in groups.items():
-            ims = images(pipe, [ps[i] for i in idx], idx, steps, args.attr_guidance, ivs(color), args.batch)
-            flags += [check_image(sc[i], im)["color"] for i, im in zip(idx, ims)]
-        return rate(flags)
-
-    groups: dict[str, list[int]] = {}
-    for i, s in enumerate(sc):
-        groups.setdefault(s.objects[0].color, []).append(i)
-    out["base"] = score(lambda c: [], groups)
-    out["hrv"] = score(lambda c: [HRVEdit(hrv=hrv_folder, concept="color", token=c)], groups)
-    out["uniform"] = score(lambda c: [HRVEdit(hrv=hrv_folder, concept="color", token=c, uniform=True)], groups)
-    out["adjusting"] = score(lambda c: [HRVEdit(hrv=hrv_folder, concept="color", undesired="background", token=c)], groups)
+    for g in [float(x) for x in args.attr_sweep.split(",") if x]:
+        checks = [check_image(s, im) for s, im in zip(sc, images(pipe, ps, seeds, steps, g, (), args.batch))]
+        out[str(g)] = {a: rate([c[a] for c in checks]) for a in ("color", "shape", "texture", "size", "position")}
     return out
 
 
-def cell_heads(args, pipe, hrv_folder, steps, guidance):
+def cell_heads(args, pipe, hrv_folder, steps, guidance, examples):
     from analysis.hrv import HRV
     from steering import EncodePrompt
     from toyworld.oracle import check_image
@@ -283,6 +329,8 @@ def cell_heads(args, pipe, hrv_folder, steps, guidance):
     top = [h for h, *_ in hrv.top_heads("color", args.heads)]
     rnd = [int(h) for h in np.random.default_rng(args.seed + 5).choice(hrv.num_heads, args.heads, replace=False)]
     sc = scenes(args.prompts, args.seed + 5)
+    first = list(range(min(EXAMPLES, len(sc))))
+    examples["head_encode"] = {"base": images(pipe, [prompt(sc[i]) for i in first], first, steps, guidance)}
     out = {}
     for name, heads in (("hrv_heads", top), ("random_heads", rnd)):
         flags = []
@@ -293,9 +341,38 @@ def cell_heads(args, pipe, hrv_folder, steps, guidance):
             edit = EncodePrompt(prompt=prompt(target), heads=heads, mask={"image": render(s).masks[0].astype(np.float32)})
             im = images(pipe, [prompt(s)], [i], steps, guidance, [edit], 1)[0]
             flags.append(check_image(target, im)["color"])
+            if i in first:
+                examples["head_encode"].setdefault(name, []).append(im)
         out[name] = rate(flags)
     out["heads"] = {"hrv": top, "random": rnd}
     return out
+
+
+def examples_figure(examples: dict, results: dict, path: Path) -> Path:
+    """One row per cell: the unsteered image, then the steered one (the window with the best score
+    where a cell has windows), for the first ``EXAMPLES`` prompts; the row's label says which."""
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for cell, shots in examples.items():
+        score = results.get(cell, {})
+        steered = max((k for k in shots if k != "base"), key=lambda k: score.get(k, -1) if isinstance(score.get(k), (int, float)) else -1)
+        rows.append((f"{cell}: base | {steered}", shots["base"], shots[steered]))
+    size = rows[0][1][0].shape[0]
+    label_h, gap = 14, 4
+    width = EXAMPLES * (2 * size + gap) + gap
+    canvas = Image.new("RGB", (width, len(rows) * (size + label_h + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, base, steered) in enumerate(rows):
+        y = r * (size + label_h + gap)
+        draw.text((gap, y), label, fill="black")
+        for c, (a, b) in enumerate(zip(base, steered)):
+            x = gap + c * (2 * size + gap)
+            canvas.paste(Image.fromarray(np.asarray(a)), (x, y + label_h))
+            canvas.paste(Image.fromarray(np.asarray(b)), (x + size, y + label_h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
 
 
 def main() -> None:
@@ -315,18 +392,26 @@ def main() -> None:
     sae = SparseCoder.from_pretrained(sae_folder)
     feats = pick_features(args, pipe, sae, steps, guidance)
     print(json.dumps({"features": feats, "sae": sae_folder, "hrv": hrv_folder}), flush=True)
-    spatial = cell_spatial(args, pipe, sae_folder, feats["object"], steps, guidance)
+    examples: dict = {}
+    spatial = cell_spatial(args, pipe, sae_folder, feats["object"], steps, guidance, examples)
     print(json.dumps({"spatial": spatial}), flush=True)
-    style, kept = cell_style(args, pipe, sae_folder, feats, steps, guidance)
+    style, kept = cell_style(args, pipe, sae_folder, feats, steps, guidance, examples)
     print(json.dumps({"style": style, "style_preserved": kept}), flush=True)
-    hrv_color = cell_hrv(args, pipe, hrv_folder, steps)
-    print(json.dumps({"hrv_color": hrv_color}), flush=True)
-    heads = cell_heads(args, pipe, hrv_folder, steps, guidance)
+    rates = base_rates(args, pipe, steps)
+    print(json.dumps({"base_rates_by_guidance": rates}), flush=True)
+    attributes = {}
+    for concept in [c for c in args.attr_concepts.split(",") if c]:
+        attributes[f"hrv_{concept}"] = cell_attribute(args, pipe, hrv_folder, steps, concept, examples)
+        print(json.dumps({f"hrv_{concept}": attributes[f"hrv_{concept}"]}), flush=True)
+    heads = cell_heads(args, pipe, hrv_folder, steps, guidance, examples)
     heads_used = heads.pop("heads")
+    per_cell = {"spatial": spatial, "head_encode": heads, **attributes,
+                **{t: {w: style[f"{t}_{w}"] for w in WINDOWS} for t in ("striped", "night")}}
+    fig = examples_figure(examples, per_cell, Path(args.out) / "steering_examples.png")
     print(json.dumps({"settings": {k: v for k, v in vars(args).items()} | {"steps": steps, "guidance": guidance},
-                      "heads_used": heads_used}), flush=True)
-    print(json.dumps({"spatial": spatial, "style": style, "style_preserved": kept, "hrv_color": hrv_color,
-                      "head_encode": heads}))
+                      "heads_used": heads_used, "examples": str(fig.resolve())}), flush=True)
+    print(json.dumps({"spatial": spatial, "style": style, "style_preserved": kept, **attributes,
+                      "attr_guidance": args.attr_guidance, "head_encode": heads}))
 
 
 if __name__ == "__main__":

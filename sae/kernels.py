@@ -157,3 +157,33 @@ def sparse_decode(values: Tensor, indices: Tensor, w_dec: Tensor, offsets: Tenso
     if not (torch.is_grad_enabled() and (values.requires_grad or w_dec.requires_grad)):
         return F.embedding_bag(indices, w_dec, offsets, mode="sum", per_sample_weights=values)
     return _SparseDecode.apply(values, w_dec, indices, offsets, rows)
+
+
+def row_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) [n, k] of each row's k largest entries (unsorted), as ``pre.topk(k, dim=1,
+    sorted=False)`` up to the order of ties.
+
+    On CPU a full ``topk`` over many latents costs several times the encoder's matmul. Instead: split
+    each row into 2k equal groups and take the k-th largest group maximum as a threshold t; the k
+    groups above it each hold an entry >= t, so the row's top k are all >= t, while only a few
+    entries beyond k are (a cheap pass over [n, m]). Those candidates are packed into a narrow
+    [n, c] table (c = the most candidates of any row) and ``topk`` runs over that. Exact: it picks
+    from a set that contains the top k. Falls back to ``topk`` on accelerators, where it is fast,
+    and when the latents do not split into 2k groups of >= 4.
+    """
+    n, m = pre.shape
+    groups = 2 * k
+    if pre.device.type != "cpu" or m % groups or m // groups < 4 or n == 0:
+        return pre.topk(k, dim=1, sorted=False)
+    group_max = pre.view(n, groups, m // groups).amax(-1)
+    thr = group_max.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True)
+    rows, cols = (pre >= thr).nonzero(as_tuple=True)  # row-major: grouped by row
+    counts = torch.bincount(rows, minlength=n)
+    slot = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[rows]
+    width = int(counts.max())
+    table_v = torch.full((n, width), float("-inf"), dtype=pre.dtype)
+    table_i = torch.zeros((n, width), dtype=torch.long)
+    table_v[rows, slot] = pre[rows, cols]
+    table_i[rows, slot] = cols
+    vals, pos = table_v.topk(k, dim=1, sorted=False)
+    return vals, table_i.gather(1, pos)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae.kernels import row_layout
+from sae.kernels import row_layout, row_topk
 from sae.latents import Latents
 from sae.registry import register_architecture
 from sae.sparse_coder import SparseCoder, TrainContext, TrainOutput
@@ -18,7 +18,7 @@ class TopKSAE(SparseCoder):
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Latents:
-        vals, idx = self.pre_acts(x).topk(self.cfg.k, dim=-1, sorted=False)
+        vals, idx = row_topk(self.pre_acts(x), self.cfg.k)
         n = vals.shape[0]
         _, offsets = row_layout(n, self.cfg.k, vals.device)
         return Latents(self.num_latents, values=F.relu(vals).reshape(-1), indices=idx.reshape(-1), offsets=offsets)

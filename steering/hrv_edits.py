@@ -3,8 +3,10 @@
 Strengthening rescales the target token's attention probabilities in every cross-attention head h
 by HRV[c, h]; adjusting by 2·HRV[desired, h] − HRV[undesired, h] (the same as strengthening when
 the two concepts are one). The authors clamp large factors for SDXL (``clamp``). Probabilities are
-not renormalised, as in the paper. ``uniform=True`` is the control: the same token rescaled by the
-mean factor at every head (the same total weight spread evenly).
+not renormalised, as in the paper. Two controls: ``uniform=True`` rescales the same token by the
+mean factor at every head (the same total weight spread evenly; for strengthening that mean is 1,
+since HRV rows have L1 norm H, so it equals no edit), and ``permute=seed`` shuffles the factors
+across heads (the same factors and total weight, without the HRV's choice of heads).
 
     HRVEdit(hrv="runs/hrv/toy", concept="color", token="red")                 # strengthening
     HRVEdit(hrv="runs/hrv/toy", concept="color", undesired="shape", token="red")  # adjusting
@@ -48,6 +50,8 @@ class HRVEdit(Composite):
     """largest factor (the authors clamp for SDXL); None = no clamp"""
     uniform: bool = False
     """control: the mean factor at every head instead of the HRV's"""
+    permute: int | None = None
+    """control: the HRV's factors shuffled across heads with this seed"""
 
     def __post_init__(self):
         from analysis.hrv import HRV
@@ -76,6 +80,8 @@ class HRVEdit(Composite):
             f = f.clamp(max=float(self.clamp))
         if self.uniform:
             f = torch.full_like(f, float(f.mean()))
+        if self.permute is not None:
+            f = f[torch.randperm(len(f), generator=torch.Generator().manual_seed(int(self.permute)))]
         return f
 
     def expand(self, pipe, prompts):

@@ -97,3 +97,14 @@ def test_feature_concepts__one_head_feature_gets_that_heads_concept():
     assert top_concepts(s, ["color", "shape"], 2)[0][0] == "shape"
     with pytest.raises(ValueError, match="heads"):
         concept_scores(hrv, att[:, :3])
+
+
+def test_concept_lift__a_concept_every_feature_shares_stops_topping_every_feature():
+    from analysis.feature_concepts import concept_lift
+
+    # style scores high for every feature (its heads write everything); colour only for feature 0
+    scores = torch.tensor([[0.30, 0.50], [0.05, 0.50], [0.05, 0.60], [float("nan"), float("nan")]])
+    assert scores[:3].argmax(1).tolist() == [1, 1, 1]
+    lift = concept_lift(scores)
+    assert lift[:3].argmax(1).tolist() == [0, 1, 1]
+    assert torch.isnan(lift[3]).all()

@@ -107,3 +107,16 @@ def test_batchtopk__sparse_gradients_equal_dense_autograd():
     (x - recon).pow(2).sum(-1).mean().backward()
     for name, g in got.items():
         torch.testing.assert_close(g, dict(sae.named_parameters())[name].grad, msg=name)
+
+
+@pytest.mark.parametrize("m,k", [(512, 16), (4096, 32), (96, 8), (100, 5)])
+def test_row_topk__picks_the_same_entries_as_topk(m, k):
+    from sae.kernels import row_topk
+
+    pre = torch.randn(300, m, generator=torch.Generator().manual_seed(m + k))
+    pre[0] = 0.0  # an all-tie row still gives k entries of the top value
+    vals, idx = row_topk(pre, k)
+    ref_vals, ref_idx = pre.topk(k, dim=1, sorted=False)
+    assert torch.equal(vals.sort(1).values, ref_vals.sort(1).values)
+    assert torch.equal(idx[1:].sort(1).values, ref_idx[1:].sort(1).values)
+    assert torch.equal(pre.gather(1, idx), vals) and len(set(idx[0].tolist())) == k

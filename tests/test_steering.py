@@ -97,6 +97,15 @@ def test_hrv_edit__strengthening_adjusting_and_uniform_change_the_image_and_roun
     assert [b.to_dict() for b in back] == [a.to_dict() for a in ivs]
 
 
+def test_hrv_edit__controls_keep_the_total_weight_uniform_is_flat_permuted_is_a_shuffle(hrv_folder):
+    hrv = HRVEdit(hrv=str(hrv_folder), concept="color", token=2).factors()
+    uniform = HRVEdit(hrv=str(hrv_folder), concept="color", token=2, uniform=True).factors()
+    permuted = HRVEdit(hrv=str(hrv_folder), concept="color", token=2, permute=3).factors()
+    assert torch.allclose(uniform, torch.full_like(hrv, float(hrv.mean())))
+    assert torch.allclose(permuted.sort().values, hrv.sort().values) and not torch.equal(permuted, hrv)
+    assert torch.equal(permuted, HRVEdit(hrv=str(hrv_folder), concept="color", token=2, permute=3).factors())
+
+
 def test_hrv_edit__word_token_resolved_per_prompt_equals_the_index(pipe, hrv_folder):
     # "red" is token 2 of "a red circle" and "blue" token 2 of "a blue square": a word per prompt
     by_word = latents(pipe, HRVEdit(hrv=str(hrv_folder), concept="color", token="red"), prompts=["a red circle"])

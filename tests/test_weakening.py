@@ -165,3 +165,20 @@ def test_analyze_cli_bad_input_is_one_clear_message(tmp_path, capsys):
     rc = main(["analyze", "hrv", "configs/analysis/hrv_toy.yaml", "--concepts", str(bad), "--out", str(tmp_path / "o"),
                "--wandb", "false"])
     assert rc == 2 and "at least 2 concepts" in capsys.readouterr().err
+
+
+def test_toy_scorer__reads_an_object_attribute_wherever_the_object_moved():
+    import dataclasses
+
+    from analysis.toy import ToyOracleScorer, toy_prompts
+    from toyworld.oracle import check_image
+    from toyworld.render import render
+
+    _, truth = toy_prompts(1, seed=3)[0]
+    obj = truth.objects[0]
+    moved_to = "top left" if obj.position != "top left" else "bottom right"
+    moved = dataclasses.replace(truth, objects=(dataclasses.replace(obj, position=moved_to),))
+    image = render(moved).image
+    scores = {c: ToyOracleScorer().score(c, [image], [truth])[0] for c in ("color", "shape", "position", "background")}
+    assert scores == {"color": 1.0, "shape": 1.0, "position": 0.0, "background": 1.0}
+    assert not check_image(truth, image)["color"]  # the position-matched check the scorer must not use
