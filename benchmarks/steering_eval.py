@@ -4,10 +4,13 @@
     python benchmarks/steering_eval.py --prompts 8 --steps 10  # a quick check
 
 Cells (single-object scenes; one image per prompt, seed = prompt index):
-* spatial: move the object to a target quadrant (the diagonally opposite one; a centred object gets
-  a random one) by a spatial feature edit (Tinaz et al.: the object's features set to β·‖Z_ij‖ in
-  the target quadrant, 0 elsewhere) applied early, middle or late. Success: the oracle reads an
-  object in the target quadrant. Anchor (Tinaz et al., SD 1.4): 0.80 / 0.35 / 0.23; chance 0.25.
+* spatial: move the object to a target quadrant by a spatial feature edit (Tinaz et al.: the
+  object's features set to β·‖Z_ij‖ in the target quadrant, 0 elsewhere) applied early, middle or
+  late. Success: the oracle reads an object in the target quadrant. Anchor (Tinaz et al., SD 1.4):
+  0.80 / 0.35 / 0.23; chance 0.25. Two settings: ``spatial``, the prompt without the object's
+  position (the model then draws it at the centre; target: a random quadrant), as in Tinaz et al.,
+  whose prompts leave the layout to the model; ``spatial_named``, the prompt naming the position
+  (target: the opposite quadrant), where the edit works against the prompt's own words.
 * style: make the object striped, or the picture night, by a global feature edit (β·‖Z_ij‖/Σ‖Z‖
   times the features' decoder directions at every position) in each window; ``style_preserved``:
   the oracle also finds every other attribute of the prompt (shape, colour, position, background,
@@ -75,6 +78,7 @@ def parse_args():
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--out", default="outputs/bench/steering_eval")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cells", default="all", choices=("all", "spatial", "style"), help="all cells, or one kind only")
     return ap.parse_args()
 
 
@@ -212,28 +216,47 @@ def read_positions(image) -> list[str]:
         return []
 
 
+def without_position(scene) -> str:
+    """The canonical prompt with the object's position left out (the toy model then draws it at the
+    centre): the layout is the model's choice, as in Tinaz et al.'s prompts."""
+    return prompt(scene).replace(f" at the {scene.objects[0].position}", "", 1)
+
+
 def cell_spatial(args, pipe, sae_folder, feats, steps, guidance, examples):
+    """Per window, how often the object ends in the target quadrant: ``spatial`` with the position
+    left out of the prompt (target: a random quadrant), ``spatial_named`` with the prompt naming the
+    object's position (target: the opposite quadrant; a centred object gets a random one).
+    ``<cell>_moved``: the object is in the target quadrant and no longer where it was drawn
+    unsteered (``base``: the centre without a position, else the named one), so a second object
+    painted into the target does not count as a move."""
     from steering import FeatureEdit
 
     sc = scenes(args.prompts, args.seed + 2)
-    first = list(range(min(EXAMPLES, len(sc))))
-    examples["spatial"] = {"base": images(pipe, [prompt(sc[i]) for i in first], first, steps, guidance)}
     rng = np.random.default_rng(args.seed + 2)
-    targets = [OPPOSITE.get(s.objects[0].position) or QUADS[rng.integers(4)] for s in sc]
+    named_targets = [OPPOSITE.get(s.objects[0].position) or QUADS[rng.integers(4)] for s in sc]
+    free_targets = [QUADS[rng.integers(4)] for _ in sc]
+    first = list(range(min(EXAMPLES, len(sc))))
     out = {}
-    for window in WINDOWS:
-        flags, shown = [], {}
-        for q in QUADS:  # one batch per target quadrant (the region is shared by a batch)
-            idx = [i for i, t in enumerate(targets) if t == q]
-            if not idx:
-                continue
-            edit = FeatureEdit(sae=sae_folder, features=feats, op="spatial", strength=args.spatial_beta,
-                               region={"quadrant": q}, when=window)
-            ims = images(pipe, [prompt(sc[i]) for i in idx], idx, steps, guidance, [edit], args.batch)
-            flags += [q in read_positions(im) for im in ims]
-            shown.update(zip(idx, ims))
-        out[window] = rate(flags)
-        examples["spatial"][window] = [shown[i] for i in first]
+    for cell, write, targets in (("spatial", without_position, free_targets), ("spatial_named", prompt, named_targets)):
+        examples[cell] = {"base": images(pipe, [write(sc[i]) for i in first], first, steps, guidance)}
+        origin = ["center" if write is without_position else s.objects[0].position for s in sc]
+        out[cell], out[f"{cell}_moved"] = {}, {}
+        for window in WINDOWS:
+            flags, moved, shown = [], [], {}
+            for q in QUADS:  # one batch per target quadrant (the region is shared by a batch)
+                idx = [i for i, t in enumerate(targets) if t == q]
+                if not idx:
+                    continue
+                edit = FeatureEdit(sae=sae_folder, features=feats, op="spatial", strength=args.spatial_beta,
+                                   region={"quadrant": q}, when=window)
+                ims = images(pipe, [write(sc[i]) for i in idx], idx, steps, guidance, [edit], args.batch)
+                read = [read_positions(im) for im in ims]
+                flags += [q in r for r in read]
+                moved += [q in r and (origin[i] == q or origin[i] not in r) for i, r in zip(idx, read)]
+                shown.update(zip(idx, ims))
+            out[cell][window] = rate(flags)
+            out[f"{cell}_moved"][window] = rate(moved)
+            examples[cell][window] = [shown[i] for i in first]
     return out
 
 
@@ -393,8 +416,15 @@ def main() -> None:
     feats = pick_features(args, pipe, sae, steps, guidance)
     print(json.dumps({"features": feats, "sae": sae_folder, "hrv": hrv_folder}), flush=True)
     examples: dict = {}
+    if args.cells == "style":
+        style, kept = cell_style(args, pipe, sae_folder, feats, steps, guidance, examples)
+        print(json.dumps({"style": style, "style_preserved": kept, "style_beta": args.style_beta, "settings": vars(args)}))
+        return
     spatial = cell_spatial(args, pipe, sae_folder, feats["object"], steps, guidance, examples)
-    print(json.dumps({"spatial": spatial}), flush=True)
+    print(json.dumps(spatial), flush=True)
+    if args.cells == "spatial":
+        print(json.dumps({**spatial, "settings": vars(args)}))
+        return
     style, kept = cell_style(args, pipe, sae_folder, feats, steps, guidance, examples)
     print(json.dumps({"style": style, "style_preserved": kept}), flush=True)
     rates = base_rates(args, pipe, steps)
@@ -405,12 +435,12 @@ def main() -> None:
         print(json.dumps({f"hrv_{concept}": attributes[f"hrv_{concept}"]}), flush=True)
     heads = cell_heads(args, pipe, hrv_folder, steps, guidance, examples)
     heads_used = heads.pop("heads")
-    per_cell = {"spatial": spatial, "head_encode": heads, **attributes,
+    per_cell = {**spatial, "head_encode": heads, **attributes,
                 **{t: {w: style[f"{t}_{w}"] for w in WINDOWS} for t in ("striped", "night")}}
     fig = examples_figure(examples, per_cell, Path(args.out) / "steering_examples.png")
     print(json.dumps({"settings": {k: v for k, v in vars(args).items()} | {"steps": steps, "guidance": guidance},
                       "heads_used": heads_used, "examples": str(fig.resolve())}), flush=True)
-    print(json.dumps({"spatial": spatial, "style": style, "style_preserved": kept, **attributes,
+    print(json.dumps({**spatial, "style": style, "style_preserved": kept, **attributes,
                       "attr_guidance": args.attr_guidance, "head_encode": heads}))
 
 

@@ -12,6 +12,7 @@ change back into the site's value x (a block's Δ, or a head site's per-head out
 Operations (β = ``strength``, ‖Z_ij‖ = norm of the site's value at patch (i, j)):
 
 * ``inject``:  z'_k = z_k + β·‖Z_ij‖ (no encoding needed);
+* ``add``:     z'_k = z_k + β, a fixed amount (the explorer's inject; no encoding needed);
 * ``scale``:   z'_k = β·z_k;        ``clamp``: z'_k = β;        ``ablate``: z'_k = 0;
 * ``spatial``: z'_k = β·‖Z_ij‖ inside ``region``, 0 outside (Tinaz et al.'s spatial edit: early
   edits move composition);
@@ -35,7 +36,7 @@ from einops import rearrange
 from activations.intervention import Intervention, register_intervention
 from activations.masks import mask_spec, parse_mask
 
-OPS = ("inject", "scale", "clamp", "ablate", "spatial", "global")
+OPS = ("inject", "add", "scale", "clamp", "ablate", "spatial", "global")
 VIAS = ("add", "splice")
 
 
@@ -51,9 +52,9 @@ class FeatureEdit(Intervention):
     features: Any = None
     """one feature index or a list of them"""
     op: str = "inject"
-    """inject, scale, clamp, ablate, spatial or global (see the module doc)"""
+    """inject, add, scale, clamp, ablate, spatial or global (see the module doc)"""
     strength: float = 1.0
-    """β: the factor of ‖Z_ij‖ (inject, spatial, global), the scale, or the clamp value"""
+    """β: the factor of ‖Z_ij‖ (inject, spatial, global), the amount added, the scale, or the clamp value"""
     region: Any = None
     """spatial only: inside of the edit, a mask spec ({quadrant: ..}, {box: ..}, {patches: ..}, {image: ..})"""
     via: str = "add"
@@ -126,6 +127,8 @@ class FeatureEdit(Intervention):
         beta = float(self.strength)
         if self.op == "inject":
             return z_bnf + beta * norms_bn[..., None]
+        if self.op == "add":
+            return z_bnf + beta
         if self.op == "scale":
             return beta * z_bnf
         if self.op == "clamp":
@@ -160,7 +163,7 @@ class FeatureEdit(Intervention):
             out = edited + (rows - recon) if self.error_term else edited
             out = rearrange(out, "(b n) c -> b n c", b=x.shape[0])
         else:
-            if self.op == "inject":
+            if self.op in ("inject", "add"):  # z' − z does not depend on z
                 z = torch.zeros(*norms_bn.shape, len(self.features), dtype=inputs.dtype, device=inputs.device)
             else:
                 z = rearrange(sae.encode(rows).to_dense()[:, self.features], "(b n) f -> b n f", b=x.shape[0])

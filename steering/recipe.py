@@ -22,7 +22,6 @@ from activations.intervention import load_interventions
 
 def _import_kinds() -> None:
     # steering's kinds register on import (the entry points name them too, for installed copies)
-    import steering.sae_edit  # noqa: F401
     import steering.features  # noqa: F401
     import steering.heads  # noqa: F401
     import steering.hrv_edits  # noqa: F401

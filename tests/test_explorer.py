@@ -250,7 +250,7 @@ def test_sae_feature_edit__recipe_reproduces_the_image(random_toy_pipe, sae_clie
                                        "patches": list(range(64))})
     assert r.status_code == 200, r.text
     out = r.json()
-    assert out["max_diff"] > 0 and "sae_feature_edit" in out["recipe"]
+    assert out["max_diff"] > 0 and "feature_edit" in out["recipe"]
     import yaml
 
     image = np.asarray(run_recipe(yaml.safe_load(out["recipe"]), pipe=random_toy_pipe)[0].convert("RGB"))
@@ -262,8 +262,8 @@ def test_sae_feature_edit__recipe_reproduces_the_image(random_toy_pipe, sae_clie
 
 
 @pytest.mark.parametrize("edit, message", [
-    ({"feature": 64}, "SAE feature 64 out of range; this SAE has 64 features (valid: 0..63)"),
-    ({"feature": -1}, "SAE feature -1 out of range"),
+    ({"feature": 64}, "feature 64 out of range for this SAE with 64 latents (valid: 0..63)"),
+    ({"feature": -1}, "feature -1 out of range"),
     ({"feature": "seven"}, "invalid literal for int()"),
     ({"feature": None}, "int() argument must be"),
     ({"feature": 3, "mode": "paint"}, "unknown SAE edit mode 'paint'; valid modes: inject, scale, ablate"),

@@ -55,7 +55,7 @@ def latents(pipe, *ivs, prompts=PROMPTS):
 
 def test_feature_edit__every_op_and_via_changes_the_image_and_round_trips_yaml(pipe, sae_folder, tmp_path):
     base = latents(pipe)
-    ops = [dict(op="inject", strength=2.0), dict(op="scale", strength=3.0), dict(op="clamp", strength=5.0),
+    ops = [dict(op="inject", strength=2.0), dict(op="add", strength=20.0), dict(op="scale", strength=3.0), dict(op="clamp", strength=5.0),
            dict(op="ablate"), dict(op="spatial", strength=4.0, region={"quadrant": "top left"}),
            dict(op="global", strength=64.0), dict(op="spatial", strength=4.0, region={"box": [0, 0, 0.5, 1]}, via="splice")]
     ivs = [FeatureEdit(sae=str(sae_folder), features=[1, 2], when="early", **kw) for kw in ops]
@@ -67,8 +67,10 @@ def test_feature_edit__every_op_and_via_changes_the_image_and_round_trips_yaml(p
         assert torch.equal(latents(pipe, a), latents(pipe, b))
 
 
-def test_feature_edit__add_and_splice_agree(pipe, sae_folder):
-    kw = dict(sae=str(sae_folder), features=[3], op="spatial", strength=3.0, region={"quadrant": "bottom right"})
+@pytest.mark.parametrize("op", [dict(op="spatial", strength=3.0, region={"quadrant": "bottom right"}),
+                                dict(op="add", strength=20.0, mask={"quadrant": "top left"})])
+def test_feature_edit__add_and_splice_agree(pipe, sae_folder, op):
+    kw = dict(sae=str(sae_folder), features=[3], **op)
     a, b = latents(pipe, FeatureEdit(**kw)), latents(pipe, FeatureEdit(via="splice", **kw))
     assert torch.allclose(a, b, atol=1e-4)
 

@@ -5,8 +5,7 @@ with edits (head scaling, prompt swaps, SAE features) that export as recipes.
   captured once (Observe interventions at stage ``probs``), edits through the Intervention protocol;
 * ``make_app`` (``server``): the FastAPI app serving ``static/explorer.html`` and the JSON API;
 * ``run_recipe`` / ``make_recipe`` (``recipe``): the YAML an edit exports and the function that
-  reproduces its image;
-* ``SAEFeatureEdit`` (``sae_edit``): an SAE splice editing one feature, writable to a recipe.
+  reproduces its image. SAE feature edits are ``steering.FeatureEdit`` (``via="splice"``).
 
 ``diffatlas explore`` runs ``server.main``.
 """
@@ -23,7 +22,6 @@ _EXPORTS = {
     "make_recipe": "steering.explorer.recipe",
     "run_recipe": "steering.explorer.recipe",
     "read_recipe": "steering.explorer.recipe",
-    "SAEFeatureEdit": "steering.sae_edit",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

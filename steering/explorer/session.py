@@ -8,7 +8,7 @@ Everything here reads or writes the U-Net through the Intervention protocol only
   then slices of that cache, never recomputed (Patch Explorer, Grabe et al. 2025, computes its
   views the same way, from maps recorded during one generation);
 * an edit is a list of interventions (``HeadEdit`` at stage ``probs``, ``SwapKV``,
-  ``SAEFeatureEdit``) built from an ``EditSpec``; it becomes a recipe (``steering.explorer.recipe``)
+  ``FeatureEdit``) built from an ``EditSpec``; it becomes a recipe (``steering.explorer.recipe``)
   and the edited image is drawn by ``run_recipe`` itself, so the page and the recipe agree bit for bit.
 """
 
@@ -28,6 +28,7 @@ import torch
 from steering.explorer.recipe import make_recipe, recipe_yaml, run_recipe
 
 OPS = ("scale", "swap", "sae")
+SAE_MODES = {"inject": "add", "scale": "scale", "ablate": "ablate"}  # the page's word -> FeatureEdit's op
 # a head attends from a patch to a token when it gives the token at least this many times the
 # share uniform attention over its keys would (1 / keys); below that a hovered patch (often the
 # background) names no heads, since the largest of many near-zero values says nothing
@@ -429,12 +430,16 @@ class Explorer:
     def _sae_edit(self, spec: EditSpec, when, branch):
         if self.sae is None:
             raise ValueError("no SAE loaded: start the explorer with --sae DIR to edit SAE features")
-        from steering.sae_edit import SAEFeatureEdit
+        from steering.features import FeatureEdit
 
         site = self.sae.placement.site
         grid = next((s.resolution for s in self.sites if s.name == site or s.block == site), self.select_grid)
-        return SAEFeatureEdit(sae=self.sae, feature=spec.feature, mode=spec.mode, value=spec.value,
-                              mask=self._mask_for(spec, grid), when=when, branch=branch)
+        if spec.mode not in SAE_MODES:
+            raise ValueError(f"unknown SAE edit mode {spec.mode!r}; valid modes: {', '.join(SAE_MODES)}")
+        # through the SAE with its error term, as a recipe's FeatureEdit; the page's inject adds a fixed amount
+        return FeatureEdit(sae=self.sae, features=[int(spec.feature)], op=SAE_MODES[spec.mode], strength=float(spec.value),
+                           via="splice",
+                           mask=self._mask_for(spec, grid), when=when, branch=branch)
 
     def encode(self, prompt: str) -> torch.Tensor:
         """The prompt's text embeddings [tokens, C] (what the cross-attention reads)."""
