@@ -150,7 +150,6 @@ def images(pipe, prompts, seeds, steps, guidance, ivs=(), batch=8):
 def site_rows(pipe, prompts, seeds, steps, guidance, site, window):
     """cond-branch rows of ``site`` in ``window``: [images, rows of steps, patches, width]."""
     from activations.edits import Observe
-    from steering import steer
 
     got: list[torch.Tensor] = []
 
@@ -301,7 +300,7 @@ def cell_attribute(args, pipe, hrv_folder, steps, concept: str, examples: dict):
     from steering import HRVEdit
 
     sc = scenes(args.prompts, args.seed + 4)
-    ps, seeds = [prompt(s) for s in sc], list(range(len(sc)))
+    ps = [prompt(s) for s in sc]
     undesired = undesired_for(HRV.load(hrv_folder), concept)
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(sc):
