@@ -216,7 +216,7 @@ def test_browser__features_show_their_analysis_labels_and_a_bad_feature_edit_is_
     page.fill("#feature", "16")
     page.click("#apply")
     page.wait_for_selector("#error:visible")
-    assert "SAE feature 16 out of range; this SAE has 16 features (valid: 0..15)" in page.inner_text("#error")
+    assert "feature 16 out of range for this SAE with 16 latents (valid: 0..15)" in page.inner_text("#error")
     page.fill("#feature", "3")
     page.select_option("#sae-mode", "ablate")
     page.click("#apply")

@@ -420,7 +420,9 @@ def test_cli_steps_0__one_line_naming_the_field(tmp_path, toy_folder):
 
 def test_sigint__one_line_saying_what_was_kept_and_rc_130(tmp_path, toy_folder):
     out = tmp_path / "int"
-    cfg = cli_config(tmp_path, toy_folder, out)
+    # far more prompts than are harvested before the signal: on a loaded machine the signal may come
+    # seconds after the first shard, and the run must still be going then
+    cfg = cli_config(tmp_path, toy_folder, out, prompts={"kind": "toyworld", "num_prompts": 400})
     proc = run_cli(["harvest", str(cfg)], background=True)
     manifest = out / HEAD / "manifest.json"
     deadline = time.time() + 120
