@@ -257,7 +257,10 @@ def assert_same_rows(a, b):
 def test_kill_9_then_rerun_gives_exactly_the_uninterrupted_rows(tmp_path, toy_folder, reference_store):
     out = tmp_path / "killed"
     cfg = cli_config(tmp_path, toy_folder, out)
-    proc = run_cli(["harvest", str(cfg)], background=True)
+    # a shell without job control starts background commands with SIGINT ignored, and Python keeps it
+    # so; give the child the default disposition, as an interactive terminal would
+    proc = run_cli(["harvest", str(cfg)], background=True,
+                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     manifest = out / HEAD / "manifest.json"
     deadline = time.time() + 120
     try:
@@ -423,7 +426,10 @@ def test_sigint__one_line_saying_what_was_kept_and_rc_130(tmp_path, toy_folder):
     # far more prompts than are harvested before the signal: on a loaded machine the signal may come
     # seconds after the first shard, and the run must still be going then
     cfg = cli_config(tmp_path, toy_folder, out, prompts={"kind": "toyworld", "num_prompts": 400})
-    proc = run_cli(["harvest", str(cfg)], background=True)
+    # a shell without job control starts background commands with SIGINT ignored, and Python keeps it
+    # so; give the child the default disposition, as an interactive terminal would
+    proc = run_cli(["harvest", str(cfg)], background=True,
+                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     manifest = out / HEAD / "manifest.json"
     deadline = time.time() + 120
     try:
