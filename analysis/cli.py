@@ -42,8 +42,7 @@ def run_hrv(argv: list[str]) -> int:
         pipe = load_model(cfg, cfg.model)
         hrv = build_hrv(cfg, pipe)
     except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"diffatlas analyze hrv: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-        return 2
+        return _error("hrv", e)
     out = Path(cfg.out)
     info = hrv_outputs(hrv, pipe, out, cfg.wandb)
     print(f"HRVs of {len(hrv.concepts)} concepts x {hrv.num_heads} heads from {hrv.meta['images']} images "
@@ -87,8 +86,7 @@ def run_weaken(argv: list[str]) -> int:
                                 points=cfg.points, seed=cfg.seed, steps=steps, guidance=guidance, factor=cfg.factor,
                                 batch_size=cfg.batch_size, progress=cfg.progress)
     except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"diffatlas analyze weaken: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-        return 2
+        return _error("weaken", e)
     head = summary(results, cfg.images_per_point)
     js, png = save_results(results, cfg.out, scorer.ylabel, {"summary": head, "model": model, "steps": steps, "guidance": guidance})
     save_config(cfg, Path(cfg.out) / "weaken_config.yaml")
@@ -118,8 +116,7 @@ def run_features(argv: list[str]) -> int:
     try:
         report = build_report(cfg)
     except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"diffatlas analyze features: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-        return 2
+        return _error("features", e)
     out = Path(cfg.out)
     save_config(cfg, out / "features_config.yaml")
     print(f"{len(report['features'])} features of {report['num_latents']} at {report['site']} over {report['rows']} rows: {out.resolve()}")
@@ -139,6 +136,14 @@ def finish_features(cfg, report) -> int:
         run = log_feature_run(report, out)
         print(f"W&B run (offline unless WANDB_MODE is set): {run}\n  upload it with: wandb sync {run}")
     return 0
+
+
+def _error(subcommand: str, err: BaseException) -> int:
+    """Bad input: one line naming the subcommand (``common.errors.one_line``), exit code 2."""
+    from common.errors import one_line
+
+    print(f"diffatlas analyze {subcommand}: error: {one_line(err)}", file=sys.stderr)
+    return 2
 
 
 def _usage() -> str:

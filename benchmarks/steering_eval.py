@@ -378,7 +378,7 @@ def examples_figure(examples: dict, results: dict, path: Path) -> Path:
     rows = []
     for cell, shots in examples.items():
         score = results.get(cell, {})
-        steered = max((k for k in shots if k != "base"), key=lambda k: score.get(k, -1) if isinstance(score.get(k), (int, float)) else -1)
+        steered = max((k for k in shots if k != "base"), key=lambda k: score.get(k, -1.0))  # the best window or variant
         rows.append((f"{cell}: base | {steered}", shots["base"], shots[steered]))
     size = rows[0][1][0].shape[0]
     label_h, gap = 14, 4

@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("diffatlas.demo:main", "run the whole chain on the bundled toy model"),
     "harvest": ("activations.harvest:main", "harvest U-Net activations into a resumable activation store"),
     "sites": ("activations.sites:main", "list a model's block sites and cross-attention heads"),
-    "analyze": ("analysis.cli:main", "head relevance vectors and ordered weakening (hrv, weaken)"),
+    "analyze": ("analysis.cli:main", "head relevance vectors, ordered weakening and SAE feature analysis (hrv, weaken, features)"),
     "steer": ("steering.cli:main", "run a steering recipe: before/after grids and a W&B run"),
     "explore": ("steering.explorer.server:main", "a local web app over every head x patch x step, with edits that become recipes"),
 }
