@@ -10,7 +10,9 @@ and computes exactly what diffusers' default processor computes when nothing is 
   ``AttnProcessor2_0`` (fused SDPA), so the output is identical and the cost is one Python branch;
 * interventions that do not need the attention probabilities: still the fused SDPA path (the
   per-head output ``[b, heads, N, d]`` exists before the heads are merged anyway);
-* interventions at or needing ``probs``: the explicit path softmax(q kᵀ · scale) @ v, within float
+* interventions that read ``probs``: softmax(q kᵀ · scale) computed for them beside the fused
+  path, whose output is left as it is (a map-capturing run draws the plain run's image bit for bit);
+* interventions that edit ``probs``: the explicit path softmax(q kᵀ · scale) @ v, within float
   rounding (≤ 1e-5 in float32) of the fused one.
 """
 
@@ -113,14 +115,15 @@ class HeadProcessor:
             q, k, v = call.q, call.k, call.v
 
         if any("probs" in iv.needs for iv in active):
-            probs = _explicit_attention(attn, q, k, attention_mask)
-            call.probs = probs
-            if "probs" in by_stage:
-                call.stage = "probs"
-                probs = run_stage(by_stage["probs"], probs, call)
+            call.probs = _explicit_attention(attn, q, k, attention_mask)
+        if "probs" in by_stage:
+            call.stage = "probs"
+            probs = run_stage(by_stage["probs"], call.probs, call)
+        if any(not iv.observes for iv in by_stage.get("probs", ())):
             out = torch.matmul(probs.to(v.dtype), v)
         else:
-            # fused kernel, as diffusers' default processor does
+            # fused kernel, as diffusers' default processor does; observers that only read probs
+            # leave the output bit for bit a plain run's, whatever the kernels' float order
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
 
         if call is not None:

@@ -8,6 +8,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from activations.hooks import RunState, attach, edit_heads, observe_heads
 from activations.models import build_tiny_pipeline, build_tiny_unet
+from activations.edits import Observe
 from activations.processor import AddVector, HeadEdit, HeadProcessor, Observer, SwapKV
 
 HEADS, D, N, T, C, CTX = 4, 8, 12, 5, 32, 24
@@ -47,11 +48,24 @@ def test_idle_processor_equals_diffusers_default(module):
     assert (run(attn, x, ctx, HeadProcessor("m")) - ref).abs().max() <= 1e-5
 
 
-def test_probability_path_equals_default_within_1e5(module):
+def test_probs_observers__output_bit_for_bit_the_idle_one(module):
+    """Reading the attention maps (a harvest, the explorer) must not change the image, even by the
+    float order of another kernel."""
+    attn, x, ctx = module
+    idle = run(attn, x, ctx, HeadProcessor("m"))
+    for stage_probs in (False, True):
+        proc = HeadProcessor("m")
+        observe = Observe(stage="probs", fn=lambda x, call: None, sees="before") if stage_probs else \
+            Observer(lambda call: None, {"probs"})
+        proc.interventions.append(observe)
+        assert torch.equal(run(attn, x, ctx, proc), idle)
+
+
+def test_probs_edit__explicit_path_equals_default_within_1e5(module):
     attn, x, ctx = module
     ref = run(attn, x, ctx, AttnProcessor2_0())
     proc = HeadProcessor("m")
-    proc.interventions.append(Observer(lambda call: None, {"probs"}))
+    proc.interventions.append(HeadEdit(stage="probs", heads=[0], scale=1.0))
     assert (run(attn, x, ctx, proc) - ref).abs().max() <= 1e-5
 
 
