@@ -5,17 +5,23 @@ SAE features of the first denoising step): from block-site SAE features at the f
 1. harvest the bundled toy model on ``--prompts`` toyworld prompts (default steps and guidance) at
    the sites ``--sites``, at step 0 and at the step whose tau is nearest 0.5;
 2. train one TopK SAE per site on those rows (``sae.train_quick``);
-3. label each feature, per step, with its best ground-truth concept value among the object
-   attributes (color, shape, position, size, texture; highest AUROC, ``analysis.toy_truth``) on
-   the even images ("measured on other images");
+3. label each feature, per step, with its best ground-truth concept value (highest AUROC,
+   ``analysis.toy_truth``) on the even images ("measured on other images"); a feature labelled
+   with a background or style value says "no object here";
 4. on each odd image, per position take the top feature (largest activation); object o's predicted
    mask is the set of positions whose top feature's label is one of o's attribute values; the true
    mask is the set of patches o covers at least half of in the final scene's rendering
    (``token_labels(scene, grid)['object']``), at the site's grid. IoU per object, averaged over
-   objects and images (an empty union counts as IoU 1).
+   objects and images (an empty union counts as IoU 1): ``iou``. ``iou_scaled``: the same with
+   each feature's activation divided by its largest on the even images, so that a feature of
+   large norm does not win every position by scale alone;
+5. ``probe_auroc``: a least-squares linear probe on the raw activations for "an object covers this
+   patch", fitted on the even images and scored (AUROC) on the odd ones: whether the layout is in
+   the site at that step at all, whatever an SAE makes of it.
 
 Anchor: mean IoU 0.26 at tau = 1 on SD 1.4's mid block (Tinaz et al.); goal >= 0.5 at tau = 1 for
-the best toy site. Last line JSON {"iou": {site: {"tau_1.0": ..., "tau_0.5": ...}}}.
+the best toy site. Last line JSON {"iou_scaled": {site: {"tau_1.0", "tau_0.5"}},
+"probe_auroc": {...}, "iou": {site: {"tau_1.0": ..., "tau_0.5": ...}}}.
 
     OMP_NUM_THREADS=2 python benchmarks/composition.py [--prompts 128 --sites up_blocks.2.attentions.0 up_blocks.3.attentions.0]
 """
@@ -32,7 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-OBJECT_ATTRS = ("shape", "color", "position", "size", "texture")
+from toyworld.vocab import OBJECT_ATTRIBUTES as OBJECT_ATTRS  # noqa: E402
+
 
 
 def main() -> None:
@@ -69,8 +76,8 @@ def main() -> None:
                           num_inference_steps=steps, guidance_scale=d["guidance_scale"],
                           timesteps={"steps": [0, mid]}, branch="cond", batch_size=16, progress=False), pipe=pipe)
     values = concept_values()
-    obj_cols = [n for n, (a, _) in enumerate(values) if a in OBJECT_ATTRS]
-    result = {}
+    obj_attrs = set(OBJECT_ATTRS)
+    result, scaled, probe = {}, {}, {}
     for site in args.sites:
         folder, _ = train_quick(str(store_root), site=site, out=str(out / "sae"), k=args.k, expansion_factor=args.expansion,
                                 epochs=args.epochs, wandb=False, recovered_images=0, seed=args.seed)
@@ -79,34 +86,66 @@ def main() -> None:
         images = reader.meta_column("image")
         fit_rows, eval_rows = np.flatnonzero(images % 2 == 0), np.flatnonzero(images % 2 == 1)
         grid = reader.grid
-        result[site] = {}
+        result[site], scaled[site], probe[site] = {}, {}, {}
         for step in (0, mid):
             gate = {"steps": [step]}
-            auc = feature_truth(sae, reader, store_root, windows=(gate,), rows=fit_rows)["auroc"][0][:, obj_cols]
-            label = np.where(np.isfinite(auc).any(1), np.nanargmax(np.nan_to_num(auc, nan=-1), 1), -1)  # [m] -> obj col
-            rows = np.intersect1d(reader.select(window=gate), eval_rows)
-            acts, meta = reader.read(rows)
+            key = f"tau_{taus[step]:.1f}"
+            # each feature's label: its best concept value of any attribute; a background or style
+            # label predicts "no object here"
+            auc = feature_truth(sae, reader, store_root, windows=(gate,), rows=fit_rows)["auroc"][0]
+            label = np.where(np.isfinite(auc).any(1), np.nanargmax(np.nan_to_num(auc, nan=-1), 1), -1)
+            is_obj = np.array([a in obj_attrs for a, _ in values])
+            fit_acts, fit_meta = reader.read(np.intersect1d(reader.select(window=gate), fit_rows))
+            acts, meta = reader.read(np.intersect1d(reader.select(window=gate), eval_rows))
             with torch.no_grad():
                 z = sae.encode(acts.float()).to_dense().clamp(min=0)
-            top = z.argmax(1).numpy()
-            top = np.where(z.max(1).values.numpy() > 0, top, -1)
-            ious = []
-            for im in np.unique(meta["image"]):
-                sel = meta["image"] == im
-                scene = scene_of(store_root, int(im))
-                truth = token_labels(scene, grid[0])["object"]
-                pred_val = np.full(grid, -1)
-                feats = top[sel]
-                pred_val[meta["i"][sel].astype(int), meta["j"][sel].astype(int)] = np.where(feats >= 0, label[feats], -1)
-                for o, obj in enumerate(scene.objects):
-                    own = {obj_cols.index(values.index((a, getattr(obj, a)))) for a in OBJECT_ATTRS}
-                    pred = np.isin(pred_val, list(own))
-                    true = truth == o
-                    union = (pred | true).sum()
-                    ious.append(1.0 if union == 0 else float((pred & true).sum() / union))
-            result[site][f"tau_{taus[step]:.1f}"] = round(float(np.mean(ious)), 4)
-        print(json.dumps({"site": site, "grid": list(grid), **result[site]}))
-    print(json.dumps({"iou": result}))
+                z_max = sae.encode(fit_acts.float()).to_dense().clamp(min=0).max(0).values.clamp(min=1e-12)
+            truth = {int(im): token_labels(scene_of(store_root, int(im)), grid[0])["object"] for im in np.unique(images)}
+            result[site][key] = mask_iou(z, label, is_obj, meta, truth, store_root, grid, values)
+            scaled[site][key] = mask_iou(z / z_max, label, is_obj, meta, truth, store_root, grid, values)
+            probe[site][key] = presence_probe(fit_acts, fit_meta, acts, meta, truth)
+        print(json.dumps({"site": site, "grid": list(grid), "iou": result[site], "iou_scaled": scaled[site],
+                          "probe_auroc": probe[site]}), flush=True)
+    print(json.dumps({"iou_scaled": scaled, "probe_auroc": probe, "iou": result}))
+
+
+def present(meta, truth) -> np.ndarray:
+    """[rows] bool: does an object cover the row's patch in its image's final scene."""
+    return np.array([truth[int(im)][int(i), int(j)] >= 0 for im, i, j in zip(meta["image"], meta["i"], meta["j"])])
+
+
+def presence_probe(fit_acts, fit_meta, acts, meta, truth) -> float:
+    """AUROC on the odd images of a least-squares linear probe for "an object covers this patch",
+    fitted on the even images' raw activations: is the layout in the site at all?"""
+    from analysis.auroc import auroc
+
+    X = torch.cat([fit_acts.float(), torch.ones(len(fit_acts), 1)], 1).double()
+    w = torch.linalg.lstsq(X, torch.from_numpy(present(fit_meta, truth)).double()[:, None]).solution
+    score = torch.cat([acts.float(), torch.ones(len(acts), 1)], 1).double() @ w
+    return round(float(auroc(score.numpy(), present(meta, truth))[0, 0]), 4)
+
+
+def mask_iou(z, label, is_obj, meta, truth, store_root, grid, values) -> float:
+    """Mean IoU over objects: per position the top feature of ``z`` [rows, m]; object o's predicted
+    mask is the positions whose top feature is labelled with one of o's attribute values."""
+    from analysis.toy_truth import scene_of
+
+    top = np.where(z.max(1).values.numpy() > 0, z.argmax(1).numpy(), -1)
+    lab = np.where(top >= 0, label[top], -1)
+    lab = np.where((lab >= 0) & is_obj[np.maximum(lab, 0)], lab, -1)
+    ious = []
+    for im in np.unique(meta["image"]):
+        sel = meta["image"] == im
+        pred_val = np.full(grid, -1)
+        pred_val[meta["i"][sel].astype(int), meta["j"][sel].astype(int)] = lab[sel]
+        for o, obj in enumerate(scene_of(store_root, int(im)).objects):
+            own = [values.index((a, getattr(obj, a))) for a in OBJECT_ATTRS]
+            pred = np.isin(pred_val, own)
+            true = truth[int(im)] == o
+            union = (pred | true).sum()
+            ious.append(1.0 if union == 0 else float((pred & true).sum() / union))
+    return round(float(np.mean(ious)), 4)
+
 
 
 if __name__ == "__main__":

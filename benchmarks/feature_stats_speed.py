@@ -8,9 +8,11 @@ full statistics pass over the same rows with the same chunks; the order alternat
 (interleaved repeats). The ratio per round is tokens/s of (b) over tokens/s of (a); we report the
 median over ``--repeats`` rounds and its spread. Goal: ratio >= 0.5. Each round also times (c)
 reading + the SAE's encoder alone (no statistics): ``encode_over_read`` is the most any statistics
-pass could reach, ``stats_over_encode`` what the statistics themselves cost on top of encoding.
+pass could reach, ``stats_over_encode`` what the statistics themselves cost on top of encoding;
+and (d) reading + the encoder's matrix product alone (``x @ W_enc``, nothing picked):
+``gemm_over_read``, the bound for any exact TopK encoder on this machine.
 
-Last line JSON: {"read_tok_s", "encode_tok_s", "stats_tok_s", "encode_over_read", "stats_over_encode",
+Last line JSON: {"read_tok_s", "encode_tok_s", "stats_tok_s", "gemm_over_read", "encode_over_read", "stats_over_encode",
 "ratio_spread", "ratio"}.
 
     OMP_NUM_THREADS=2 python benchmarks/feature_stats_speed.py [--rows 65536 --d 64 --latents 512 --k 16]
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -66,22 +69,34 @@ def main() -> None:
                 sae.encode(acts.float())
             return reader.num_rows / (time.perf_counter() - t0)
 
+        def gemm_only() -> float:
+            # the one product no TopK encoder can skip: x W_encᵀ + b_enc, with nothing picked from it
+            t0 = time.perf_counter()
+            for lo in range(0, reader.num_rows, args.chunk):
+                acts, _ = reader.read(np.arange(lo, min(lo + args.chunk, reader.num_rows)))
+                with torch.no_grad():
+                    F.linear(acts.float(), sae.encoder.weight, sae.encoder.bias)
+            return reader.num_rows / (time.perf_counter() - t0)
+
         def stats() -> float:
             t0 = time.perf_counter()
             compute_feature_stats(sae, reader, chunk_rows=args.chunk, progress=False)
             return reader.num_rows / (time.perf_counter() - t0)
 
-        read_only(), encode_only(), stats()  # warm every path
-        reads, encodes, passes, ratios = [], [], [], []
+        paths = [read_only, gemm_only, encode_only, stats]
+        for f in paths:  # warm every path
+            f()
+        reads, gemms, encodes, passes, ratios = [], [], [], [], []
         for r in range(args.repeats):
-            order = [read_only, encode_only, stats][r % 3:] + [read_only, encode_only, stats][:r % 3]  # rotate
+            order = paths[r % len(paths):] + paths[:r % len(paths)]  # rotate
             got = {f.__name__: f() for f in order}
-            a, e, b = got["read_only"], got["encode_only"], got["stats"]
-            reads.append(a), encodes.append(e), passes.append(b), ratios.append(b / a)
+            a, g, e, b = got["read_only"], got["gemm_only"], got["encode_only"], got["stats"]
+            reads.append(a), gemms.append(g), encodes.append(e), passes.append(b), ratios.append(b / a)
             print(json.dumps({"round": r, "read_tok_s": round(a), "encode_tok_s": round(e), "stats_tok_s": round(b),
                               "ratio": round(b / a, 4)}))
     med = statistics.median
     print(json.dumps({"read_tok_s": round(med(reads)), "encode_tok_s": round(med(encodes)), "stats_tok_s": round(med(passes)),
+                      "gemm_over_read": round(med(g / a for g, a in zip(gemms, reads)), 4),
                       "encode_over_read": round(med(e / a for e, a in zip(encodes, reads)), 4),
                       "stats_over_encode": round(med(b / e for b, e in zip(passes, encodes)), 4),
                       "ratio_spread": [round(min(ratios), 4), round(max(ratios), 4)],
