@@ -3,12 +3,20 @@ than the site's raw channels, and do their heads' HRVs name the right attribute?
 
 1. harvest the bundled toy model on ``--prompts`` toyworld prompts (one image each, the model's
    default steps and guidance), block site ``--site`` at the steps of ``--every``;
-2. train a TopK SAE (``sae.train_quick``: ``--k``, ``--expansion``, ``--epochs``);
+2. train one SAE per ``--arms`` entry (``architecture:k:expansion``, ``sae.train_quick``, ``--epochs``
+   each): a sweep over sparsity, since one feature can only detect a concept on every token that
+   shows it if it fires on all of them (the default is TopK L0 8, 16, 32 and BatchTopK 32);
 3. per ground-truth concept value (``toyworld.render.token_labels``: every value of color, shape,
-   texture, size, position, background, style), over all harvested steps: choose the best feature
-   (highest AUROC) on the even images and report its AUROC on the odd images; the same for the best
-   single raw channel (either sign: a channel may detect a value by going down, while a feature's
-   activation is used as is), the baseline an SAE must beat;
+   texture, size, position, background, style), per timestep window (all steps, early, middle,
+   late): choose the best feature (highest AUROC) on the even images and report its AUROC on the
+   odd images; the same for the best single raw channel (either sign: a channel may detect a
+   value by going down, while a feature's activation is used as is), the baseline an SAE must
+   beat. The headline arm is the one with the best mean AUROC on the even images (the selection
+   never sees the odd ones); every arm's figures are printed and kept under "arms";
+   ``objects``: the object attributes' values again with the negatives drawn from the patches that
+   show an object only (against every patch, a feature that fires on any object separates each
+   object value from the background, 95% of the patches, whatever the value);
+   ``distinct_features``: how many different features the values chose;
 4. HRVs of the seven toy attributes from ``--hrv-prompts`` prompts (``analysis.build_hrv``); each
    chosen feature's head attribution (``analysis.feature_heads``, rerun of its top ``--examples``
    tokens) times the HRVs gives its top HRV concept; ``hrv_agreement`` is the fraction of chosen
@@ -18,10 +26,11 @@ than the site's raw channels, and do their heads' HRVs name the right attribute?
    each concept's score divided by its mean over the chosen features (``concept_lift``).
 
 Goals (issue 12): sae_mean_auroc >= 0.95, sae_frac_ge_0.95 >= 0.8, above neuron_mean_auroc.
-Last line JSON {"sae_mean_auroc", "sae_frac_ge_0.95", "neuron_mean_auroc", "hrv_agreement",
+Last line JSON {"arm", "arms": {arm: {"l0", "fvu", "fit_mean_auroc", "distinct_features", "objects": {"sae", "neuron"},
+window: {"sae", "frac_ge_0.95", "neuron"}}}, "objects_sae_mean_auroc", "objects_neuron_mean_auroc", "sae_mean_auroc", "sae_frac_ge_0.95", "neuron_mean_auroc", "hrv_agreement",
 "hrv_chance", "hrv_agreement_lift", "hrv_chance_lift", "per_value": {value: {"sae", "neuron", "feature"}}}.
 
-    OMP_NUM_THREADS=2 python benchmarks/concept_recovery.py [--prompts 256 --every 4 --out runs/bench/concepts]
+    OMP_NUM_THREADS=2 python benchmarks/concept_recovery.py [--prompts 256 --every 4 --arms topk:8:8 ... --out runs/bench/concepts]
 """
 
 from __future__ import annotations
@@ -37,15 +46,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from toyworld.vocab import OBJECT_ATTRIBUTES as OBJECT_ATTRS  # noqa: E402
+
+
+WINDOWS = ("all", "early", "middle", "late")
+
+
+def parse_arm(spec: str) -> tuple[str, int, int]:
+    from sae.registry import available_architectures
+
+    parts = spec.split(":")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit() or parts[0] not in available_architectures():
+        raise SystemExit(f"bad arm {spec!r}: expected architecture:k:expansion with architecture one of "
+                         f"{', '.join(available_architectures())}, e.g. topk:8:8")
+    return parts[0], int(parts[1]), int(parts[2])
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--site", default="up_blocks.2.attentions.0")
     ap.add_argument("--every", type=int, default=4, help="harvest every N-th sampling step")
-    ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--expansion", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--arms", nargs="+", default=["topk:8:8", "topk:16:4", "topk:32:2", "batchtopk:32:2"],
+                    help="SAEs to train, each architecture:k:expansion")
+    ap.add_argument("--epochs", type=int, default=32)
     ap.add_argument("--hrv-prompts", type=int, default=16)
     ap.add_argument("--examples", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -61,7 +85,7 @@ def main() -> None:
     from analysis.feature_concepts import concept_lift, concept_scores
     from analysis.feature_heads import feature_head_attribution
     from analysis.features import compute_feature_stats
-    from analysis.toy_truth import channel_truth, feature_truth
+    from analysis.toy_truth import channel_truth, concept_values, feature_truth, row_targets
     from sae import SAE, train_quick
 
     out = Path(args.out)
@@ -75,32 +99,67 @@ def main() -> None:
                           num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"],
                           timesteps={"every": args.every}, branch="cond", batch_size=16, progress=False), pipe=pipe)
     t_harvest = time.time() - t0
-    folder, metrics = train_quick(str(store_root), site=args.site, out=str(out / "sae"), k=args.k,
-                                  expansion_factor=args.expansion, epochs=args.epochs, wandb=False,
-                                  recovered_images=0, seed=args.seed)
-    sae = SAE.from_pretrained(folder)
     reader = ActivationStore(store_root).site(args.site)
     images = reader.meta_column("image")
     fit_rows = np.flatnonzero(images % 2 == 0)
     eval_rows = np.flatnonzero(images % 2 == 1)
-    fit = feature_truth(sae, reader, store_root, windows=("all",), rows=fit_rows)
-    ev = feature_truth(sae, reader, store_root, windows=("all",), rows=eval_rows)
-    values = fit["values"]
-    ch_fit = channel_truth(reader, store_root, rows=fit_rows)
-    ch_ev = channel_truth(reader, store_root, rows=eval_rows)
+    # the baseline, per window: the best raw channel on the even images, scored on the odd ones
+    neuron = {}
+    for win in WINDOWS:
+        gate = None if win == "all" else win
+        ch_fit = channel_truth(reader, store_root, rows=fit_rows, window=gate)
+        ch_ev = channel_truth(reader, store_root, rows=eval_rows, window=gate)
+        neuron[win] = np.array([ch_ev[int(np.nanargmax(ch_fit[:, v])), v] if np.isfinite(ch_fit[:, v]).any() else np.nan
+                                for v in range(ch_fit.shape[1])])
+
+    # the object attributes again, among the patches that show an object only: against every patch,
+    # a feature that fires on any object already separates each object value from the background
+    # (95% of the patches), whatever the value
+    obj_cols = [v for v, (a, _) in enumerate(concept_values()) if a in OBJECT_ATTRS]
+    on_object = row_targets(store_root, {f: reader.meta_column(f) for f in ("image", "i", "j")}, reader.grid)[:, obj_cols].any(1)
+    fit_obj, eval_obj = fit_rows[on_object[fit_rows]], eval_rows[on_object[eval_rows]]
+    ch_fit = channel_truth(reader, store_root, rows=fit_obj)[:, obj_cols]
+    neuron_obj = channel_truth(reader, store_root, rows=eval_obj)[:, obj_cols][np.nanargmax(ch_fit, 0), np.arange(len(obj_cols))]
+
+    arms = {}
+    for spec in args.arms:
+        arch, k, expansion = parse_arm(spec)
+        folder, metrics = train_quick(str(store_root), site=args.site, out=str(out / "sae" / spec.replace(":", "_")),
+                                      architecture=arch, k=k, expansion_factor=expansion, epochs=args.epochs,
+                                      wandb=False, recovered_images=0, seed=args.seed)
+        sae = SAE.from_pretrained(folder)
+        fit = feature_truth(sae, reader, store_root, windows=WINDOWS, rows=fit_rows)
+        ev = feature_truth(sae, reader, store_root, windows=WINDOWS, rows=eval_rows)
+        best = np.nanargmax(np.nan_to_num(fit["auroc"], nan=-1), axis=1)  # [windows, values]: chosen on even images
+        got = np.take_along_axis(ev["auroc"], best[:, None, :], axis=1)[:, 0]  # [windows, values] on odd images
+        fit_best = np.nanmax(fit["auroc"], axis=1)
+        arm = {"arch": arch, "k": k, "latents": sae.num_latents, "fvu": round(float(metrics.get("metrics/fvu", float("nan"))), 4),
+               "l0": round(float(metrics.get("metrics/l0", float("nan"))), 2), "fit_mean_auroc": round(float(np.nanmean(fit_best[0])), 4)}
+        arm["distinct_features"] = int(len(set(best[0].tolist())))
+        fo = feature_truth(sae, reader, store_root, windows=("all",), rows=fit_obj)["auroc"][0][:, obj_cols]
+        eo = feature_truth(sae, reader, store_root, windows=("all",), rows=eval_obj)["auroc"][0][:, obj_cols]
+        arm["objects"] = {"sae": round(float(np.nanmean(eo[np.nanargmax(np.nan_to_num(fo, nan=-1), 0), np.arange(len(obj_cols))])), 4),
+                          "neuron": round(float(np.nanmean(neuron_obj)), 4)}
+        for w, win in enumerate(WINDOWS):
+            arm[win] = {"sae": round(float(np.nanmean(got[w])), 4), "frac_ge_0.95": round(float(np.nanmean(got[w] >= 0.95)), 4),
+                        "neuron": round(float(np.nanmean(neuron[win])), 4)}
+        arms[spec] = {"summary": arm, "sae": sae, "auroc": got[0], "feature": best[0], "values": fit["values"]}
+        print(json.dumps({"stage": "arm", "arm": spec, **arm}), flush=True)
+
+    # the arm whose features detect best on the even images (model selection never sees the odd ones)
+    pick = max(arms, key=lambda a: arms[a]["summary"]["fit_mean_auroc"])
+    sae, values = arms[pick]["sae"], arms[pick]["values"]
     per_value, chosen = {}, {}
     for v, name in enumerate(values):
-        col = fit["auroc"][0, :, v]
-        if not np.isfinite(col).any():
+        if not np.isfinite(arms[pick]["auroc"][v]):
             continue
-        f = int(np.nanargmax(col))
-        c = int(np.nanargmax(ch_fit[:, v]))
-        per_value[name] = {"sae": round(float(ev["auroc"][0, f, v]), 4), "neuron": round(float(ch_ev[c, v]), 4), "feature": f}
+        f = int(arms[pick]["feature"][v])
+        per_value[name] = {"sae": round(float(arms[pick]["auroc"][v]), 4), "neuron": round(float(neuron["all"][v]), 4), "feature": f}
         chosen.setdefault(f, name)
     sae_auc = np.array([p["sae"] for p in per_value.values()])
     neu_auc = np.array([p["neuron"] for p in per_value.values()])
-    print(json.dumps({"stage": "truth", "values": len(per_value), "features_chosen": len(chosen),
-                      "fvu": round(float(metrics.get("metrics/fvu", float("nan"))), 4), "harvest_s": round(t_harvest, 1)}))
+    print(json.dumps({"stage": "truth", "arm": pick, "values": len(per_value), "features_chosen": len(chosen),
+                      "harvest_s": round(t_harvest, 1)}))
 
     # HRVs and the chosen features' head attribution
     hrv = build_hrv(HRVConfig(model="toy", concepts="toy", prompts=PromptSource(kind="toyworld", num_prompts=args.hrv_prompts),
@@ -132,7 +191,10 @@ def main() -> None:
     print(json.dumps({"stage": "hrv", "features": len(chosen), "top_hrv_concepts": tops, "top_lift_concepts": lift_tops,
                       "hrv_agreement_lift": lift_agreement, "hrv_chance_lift": lift_chance,
                       "total_s": round(time.time() - t0, 1)}))
-    print(json.dumps({"sae_mean_auroc": round(float(sae_auc.mean()), 4),
+    print(json.dumps({"arm": pick, "arms": {a: arms[a]["summary"] for a in arms},
+                      "objects_sae_mean_auroc": arms[pick]["summary"]["objects"]["sae"],
+                      "objects_neuron_mean_auroc": arms[pick]["summary"]["objects"]["neuron"],
+                      "sae_mean_auroc": round(float(sae_auc.mean()), 4),
                       "sae_frac_ge_0.95": round(float((sae_auc >= 0.95).mean()), 4),
                       "neuron_mean_auroc": round(float(neu_auc.mean()), 4),
                       "hrv_agreement": hrv_agreement, "hrv_chance": hrv_chance,
