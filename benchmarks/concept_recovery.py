@@ -23,7 +23,8 @@ than the site's raw channels, and do their heads' HRVs name the right attribute?
    features whose top HRV concept is the attribute of their best ground-truth label, and
    ``hrv_chance`` the agreement expected if the two were independent (sum over attributes of the
    product of their frequencies among those features). ``hrv_agreement_lift``: the same with
-   each concept's score divided by its mean over the chosen features (``concept_lift``).
+   each concept's score divided by its mean over the chosen features (``concept_lift``);
+   ``--hrv-window`` builds the HRVs from one timestep window's votes.
 
 Goals (issue 12): sae_mean_auroc >= 0.95, sae_frac_ge_0.95 >= 0.8, above neuron_mean_auroc.
 Last line JSON {"arm", "arms": {arm: {"l0", "fvu", "fit_mean_auroc", "distinct_features", "objects": {"sae", "neuron"},
@@ -71,6 +72,8 @@ def main() -> None:
                     help="SAEs to train, each architecture:k:expansion")
     ap.add_argument("--epochs", type=int, default=32)
     ap.add_argument("--hrv-prompts", type=int, default=16)
+    ap.add_argument("--hrv-window", default="all", choices=["all", "early", "middle", "late"],
+                    help="HRVs from the votes of every step, or of one timestep window only")
     ap.add_argument("--examples", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench/concepts")
@@ -167,7 +170,7 @@ def main() -> None:
     stats = compute_feature_stats(sae, reader, progress=False, store_root=str(store_root))
     att = feature_head_attribution(sae, pipe, store_root, stats, features=sorted(chosen), examples=args.examples,
                                    progress=False)["attribution"]
-    scores = concept_scores(hrv.hrv, att)
+    scores = concept_scores(hrv.hrv if args.hrv_window == "all" else hrv.window(args.hrv_window), att)
     names = list(hrv.concepts.names)
 
     def agreement(scores_mc):
