@@ -55,6 +55,9 @@ class RunState:
     generation: int = -1
     images: list[int] | None = None
     latent: tuple[int, int] | None = None
+    inputs: tuple[tuple, dict] | None = None
+    """the current U-Net call's (args, kwargs), by reference: what a client needs to run one step
+    again (``analysis.feature_heads.total_head_attribution`` reruns it with gradients)"""
 
     @property
     def tau(self) -> float | None:
@@ -175,6 +178,7 @@ class Tap:
         sample = args[0] if args else kwargs.get("sample")
         if sample is not None:
             st.latent = tuple(sample.shape[-2:])
+        st.inputs = (args, kwargs)
 
     # -- attaching interventions -------------------------------------------------------------
     def _check_site(self, iv: Intervention) -> Site:

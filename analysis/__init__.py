@@ -11,7 +11,7 @@ Public API (imported lazily, so that ``import analysis`` stays cheap):
 * ``ToyOracleScorer`` (toy world), ``ClipScorer`` (real models)
 * ``FeatureStats``, ``compute_feature_stats(sae, site_reader)``: per-feature statistics of an SAE
   (density, timestep and spatial profiles, top tokens, co-firing features), streaming
-* ``feature_head_attribution(sae, pipe, store, stats)``: [features, heads] in the global head order;
+* ``feature_head_attribution(sae, pipe, store, stats, method="direct"|"total")``: [features, heads] in the global head order;
   ``concept_scores(hrv, attribution)``: features x HRV concepts
 * ``FeaturesConfig``, ``build_report(cfg, pipe=None)``: the feature browser's data (W&B + HTML);
   ``FeatureLabels.load(out)``: each feature's density, top HRV concept and toy label read back

@@ -15,6 +15,10 @@ check that the rerun reproduces the harvest). The shares need not sum to the act
 self-attention, feed-forward and residual paths, the encoder bias and b_dec, the TopK
 nonlinearity and the indirect paths (a head's output read by ff) are not attributed.
 
+``total_head_attribution`` (method "total") measures instead every head's total effect on the
+feature's pre-activation by attribution patching (gradient times output at the example's step),
+so that heads of earlier blocks, and the block's own heads through its feed-forward, count too.
+
 Head-site SAE (stage "heads", width = heads * head_dim): each head's share is the L2 norm of the
 decoder direction's slice for that head.
 
@@ -29,6 +33,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+ATTRIBUTION_METHODS = ("direct", "total")
 
 
 def head_slices_attribution(sae, site_heads: int, first_head: int, num_heads: int) -> torch.Tensor:
@@ -48,6 +54,29 @@ def _harvest_config(store_root: Path) -> dict:
     return cfg
 
 
+def _examples_by_image(stats, m: int, features, examples: int) -> dict[int, list]:
+    """The examples to measure: image -> [(feature, step, position index, branch code, stored activation)]."""
+    features = [f for f in (range(m) if features is None else features) if int(stats.top_row[f, 0]) >= 0]
+    _, w = stats.grid
+    todo: dict[int, list] = defaultdict(list)
+    for f in features:
+        for ex in stats.top_examples(f, examples):
+            todo[ex["image"]].append((f, ex["step"], ex["i"] * w + ex["j"], ex["branch"], ex["activation"]))
+    return todo
+
+
+def _rerun(pipe, cfg: dict, prompts: list[dict], *interventions) -> None:
+    """Generate the store's images of ``prompts`` again (prompt, seed; the harvest's steps, guidance
+    and size) with ``interventions`` attached."""
+    from activations.generate import sample
+    from activations.hooks import intervene
+
+    with torch.no_grad(), intervene(pipe, *interventions):
+        sample(pipe, [p["text"] for p in prompts], [int(p["seed"]) for p in prompts],
+               steps=int(cfg["num_inference_steps"]), guidance=float(cfg["guidance_scale"]),
+               height=cfg.get("height"), width=cfg.get("width"), output_type="latent")
+
+
 def block_head_attribution(sae, pipe, store_root: str | Path, stats, features: list[int] | None = None,
                            examples: int = 8, batch_size: int = 8, progress: bool = True) -> dict:
     """Rerun the top examples of ``features`` (default: all that fired) and attribute them to heads.
@@ -58,8 +87,6 @@ def block_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
     """
     from tqdm.auto import tqdm
 
-    from activations.generate import sample
-    from activations.hooks import intervene
     from activations.edits import Observe
     from activations.harvest import set_scheduler
     from activations.sites import head_table, list_sites
@@ -74,13 +101,7 @@ def block_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
         raise ValueError(f"no cross-attention heads inside {block!r}; block sites with heads: "
                          f"{', '.join(sorted({s.block for s in sites if s.kind == 'head'}))}")
     m = sae.num_latents
-    features = [f for f in (range(m) if features is None else features) if int(stats.top_row[f, 0]) >= 0]
-    # the examples to measure: image -> [(feature, step, n index, branch code, stored activation)]
-    h_, w_ = stats.grid
-    todo: dict[int, list] = defaultdict(list)
-    for f in features:
-        for ex in stats.top_examples(f, examples):
-            todo[ex["image"]].append((f, ex["step"], ex["i"] * w_ + ex["j"], ex["branch"], ex["activation"]))
+    todo = _examples_by_image(stats, m, features, examples)
     from activations.store import ActivationStore
 
     prompts = {int(r["image"]): r for r in ActivationStore(store_root).prompts()}
@@ -131,10 +152,7 @@ def block_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
 
         obs = [Observe(site=s.name, stage="heads", fn=(lambda call, _n=s.name: on_heads(call, _n))) for s in heads]
         obs.append(Observe(site=block, stage="block", fn=on_block))
-        with torch.no_grad(), intervene(pipe, *obs):
-            sample(pipe, [prompts[i]["text"] for i in batch], [int(prompts[i]["seed"]) for i in batch],
-                   steps=int(cfg["num_inference_steps"]), guidance=float(cfg["guidance_scale"]),
-                   height=cfg.get("height"), width=cfg.get("width"), output_type="latent")
+        _rerun(pipe, cfg, [prompts[i] for i in batch], *obs)
         for im in batch:
             for (f, _, _, _, a) in todo[im]:
                 stored[f] += a
@@ -145,9 +163,119 @@ def block_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
             "store_activation": (stored / c).float(), "examples": count.float(), "head_table": table}
 
 
-def feature_head_attribution(sae, pipe, store_root, stats, **kwargs) -> dict:
-    """Block-site SAE: ``block_head_attribution``; head-site SAE: decoder slices. Same dict keys
-    (``attribution`` [m, H] in the global head order, ``head_table``)."""
+def _take_rows(obj, rows: torch.Tensor, batch: int):
+    """``obj`` (U-Net call arguments: tensors, dicts, tuples) with every batch-sized tensor cut to ``rows``."""
+    if torch.is_tensor(obj):
+        return obj[rows].detach() if obj.ndim and obj.shape[0] == batch else obj
+    if isinstance(obj, dict):
+        return {k: _take_rows(v, rows, batch) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_take_rows(v, rows, batch) for v in obj)
+    return obj
+
+
+def total_head_attribution(sae, pipe, store_root: str | Path, stats, features: list[int] | None = None,
+                           examples: int = 8, batch_size: int = 8, progress: bool = True) -> dict:
+    """Each head's total effect on a block-site feature, by attribution patching (Nanda 2023;
+    Syed et al. 2023, "Attribution Patching Outperforms Automated Circuit Discovery").
+
+    At each top example (image, step, position p, branch) the share of head h is
+        a_f,h = sum over positions q and dims d of  ∂pre_f(p) / ∂out_h[q, d] · out_h[q, d],
+    the first-order change of f's encoder pre-activation when h's output is scaled from 0 to its
+    value: every path from h to the block counts (the block's own heads through its feed-forward
+    too, and the heads of every earlier block), where ``block_head_attribution`` counts the direct
+    write of the block's own heads only. Heads after the block get 0.
+
+    The generations are rerun as in ``block_head_attribution``; the U-Net inputs of each example's
+    step are kept (``RunState.inputs``) and that one U-Net call is run again with gradients, with
+    every head's output made a leaf (``Apply`` at stage "heads") and the block's Δ read by
+    ``Observe``. Same return keys as ``block_head_attribution``.
+    """
+    from tqdm.auto import tqdm
+
+    from activations.edits import Apply, Observe
+    from activations.harvest import set_scheduler
+    from activations.hooks import intervene
+    from activations.sites import head_table, list_sites
+    from activations.store import ActivationStore
+
+    store_root = Path(store_root)
+    cfg = _harvest_config(store_root)
+    block = sae.placement.site or stats.info["site"]
+    sites = list_sites(pipe.unet)
+    table = head_table(sites)
+    heads = [s for s in sites if s.kind == "head"]
+    m = sae.num_latents
+    todo = _examples_by_image(stats, m, features, examples)
+    prompts = {int(r["image"]): r for r in ActivationStore(store_root).prompts()}
+    enc = sae.encoder.weight.detach().float()
+    b_enc, b_dec = sae.encoder.bias.detach().float(), sae.b_dec.detach().float()
+    share = torch.zeros(m, len(table), dtype=torch.float64)
+    act = torch.zeros(m, dtype=torch.float64)
+    stored = torch.zeros(m, dtype=torch.float64)
+    count = torch.zeros(m, dtype=torch.float64)
+    set_scheduler(pipe, cfg.get("scheduler"))
+    images = sorted(todo)
+    bar = tqdm(total=len(images), desc=f"feature->heads (total) {block}", unit="img", disable=not progress)
+    for lo in range(0, len(images), batch_size):
+        batch = images[lo: lo + batch_size]
+        kept: dict[tuple[int, int, int], tuple] = {}  # (image, step, branch code) -> that row's U-Net inputs
+
+        def keep_inputs(call):
+            args, kwargs = call.state.inputs
+            n = call.delta.shape[0]
+            for code in (1, 0):
+                rows = torch.nonzero(call.codes.reshape(-1) == code).reshape(-1)
+                if len(rows) != len(batch):
+                    continue
+                for k, im in enumerate(batch):
+                    if any(s == call.step and b == code for (_, s, _, b, _) in todo[im]):
+                        kept[(im, call.step, code)] = (_take_rows(args, rows[k: k + 1], n), _take_rows(kwargs, rows[k: k + 1], n))
+
+        _rerun(pipe, cfg, [prompts[i] for i in batch], Observe(site=block, stage="block", fn=keep_inputs))
+        for (im, step, code), (args, kwargs) in kept.items():
+            leaves: dict[str, torch.Tensor] = {}
+
+            def make_leaf(x, call):
+                leaves[call.site] = x.detach().requires_grad_(True)
+                return leaves[call.site]
+
+            seen = {}
+            taps = [Apply(site=s.name, stage="heads", fn=make_leaf) for s in heads]
+            taps.append(Observe(site=block, stage="block", fn=lambda call: seen.update(delta=call.delta)))
+            with torch.enable_grad(), intervene(pipe.unet, *taps):  # the U-Net alone: one batch row, no guidance halves
+                pipe.unet(*args, **kwargs)
+                names = list(leaves)
+                for (f, s, n, b, _) in todo[im]:
+                    if s != step or b != code:
+                        continue
+                    pre = torch.dot(seen["delta"][0, n].float() - b_dec, enc[f]) + b_enc[f]
+                    grads = torch.autograd.grad(pre, [leaves[x] for x in names], retain_graph=True, allow_unused=True)
+                    for name, g in zip(names, grads):
+                        if g is None:  # a head after the block
+                            continue
+                        site = next(x for x in heads if x.name == name)
+                        contrib = (g * leaves[name]).sum(dim=(0, 2, 3)).detach().double()  # [heads]
+                        share[f, site.first_head: site.first_head + site.heads] += contrib
+                    act[f] += float(pre.detach())
+                    count[f] += 1
+        for im in batch:
+            for (f, _, _, _, a) in todo[im]:
+                stored[f] += a
+        bar.update(len(batch))
+    bar.close()
+    c = count.clamp(min=1)
+    return {"attribution": (share / c[:, None]).float(), "activation": (act / c).float(),
+            "store_activation": (stored / c).float(), "examples": count.float(), "head_table": table}
+
+
+def feature_head_attribution(sae, pipe, store_root, stats, method: str = "direct", **kwargs) -> dict:
+    """Block-site SAE: ``block_head_attribution`` (method "direct": the block's own heads' direct
+    write) or ``total_head_attribution`` ("total": every head's total effect, by attribution
+    patching); head-site SAE: decoder slices. Same dict keys (``attribution`` [m, H] in the global
+    head order, ``head_table``)."""
+    if method not in ATTRIBUTION_METHODS:
+        raise ValueError(f"unknown head attribution method {method!r}; valid: {', '.join(ATTRIBUTION_METHODS)}")
     from activations.sites import head_table, list_sites
 
     if sae.placement.stage == "heads":
@@ -157,6 +285,8 @@ def feature_head_attribution(sae, pipe, store_root, stats, **kwargs) -> dict:
             raise ValueError(f"SAE site {sae.placement.site!r} is not a head site of this model")
         table = head_table(sites)
         return {"attribution": head_slices_attribution(sae, site.heads, site.first_head, len(table)), "head_table": table}
+    if method == "total":
+        return total_head_attribution(sae, pipe, store_root, stats, **kwargs)
     return block_head_attribution(sae, pipe, store_root, stats, **kwargs)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ class FeaturesConfig:
     """top tokens kept per feature"""
     examples: int = 4
     """top tokens per feature rerun for the head attribution (0: no head links)"""
+    attribution: Literal["direct", "total"] = "direct"
+    """head attribution of a block-site SAE: direct (the block's own heads' write, projected on the
+    feature) or total (every head's total effect, by attribution patching)"""
     images: int = 4
     """top images per feature picture"""
     model: Optional[str] = None
@@ -108,7 +111,8 @@ def build_report(cfg: FeaturesConfig, pipe=None) -> dict:
         if pipe is None:
             pipe = load_pipeline(model, device=cfg.device)
             pipe.set_progress_bar_config(disable=True)
-        res = feature_head_attribution(sae, pipe, store.root, stats, features=feats, examples=cfg.examples, progress=cfg.progress)
+        res = feature_head_attribution(sae, pipe, store.root, stats, method=cfg.attribution, features=feats,
+                                       examples=cfg.examples, progress=cfg.progress)
         att = res["attribution"]
         save_file({"attribution": att.contiguous()}, str(out / "attribution.safetensors"))
         for f in feats:

@@ -24,7 +24,9 @@ than the site's raw channels, and do their heads' HRVs name the right attribute?
    ``hrv_chance`` the agreement expected if the two were independent (sum over attributes of the
    product of their frequencies among those features). ``hrv_agreement_lift``: the same with
    each concept's score divided by its mean over the chosen features (``concept_lift``);
-   ``--hrv-window`` builds the HRVs from one timestep window's votes.
+   ``--hrv-window`` builds the HRVs from one timestep window's votes; ``--attribution total``
+   attributes each feature to every head by its total effect (attribution patching) instead of
+   the direct write of its block's own heads.
 
 Goals (issue 12): sae_mean_auroc >= 0.95, sae_frac_ge_0.95 >= 0.8, above neuron_mean_auroc.
 Last line JSON {"arm", "arms": {arm: {"l0", "fvu", "fit_mean_auroc", "distinct_features", "objects": {"sae", "neuron"},
@@ -72,6 +74,8 @@ def main() -> None:
                     help="SAEs to train, each architecture:k:expansion")
     ap.add_argument("--epochs", type=int, default=32)
     ap.add_argument("--hrv-prompts", type=int, default=16)
+    ap.add_argument("--attribution", default="direct", choices=["direct", "total"],
+                    help="feature -> heads: the block's own heads' direct write, or every head's total effect")
     ap.add_argument("--hrv-window", default="all", choices=["all", "early", "middle", "late"],
                     help="HRVs from the votes of every step, or of one timestep window only")
     ap.add_argument("--examples", type=int, default=4)
@@ -168,7 +172,7 @@ def main() -> None:
     hrv = build_hrv(HRVConfig(model="toy", concepts="toy", prompts=PromptSource(kind="toyworld", num_prompts=args.hrv_prompts),
                               prompt_seed=args.seed, out=str(out / "hrv"), progress=False, wandb=False), pipe)
     stats = compute_feature_stats(sae, reader, progress=False, store_root=str(store_root))
-    att = feature_head_attribution(sae, pipe, store_root, stats, features=sorted(chosen), examples=args.examples,
+    att = feature_head_attribution(sae, pipe, store_root, stats, features=sorted(chosen), examples=args.examples, method=args.attribution,
                                    progress=False)["attribution"]
     scores = concept_scores(hrv.hrv if args.hrv_window == "all" else hrv.window(args.hrv_window), att)
     names = list(hrv.concepts.names)

@@ -108,3 +108,58 @@ def test_concept_lift__a_concept_every_feature_shares_stops_topping_every_featur
     lift = concept_lift(scores)
     assert lift[:3].argmax(1).tolist() == [0, 1, 1]
     assert torch.isnan(lift[3]).all()
+
+
+def test_total_head_attribution__is_the_derivative_of_the_feature_in_each_heads_scale(toy_store, block_sae, random_toy_pipe):
+    """Attribution patching: a head's share is d pre_f / d s at s = 1, where s scales the head's
+    output at the example's step; checked against a finite difference of two reruns. Heads after
+    the block get 0, heads of earlier blocks get shares (the direct method gives them none)."""
+    from activations.edits import HeadEdit, Observe
+    from activations.generate import sample
+    from activations.hooks import intervene
+    from activations.sites import list_sites
+    from activations.store import ActivationStore
+    from analysis.feature_heads import feature_head_attribution
+    from analysis.features import compute_feature_stats
+
+    st = compute_feature_stats(block_sae, ActivationStore(toy_store).site(SITE), progress=False)
+    f = int(torch.argmax(st.top_act[:, 0]))
+    res = feature_head_attribution(block_sae, random_toy_pipe, toy_store, st, method="total", features=[f], examples=1,
+                                   progress=False)
+    torch.testing.assert_close(res["activation"][f], res["store_activation"][f], rtol=2e-3, atol=2e-3)
+    att = res["attribution"][f]
+    sites = [s for s in list_sites(random_toy_pipe.unet) if s.kind == "head"]
+    order = [s.block for s in sites]
+    after = [s for s in sites if order.index(s.block) > order.index(SITE)]
+    before = [s for s in sites if order.index(s.block) < order.index(SITE)]
+    assert all(att[s.first_head: s.first_head + s.heads].abs().sum() == 0 for s in after)
+    assert sum(att[s.first_head: s.first_head + s.heads].abs().sum() for s in before) > 0
+
+    ex = st.top_examples(f, 1)[0]
+    site = max(before, key=lambda s: float(att[s.first_head: s.first_head + s.heads].abs().max()))
+    local = int(att[site.first_head: site.first_head + site.heads].abs().argmax())
+    prompt = next(r for r in ActivationStore(toy_store).prompts() if int(r["image"]) == ex["image"])
+    enc, n = block_sae.encoder.weight.detach()[f], ex["i"] * st.grid[1] + ex["j"]
+
+    def pre_at(scale: float) -> float:
+        got = {}
+        read = Observe(site=SITE, stage="block", when={"steps": [ex["step"]]}, branch="cond",
+                       fn=lambda call: got.update(v=float((call.delta[call.rows("cond")][0, n] - block_sae.b_dec) @ enc
+                                                          + block_sae.encoder.bias[f])))
+        edit = HeadEdit(site=site.name, stage="heads", heads=[local], scale=scale, when={"steps": [ex["step"]]})
+        with torch.no_grad(), intervene(random_toy_pipe, edit, read):
+            sample(random_toy_pipe, [prompt["text"]], [int(prompt["seed"])], steps=3, guidance=4.0, output_type="latent")
+        return got["v"]
+
+    eps = 1e-2
+    finite_difference = (pre_at(1 + eps) - pre_at(1 - eps)) / (2 * eps)
+    share = float(att[site.first_head + local])
+    assert abs(share) > 1e-4
+    assert finite_difference == pytest.approx(share, rel=0.03, abs=1e-4)
+
+
+def test_feature_head_attribution__unknown_method_names_the_choices(block_sae, random_toy_pipe):
+    from analysis.feature_heads import feature_head_attribution
+
+    with pytest.raises(ValueError, match="'sum'.*direct, total"):
+        feature_head_attribution(block_sae, random_toy_pipe, None, None, method="sum")
