@@ -65,6 +65,27 @@ def _examples_by_image(stats, m: int, features, examples: int) -> dict[int, list
     return todo
 
 
+class _Shares:
+    """Per-feature sums over the measured examples: head shares [m, H], rerun pre-activation, stored
+    activation, and the example count that turns them into means."""
+
+    def __init__(self, m: int, num_heads: int):
+        self.share = torch.zeros(m, num_heads, dtype=torch.float64)
+        self.act = torch.zeros(m, dtype=torch.float64)
+        self.stored = torch.zeros(m, dtype=torch.float64)
+        self.count = torch.zeros(m, dtype=torch.float64)
+
+    def add_stored(self, todo: dict[int, list], batch: list[int]) -> None:
+        for im in batch:
+            for (f, _, _, _, a) in todo[im]:
+                self.stored[f] += a
+
+    def result(self, table) -> dict:
+        c = self.count.clamp(min=1)
+        return {"attribution": (self.share / c[:, None]).float(), "activation": (self.act / c).float(),
+                "store_activation": (self.stored / c).float(), "examples": self.count.float(), "head_table": table}
+
+
 def _rerun(pipe, cfg: dict, prompts: list[dict], *interventions) -> None:
     """Generate the store's images of ``prompts`` again (prompt, seed; the harvest's steps, guidance
     and size) with ``interventions`` attached."""
@@ -115,10 +136,7 @@ def block_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
         w_o = pipe.unet.get_submodule(s.name).to_out[0].weight.detach().float()  # [inner, heads*d]
         full = w_proj @ w_o if w_proj is not None else w_o
         folded[s.name] = full.reshape(full.shape[0], s.heads, s.head_dim).permute(1, 0, 2)  # [heads, c, d]
-    share = torch.zeros(m, len(table), dtype=torch.float64)
-    act = torch.zeros(m, dtype=torch.float64)
-    stored = torch.zeros(m, dtype=torch.float64)
-    count = torch.zeros(m, dtype=torch.float64)
+    acc = _Shares(m, len(table))
     set_scheduler(pipe, cfg.get("scheduler"))
     images = sorted(todo)
     bar = tqdm(total=len(images), desc=f"feature->heads {block}", unit="img", disable=not progress)
@@ -141,26 +159,22 @@ def block_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
                 s = next(x for x in heads if x.name == site)
                 vec = torch.einsum("hcd,ehd->ehc", folded[site], out)  # each head's direct write [e, heads, c]
                 contrib = torch.einsum("ehc,ec->eh", vec, enc[f]).double()
-                share.index_put_((f[:, None], s.first_head + torch.arange(s.heads)[None, :]), contrib, accumulate=True)
+                acc.share.index_put_((f[:, None], s.first_head + torch.arange(s.heads)[None, :]), contrib, accumulate=True)
 
         def on_block(call):
             for rows, f, n in examples(call):
                 x = call.delta[rows, n].float()  # [e, c]
                 pre = torch.einsum("ec,ec->e", x - sae.b_dec.detach().float(), enc[f]) + sae.encoder.bias.detach().float()[f]
-                act.index_add_(0, f, pre.double())
-                count.index_add_(0, f, torch.ones(len(f), dtype=torch.float64))
+                acc.act.index_add_(0, f, pre.double())
+                acc.count.index_add_(0, f, torch.ones(len(f), dtype=torch.float64))
 
         obs = [Observe(site=s.name, stage="heads", fn=(lambda call, _n=s.name: on_heads(call, _n))) for s in heads]
         obs.append(Observe(site=block, stage="block", fn=on_block))
         _rerun(pipe, cfg, [prompts[i] for i in batch], *obs)
-        for im in batch:
-            for (f, _, _, _, a) in todo[im]:
-                stored[f] += a
+        acc.add_stored(todo, batch)
         bar.update(len(batch))
     bar.close()
-    c = count.clamp(min=1)
-    return {"attribution": (share / c[:, None]).float(), "activation": (act / c).float(),
-            "store_activation": (stored / c).float(), "examples": count.float(), "head_table": table}
+    return acc.result(table)
 
 
 def _take_rows(obj, rows: torch.Tensor, batch: int):
@@ -210,10 +224,7 @@ def total_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
     prompts = {int(r["image"]): r for r in ActivationStore(store_root).prompts()}
     enc = sae.encoder.weight.detach().float()
     b_enc, b_dec = sae.encoder.bias.detach().float(), sae.b_dec.detach().float()
-    share = torch.zeros(m, len(table), dtype=torch.float64)
-    act = torch.zeros(m, dtype=torch.float64)
-    stored = torch.zeros(m, dtype=torch.float64)
-    count = torch.zeros(m, dtype=torch.float64)
+    acc = _Shares(m, len(table))
     set_scheduler(pipe, cfg.get("scheduler"))
     images = sorted(todo)
     bar = tqdm(total=len(images), desc=f"feature->heads (total) {block}", unit="img", disable=not progress)
@@ -256,17 +267,13 @@ def total_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
                             continue
                         site = next(x for x in heads if x.name == name)
                         contrib = (g * leaves[name]).sum(dim=(0, 2, 3)).detach().double()  # [heads]
-                        share[f, site.first_head: site.first_head + site.heads] += contrib
-                    act[f] += float(pre.detach())
-                    count[f] += 1
-        for im in batch:
-            for (f, _, _, _, a) in todo[im]:
-                stored[f] += a
+                        acc.share[f, site.first_head: site.first_head + site.heads] += contrib
+                    acc.act[f] += float(pre.detach())
+                    acc.count[f] += 1
+        acc.add_stored(todo, batch)
         bar.update(len(batch))
     bar.close()
-    c = count.clamp(min=1)
-    return {"attribution": (share / c[:, None]).float(), "activation": (act / c).float(),
-            "store_activation": (stored / c).float(), "examples": count.float(), "head_table": table}
+    return acc.result(table)
 
 
 def feature_head_attribution(sae, pipe, store_root, stats, method: str = "direct", **kwargs) -> dict:
