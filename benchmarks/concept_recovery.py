@@ -24,6 +24,8 @@ than the site's raw channels, and do their heads' HRVs name the right attribute?
    ``hrv_chance`` the agreement expected if the two were independent (sum over attributes of the
    product of their frequencies among those features). ``hrv_agreement_lift``: the same with
    each concept's score divided by its mean over the chosen features (``concept_lift``);
+   ``hrv_agreement_objects``: the same with each object value's feature chosen among object
+   patches (so that its label names a value, not only "an object is here");
    ``--hrv-window`` builds the HRVs from one timestep window's votes; ``--attribution total``
    attributes each feature to every head by its total effect (attribution patching) instead of
    the direct write of its block's own heads.
@@ -31,7 +33,7 @@ than the site's raw channels, and do their heads' HRVs name the right attribute?
 Goals (issue 12): sae_mean_auroc >= 0.95, sae_frac_ge_0.95 >= 0.8, above neuron_mean_auroc.
 Last line JSON {"arm", "arms": {arm: {"l0", "fvu", "fit_mean_auroc", "distinct_features", "objects": {"sae", "neuron"},
 window: {"sae", "frac_ge_0.95", "neuron"}}}, "objects_sae_mean_auroc", "objects_neuron_mean_auroc", "sae_mean_auroc", "sae_frac_ge_0.95", "neuron_mean_auroc", "hrv_agreement",
-"hrv_chance", "hrv_agreement_lift", "hrv_chance_lift", "per_value": {value: {"sae", "neuron", "feature"}}}.
+"hrv_chance", "hrv_agreement_lift", "hrv_chance_lift", "hrv_agreement_objects", "hrv_chance_objects", "per_value": {value: {"sae", "neuron", "feature"}}}.
 
     OMP_NUM_THREADS=2 python benchmarks/concept_recovery.py [--prompts 256 --every 4 --arms topk:8:8 ... --out runs/bench/concepts]
 """
@@ -145,12 +147,14 @@ def main() -> None:
         arm["distinct_features"] = int(len(set(best[0].tolist())))
         fo = feature_truth(sae, reader, store_root, windows=("all",), rows=fit_obj)["auroc"][0][:, obj_cols]
         eo = feature_truth(sae, reader, store_root, windows=("all",), rows=eval_obj)["auroc"][0][:, obj_cols]
-        arm["objects"] = {"sae": round(float(np.nanmean(eo[np.nanargmax(np.nan_to_num(fo, nan=-1), 0), np.arange(len(obj_cols))])), 4),
+        best_obj = np.nanargmax(np.nan_to_num(fo, nan=-1), 0)  # [object values]: chosen among object patches
+        arm["objects"] = {"sae": round(float(np.nanmean(eo[best_obj, np.arange(len(obj_cols))])), 4),
                           "neuron": round(float(np.nanmean(neuron_obj)), 4)}
         for w, win in enumerate(WINDOWS):
             arm[win] = {"sae": round(float(np.nanmean(got[w])), 4), "frac_ge_0.95": round(float(np.nanmean(got[w] >= 0.95)), 4),
                         "neuron": round(float(np.nanmean(neuron[win])), 4)}
-        arms[spec] = {"summary": arm, "sae": sae, "auroc": got[0], "feature": best[0], "values": fit["values"]}
+        arms[spec] = {"summary": arm, "sae": sae, "auroc": got[0], "feature": best[0], "values": fit["values"],
+                      "object_feature": best_obj}
         print(json.dumps({"stage": "arm", "arm": spec, **arm}), flush=True)
 
     # the arm whose features detect best on the even images (model selection never sees the odd ones)
@@ -163,6 +167,14 @@ def main() -> None:
         f = int(arms[pick]["feature"][v])
         per_value[name] = {"sae": round(float(arms[pick]["auroc"][v]), 4), "neuron": round(float(neuron["all"][v]), 4), "feature": f}
         chosen.setdefault(f, name)
+    # the same choice with each object value's feature chosen among object patches (its label then
+    # says which value, not only "an object is here"); background and style as before
+    chosen_obj = {}
+    for v, name in enumerate(values):
+        if v in obj_cols:
+            chosen_obj.setdefault(int(arms[pick]["object_feature"][obj_cols.index(v)]), name)
+        elif name in per_value:
+            chosen_obj.setdefault(per_value[name]["feature"], name)
     sae_auc = np.array([p["sae"] for p in per_value.values()])
     neu_auc = np.array([p["neuron"] for p in per_value.values()])
     print(json.dumps({"stage": "truth", "arm": pick, "values": len(per_value), "features_chosen": len(chosen),
@@ -172,12 +184,12 @@ def main() -> None:
     hrv = build_hrv(HRVConfig(model="toy", concepts="toy", prompts=PromptSource(kind="toyworld", num_prompts=args.hrv_prompts),
                               prompt_seed=args.seed, out=str(out / "hrv"), progress=False, wandb=False), pipe)
     stats = compute_feature_stats(sae, reader, progress=False, store_root=str(store_root))
-    att = feature_head_attribution(sae, pipe, store_root, stats, features=sorted(chosen), examples=args.examples, method=args.attribution,
+    att = feature_head_attribution(sae, pipe, store_root, stats, features=sorted(set(chosen) | set(chosen_obj)), examples=args.examples, method=args.attribution,
                                    progress=False)["attribution"]
     scores = concept_scores(hrv.hrv if args.hrv_window == "all" else hrv.window(args.hrv_window), att)
     names = list(hrv.concepts.names)
 
-    def agreement(scores_mc):
+    def agreement(scores_mc, chosen):
         hits, top_attr, gt_attr = [], [], []
         for f, label in chosen.items():
             if not torch.isfinite(scores_mc[f]).any():
@@ -193,10 +205,12 @@ def main() -> None:
     rows = torch.tensor(sorted(chosen))
     lift = torch.full_like(scores, float("nan"))
     lift[rows] = concept_lift(scores[rows])  # relative to the chosen features' mean
-    hrv_agreement, hrv_chance, tops = agreement(scores)
-    lift_agreement, lift_chance, lift_tops = agreement(lift)
+    hrv_agreement, hrv_chance, tops = agreement(scores, chosen)
+    lift_agreement, lift_chance, lift_tops = agreement(lift, chosen)
+    obj_agreement, obj_chance, obj_tops = agreement(scores, chosen_obj)
     print(json.dumps({"stage": "hrv", "features": len(chosen), "top_hrv_concepts": tops, "top_lift_concepts": lift_tops,
                       "hrv_agreement_lift": lift_agreement, "hrv_chance_lift": lift_chance,
+                      "features_objects": len(chosen_obj), "top_hrv_concepts_objects": obj_tops,
                       "total_s": round(time.time() - t0, 1)}))
     print(json.dumps({"arm": pick, "arms": {a: arms[a]["summary"] for a in arms},
                       "objects_sae_mean_auroc": arms[pick]["summary"]["objects"]["sae"],
@@ -206,6 +220,7 @@ def main() -> None:
                       "neuron_mean_auroc": round(float(neu_auc.mean()), 4),
                       "hrv_agreement": hrv_agreement, "hrv_chance": hrv_chance,
                       "hrv_agreement_lift": lift_agreement, "hrv_chance_lift": lift_chance,
+                      "hrv_agreement_objects": obj_agreement, "hrv_chance_objects": obj_chance,
                       "per_value": per_value}))
 
 
