@@ -31,6 +31,15 @@ class HRVConfig:
     """sampling seeds; every prompt is drawn once per seed"""
     word_seed: int = 0
     """seed of the concept-word sampling (one word per concept at every cross-attention call)"""
+    words: Literal["alone", "in_context"] = "alone"
+    """alone: each concept word encoded by itself (Park et al.); in_context: each word's token states
+    averaged over the prompts above that name it, read at its place there"""
+    choose: Literal["random", "named"] = "random"
+    """which word of a concept enters each contest: random (one drawn at every call, Park et al.) or
+    named (the word the image's prompt names, where it names one; drawn otherwise)"""
+    sink: bool = False
+    """add the prompt's start token to every contest as a slot of no concept, as in a real prompt, so
+    that image positions that read no word do not vote (not in Park et al.)"""
     steps: Optional[int] = None
     """denoising steps (None: the model's default; the paper uses 50)"""
     guidance: Optional[float] = None

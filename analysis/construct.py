@@ -21,7 +21,7 @@ from analysis.concepts import load_concepts
 from analysis.config import HRVConfig, save_config
 from analysis.hrv import HRV, VoteCounter
 from analysis.mechanism import head_sites, observe_queries
-from analysis.words import encode_words
+from analysis.words import encode_words, named_words
 
 PROGRESS = "progress.safetensors"
 # fields that do not change the votes: a rerun with other values resumes
@@ -97,16 +97,18 @@ def build_hrv(cfg: HRVConfig, pipe=None, max_batches: int | None = None) -> HRV 
             check_prompt(text)
     pipe = pipe if pipe is not None else load_model(cfg, cfg.model)
     steps, guidance = sampling_defaults(pipe, cfg.steps, cfg.guidance)
-    bank = encode_words(pipe, concepts)  # every word once, before generating anything
+    bank = encode_words(pipe, concepts, contexts=texts if cfg.words == "in_context" else None,
+                        sink=cfg.sink)  # every word once, before generating anything
     sites = head_sites(pipe)
     pipe.scheduler.set_timesteps(steps)
     calls = len(pipe.scheduler.timesteps)  # U-Net calls per generation (some schedulers add some)
-    counter = VoteCounter(bank, sites, seed=cfg.word_seed, steps_hint=calls)
+    jobs = [(p, s) for p in range(len(texts)) for s in cfg.seeds]
+    named = named_words(pipe, concepts, texts)[[p for p, _ in jobs]] if cfg.choose == "named" else None
+    counter = VoteCounter(bank, sites, seed=cfg.word_seed, steps_hint=calls, named_jC=named)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "hrv_config.yaml")
-    jobs = [(p, s) for p in range(len(texts)) for s in cfg.seeds]
     progress_path = out / PROGRESS
     done = _load_progress(progress_path, counter, content(cfg))
     bar = _bar(len(jobs), done, cfg.progress)
@@ -141,6 +143,9 @@ def build_hrv(cfg: HRVConfig, pipe=None, max_batches: int | None = None) -> HRV 
             "prompts": texts,
             "seeds": list(cfg.seeds),
             "word_seed": cfg.word_seed,
+            "words": cfg.words,
+            "sink": cfg.sink,
+            "choose": cfg.choose,
             "steps": steps,
             "guidance": guidance,
             "scheduler": type(pipe.scheduler).__name__,

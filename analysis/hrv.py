@@ -43,8 +43,9 @@ def concept_strengths(q_bhnd: torch.Tensor, k_bhsd: torch.Tensor, mask_bs: torch
 
 
 def slot_weights(mask_bs: torch.Tensor, slot_concept_s: torch.Tensor, num_concepts: int) -> torch.Tensor:
-    """[b, S, concepts]: 1 / (tokens of the chosen word) on the word's slots, 0 elsewhere."""
-    onehot_sc = torch.nn.functional.one_hot(slot_concept_s, num_concepts).float()
+    """[b, S, concepts]: 1 / (tokens of the chosen word) on the word's slots, 0 elsewhere (and on a
+    sink slot, concept index ``num_concepts``)."""
+    onehot_sc = torch.nn.functional.one_hot(slot_concept_s, num_concepts + 1)[:, :num_concepts].float()
     weights_bsc = onehot_sc[None] * mask_bs[:, :, None].float()  # masked slots do not count
     return weights_bsc / weights_bsc.sum(1, keepdim=True).clamp_min(1)
 
@@ -203,8 +204,12 @@ class VoteCounter:
     an image lands in, so a resumed run samples exactly what an uninterrupted one would.
     """
 
-    def __init__(self, bank: WordBank, sites: list, seed: int = 0, steps_hint: int = 1):
+    def __init__(self, bank: WordBank, sites: list, seed: int = 0, steps_hint: int = 1,
+                 named_jC: torch.Tensor | None = None):
+        """``named_jC`` [jobs, concepts]: a word index to use for that job and concept at every call
+        instead of a drawn one (-1: draw), e.g. the word its prompt names (``words.named_words``)."""
         self.bank = bank
+        self.named_jC = named_jC
         self.sites = {s.name: (i, s.first_head, s.heads) for i, s in enumerate(sites)}
         self.num_heads = sum(s.heads for s in sites)
         self.seed = seed
@@ -222,6 +227,9 @@ class VoteCounter:
             rng = np.random.default_rng([self.seed, int(j)])
             rows.append(np.stack([rng.integers(0, n, size=(steps, len(self.sites))) for n in n_words], -1))
         choice_bPC = torch.as_tensor(np.stack(rows), dtype=torch.long).flatten(1, 2)  # P = steps x sites
+        if self.named_jC is not None:
+            named_bC = self.named_jC[torch.as_tensor(job_ids, dtype=torch.long)]
+            choice_bPC = torch.where(named_bC[:, None, :] >= 0, named_bC[:, None, :], choice_bPC)
         b, P, C = choice_bPC.shape
         idx, mask = self.bank.slots(choice_bPC.reshape(b * P, C))
         weights = slot_weights(mask, self.bank.slot_concept_S, C)

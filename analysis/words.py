@@ -22,7 +22,10 @@ class WordBank:
     embeds_TC: torch.Tensor  # [T_all, C]: semantic-token states of all words, word after word
     index_per_concept: list[torch.Tensor]  # concept c: [n_words_c, L_c] rows into embeds_TC (0 where masked)
     mask_per_concept: list[torch.Tensor]  # concept c: [n_words_c, L_c] bool, True on a real token
-    slot_concept_S: torch.Tensor  # [S]: the concept of each slot, S = sum_c L_c
+    slot_concept_S: torch.Tensor  # [S]: the concept of each slot, S = sum_c L_c (+ 1: the sink, concept C)
+    sink: bool = False
+    """the last row of embeds_TC is the prompt's start token, a slot of every contest that counts
+    for no concept (see ``encode_words``)"""
 
     @property
     def num_words(self) -> list[int]:
@@ -34,6 +37,10 @@ class WordBank:
         for c, (index_wL, mask_wL) in enumerate(zip(self.index_per_concept, self.mask_per_concept)):
             idx.append(index_wL[choice_bC[:, c]])
             mask.append(mask_wL[choice_bC[:, c]])
+        if self.sink:
+            b = choice_bC.shape[0]
+            idx.append(torch.full((b, 1), self.embeds_TC.shape[0] - 1, dtype=torch.long))
+            mask.append(torch.ones(b, 1, dtype=torch.bool))
         return torch.cat(idx, 1), torch.cat(mask, 1)
 
 
@@ -59,8 +66,62 @@ def semantic_token_mask(pipe, prompts: list[str], length: int) -> torch.Tensor:
     return ~torch.isin(ids, special)
 
 
-def encode_words(pipe, concepts: ConceptList) -> WordBank:
-    """Encode every concept word once (a bad word raises, naming it) and lay out the slots."""
+def _find(ids: list[int], word: list[int]) -> int:
+    """Start of the first run of ``word`` in ``ids``, or -1."""
+    for i in range(len(ids) - len(word) + 1):
+        if ids[i: i + len(word)] == word:
+            return i
+    return -1
+
+
+def occurrences(pipe, words: list[str], positions: list[list[int]], prompts: list[str]) -> list[list[int]]:
+    """[words][prompts]: where each word's semantic tokens (``positions`` in its own encoding) start
+    in each prompt's encoding, -1 where the prompt does not name it."""
+    tok = _tokenizer(pipe)
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+    full = tok(words, truncation=True, max_length=tok.model_max_length).input_ids
+    return [[_find(row, [word[p] for p in pos]) for row in ids] for word, pos in zip(full, positions)]
+
+
+def named_words(pipe, concepts: ConceptList, prompts: list[str]) -> torch.Tensor:
+    """[prompts, concepts] long: the index (within its concept) of the first word of each concept a
+    prompt names, -1 where it names none."""
+    tok = _tokenizer(pipe)
+    out = torch.full((len(prompts), len(concepts)), -1, dtype=torch.long)
+    for c, ws in enumerate(concepts.words):
+        where = occurrences(pipe, list(ws), [word_token_positions(tok, w) for w in ws], prompts)
+        for p in range(len(prompts)):
+            hits = [(where[j][p], j) for j in range(len(ws)) if where[j][p] >= 0]
+            if hits:
+                out[p, c] = min(hits)[1]
+    return out
+
+
+def in_context_states(pipe, words: list[str], positions: list[list[int]], contexts: list[str],
+                      max_contexts: int = 16) -> list[torch.Tensor]:
+    """Each word's token states [n_tokens, C] averaged over (up to ``max_contexts`` of) the prompts
+    of ``contexts`` that contain it, read at the word's place in each prompt: what the U-Net's heads
+    see of the word in a real prompt (a causal text encoder gives a word alone other states)."""
+    found: list[list[tuple[int, int]]] = []  # per word: (prompt, start)
+    for w, starts in zip(words, occurrences(pipe, words, positions, contexts)):
+        hits = [(k, i) for k, i in enumerate(starts) if i >= 0][:max_contexts]
+        if not hits:
+            raise ValueError(f"concept word {w!r} occurs in none of the {len(contexts)} HRV prompts; in_context "
+                             "HRVs read each word where a prompt names it (add prompts that do, or use words: alone)")
+        found.append(hits)
+    need = sorted({k for hits in found for k, _ in hits})
+    states = dict(zip(need, encode_prompts(pipe, [contexts[k] for k in need]).float()))
+    return [torch.stack([states[k][i: i + len(pos)] for k, i in hits]).mean(0) for hits, pos in zip(found, positions)]
+
+
+def encode_words(pipe, concepts: ConceptList, contexts: list[str] | None = None, sink: bool = False) -> WordBank:
+    """Encode every concept word once (a bad word raises, naming it) and lay out the slots.
+
+    ``contexts``: take each word's states from the prompts that contain it (``in_context_states``)
+    instead of from the word encoded alone (Park et al.). ``sink``: add the start token's state as
+    a slot of every contest that counts for no concept. In a real prompt an image position that
+    reads no word puts its attention on the start token; among concept words alone it must spread
+    it over them, and on the toy world the many background positions then decide the vote."""
     tok = _tokenizer(pipe)
     flat = [w for ws in concepts.words for w in ws]
     positions = []
@@ -75,11 +136,17 @@ def encode_words(pipe, concepts: ConceptList) -> WordBank:
         for w, pos in zip(flat, positions):
             if word_token_positions(tok2, w) != pos:
                 raise ValueError(f"concept word {w!r} splits differently under the two tokenizers; use another word")
-    states_WTC = encode_prompts(pipe, flat).float()
+    if contexts is None:
+        states_WTC = encode_prompts(pipe, flat).float()
+        per_word = [states_WTC[k, pos] for k, pos in enumerate(positions)]
+    else:
+        per_word = in_context_states(pipe, flat, positions, contexts)
     rows, starts = [], []
-    for k, pos in enumerate(positions):
+    for state in per_word:
         starts.append(sum(len(r) for r in rows))
-        rows.append(states_WTC[k, pos])
+        rows.append(state)
+    if sink:  # the start token's state: the same for every prompt of a causal text encoder
+        rows.append(encode_prompts(pipe, [""]).float()[0, :1])
     embeds_TC = torch.cat(rows, 0)
     index_per_concept, mask_per_concept, slot_concept = [], [], []
     k = 0
@@ -95,4 +162,6 @@ def encode_words(pipe, concepts: ConceptList) -> WordBank:
         mask_per_concept.append(mask_wL)
         slot_concept += [c] * L
         k += len(ws)
-    return WordBank(concepts, embeds_TC, index_per_concept, mask_per_concept, torch.tensor(slot_concept))
+    if sink:
+        slot_concept.append(len(concepts))
+    return WordBank(concepts, embeds_TC, index_per_concept, mask_per_concept, torch.tensor(slot_concept), sink=sink)

@@ -91,6 +91,82 @@ def test_word_bank_keeps_only_semantic_tokens_and_averages_multi_token_words(con
     assert bank.mask_per_concept[1].sum(1).tolist() == [2, 2, 1]
 
 
+def test_in_context_words__states_read_where_each_prompt_names_the_word(concepts_file):
+    """A word's in-context states are the mean of its tokens' states in the prompts naming it, which a
+    causal text encoder makes differ from the word encoded alone."""
+    from analysis.words import encode_prompts
+
+    pipe = build_tiny_pipeline("sd1")
+    concepts = load_concepts(concepts_file)
+    contexts = TINY_PROMPTS + ["a red dog under the sky", "a green cat and a blue horse at the bottom right"]
+    alone = encode_words(pipe, concepts)
+    ctx = encode_words(pipe, concepts, contexts=contexts)
+    assert ctx.embeds_TC.shape == alone.embeds_TC.shape
+    states = encode_prompts(pipe, contexts).float()
+    # "red" is the first word of concept "color": prompt 0 at token 2, prompt 3 at token 2
+    torch.testing.assert_close(ctx.embeds_TC[0], (states[0, 2] + states[3, 2]) / 2)
+    # "top left" (concept "place", after color's 3 one-token words): tokens 6-7 of prompt 0
+    top_left = ctx.index_per_concept[1][0]
+    torch.testing.assert_close(ctx.embeds_TC[top_left], states[0, 6:8])
+    assert not torch.allclose(ctx.embeds_TC[0], alone.embeds_TC[0])
+
+
+def test_in_context_words__a_word_no_prompt_names_is_refused_naming_it(concepts_file):
+    with pytest.raises(ValueError, match="'horse' occurs in none of the 2 HRV prompts"):
+        encode_words(build_tiny_pipeline("sd1"), load_concepts(concepts_file),
+                     contexts=["a red cat on the top left with a dog", "a blue dog in the sky, bottom right, green"])
+
+
+def test_sink__start_token_is_a_slot_of_every_contest_that_counts_for_no_concept(concepts_file):
+    from analysis.hrv import slot_weights, weighted_strengths
+    from analysis.words import encode_prompts
+
+    pipe = build_tiny_pipeline("sd1")
+    concepts = load_concepts(concepts_file)
+    plain, bank = encode_words(pipe, concepts), encode_words(pipe, concepts, sink=True)
+    assert bank.embeds_TC.shape[0] == plain.embeds_TC.shape[0] + 1
+    torch.testing.assert_close(bank.embeds_TC[-1], encode_prompts(pipe, ["a red cat"]).float()[0, 0])  # any prompt's start
+    idx, mask = bank.slots(torch.zeros(2, len(concepts), dtype=torch.long))
+    assert idx[:, -1].tolist() == [bank.embeds_TC.shape[0] - 1] * 2 and mask[:, -1].all()
+    weights = slot_weights(mask, bank.slot_concept_S, len(concepts))
+    assert weights[:, -1].abs().sum() == 0  # the sink's attention counts for no concept
+    q = torch.ones(2, 1, 5, 8)
+    k = 0.1 * torch.randn(2, 1, idx.shape[1], 8)
+    k[:, :, -1] = 1.0  # every position looks at the sink (score 8 against about 0)
+    total = weighted_strengths(q, k, mask, weights, scale=1.0).sum(-1)
+    assert (total < 0.5).all()
+
+
+def test_hrv_with_sink_and_in_context_words__rows_keep_l1_norm_H(tmp_path, concepts_file):
+    contexts = TINY_PROMPTS + ["a red dog under the sky", "a green cat and a blue horse at the bottom right"]
+    cfg = tiny_config(tmp_path, concepts_file, sink=True, words="in_context",
+                      prompts=PromptSource(kind="list", texts=contexts))
+    hrv = build_hrv(cfg, build_tiny_pipeline("sd1"))
+    images = len(contexts) * 2
+    assert (hrv.votes.sum(1) == images).all()  # still one vote per image, head and step
+    assert torch.allclose(hrv.hrv.abs().sum(1), torch.full((3,), float(hrv.num_heads)))
+    assert hrv.meta["sink"] and hrv.meta["words"] == "in_context"
+
+
+def test_named_choice__every_contest_uses_the_word_the_prompt_names_else_a_drawn_one(concepts_file):
+    from analysis.hrv import VoteCounter
+    from analysis.mechanism import head_sites
+    from analysis.words import named_words
+
+    pipe = build_tiny_pipeline("sd1")
+    concepts = load_concepts(concepts_file)  # color [red, green, blue], place [top left, bottom right, sky], animal
+    named = named_words(pipe, concepts, TINY_PROMPTS)
+    assert named.tolist() == [[0, 0, 0], [2, 2, 2], [1, -1, 1]]  # the third prompt names no place
+    bank = encode_words(pipe, concepts)
+    counter = VoteCounter(bank, head_sites(pipe), seed=0, named_jC=named)
+    counter.begin_batch([0, 1, 2], steps=4)
+    rows = counter._idx.flatten(1, 2)  # [jobs, steps x sites, S]: rows into the bank
+    first_slot = [int(bank.index_per_concept[c][w, 0]) for c, w in ((0, 0), (0, 2), (0, 1))]
+    assert [set(rows[j, :, 0].tolist()) for j in range(3)] == [{f} for f in first_slot]
+    place_slot = sum(m.shape[1] for m in bank.mask_per_concept[:1])
+    assert len(set(rows[2, :, place_slot].tolist())) > 1  # drawn at each call where no word is named
+
+
 def test_resume_does_not_count_any_prompt_twice(tmp_path, concepts_file):
     pipe = build_tiny_pipeline("sd1")
     full = build_hrv(tiny_config(tmp_path, concepts_file, out=str(tmp_path / "full")), pipe)
