@@ -67,6 +67,11 @@ def parse_arm(spec: str) -> tuple[str, int, int]:
     return parts[0], int(parts[1]), int(parts[2])
 
 
+def hrv_folder(args) -> str:
+    """Each HRV construction in its own folder (a rerun resumes it; another config is refused)."""
+    return "hrv" if args.hrv_words == "alone" and not args.hrv_sink else f"hrv_{args.hrv_words}{'_sink' * args.hrv_sink}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=256)
@@ -76,6 +81,9 @@ def main() -> None:
                     help="SAEs to train, each architecture:k:expansion")
     ap.add_argument("--epochs", type=int, default=32)
     ap.add_argument("--hrv-prompts", type=int, default=16)
+    ap.add_argument("--hrv-words", default="alone", choices=["alone", "in_context"],
+                    help="HRV concept words encoded alone (Park et al.) or read where the HRV prompts name them")
+    ap.add_argument("--hrv-sink", action="store_true", help="the start token joins every HRV contest, for no concept")
     ap.add_argument("--attribution", default="direct", choices=["direct", "total"],
                     help="feature -> heads: the block's own heads' direct write, or every head's total effect")
     ap.add_argument("--hrv-window", default="all", choices=["all", "early", "middle", "late"],
@@ -182,7 +190,7 @@ def main() -> None:
 
     # HRVs and the chosen features' head attribution
     hrv = build_hrv(HRVConfig(model="toy", concepts="toy", prompts=PromptSource(kind="toyworld", num_prompts=args.hrv_prompts),
-                              prompt_seed=args.seed, out=str(out / "hrv"), progress=False, wandb=False), pipe)
+                              prompt_seed=args.seed, out=str(out / hrv_folder(args)), words=args.hrv_words, sink=args.hrv_sink, progress=False, wandb=False), pipe)
     stats = compute_feature_stats(sae, reader, progress=False, store_root=str(store_root))
     att = feature_head_attribution(sae, pipe, store_root, stats, features=sorted(set(chosen) | set(chosen_obj)), examples=args.examples, method=args.attribution,
                                    progress=False)["attribution"]

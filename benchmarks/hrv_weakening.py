@@ -33,9 +33,17 @@ from analysis.toy import ToyOracleScorer  # noqa: E402
 from analysis.weakening import save_results, summary, run_weakening  # noqa: E402
 
 
+def hrv_folder(args) -> str:
+    """Each HRV construction in its own folder (a rerun resumes it; another config is refused)."""
+    return "hrv" if args.hrv_words == "alone" and not args.hrv_sink else f"hrv_{args.hrv_words}{'_sink' * args.hrv_sink}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hrv-prompts", type=int, default=100, help="toy prompts for the HRVs")
+    p.add_argument("--hrv-words", default="alone", choices=["alone", "in_context"],
+                    help="HRV concept words encoded alone (Park et al.) or read where the HRV prompts name them")
+    p.add_argument("--hrv-sink", action="store_true", help="the start token joins every HRV contest, for no concept")
     p.add_argument("--images", type=int, default=40, help="images per point")
     p.add_argument("--points", type=int, default=6, help="head counts strictly between 0 and all heads")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (HRVs and weakening)")
@@ -50,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     cfg = HRVConfig(model="toy", concepts="toy", prompts=PromptSource(kind="toyworld", num_prompts=args.hrv_prompts),
                     prompt_seed=args.seed, steps=args.steps, guidance=args.guidance, batch_size=25,
-                    out=str(out / "hrv"), device=args.device, progress=False, wandb=False)
+                    out=str(out / hrv_folder(args)), words=args.hrv_words, sink=args.hrv_sink, device=args.device,
+                    progress=False, wandb=False)
     pipe = load_model(cfg, "toy")
     hrv = build_hrv(cfg, pipe)
     t_hrv = time.perf_counter() - t0
