@@ -5,6 +5,9 @@ encoder, SDXL's two encoders' penultimate states concatenated), then only its ow
 (Park et al., ICLR 2025, Section 3). The words of concept c share ``L_c`` slots (the most tokens of
 any of its words); a shorter word leaves slots masked, so a batch of rows with different sampled
 words is one dense tensor.
+
+Options beyond the paper (``HRVConfig.words`` / ``sink``): a word's states read where the HRV
+prompts name it (``in_context_states``), and the start token as one more slot of no concept.
 """
 
 from __future__ import annotations

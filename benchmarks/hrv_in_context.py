@@ -33,18 +33,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def value_positions(tokenizer, prompt: str, scene, attributes: list[str]) -> dict[str, list[int]]:
+def value_positions(pipe, prompt: str, scene, attributes: list[str]) -> dict[str, list[int]]:
     """Token positions of each attribute's value in ``prompt`` (first occurrence)."""
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
-    special = set(tokenizer.all_special_ids)
+    from analysis.concepts import word_token_positions
+    from analysis.words import occurrences
+
     out = {}
     for a in attributes:
-        owner = scene.objects[0] if hasattr(scene.objects[0], a) else scene
-        word = [t for t in tokenizer(getattr(owner, a)).input_ids if t not in special]
-        for i in range(len(ids) - len(word) + 1):
-            if ids[i: i + len(word)] == word:
-                out[a] = list(range(i, i + len(word)))
-                break
+        word = getattr(scene.objects[0] if hasattr(scene.objects[0], a) else scene, a)
+        pos = word_token_positions(pipe.tokenizer, word)
+        start = occurrences(pipe, [word], [pos], [prompt])[0][0]
+        if start >= 0:
+            out[a] = list(range(start, start + len(pos)))
     return out
 
 
@@ -74,7 +74,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     scenes = [sample_scene(rng, num_objects=1) for _ in range(args.prompts)]
     prompts = [scene_to_prompt(s) for s in scenes]  # canonical wording: every value named once
-    where = [value_positions(pipe.tokenizer, p, s, attrs) for p, s in zip(prompts, scenes)]
+    where = [value_positions(pipe, p, s, attrs) for p, s in zip(prompts, scenes)]
     sites = [s for s in list_sites(pipe.unet) if s.kind == "head"]
     num_heads = sum(s.heads for s in sites)
     strength = torch.zeros(num_heads, len(attrs), dtype=torch.float64)
