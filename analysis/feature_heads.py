@@ -65,37 +65,65 @@ def _examples_by_image(stats, m: int, features, examples: int) -> dict[int, list
     return todo
 
 
-class _Shares:
-    """Per-feature sums over the measured examples: head shares [m, H], rerun pre-activation, stored
-    activation, and the example count that turns them into means."""
+class _Reruns:
+    """What both attribution methods share: the store's harvest config and prompts, the top examples
+    to measure per image, the batched reruns of their generations, and the per-feature sums (head
+    shares [m, H], rerun pre-activation, stored activation, example count) that become means."""
 
-    def __init__(self, m: int, num_heads: int):
-        self.share = torch.zeros(m, num_heads, dtype=torch.float64)
+    def __init__(self, sae, pipe, store_root: str | Path, stats, features, examples: int):
+        from activations.sites import head_table, list_sites
+        from activations.store import ActivationStore
+
+        store_root = Path(store_root)
+        self.pipe = pipe
+        self.cfg = _harvest_config(store_root)
+        self.block = sae.placement.site or stats.info["site"]
+        self.sites = list_sites(pipe.unet)
+        self.table = head_table(self.sites)
+        self.todo = _examples_by_image(stats, sae.num_latents, features, examples)
+        self.prompts = {int(r["image"]): r for r in ActivationStore(store_root).prompts()}
+        m = sae.num_latents
+        self.share = torch.zeros(m, len(self.table), dtype=torch.float64)
         self.act = torch.zeros(m, dtype=torch.float64)
         self.stored = torch.zeros(m, dtype=torch.float64)
         self.count = torch.zeros(m, dtype=torch.float64)
 
-    def add_stored(self, todo: dict[int, list], batch: list[int]) -> None:
-        for im in batch:
-            for (f, _, _, _, a) in todo[im]:
-                self.stored[f] += a
+    def batches(self, batch_size: int, progress: bool, desc: str):
+        """Yield the images to rerun, ``batch_size`` at a time, under a progress bar; the stored
+        activations of a batch's examples are summed once it is done."""
+        from tqdm.auto import tqdm
 
-    def result(self, table) -> dict:
+        from activations.harvest import set_scheduler
+
+        set_scheduler(self.pipe, self.cfg.get("scheduler"))
+        images = sorted(self.todo)
+        bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress)
+        for lo in range(0, len(images), batch_size):
+            batch = images[lo: lo + batch_size]
+            yield batch
+            for im in batch:
+                for (f, _, _, _, a) in self.todo[im]:
+                    self.stored[f] += a
+            bar.update(len(batch))
+        bar.close()
+
+    def generate(self, batch: list[int], *interventions) -> None:
+        """Generate the images of ``batch`` again (the store's prompt and seed; the harvest's steps,
+        guidance and size) with ``interventions`` attached."""
+        from activations.generate import sample
+        from activations.hooks import intervene
+
+        prompts = [self.prompts[i] for i in batch]
+        cfg = self.cfg
+        with torch.no_grad(), intervene(self.pipe, *interventions):
+            sample(self.pipe, [p["text"] for p in prompts], [int(p["seed"]) for p in prompts],
+                   steps=int(cfg["num_inference_steps"]), guidance=float(cfg["guidance_scale"]),
+                   height=cfg.get("height"), width=cfg.get("width"), output_type="latent")
+
+    def result(self) -> dict:
         c = self.count.clamp(min=1)
         return {"attribution": (self.share / c[:, None]).float(), "activation": (self.act / c).float(),
-                "store_activation": (self.stored / c).float(), "examples": self.count.float(), "head_table": table}
-
-
-def _rerun(pipe, cfg: dict, prompts: list[dict], *interventions) -> None:
-    """Generate the store's images of ``prompts`` again (prompt, seed; the harvest's steps, guidance
-    and size) with ``interventions`` attached."""
-    from activations.generate import sample
-    from activations.hooks import intervene
-
-    with torch.no_grad(), intervene(pipe, *interventions):
-        sample(pipe, [p["text"] for p in prompts], [int(p["seed"]) for p in prompts],
-               steps=int(cfg["num_inference_steps"]), guidance=float(cfg["guidance_scale"]),
-               height=cfg.get("height"), width=cfg.get("width"), output_type="latent")
+                "store_activation": (self.stored / c).float(), "examples": self.count.float(), "head_table": self.table}
 
 
 def block_head_attribution(sae, pipe, store_root: str | Path, stats, features: list[int] | None = None,
@@ -106,26 +134,14 @@ def block_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
     measured), "activation": [m] mean rerun encoder pre-activation at those examples, "store_activation":
     [m] mean stored activation there, "examples": [m] count, "head_table": [(site, head)]}.
     """
-    from tqdm.auto import tqdm
-
     from activations.edits import Observe
-    from activations.harvest import set_scheduler
-    from activations.sites import head_table, list_sites
 
-    store_root = Path(store_root)
-    cfg = _harvest_config(store_root)
-    block = sae.placement.site or stats.info["site"]
-    sites = list_sites(pipe.unet)
-    table = head_table(sites)
-    heads = [s for s in sites if s.kind == "head" and s.block == block]
+    run = _Reruns(sae, pipe, store_root, stats, features, examples)
+    block, todo = run.block, run.todo
+    heads = [s for s in run.sites if s.kind == "head" and s.block == block]
     if not heads:
         raise ValueError(f"no cross-attention heads inside {block!r}; block sites with heads: "
-                         f"{', '.join(sorted({s.block for s in sites if s.kind == 'head'}))}")
-    m = sae.num_latents
-    todo = _examples_by_image(stats, m, features, examples)
-    from activations.store import ActivationStore
-
-    prompts = {int(r["image"]): r for r in ActivationStore(store_root).prompts()}
+                         f"{', '.join(sorted({s.block for s in run.sites if s.kind == 'head'}))}")
     enc = sae.encoder.weight.detach().float()  # [m, c]
     block_mod = pipe.unet.get_submodule(block)
     proj = getattr(block_mod, "proj_out", None)
@@ -136,22 +152,16 @@ def block_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
         w_o = pipe.unet.get_submodule(s.name).to_out[0].weight.detach().float()  # [inner, heads*d]
         full = w_proj @ w_o if w_proj is not None else w_o
         folded[s.name] = full.reshape(full.shape[0], s.heads, s.head_dim).permute(1, 0, 2)  # [heads, c, d]
-    acc = _Shares(m, len(table))
-    set_scheduler(pipe, cfg.get("scheduler"))
-    images = sorted(todo)
-    bar = tqdm(total=len(images), desc=f"feature->heads {block}", unit="img", disable=not progress)
-    for lo in range(0, len(images), batch_size):
-        batch = images[lo: lo + batch_size]
+    for batch in run.batches(batch_size, progress, f"feature->heads {block}"):
 
         def examples(call):
             """(batch rows, features, patches) of the top examples at this call, per branch."""
             for code, branch in ((1, "cond"), (0, "uncond")):
-                rows = call.rows(branch)
                 items = [(k, f, n) for k, im in enumerate(batch) for (f, s, n, b, _) in todo[im] if s == call.step and b == code]
-                if rows is None or not items:
+                if not items:
                     continue
                 k, f, n = (torch.tensor(c) for c in zip(*items))
-                yield torch.as_tensor(rows).reshape(-1)[k], f, n
+                yield call.rows(branch)[k], f, n
 
         def on_heads(call, site=None):
             for rows, f, n in examples(call):
@@ -159,22 +169,18 @@ def block_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
                 s = next(x for x in heads if x.name == site)
                 vec = torch.einsum("hcd,ehd->ehc", folded[site], out)  # each head's direct write [e, heads, c]
                 contrib = torch.einsum("ehc,ec->eh", vec, enc[f]).double()
-                acc.share.index_put_((f[:, None], s.first_head + torch.arange(s.heads)[None, :]), contrib, accumulate=True)
+                run.share.index_put_((f[:, None], s.first_head + torch.arange(s.heads)[None, :]), contrib, accumulate=True)
 
         def on_block(call):
             for rows, f, n in examples(call):
-                x = call.delta[rows, n].float()  # [e, c]
-                pre = torch.einsum("ec,ec->e", x - sae.b_dec.detach().float(), enc[f]) + sae.encoder.bias.detach().float()[f]
-                acc.act.index_add_(0, f, pre.double())
-                acc.count.index_add_(0, f, torch.ones(len(f), dtype=torch.float64))
+                pre = sae.pre_acts(call.delta[rows, n].float()).gather(1, f[:, None])[:, 0]  # [e]
+                run.act.index_add_(0, f, pre.double())
+                run.count.index_add_(0, f, torch.ones(len(f), dtype=torch.float64))
 
         obs = [Observe(site=s.name, stage="heads", fn=(lambda call, _n=s.name: on_heads(call, _n))) for s in heads]
         obs.append(Observe(site=block, stage="block", fn=on_block))
-        _rerun(pipe, cfg, [prompts[i] for i in batch], *obs)
-        acc.add_stored(todo, batch)
-        bar.update(len(batch))
-    bar.close()
-    return acc.result(table)
+        run.generate(batch, *obs)
+    return run.result()
 
 
 def _take_rows(obj, rows: torch.Tensor, batch: int):
@@ -205,45 +211,27 @@ def total_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
     every head's output made a leaf (``Apply`` at stage "heads") and the block's Δ read by
     ``Observe``. Same return keys as ``block_head_attribution``.
     """
-    from tqdm.auto import tqdm
-
     from activations.edits import Apply, Observe
-    from activations.harvest import set_scheduler
     from activations.hooks import intervene
-    from activations.sites import head_table, list_sites
-    from activations.store import ActivationStore
 
-    store_root = Path(store_root)
-    cfg = _harvest_config(store_root)
-    block = sae.placement.site or stats.info["site"]
-    sites = list_sites(pipe.unet)
-    table = head_table(sites)
-    heads = [s for s in sites if s.kind == "head"]
-    m = sae.num_latents
-    todo = _examples_by_image(stats, m, features, examples)
-    prompts = {int(r["image"]): r for r in ActivationStore(store_root).prompts()}
-    enc = sae.encoder.weight.detach().float()
-    b_enc, b_dec = sae.encoder.bias.detach().float(), sae.b_dec.detach().float()
-    acc = _Shares(m, len(table))
-    set_scheduler(pipe, cfg.get("scheduler"))
-    images = sorted(todo)
-    bar = tqdm(total=len(images), desc=f"feature->heads (total) {block}", unit="img", disable=not progress)
-    for lo in range(0, len(images), batch_size):
-        batch = images[lo: lo + batch_size]
+    run = _Reruns(sae, pipe, store_root, stats, features, examples)
+    block, todo = run.block, run.todo
+    heads = [s for s in run.sites if s.kind == "head"]
+    for batch in run.batches(batch_size, progress, f"feature->heads (total) {block}"):
         kept: dict[tuple[int, int, int], tuple] = {}  # (image, step, branch code) -> that row's U-Net inputs
 
         def keep_inputs(call):
             args, kwargs = call.state.inputs
-            n = call.delta.shape[0]
-            for code in (1, 0):
-                rows = torch.nonzero(call.codes.reshape(-1) == code).reshape(-1)
+            size = call.delta.shape[0]  # the U-Net call's batch
+            for code, branch in ((1, "cond"), (0, "uncond")):
+                rows = call.rows(branch)
                 if len(rows) != len(batch):
                     continue
                 for k, im in enumerate(batch):
                     if any(s == call.step and b == code for (_, s, _, b, _) in todo[im]):
-                        kept[(im, call.step, code)] = (_take_rows(args, rows[k: k + 1], n), _take_rows(kwargs, rows[k: k + 1], n))
+                        kept[(im, call.step, code)] = (_take_rows(args, rows[k: k + 1], size), _take_rows(kwargs, rows[k: k + 1], size))
 
-        _rerun(pipe, cfg, [prompts[i] for i in batch], Observe(site=block, stage="block", fn=keep_inputs))
+        run.generate(batch, Observe(site=block, stage="block", fn=keep_inputs))
         for (im, step, code), (args, kwargs) in kept.items():
             leaves: dict[str, torch.Tensor] = {}
 
@@ -260,20 +248,17 @@ def total_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
                 for (f, s, n, b, _) in todo[im]:
                     if s != step or b != code:
                         continue
-                    pre = torch.dot(seen["delta"][0, n].float() - b_dec, enc[f]) + b_enc[f]
+                    pre = sae.pre_acts(seen["delta"][0, n][None].float())[0, f]
                     grads = torch.autograd.grad(pre, [leaves[x] for x in names], retain_graph=True, allow_unused=True)
                     for name, g in zip(names, grads):
                         if g is None:  # a head after the block
                             continue
                         site = next(x for x in heads if x.name == name)
                         contrib = (g * leaves[name]).sum(dim=(0, 2, 3)).detach().double()  # [heads]
-                        acc.share[f, site.first_head: site.first_head + site.heads] += contrib
-                    acc.act[f] += float(pre.detach())
-                    acc.count[f] += 1
-        acc.add_stored(todo, batch)
-        bar.update(len(batch))
-    bar.close()
-    return acc.result(table)
+                        run.share[f, site.first_head: site.first_head + site.heads] += contrib
+                    run.act[f] += float(pre.detach())
+                    run.count[f] += 1
+    return run.result()
 
 
 def feature_head_attribution(sae, pipe, store_root, stats, method: str = "direct", **kwargs) -> dict:

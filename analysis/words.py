@@ -90,13 +90,16 @@ def named_words(pipe, concepts: ConceptList, prompts: list[str]) -> torch.Tensor
     """[prompts, concepts] long: the index (within its concept) of the first word of each concept a
     prompt names, -1 where it names none."""
     tok = _tokenizer(pipe)
+    flat = [w for ws in concepts.words for w in ws]
+    where = occurrences(pipe, flat, [word_token_positions(tok, w) for w in flat], prompts)  # one pass over the prompts
     out = torch.full((len(prompts), len(concepts)), -1, dtype=torch.long)
+    first = 0
     for c, ws in enumerate(concepts.words):
-        where = occurrences(pipe, list(ws), [word_token_positions(tok, w) for w in ws], prompts)
         for p in range(len(prompts)):
-            hits = [(where[j][p], j) for j in range(len(ws)) if where[j][p] >= 0]
+            hits = [(where[first + j][p], j) for j in range(len(ws)) if where[first + j][p] >= 0]
             if hits:
                 out[p, c] = min(hits)[1]
+        first += len(ws)
     return out
 
 
