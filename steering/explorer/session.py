@@ -438,8 +438,7 @@ class Explorer:
             raise ValueError(f"unknown SAE edit mode {spec.mode!r}; valid modes: {', '.join(SAE_MODES)}")
         # through the SAE with its error term, as a recipe's FeatureEdit; the page's inject adds a fixed amount
         return FeatureEdit(sae=self.sae, features=[int(spec.feature)], op=SAE_MODES[spec.mode], strength=float(spec.value),
-                           via="splice",
-                           mask=self._mask_for(spec, grid), when=when, branch=branch)
+                           via="splice", mask=self._mask_for(spec, grid), when=when, branch=branch)
 
     def encode(self, prompt: str) -> torch.Tensor:
         """The prompt's text embeddings [tokens, C] (what the cross-attention reads)."""
