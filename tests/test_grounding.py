@@ -73,3 +73,10 @@ def test_record_cross_attention__same_output_one_map_per_module_and_processors_r
     assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in store)
     assert all(m.requires_grad for m in store)  # the grounding loss trains through them
     assert {name: type(p) for name, p in unet.attn_processors.items()} == before
+
+
+def test_word_owners__captions_that_leave_things_unsaid_ground_what_they_say():
+    # the generic noun stands for an unsaid shape; a short caption's bare adjectives are its object
+    assert word_owners("a shape at the top left and a small circle") == [-1, 0, -1, -1, 0, 0, -1, -1, 1, 1]
+    assert word_owners("big red, at night") == [0, 0, -1, -1, -1]
+    assert word_owners("on a gray background, by day") == [-1] * 7

@@ -9,8 +9,11 @@ from toyworld.render import render, token_labels
 from toyworld.scene import ALL_OBJECTS, Obj, Scene, is_held_out, sample_scene
 from toyworld.tokenizer import build_tokenizer
 from toyworld.vocab import (
+    ATTRIBUTES,
     BACKGROUND_RGB,
     COLORS,
+    POSITIONS,
+    SHAPES,
     OBJECT_ATTRIBUTES,
     OBJECT_RGB,
     STYLES,
@@ -42,10 +45,10 @@ def test_oracle__reads_a_small_shape_drawn_a_pixel_too_small_and_blurred(shape):
     # what a decoder does to small objects: shrink them a little and round their corners
     from toyworld.oracle import _blur
     from toyworld.render import shape_mask
-    from toyworld.vocab import BACKGROUND_RGB, HALF_EXTENT, POSITION_CENTER
+    from toyworld.vocab import BACKGROUND_RGB, HALF_EXTENT, object_center
 
     scene = Scene((Obj(shape, "red", "top right", "small", "plain"),), "white", "day")
-    drawn = _blur(shape_mask(shape, POSITION_CENTER["top right"], HALF_EXTENT["small"] - 1).astype(np.float32), 0.8)
+    drawn = _blur(shape_mask(shape, object_center("top right", "small"), HALF_EXTENT["small"] - 1).astype(np.float32), 0.8)
     image = (1 - drawn[..., None]) * np.array(BACKGROUND_RGB["white"]) + drawn[..., None] * np.array(OBJECT_RGB["red"])
     assert read_scene(image.round().astype(np.uint8)) == scene
 
@@ -98,9 +101,27 @@ def test_scene__two_objects_at_one_position_is_refused_naming_it():
         Scene((Obj("square", "red", "center", "small"), Obj("circle", "blue", "center", "small")))
 
 
-def test_scene__big_object_next_to_the_center_is_refused():
-    with pytest.raises(ValueError, match="would overlap"):
-        Scene((Obj("square", "red", "center", "big"), Obj("circle", "blue", "top left", "small")))
+@pytest.mark.parametrize("a, b, rule", [
+    (Obj("square", "red", "center", "small"), Obj("circle", "blue", "top left", "small"), "the center .* stands alone"),
+    (Obj("square", "red", "top left", "big"), Obj("circle", "blue", "bottom right", "big"), "two big objects do not fit"),
+])
+def test_scene__overlapping_objects_are_refused_naming_the_rule(a, b, rule):
+    with pytest.raises(ValueError, match=f"would overlap; .*{rule}"):
+        Scene((a, b))
+
+
+def test_scene__a_big_and_a_small_object_fit_in_any_two_corners():
+    corners = [p for p in POSITIONS if p != "center"]
+    for first, second in itertools.permutations(corners, 2):
+        rendered = render(Scene((Obj("square", "red", first, "big"), Obj("square", "blue", second, "small"))))
+        assert not (rendered.masks[0] & rendered.masks[1]).any()
+
+
+@pytest.mark.parametrize("size, least", [("big", 0.15), ("small", 0.05)])
+def test_render__objects_fill_the_frame_every_shape_at_every_position(size, least):
+    covered = [render(Scene((Obj(shape, "red", position, size),))).masks[0].mean()
+               for shape in SHAPES for position in POSITIONS]
+    assert min(covered) >= least, (size, min(covered))
 
 
 def test_scene__unknown_value_names_it_and_the_valid_values():
@@ -132,15 +153,65 @@ def test_prompts__canonical_prompt_names_every_attribute():
     assert scene_to_prompt(scene) == "a small red striped circle at the top left on a gray background, at night"
 
 
-def test_split__held_out_objects_never_appear_in_training_scenes():
+def test_split__training_captions_never_name_a_held_out_object_in_full():
+    from toyworld.prompts import Named, draw_named, read_named
+
     held_out = [o for o in ALL_OBJECTS if is_held_out(o)]
     assert 0.05 < len(held_out) / len(ALL_OBJECTS) < 0.2
     for attribute, values in OBJECT_ATTRIBUTES.items():  # every value still trains with many partners
         assert {getattr(o, attribute) for o in ALL_OBJECTS if not is_held_out(o)} == set(values)
     rng = np.random.default_rng(5)
-    for _ in range(500):
-        assert not any(is_held_out(o) for o in sample_scene(rng, split="train").objects)
-        assert is_held_out(sample_scene(rng, num_objects=1, split="test").objects[0])
+    drawn_held_out = 0
+    for _ in range(3000):
+        scene = sample_scene(rng, split="train")
+        named = draw_named(scene, rng)
+        objects, _ = read_named(scene_to_prompt(scene, rng, named))
+        for obj, said in zip(scene.objects, objects):
+            if is_held_out(obj):
+                drawn_held_out += 1
+                assert not {"shape", "color", "texture", "position"} <= set(said), (obj, said)
+    assert drawn_held_out > 100  # held-out objects are drawn, only never named in full
+    test_scene = sample_scene(rng, num_objects=1, split="test")
+    assert is_held_out(test_scene.objects[0])
+    assert Named.everything(test_scene).objects[0] == frozenset(OBJECT_ATTRIBUTES)
+
+
+def test_prompts__grammar_writes_every_subset_of_attributes_and_check_prompt_accepts_it():
+    from toyworld.prompts import Named, check_scene, read_named
+
+    scene = Scene((Obj("triangle", "green", "bottom left", "big", "striped"),), "black", "night")
+    every = list(ATTRIBUTES)
+    rng = np.random.default_rng(6)
+    for k in range(len(every) + 1):
+        for subset in itertools.combinations(every, k):
+            for short in (False, True) if 1 <= k <= 2 else (False,):
+                named = Named((frozenset(subset) & frozenset(OBJECT_ATTRIBUTES),),
+                              frozenset(subset) & {"background", "style"}, short=short)
+                prompt = scene_to_prompt(scene, rng, named)
+                check_scene(check_prompt(prompt))
+                objects, scene_said = read_named(prompt)
+                said = {**(objects[0] if objects else {}), **scene_said}
+                assert said == {name: getattr(scene, name, None) or getattr(scene.objects[0], name)
+                                for name in subset}, (subset, prompt)
+
+
+def test_prompts__training_captions_leave_each_attribute_unsaid_at_the_drop_rate():
+    from toyworld.prompts import DROP_PROB, draw_named, read_named
+
+    rng = np.random.default_rng(7)
+    said = {name: 0 for name in ATTRIBUTES}
+    short = 0
+    n = 3000
+    for _ in range(n):
+        scene = sample_scene(rng, num_objects=1)
+        prompt = scene_to_prompt(scene, rng, draw_named(scene, rng))
+        objects, scene_said = read_named(prompt) if prompt else ([], {})
+        short += len(split_words(prompt)) <= 5
+        for name in {**(objects[0] if objects else {}), **scene_said}:
+            said[name] += 1
+    for name, count in said.items():  # long captions name it with 1 - DROP_PROB, short ones rarely
+        assert 0.45 < count / n < (1 - DROP_PROB) + 0.02, (name, count / n)
+    assert short / n > 0.1
 
 
 def test_prompts__parse_prompt_reads_back_every_scene_the_grammar_writes():

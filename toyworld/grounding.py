@@ -3,7 +3,8 @@
 A denoising loss alone teaches a small model from scratch what the *global* words mean (background,
 style) long before it learns which patches an object's words belong to: the binding that
 composition needs. The toy world knows every object's pixels, so training can say it directly:
-each object word (its size, colour, texture, shape and position words) should draw its
+each object word (its size, colour, texture, shape and position words, and the generic noun
+"shape") should draw its
 cross-attention from the patches of its own object. This is TokenCompose's token loss
 (Wang et al., 2024, "TokenCompose: Text-to-Image Diffusion with Token-level Supervision", eq. 2):
 
@@ -24,23 +25,28 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from toyworld.prompts import split_words
+from toyworld.prompts import GENERIC_NOUN, split_words
 from toyworld.render import Rendered, patch_coverage
 from toyworld.vocab import COLORS, POSITIONS, SHAPES, SIZES, TEXTURES
 
-OBJECT_WORDS = frozenset(SIZES + COLORS + TEXTURES + SHAPES + tuple(w for p in POSITIONS for w in p.split()))
-OPENS_OBJECT = frozenset(SIZES + COLORS + TEXTURES)  # "a" followed by one of these starts an object phrase
+ADJECTIVES = frozenset(SIZES + COLORS + TEXTURES)
+NOUNS = frozenset(SHAPES + (GENERIC_NOUN,))
+OBJECT_WORDS = ADJECTIVES | NOUNS | frozenset(w for p in POSITIONS for w in p.split())
+OPENS_OBJECT = ADJECTIVES | NOUNS  # "a" followed by one of these starts an object phrase
 
 
 def word_owners(prompt: str) -> list[int]:
     """For each word of ``prompt`` (as the toy tokenizer splits it), the index of the object it
     describes, or -1 (function words, background, style). Objects are numbered in prompt order,
-    which is scene order for prompts written by ``scene_to_prompt``."""
+    which is scene order for prompts written by ``scene_to_prompt``; a short caption's bare
+    adjectives ("big red, at night") describe its one object."""
     words = split_words(prompt)
     owners, current = [], -1
     for i, word in enumerate(words):
         if word == "a" and i + 1 < len(words) and words[i + 1] in OPENS_OBJECT:
             current += 1
+        elif current < 0 and word in ADJECTIVES:
+            current = 0
         owners.append(current if word in OBJECT_WORDS and current >= 0 else -1)
     return owners
 

@@ -2,10 +2,11 @@
 
 The world is flat colours and simple shapes, so no learned model is needed:
 
-1. style and background: the median colour of the image border (objects never reach it),
+1. style and background: the median colour of the image border (objects touch at most a
+   little of it),
    matched to the six (style, background) colours;
 2. object pixels: pixels far from that background colour; connected components are grouped by
-   the position centre nearest to their centroid, so a fragmented object stays one object;
+   the position anchor (quadrant centre) nearest to their centroid, so a fragmented object stays one object;
 3. per object: colour by nearest-palette votes; texture by whether the rows that stripes tint
    (fixed phase) look more like the colour's tint than the other rows do; shape and size
    together, by matching the object's soft foreground (where each pixel lies between the
@@ -31,11 +32,12 @@ from toyworld.vocab import (
     HALF_EXTENT,
     OBJECT_ATTRIBUTES,
     OBJECT_RGB,
-    POSITION_CENTER,
+    POSITION_ANCHOR,
     POSITIONS,
     SHAPES,
     STYLES,
     apply_style,
+    object_center,
     stripe_rgb,
 )
 
@@ -107,7 +109,7 @@ def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
 
 @lru_cache(maxsize=None)
 def _template(shape: str, size: str, position: str, sigma: float, grow: int = 0) -> np.ndarray:
-    sharp = shape_mask(shape, POSITION_CENTER[position], HALF_EXTENT[size] + grow).astype(np.float32)
+    sharp = shape_mask(shape, object_center(position, size), HALF_EXTENT[size] + grow).astype(np.float32)
     return _blur(sharp, sigma)
 
 
@@ -167,26 +169,42 @@ def read_object(image: np.ndarray, mask: np.ndarray, background: np.ndarray, pos
     return Obj(shape=shape, color=COLORS[c], position=position, size=size, texture=texture)
 
 
+def _as_uint8(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        image = np.clip(np.rint(image * 255.0 if image.max() <= 1.0 else image), 0, 255).astype(np.uint8)
+    return image
+
+
+def _foreground(image: np.ndarray, style: str, background: str) -> np.ndarray:
+    """A pixel is foreground when it is closer to some object colour than to the background."""
+    base, tint = OBJECT_PALETTE[style]
+    pixels = image.astype(np.float32)
+    d_bg = np.linalg.norm(pixels - BACKGROUND_PALETTE[(style, background)], axis=-1)
+    d_obj = np.linalg.norm(pixels[..., None, :] - np.concatenate([base, tint])[None, None], axis=-1).min(-1)
+    return d_obj < d_bg
+
+
+def foreground(image: np.ndarray) -> np.ndarray:
+    """bool [H, W]: the pixels of an image that show an object rather than its background, by
+    the oracle's own rule (how much of the frame a generated image's objects fill)."""
+    image = _as_uint8(image)
+    return _foreground(image, *read_background(image))
+
+
 def read_scene(image: np.ndarray) -> Scene:
     """Read a uint8 [64, 64, 3] image back into a Scene (objects in position order).
 
     Raises ValueError when it finds no object at all (a scene needs one); more than two
     object groups keeps the two largest.
     """
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        image = np.clip(np.rint(image * 255.0 if image.max() <= 1.0 else image), 0, 255).astype(np.uint8)
+    image = _as_uint8(image)
     style, background = read_background(image)
     bg = BACKGROUND_PALETTE[(style, background)]
-    base, tint = OBJECT_PALETTE[style]
-    # a pixel is foreground when it is closer to some object colour than to the background
-    pixels = image.astype(np.float32)
-    d_bg = np.linalg.norm(pixels - bg, axis=-1)
-    d_obj = np.linalg.norm(pixels[..., None, :] - np.concatenate([base, tint])[None, None], axis=-1).min(-1)
-    foreground = d_obj < d_bg
+    foreground = _foreground(image, style, background)
 
     groups: dict[str, np.ndarray] = {}
-    centers = np.array([POSITION_CENTER[p] for p in POSITIONS], dtype=np.float32)
+    centers = np.array([POSITION_ANCHOR[p] for p in POSITIONS], dtype=np.float32)
     for component in _components(foreground):
         if component.sum() < 3:
             continue

@@ -14,9 +14,9 @@ from toyworld.vocab import (
     IMAGE_SIZE,
     OBJECT_ATTRIBUTES,
     OBJECT_RGB,
-    POSITION_CENTER,
     STRIPE_PERIOD,
     apply_style,
+    object_center,
     stripe_rgb,
 )
 
@@ -29,8 +29,8 @@ def shape_mask(shape: str, center: tuple[float, float], half: float, size: int =
         return u**2 + v**2 <= 1.0
     if shape == "square":
         return (np.abs(u) <= 0.88) & (np.abs(v) <= 0.88)
-    if shape == "triangle":  # apex up, base down
-        return (v >= -1.0) & (v <= 0.9) & (np.abs(u) <= (v + 1.0) / 1.9)
+    if shape == "triangle":  # apex up, base down, filling its box: half the box's area
+        return (v >= -1.0) & (v <= 1.0) & (np.abs(u) <= (v + 1.0) / 2.0)
     if shape == "cross":
         arm = 0.36
         return ((np.abs(u) <= arm) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= arm) & (np.abs(u) <= 1.0))
@@ -38,7 +38,7 @@ def shape_mask(shape: str, center: tuple[float, float], half: float, size: int =
 
 
 def object_mask(obj: Obj, size: int = IMAGE_SIZE) -> np.ndarray:
-    return shape_mask(obj.shape, POSITION_CENTER[obj.position], HALF_EXTENT[obj.size], size)
+    return shape_mask(obj.shape, object_center(obj.position, obj.size), HALF_EXTENT[obj.size], size)
 
 
 def stripe_rows(size: int = IMAGE_SIZE) -> np.ndarray:

@@ -17,13 +17,13 @@ from toyworld.vocab import (
     COLORS,
     HALF_EXTENT,
     OBJECT_ATTRIBUTES,
-    POSITION_CENTER,
     POSITIONS,
     SHAPES,
     SIZES,
     STYLES,
     TEXTURES,
     check_value,
+    object_center,
 )
 
 
@@ -74,18 +74,25 @@ class Scene:
 
 
 def check_compatible(a: Obj, b: Obj) -> None:
-    """Two objects must not overlap: different positions, and boxes apart (with a margin)."""
+    """Two objects must not overlap: their boxes stay at least 3 px apart. With objects that fill
+    the frame this means: two different corners, never the center, and at most one big object."""
     if a.position == b.position:
         raise ValueError(
             f"impossible scene: two objects at position {a.position!r}; "
             f"two objects need two different positions out of {', '.join(POSITIONS)}"
         )
-    (ax, ay), (bx, by) = POSITION_CENTER[a.position], POSITION_CENTER[b.position]
+    (ax, ay), (bx, by) = object_center(a.position, a.size), object_center(b.position, b.size)
     gap = max(abs(ax - bx), abs(ay - by)) - HALF_EXTENT[a.size] - HALF_EXTENT[b.size]
     if gap < 3:
+        if "center" in (a.position, b.position):
+            rule = "an object at the center fills the middle of the frame, so it stands alone"
+        elif a.size == b.size == "big":
+            rule = "two big objects do not fit in one frame, so one of two objects must be small"
+        else:  # not reached by the world's sizes; kept so that a new size cannot pass silently
+            rule = "their boxes must stay 3 px apart"
         raise ValueError(
             f"impossible scene: a {a.size} object at {a.position!r} and a {b.size} object at "
-            f"{b.position!r} would overlap; next to the center both objects must be small"
+            f"{b.position!r} would overlap; {rule}"
         )
 
 
@@ -99,12 +106,18 @@ def compatible(a: Obj, b: Obj) -> bool:
 
 # --- the held-out split ------------------------------------------------------------------------
 # Prompts used to measure fidelity never appear in training: a fixed ~10% of object descriptions
-# (shape, color, texture, position) never occur in any training scene. The rule mixes the value
-# indices so that every single value still occurs in training with many partners.
+# (shape, color, texture, position) are never named in full by a training caption. Their objects
+# are still drawn in training scenes, with at least one of those four attributes left unsaid
+# (toyworld.prompts.draw_named): the world's prior stays uniform over every attribute, so what a
+# caption leaves out can come from the noise with equal odds for each value. The rule mixes the
+# value indices so that every single value still occurs fully named with many partners.
 def is_held_out(obj: Obj) -> bool:
     s, c = SHAPES.index(obj.shape), COLORS.index(obj.color)
     t, p = TEXTURES.index(obj.texture), POSITIONS.index(obj.position)
     return (s + 2 * c + 3 * p + 5 * t) % 10 == 3
+
+
+HELD_OUT_KEY = ("shape", "color", "texture", "position")  # what is_held_out reads
 
 
 ALL_OBJECTS = tuple(
@@ -114,12 +127,10 @@ ALL_OBJECTS = tuple(
 
 
 def _pool(split: str) -> tuple[Obj, ...]:
-    if split == "train":
-        return tuple(o for o in ALL_OBJECTS if not is_held_out(o))
+    if split in ("train", "all"):  # training scenes draw every object; captions hide the held-out ones
+        return ALL_OBJECTS
     if split == "test":
         return tuple(o for o in ALL_OBJECTS if is_held_out(o))
-    if split == "all":
-        return ALL_OBJECTS
     raise ValueError(f"unknown split {split!r}; valid splits: train, test, all")
 
 
@@ -129,23 +140,23 @@ def sample_scene(
     split: str = "train",
     two_object_prob: float = 0.5,
 ) -> Scene:
-    """Draw a random valid scene.
+    """Draw a random valid scene from the world's prior.
 
-    ``split="train"`` never uses a held-out object; ``split="test"`` puts a held-out object in
-    every scene (in a two-object scene the first object is held out, the second is any).
+    ``split="train"`` (or ``"all"``) draws any object, uniformly; ``split="test"`` puts a held-out
+    object in every scene (in a two-object scene the first object is held out, the second is any).
+    Training captions never name a held-out object in full (``toyworld.prompts.draw_named``).
     """
     first_pool = _pool(split)
     if num_objects is None:
         num_objects = 2 if rng.random() < two_object_prob else 1
     if num_objects not in (1, 2):
         raise ValueError(f"num_objects must be 1 or 2, got {num_objects!r}")
-    partners = _pool("train" if split == "train" else "all")
-    if num_objects == 2:  # a big object in the center has no partner
-        first_pool = tuple(o for o in first_pool if not (o.position == "center" and o.size == "big"))
+    if num_objects == 2:  # only objects that have a partner (the center stands alone)
+        first_pool = tuple(o for o in first_pool if o.position != "center")
     first = first_pool[rng.integers(len(first_pool))]
     objects = [first]
     if num_objects == 2:
-        second_pool = [o for o in partners if compatible(first, o)]
+        second_pool = [o for o in ALL_OBJECTS if compatible(first, o)]
         objects.append(second_pool[rng.integers(len(second_pool))])
         rng.shuffle(objects)  # either object may come first in the prompt
     return Scene(

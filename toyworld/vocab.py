@@ -51,15 +51,30 @@ STRIPE_TINT = 0.55
 NIGHT_GAIN = 0.55
 NIGHT_OFFSET = (0.0, 0.0, 55.0)
 
-# Object geometry: centre of each position and half-extent of each size, in pixels.
-POSITION_CENTER = {  # (x, y)
-    "top left": (15, 15),
-    "top right": (49, 15),
-    "bottom left": (15, 49),
-    "bottom right": (49, 49),
+# Object geometry (v2: objects fill the frame, as a photo's subject does). A size is a
+# half-extent in pixels; a corner position anchors the object's box MARGIN px from its corner, so
+# a big object reaches past the middle of the frame and a small one stays in its quadrant; the
+# center position centres it. The smallest shape, the triangle, covers half its box: 15.8% of the
+# image when big, 5.4% when small (circle 24.8% / 8.4%).
+HALF_EXTENT = {"small": 10.5, "big": 18.0}
+MARGIN = 2  # px between a corner object's box and the image edge
+# Where each position is, for reading it back: the centre of its quadrant (or of the image).
+POSITION_ANCHOR = {  # (x, y)
+    "top left": (16, 16),
+    "top right": (48, 16),
+    "bottom left": (16, 48),
+    "bottom right": (48, 48),
     "center": (32, 32),
 }
-HALF_EXTENT = {"small": 6, "big": 11}
+
+
+def object_center(position: str, size: str) -> tuple[float, float]:
+    """The centre (x, y) in pixels of an object of ``size`` at ``position``."""
+    if position == "center":
+        return (IMAGE_SIZE / 2, IMAGE_SIZE / 2)
+    near = MARGIN + HALF_EXTENT[size]
+    far = IMAGE_SIZE - MARGIN - HALF_EXTENT[size]
+    return (near if "left" in position else far, near if "top" in position else far)
 
 
 def check_value(attribute: str, value: str) -> str:
