@@ -3,10 +3,11 @@ encoder and U-Net.
 
     python -m toyworld.train --config configs/toyworld/train.yaml
 
-Every stage is a Lightning fit on scenes drawn from the training split (held-out object
-descriptions never appear). The U-Net stage trains on VAE latents computed once, with a freshly
-written prompt for every sample (word order varies), 10% empty prompts for classifier-free
-guidance, v-prediction on a zero-terminal-SNR schedule (Lin et al., 2024; see
+Every stage is a Lightning fit on scenes drawn from the world's prior. The U-Net stage trains on
+VAE latents computed once, with a freshly written caption for every sample (word order varies;
+each attribute phrase left out with probability ``drop_prob``, some captions short; a held-out
+object description is never named in full: toyworld.prompts.draw_named), 10% empty prompts for
+classifier-free guidance, v-prediction on a zero-terminal-SNR schedule (Lin et al., 2024; see
 toyworld.model.build_scheduler), token grounding of the cross-attention maps on the world's object
 masks (toyworld/grounding.py; TokenCompose, Wang et al., 2024), the text encoder at a fraction of
 the U-Net's learning rate (UNetStage.text_lr_scale) and an exponential moving average of the
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from toyworld.grounding import grounding_loss, object_masks, record_cross_attention, token_owners
 from toyworld.model import ToyModelConfig, build_pipeline, build_vae
-from toyworld.prompts import scene_to_prompt
+from toyworld.prompts import DROP_PROB, SHORT_PROB, draw_named, scene_to_prompt
 from toyworld.render import render
 from toyworld.scene import Scene, sample_scene
 
@@ -83,6 +84,13 @@ class UNetStage:
     """Share of two-object scenes."""
     uncond_prob: float = 0.1
     """Share of empty prompts, for classifier-free guidance."""
+    drop_prob: float = DROP_PROB
+    """Each attribute phrase of a caption is left out with this probability, independently, so the
+    noise decides what the caption leaves unsaid (toyworld.prompts.draw_named; 0 names everything,
+    as the v1 model was trained)."""
+    short_prob: float = SHORT_PROB
+    """Share of one-object captions that are short: one or two attributes ("striped", "a red
+    circle", "at night")."""
     min_snr_gamma: float = 5.0
     """γ of min-SNR loss weighting (Hang et al., 2023); ε-prediction schedules only (the bundled
     model predicts v, unweighted)."""
@@ -113,6 +121,9 @@ class TrainConfig:
     stage: str = "all"
     """'all' (vae, decoder, unet in turn), or one of them: 'vae', 'decoder' (needs the VAE),
     'unet' (needs the VAE; exports with the refined decoder once it exists)."""
+    vae_from: str | None = None
+    """Take the VAE (encoder and refined decoder) from this toy pipeline folder instead of training
+    one: the VAE stages are skipped and the exported pipeline carries it unchanged."""
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
     """Architecture of the model."""
     vae: VAEStage = field(default_factory=VAEStage)
@@ -200,15 +211,20 @@ class LatentPrompts(IterableDataset):
     prompt for every draw (see toyworld/grounding.py for owners and masks)."""
 
     def __init__(self, latents: torch.Tensor, masks: torch.Tensor, scenes: list[Scene], seed: int,
-                 uncond_prob: float, num_tokens: int):
+                 stage: UNetStage, num_tokens: int):
         self.latents, self.masks, self.scenes = latents, masks, scenes
-        self.seed, self.uncond_prob, self.num_tokens = seed, uncond_prob, num_tokens
+        self.seed, self.stage, self.num_tokens = seed, stage, num_tokens
 
     def __iter__(self):
         rng = np.random.default_rng(self.seed + 1)
         while True:
             k = int(rng.integers(len(self.scenes)))
-            prompt = "" if rng.random() < self.uncond_prob else scene_to_prompt(self.scenes[k], rng)
+            scene = self.scenes[k]
+            if rng.random() < self.stage.uncond_prob:
+                prompt = ""
+            else:
+                named = draw_named(scene, rng, self.stage.drop_prob, self.stage.short_prob)
+                prompt = scene_to_prompt(scene, rng, named)
             yield self.latents[k], prompt, token_owners(prompt, self.num_tokens), self.masks[k]
 
 
@@ -349,9 +365,15 @@ def train(cfg: TrainConfig) -> Path:
 
     from diffusers import AutoencoderKL
 
-    # Stage 1: the VAE (skipped when a finished one is in the work dir: the stages resume separately).
+    # Stage 1: the VAE (skipped when a finished one is in the work dir, or taken from ``vae_from``).
     vae_path, decoder_path = work_dir / "vae", work_dir / "vae_decoder"
-    if (vae_path / "config.json").exists():
+    if cfg.vae_from:
+        if cfg.stage in ("vae", "decoder"):
+            raise ValueError(f"stage {cfg.stage!r} trains a VAE, but vae_from={cfg.vae_from!r} takes one; "
+                             "drop one of them")
+        vae = AutoencoderKL.from_pretrained(Path(cfg.vae_from) / "vae", torch_dtype=torch.float32)
+        vae.save_pretrained(decoder_path)  # encoder and refined decoder in one: what export ships
+    elif (vae_path / "config.json").exists():
         vae = AutoencoderKL.from_pretrained(vae_path)
     elif cfg.stage in ("decoder", "unet"):
         raise FileNotFoundError(f"stage {cfg.stage!r} needs a trained VAE in {vae_path}; run stage 'vae' or 'all' first")
@@ -366,7 +388,8 @@ def train(cfg: TrainConfig) -> Path:
         return vae_path
 
     # Stage 2: sharpen the decoder on the frozen encoder's means (the U-Net's latents stay the same).
-    if cfg.stage in ("all", "decoder") and cfg.vae.decoder_steps and not (decoder_path / "config.json").exists():
+    if cfg.stage in ("all", "decoder") and cfg.vae.decoder_steps and not (decoder_path / "config.json").exists() \
+            and not cfg.vae_from:
         L.seed_everything(cfg.seed + 1)
         lit_vae = LitVAE(copy.deepcopy(vae), cfg.vae, decoder_only=True)
         loader = DataLoader(SceneImages(cfg.seed + 1), batch_size=cfg.vae.batch_size)
@@ -428,7 +451,7 @@ def train(cfg: TrainConfig) -> Path:
         print(f"wrote the toy pipeline ({module.global_step} steps, {meta['train_seconds']:.0f} s) to {out}", flush=True)
 
     num_tokens = pipe.tokenizer.model_max_length
-    loader = DataLoader(LatentPrompts(latents, masks, scenes, cfg.seed, cfg.unet.uncond_prob, num_tokens),
+    loader = DataLoader(LatentPrompts(latents, masks, scenes, cfg.seed, cfg.unet, num_tokens),
                         batch_size=cfg.unet.batch_size)
     trainer = _trainer(cfg.unet.steps, work_dir, "unet", cfg.unet.max_minutes,
                        [ExportEMA(export, cfg.unet.export_every)])
