@@ -12,9 +12,16 @@ composition failures in the text encoder or in the U-Net's first step.
    pixel oracle, for ``n`` held-out one-object prompts. On this schedule the prediction is the
    model's estimate of E[image | prompt]; when its position is wrong, sampling places the object
    wherever the noise suggests.
+3. When the layout appears: ``layout_captions`` held-out one-object captions that leave the
+   position unnamed, ``layout_seeds`` seeds each, sampled as usual (25 steps, the model's
+   guidance). After every step the sampler's prediction of the clean latent (DPM-Solver++ keeps
+   it as its data prediction) is decoded and its object position read by the oracle; reported per
+   step is the share of images whose read there agrees with the final image's position (images
+   whose final position cannot be read are left out), and the first step where it reaches 0.8.
+   The noise decides the position here, so this is when the model commits to a layout.
 
 Last line: {"model", "word_separation": {attribute: min relative distance},
-"first_step": {attribute: accuracy}}.
+"first_step": {attribute: accuracy}, "layout_agreement": [per step], "layout_step_0.8"}.
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from activations.pipeline import load_pipeline  # noqa: E402
+from activations.generate import generators  # noqa: E402
+from activations.pipeline import load_pipeline, model_defaults  # noqa: E402
 from common.config import parse  # noqa: E402
-from toyworld.oracle import REPORTED, check_image  # noqa: E402
-from toyworld.prompts import scene_to_prompt  # noqa: E402
+from toyworld.oracle import REPORTED, check_image, read_scene  # noqa: E402
+from toyworld.prompts import Named, scene_to_prompt  # noqa: E402
 from toyworld.scene import Obj, Scene, sample_scene  # noqa: E402
 from toyworld.train import to_images  # noqa: E402
 from toyworld.vocab import ATTRIBUTES, OBJECT_ATTRIBUTES  # noqa: E402
@@ -52,6 +60,12 @@ class FirstStepConfig:
     """Seed of the scenes, prompts and noise."""
     batch_size: int = 50
     """Prompts per U-Net call."""
+    layout_captions: int = 32
+    """Held-out position-free captions for when the layout appears."""
+    layout_seeds: int = 4
+    """Seeds per position-free caption."""
+    steps: int = 25
+    """Sampling steps of the layout measure."""
 
 
 def with_value(scene: Scene, attribute: str, value: str) -> Scene:
@@ -104,10 +118,61 @@ def first_step(pipe, cfg: FirstStepConfig) -> dict[str, float]:
     return {k: round(float(np.mean([v[k] for v in verdicts])), 3) for k in REPORTED}
 
 
+def positions(images: np.ndarray) -> list[frozenset | None]:
+    """The set of object positions the oracle reads in each image (None: no object found)."""
+    out = []
+    for image in images:
+        try:
+            out.append(frozenset(o.position for o in read_scene(image).objects))
+        except ValueError:
+            out.append(None)
+    return out
+
+
+@torch.no_grad()
+def layout_steps(pipe, cfg: FirstStepConfig) -> tuple[list[float], int]:
+    """(per step: share of images whose decoded x0-prediction shows the final position, the number
+    of images with a readable final position)."""
+    if type(pipe.scheduler).__name__ != "DPMSolverMultistepScheduler" or pipe.scheduler.config.algorithm_type != "dpmsolver++":
+        raise SystemExit(f"toy_first_step: error: the layout measure reads DPM-Solver++'s data prediction; "
+                         f"{cfg.model!r} samples with {type(pipe.scheduler).__name__}")
+    rng = np.random.default_rng(cfg.seed + 1)
+    scenes = [sample_scene(rng, num_objects=1, split="test") for _ in range(cfg.layout_captions)]
+    jobs = [(scene_to_prompt(s, rng, Named.all_but(s, "position")), cfg.seed + 1000 * k + j)
+            for k, s in enumerate(scenes) for j in range(cfg.layout_seeds)]
+    guidance = model_defaults(pipe)["guidance_scale"]
+    reads: list[list] = []  # [image][step]
+    finals: list = []
+
+    def on_step(pipeline, step, t, kwargs):
+        x0 = pipeline.scheduler.model_outputs[-1]  # the data prediction of this step (dpmsolver++)
+        decoded = pipeline.vae.decode((x0 / pipeline.vae.config.scaling_factor).to(pipeline.vae.dtype)).sample
+        for row, read in zip(batch_reads, positions(to_images(decoded))):
+            row.append(read)
+        return kwargs
+
+    for start in range(0, len(jobs), cfg.batch_size):
+        chunk = jobs[start : start + cfg.batch_size]
+        batch_reads: list[list] = [[] for _ in chunk]
+        images = pipe(prompt=[p for p, _ in chunk], num_inference_steps=cfg.steps, guidance_scale=guidance,
+                      generator=generators([s for _, s in chunk]), output_type="np", callback_on_step_end=on_step).images
+        reads += batch_reads
+        finals += positions((images * 255).round().astype(np.uint8))
+    kept = [(row, final) for row, final in zip(reads, finals) if final is not None]
+    agreement = [round(float(np.mean([row[step] == final for row, final in kept])), 3) if kept else 0.0
+                 for step in range(cfg.steps)]
+    return agreement, len(kept)
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse(FirstStepConfig, argv, "toy_first_step", __doc__.split("\n\n")[0])
     pipe = load_pipeline(cfg.model)
-    result = {"model": cfg.model, "word_separation": word_separation(pipe), "first_step": first_step(pipe, cfg)}
+    pipe.set_progress_bar_config(disable=True)
+    agreement, readable = layout_steps(pipe, cfg)
+    reached = [step for step, share in enumerate(agreement) if share >= 0.8]
+    result = {"model": cfg.model, "word_separation": word_separation(pipe), "first_step": first_step(pipe, cfg),
+              "layout_images": cfg.layout_captions * cfg.layout_seeds, "layout_readable": readable,
+              "layout_agreement": agreement, "layout_step_0.8": reached[0] if reached else None}
     print(json.dumps(result))
     return result
 

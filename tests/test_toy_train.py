@@ -60,3 +60,39 @@ def test_text_encoder__token_embeddings_start_at_the_configured_std():
     for std in (0.02, 0.1):
         weight = build_pipeline(ToyModelConfig(token_embedding_std=std), seed=0).text_encoder.get_input_embeddings().weight
         assert weight.std().item() == pytest.approx(std, rel=0.1)
+
+
+def test_train__vae_from_skips_the_vae_stages_and_ships_that_vae_unchanged(tmp_path):
+    from safetensors.torch import load_file
+
+    first = train(tiny_config(tmp_path / "a"))
+    out = train(tiny_config(tmp_path / "b", vae_from=str(first)))
+    assert not (tmp_path / "b" / "work" / "vae").exists()  # no VAE was trained
+    shipped = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    source = load_file(first / "vae" / "diffusion_pytorch_model.safetensors")
+    assert shipped.keys() == source.keys() and all(torch.equal(shipped[k], source[k]) for k in source)
+    with pytest.raises(ValueError, match="vae_from"):
+        train(tiny_config(tmp_path / "c", vae_from=str(first), stage="vae"))
+
+
+def test_latent_prompts__captions_leave_attributes_unsaid_at_the_configured_rate():
+    import numpy as np
+
+    from toyworld.prompts import read_named
+    from toyworld.scene import sample_scene
+    from toyworld.train import LatentPrompts
+
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, num_objects=1) for _ in range(64)]
+    stream = LatentPrompts(torch.zeros(64, 1), torch.zeros(64, 1), scenes, 0,
+                           UNetStage(uncond_prob=0.0, drop_prob=0.5, short_prob=0.0), num_tokens=40)
+    named = [read_named(prompt) for _, (_, prompt, _, _) in zip(range(400), stream)]
+    said = [len(objects[0]) + len(scene) for objects, scene in named]
+    assert 0.4 < np.mean(said) / 7 < 0.6  # half of the 7 attributes on average
+    # drop_prob 0 names everything, but a held-out object still never in full
+    from toyworld.scene import is_held_out
+
+    kept = [s for s in scenes if not is_held_out(s.objects[0])]
+    everything = LatentPrompts(torch.zeros(len(kept), 1), torch.zeros(len(kept), 1), kept, 0,
+                               UNetStage(uncond_prob=0.0, drop_prob=0.0, short_prob=0.0), num_tokens=40)
+    assert all(len(read_named(p)[0][0]) == 5 for _, (_, p, _, _) in zip(range(50), everything))
