@@ -8,8 +8,9 @@
    attribute's top heads and where the heatmap is;
 5. what the SAE's features mean: statistics, top images with heatmaps, heads, HRV concepts and
    toy ground truth, logged as one W&B run and written as a static HTML report;
-6. steer: move each object to the opposite quadrant by a spatial edit of its SAE features there
-   (Tinaz et al.), at early steps, written as a recipe; a before/after grid PNG.
+6. steer: captions that leave the position unsaid (the noise decides where the object goes, as in
+   Tinaz et al.'s prompts), and a spatial edit of the SAE's object features in one quadrant at
+   early steps, written as a recipe; prints how many objects moved there, and a before/after grid.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class DemoConfig:
     """Images steered in the last step (before/after grid)."""
     steer_strength: float = 2.0
     """β of the spatial feature edit (features set to β·‖Z_ij‖ in the target quadrant)."""
+    steer_quadrant: str = "top left"
+    """The quadrant the steering step moves objects to: top left, top right, bottom left, bottom right."""
 
 
 def step_generate(cfg: DemoConfig, pipe) -> Path:
@@ -141,22 +144,17 @@ def step_steer(cfg: DemoConfig, pipe, store: Path, sae_folder: Path) -> Path:
     from steering.recipe import before_after_grid
     from steering.toy import object_features
     from toyworld.oracle import read_scene
-    from toyworld.prompts import scene_to_prompt
+    from toyworld.prompts import Named, scene_to_prompt
     from toyworld.scene import sample_scene
 
     sae = SparseCoder.from_pretrained(sae_folder)
     feats = object_features(str(store), cfg.site, sae, n=4, window="early")
-    opposite = {"top left": "bottom right", "top right": "bottom left", "bottom left": "top right", "bottom right": "top left"}
+    target = cfg.steer_quadrant
     rng = np.random.default_rng(cfg.seed + 7)
-    scenes = []
-    while len(scenes) < cfg.steer_images:
-        s = sample_scene(rng, num_objects=1, split="train")
-        if s.objects[0].position in opposite:
-            scenes.append(s)
-    # one target quadrant for the whole recipe: the opposite of the first object's
-    target = opposite[scenes[0].objects[0].position]
-    scenes = [s for s in scenes if s.objects[0].position != target]
-    recipe = Recipe(model="toy", prompts=[scene_to_prompt(s) for s in scenes], seeds=list(range(len(scenes))),
+    scenes = [sample_scene(rng, num_objects=1, split="train") for _ in range(cfg.steer_images)]
+    # position-free captions: where each object goes is the noise's to decide, and the edit's
+    prompts = [scene_to_prompt(s, named=Named.all_but(s, "position")) for s in scenes]
+    recipe = Recipe(model="toy", prompts=prompts, seeds=list(range(len(scenes))),
                     interventions=[FeatureEdit(sae=str(sae_folder), features=[f for f, _ in feats], op="spatial",
                                                strength=cfg.steer_strength, region={"quadrant": target}, when="early")])
     out = Path(cfg.out) / "steer"
@@ -165,15 +163,18 @@ def step_steer(cfg: DemoConfig, pipe, store: Path, sae_folder: Path) -> Path:
     grid = out / "before_after.png"
     before_after_grid(before, after, 4).save(grid)
 
-    def moved(image) -> bool:
+    def there(image) -> bool:
         try:
             return target in [o.position for o in read_scene(np.asarray(image)).objects]
         except ValueError:
             return False
 
-    print(f"[6] steered {len(after)} images: object features {[f for f, _ in feats]} (correlation with the object's "
-          f"mask {[c for _, c in feats]}) set in the {target} quadrant at early steps; the oracle finds an object there "
-          f"in {sum(map(moved, before))}/{len(before)} before, {sum(map(moved, after))}/{len(after)} after\n"
+    elsewhere = [k for k, image in enumerate(before) if not there(image)]
+    moved = sum(there(after[k]) for k in elsewhere)
+    print(f"[6] steered {len(after)} images of captions without a position: object features {[f for f, _ in feats]} "
+          f"(correlation with the object's mask {[c for _, c in feats]}) set in the {target} quadrant at early steps; "
+          f"moved there: {moved} of the {len(elsewhere)} objects the noise had put elsewhere "
+          f"({len(before) - len(elsewhere)} were there already)\n"
           f"    recipe: {(out / 'recipe.yaml').resolve()} (rerun: diffatlas steer {out / 'recipe.yaml'})\n"
           f"    before/after grid (top: plain, bottom: steered): {grid.resolve()}")
     return grid
@@ -182,8 +183,12 @@ def step_steer(cfg: DemoConfig, pipe, store: Path, sae_folder: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from activations.pipeline import load_pipeline
     from common.config import parse, save_config
+    from common.errors import UsageError
 
     cfg = parse(DemoConfig, argv, "diffatlas demo", __doc__.split("\n\n")[0])
+    corners = ("top left", "top right", "bottom left", "bottom right")
+    if cfg.steer_quadrant not in corners:
+        raise UsageError(f"--steer_quadrant {cfg.steer_quadrant!r} is not a quadrant; valid: {', '.join(corners)}")
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     save_config(cfg, Path(cfg.out) / "demo_config.yaml")
     pipe = load_pipeline("toy", device=cfg.device)  # a missing toy model: one line from the dispatcher

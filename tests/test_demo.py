@@ -19,5 +19,15 @@ def test_demo__runs_the_chain_and_prints_where_it_wrote_each_result(tmp_path, ca
     assert (tmp_path / "hrv" / "hrv_heatmap.png").exists()
     assert "[5] feature browser" in out and "HTML report (open from disk)" in out and "W&B run" in out
     assert (tmp_path / "features" / "index.html").exists() and list((tmp_path / "features" / "wandb").glob("offline-run-*"))
-    assert "[6] steered" in out and (tmp_path / "steer" / "before_after.png").exists()
+    assert "[6] steered 2 images of captions without a position" in out and "moved there: " in out
+    assert (tmp_path / "steer" / "before_after.png").exists()
     assert (tmp_path / "steer" / "recipe.yaml").exists()
+
+
+def test_demo__a_steering_quadrant_that_is_not_a_corner_is_refused_before_any_work(tmp_path, capsys):
+    from diffatlas.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steer_quadrant", "center"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffatlas demo: error: --steer_quadrant 'center' is not a quadrant; valid: top left")
+    assert not (tmp_path / "d").exists()
