@@ -32,8 +32,8 @@ def test_train__tiny_run_writes_a_loadable_pipeline_and_caches_latents_with_mask
     assert load_pipeline(str(out)).vae.config.scaling_factor > 0
     with safe_open(out / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
-    latents = torch.load(tmp_path / "work" / "latents_4.pt")
-    masks = torch.load(tmp_path / "work" / "masks_4.pt")
+    latents = torch.load(tmp_path / "work" / "latents_s0_p0.5_4.pt")
+    masks = torch.load(tmp_path / "work" / "masks_s0_p0.5_4.pt")
     assert latents.shape == (4, cfg.model.latent_channels, 16, 16)
     assert masks.shape == (4, 2, 16, 16) and masks.sum(dim=(1, 2, 3)).gt(0).all()  # every scene has an object
 

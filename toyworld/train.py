@@ -403,8 +403,9 @@ def train(cfg: TrainConfig) -> Path:
     L.seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed + 2)
     scenes = [sample_scene(rng, two_object_prob=cfg.unet.two_object_prob) for _ in range(cfg.unet.num_scenes)]
-    latents_path = work_dir / f"latents_{cfg.unet.num_scenes}.pt"
-    masks_path = work_dir / f"masks_{cfg.unet.num_scenes}.pt"
+    # the cache is keyed by what draws the scenes, so a run with another seed never reuses them
+    key = f"s{cfg.seed}_p{cfg.unet.two_object_prob:g}_{cfg.unet.num_scenes}"
+    latents_path, masks_path = work_dir / f"latents_{key}.pt", work_dir / f"masks_{key}.pt"
     if latents_path.exists() and masks_path.exists():
         latents, masks = torch.load(latents_path), torch.load(masks_path)
     else:
