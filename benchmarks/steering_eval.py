@@ -8,13 +8,14 @@ Cells (single-object scenes; one image per prompt, seed = prompt index):
   object's features set to β·‖Z_ij‖ in the target quadrant, 0 elsewhere) applied early, middle or
   late. Success: the oracle reads an object in the target quadrant. Anchor (Tinaz et al., SD 1.4):
   0.80 / 0.35 / 0.23; chance 0.25. Two settings: ``spatial``, the prompt without the object's
-  position (the model then draws it at the centre; target: a random quadrant), as in Tinaz et al.,
+  position (the noise then decides where it goes; target: a random quadrant), as in Tinaz et al.,
   whose prompts leave the layout to the model; ``spatial_named``, the prompt naming the position
   (target: the opposite quadrant), where the edit works against the prompt's own words.
 * style: make the object striped, or the picture night, by a global feature edit (β·‖Z_ij‖/Σ‖Z‖
-  times the features' decoder directions at every position) in each window; ``style_preserved``:
-  the oracle also finds every other attribute of the prompt (shape, colour, position, background,
-  and texture or style, whichever is not the target).
+  times the features' decoder directions at every position) in each window, on captions that leave
+  texture (or style) unsaid; ``<target>_unsteered``: how often the noise draws the target anyway;
+  ``style_preserved``: the oracle also finds every other attribute of the prompt (shape, colour,
+  position, background, and texture or style, whichever is not the target).
 * hrv_<attribute> (``--attr-concepts``, default colour and shape): at ``--attr-guidance`` (default 1,
   no classifier-free guidance: the toy model's weakest setting) ``base`` = the asked value read
   without steering; ``hrv`` = its word's attention rescaled by HRV[attribute, h] (strengthening);
@@ -216,18 +217,20 @@ def read_positions(image) -> list[str]:
 
 
 def without_position(scene) -> str:
-    """The canonical prompt with the object's position left out (the toy model then draws it at the
-    centre): the layout is the model's choice, as in Tinaz et al.'s prompts."""
-    return prompt(scene).replace(f" at the {scene.objects[0].position}", "", 1)
+    """The canonical prompt with the object's position left unsaid: the layout is the model's (the
+    noise's) choice, as in Tinaz et al.'s prompts."""
+    from toyworld.prompts import Named, scene_to_prompt
+
+    return scene_to_prompt(scene, named=Named.all_but(scene, "position"))
 
 
 def cell_spatial(args, pipe, sae_folder, feats, steps, guidance, examples):
     """Per window, how often the object ends in the target quadrant: ``spatial`` with the position
     left out of the prompt (target: a random quadrant), ``spatial_named`` with the prompt naming the
     object's position (target: the opposite quadrant; a centred object gets a random one).
-    ``<cell>_moved``: the object is in the target quadrant and no longer where it was drawn
-    unsteered (``base``: the centre without a position, else the named one), so a second object
-    painted into the target does not count as a move."""
+    ``<cell>_moved``: the object is in the target quadrant and no longer where the oracle read it
+    in the unsteered image of the same prompt and seed, so a second object painted into the
+    target does not count as a move."""
     from steering import FeatureEdit
 
     sc = scenes(args.prompts, args.seed + 2)
@@ -237,9 +240,11 @@ def cell_spatial(args, pipe, sae_folder, feats, steps, guidance, examples):
     first = list(range(min(EXAMPLES, len(sc))))
     out = {}
     for cell, write, targets in (("spatial", without_position, free_targets), ("spatial_named", prompt, named_targets)):
-        examples[cell] = {"base": images(pipe, [write(sc[i]) for i in first], first, steps, guidance)}
-        origin = ["center" if write is without_position else s.objects[0].position for s in sc]
+        base = images(pipe, [write(s) for s in sc], list(range(len(sc))), steps, guidance, (), args.batch)
+        examples[cell] = {"base": [base[i] for i in first]}
+        origin = [set(read_positions(im)) for im in base]  # where the unsteered image has its object
         out[cell], out[f"{cell}_moved"] = {}, {}
+        out[f"{cell}_unsteered"] = rate([t in o for t, o in zip(targets, origin)])  # already there by chance
         for window in WINDOWS:
             flags, moved, shown = [], [], {}
             for q in QUADS:  # one batch per target quadrant (the region is shared by a batch)
@@ -251,7 +256,7 @@ def cell_spatial(args, pipe, sae_folder, feats, steps, guidance, examples):
                 ims = images(pipe, [write(sc[i]) for i in idx], idx, steps, guidance, [edit], args.batch)
                 read = [read_positions(im) for im in ims]
                 flags += [q in r for r in read]
-                moved += [q in r and (origin[i] == q or origin[i] not in r) for i, r in zip(idx, read)]
+                moved += [q in r and not (origin[i] - {q}) & set(r) for i, r in zip(idx, read)]
                 shown.update(zip(idx, ims))
             out[cell][window] = rate(flags)
             out[f"{cell}_moved"][window] = rate(moved)
@@ -260,23 +265,31 @@ def cell_spatial(args, pipe, sae_folder, feats, steps, guidance, examples):
 
 
 def cell_style(args, pipe, sae_folder, feats, steps, guidance, examples):
+    """Make the object striped, or the picture night, with captions that leave that attribute
+    unsaid (the noise decides it unsteered: ``<target>_unsteered`` is how often it is there anyway).
+    Per window: the share of images that show the target, and the share that keep every other
+    attribute the caption names."""
     from steering import FeatureEdit
     from toyworld.oracle import check_image
+    from toyworld.prompts import Named, scene_to_prompt
 
-    sc = scenes(args.prompts, args.seed + 3, texture="plain", style="day")
-    ps, seeds = [prompt(s) for s in sc], list(range(len(sc)))
-    base = images(pipe, ps[:EXAMPLES], seeds[:EXAMPLES], steps, guidance)
+    sc = scenes(args.prompts, args.seed + 3)
+    seeds = list(range(len(sc)))
     style, kept = {}, {}
     for target in ("striped", "night"):
+        attr = "texture" if target == "striped" else "style"
         truth = [dataclasses.replace(s, objects=(dataclasses.replace(s.objects[0], texture="striped"),)) if target == "striped"
                  else dataclasses.replace(s, style="night") for s in sc]
-        attr = "texture" if target == "striped" else "style"
+        ps = [scene_to_prompt(s, named=Named.all_but(s, attr)) for s in sc]
         others = [a for a in ("shape", "color", "position", "background", "texture", "style") if a != attr]
+        base = images(pipe, ps, seeds, steps, guidance, (), args.batch)
+        examples[target] = {"base": base[:EXAMPLES]}
+        style[f"{target}_unsteered"] = rate([check_image(t, im)[attr] for t, im in zip(truth, base)])
         for window in WINDOWS:
             edit = FeatureEdit(sae=sae_folder, features=feats[target], op="global", strength=args.style_beta, when=window)
             ims = images(pipe, ps, seeds, steps, guidance, [edit], args.batch)
             checks = [check_image(t, im) for t, im in zip(truth, ims)]
-            examples.setdefault(target, {"base": base})[window] = ims[:EXAMPLES]
+            examples[target][window] = ims[:EXAMPLES]
             style[f"{target}_{window}"] = rate([c[attr] for c in checks])
             kept[f"{target}_{window}"] = rate([all(c[a] for a in others) for c in checks])
     return style, kept

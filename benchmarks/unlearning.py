@@ -1,0 +1,233 @@
+"""Unlearning one concept value by ablating SAE features (SAeUron: Cywiński & Deja, 2025), scored the
+way UnlearnCanvas scores unlearning (Zhang et al., 2024), with the pixel oracle as the classifier.
+
+    python benchmarks/unlearning.py                                   # 3 targets, 100 prompts per measure
+    python benchmarks/unlearning.py --prompts 8 --steps 10 --targets striped   # a quick check
+
+For each target value (default: striped, red, night):
+
+1. Choose features. On selection images (scenes and seeds of their own), half naming the target and
+   half another value of its attribute, each feature's activation is averaged per image over the
+   patches that show the attribute (the object's patches for an object attribute, every patch for
+   background and style) and over the steps of ``--when``. Score: the standardised difference of
+   the means, target against the other values (SAeUron ranks features by how much more they fire
+   on the concept than off it); the ``--features`` best are taken.
+2. Remove. ``FeatureEdit(op=ablate)`` of those features at the SAE's site in ``--when``, written as
+   a ``diffatlas steer`` recipe (``<out>/recipe_<target>.yaml``) and run through
+   ``steering.run_recipe``, which draws each prompt unsteered and steered from the same noise.
+3. Score, before and after, on ``--prompts`` one-object captions that name everything:
+   * UA: captions that ask for the target; share of images that do not show it;
+   * IRA: captions that ask for another value of the same attribute; share drawn as asked;
+   * CRA: on both sets, the other six attributes; the mean of their accuracies (``cra``; per
+     attribute in ``cra_by_attribute``) and the share of images with all six right (``cra_all``).
+   Object attributes are read wherever the object is (``analysis.toy.reads_value``).
+
+Goals (SAeUron reports 95.8 / 99.1 / 99.4 for styles on UnlearnCanvas): UA ≥ 0.9, IRA ≥ 0.9,
+CRA ≥ 0.95. Writes ``<out>/unlearning_<target>.png`` (top: unsteered, bottom: steered, UA prompts
+then IRA prompts). Last line JSON: {"targets": {name: {"ua", "ira", "cra", ...}}, "ua_mean",
+"ira_mean", "cra_mean"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from steering_eval import build_sae  # noqa: E402  (the same harvest-and-train as the steering cells)
+
+SHOWN = 4  # prompts of each set in the before/after figure
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="unlearning", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--targets", default="striped,red,night", help="concept values to remove, comma-separated")
+    ap.add_argument("--prompts", type=int, default=100, help="captions per measure (UA and IRA each)")
+    ap.add_argument("--select-prompts", type=int, default=32, help="images that choose the features")
+    ap.add_argument("--features", type=int, default=8, help="features ablated per target")
+    ap.add_argument("--when", default="all", help="timestep window of the ablation: all, early, middle or late")
+    ap.add_argument("--site", default="up_blocks.2.attentions.0")
+    ap.add_argument("--sae", default=None, help="SAE folder for --site (default: harvest and train one)")
+    ap.add_argument("--harvest-prompts", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    ap.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's)")
+    ap.add_argument("--batch", type=int, default=25)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="outputs/bench/unlearning")
+    args = ap.parse_args(argv)
+    from activations.timesteps import WINDOWS
+    from toyworld.vocab import ATTRIBUTES
+
+    values = {v: a for a, vs in ATTRIBUTES.items() for v in vs}
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for t in args.targets:
+        if t not in values:
+            ap.error(f"--targets: unknown value {t!r}; valid: {', '.join(values)}")
+    if not args.targets:
+        ap.error("--targets is empty; give at least one value, e.g. striped")
+    if args.when not in ("all", *WINDOWS):
+        ap.error(f"--when {args.when!r}; valid: all, {', '.join(WINDOWS)}")
+    for name in ("prompts", "select_prompts", "features", "harvest_prompts", "batch"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.steps is not None and args.steps < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}")
+    if args.guidance is not None and not (np.isfinite(args.guidance) and args.guidance >= 1):
+        ap.error(f"--guidance must be a finite number >= 1, got {args.guidance}")
+    args.attribute_of = values
+    return args
+
+
+# -- prompts -----------------------------------------------------------------------------------
+
+
+def scenes_with(n: int, rng: np.random.Generator, attribute: str, value: str | None, avoid: str | None = None):
+    """``n`` one-object scenes whose ``attribute`` is ``value`` (None: any value but ``avoid``)."""
+    from toyworld.scene import sample_scene
+    from toyworld.vocab import ATTRIBUTES, OBJECT_ATTRIBUTES
+
+    out = []
+    for _ in range(n):
+        s = sample_scene(rng, num_objects=1)
+        v = value if value is not None else rng.choice([x for x in ATTRIBUTES[attribute] if x != avoid])
+        if attribute in OBJECT_ATTRIBUTES:
+            s = dataclasses.replace(s, objects=(dataclasses.replace(s.objects[0], **{attribute: str(v)}),))
+        else:
+            s = dataclasses.replace(s, **{attribute: str(v)})
+        out.append(s)
+    return out
+
+
+# -- feature choice ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def choose_features(args, pipe, sae, attribute: str, target: str, steps: int, guidance: float) -> list[tuple[int, float]]:
+    from activations.edits import Observe
+    from activations.generate import sample
+    from steering import steer
+    from toyworld.prompts import scene_to_prompt
+    from toyworld.render import patch_coverage, render
+    from toyworld.vocab import OBJECT_ATTRIBUTES
+
+    rng = np.random.default_rng([args.seed, 11])
+    half = max(1, args.select_prompts // 2)
+    sel = scenes_with(half, rng, attribute, target) + scenes_with(half, rng, attribute, None, avoid=target)
+    labels = torch.tensor([True] * half + [False] * half)
+    prompts = [scene_to_prompt(s, rng) for s in sel]
+    seeds = [10_000 + k for k in range(len(sel))]
+    means = []  # per image: [latents]
+    for start in range(0, len(sel), args.batch):
+        chunk = slice(start, start + args.batch)
+        sums: list[torch.Tensor] = []
+
+        def grab(x, call):
+            rows = call.rows("cond")
+            z = sae.encode((x if rows is None else x[rows]).float().reshape(-1, x.shape[-1]).to(sae.dtype))
+            sums.append(z.to_dense().float().reshape(-1, x.shape[1], sae.num_latents))  # [b, n, f]
+
+        with steer(pipe, Observe(site=args.site, stage="block", fn=grab, when=args.when, sees="before"),
+                   prompts=prompts[chunk]):
+            sample(pipe, prompts[chunk], seeds[chunk], steps=steps, guidance=guidance, output_type="latent")
+        z_bnf = torch.stack(sums).mean(0)  # mean over the window's steps
+        grid = int(round(z_bnf.shape[1] ** 0.5))
+        for scene, z_nf in zip(sel[chunk], z_bnf):
+            if attribute in OBJECT_ATTRIBUTES:
+                where = torch.from_numpy(patch_coverage(render(scene).masks, grid)[0].reshape(-1) > 0.5)
+            else:
+                where = torch.ones(z_nf.shape[0], dtype=torch.bool)
+            means.append(z_nf[where].mean(0))
+    m = torch.stack(means)
+    score = (m[labels].mean(0) - m[~labels].mean(0)) / m.std(0).clamp_min(1e-6)
+    best = score.argsort(descending=True)[: args.features]
+    return [(int(k), round(float(score[k]), 3)) for k in best]
+
+
+# -- scoring -----------------------------------------------------------------------------------
+
+
+def rate(flags) -> float:
+    return round(float(np.mean(flags)), 4) if len(flags) else float("nan")
+
+
+def score(images, scenes, attribute: str, others: list[str]) -> dict[str, list[bool]]:
+    from analysis.toy import reads_value
+
+    return {a: [reads_value(s, np.asarray(im), a) for s, im in zip(scenes, images)] for a in [attribute, *others]}
+
+
+def measures(ua_reads, ira_reads, attribute: str, others: list[str]) -> dict:
+    cra = {a: rate(ua_reads[a] + ira_reads[a]) for a in others}
+    all_right = [all(r[a][k] for a in others) for r in (ua_reads, ira_reads) for k in range(len(r[attribute]))]
+    return {"ua": rate([not ok for ok in ua_reads[attribute]]), "ira": rate(ira_reads[attribute]),
+            "cra": round(float(np.mean(list(cra.values()))), 4), "cra_all": rate(all_right), "cra_by_attribute": cra}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from activations.pipeline import load_pipeline, model_defaults
+    from sae.sparse_coder import SparseCoder
+    from steering import FeatureEdit, Recipe, run_recipe
+    from steering.recipe import before_after_grid
+    from toyworld.prompts import scene_to_prompt
+    from toyworld.vocab import ATTRIBUTES
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline("toy")
+    pipe.set_progress_bar_config(disable=True)
+    defaults = model_defaults(pipe)
+    steps = args.steps or defaults["num_inference_steps"]
+    guidance = args.guidance if args.guidance is not None else defaults["guidance_scale"]
+    sae_folder = args.sae or build_sae(args, pipe, steps, guidance)
+    sae = SparseCoder.from_pretrained(sae_folder)
+
+    results = {}
+    for target in args.targets:
+        attribute = args.attribute_of[target]
+        others = [a for a in ATTRIBUTES if a != attribute]
+        feats = choose_features(args, pipe, sae, attribute, target, steps, guidance)
+        rng = np.random.default_rng([args.seed, 12])
+        ua_scenes = scenes_with(args.prompts, rng, attribute, target)
+        ira_scenes = scenes_with(args.prompts, rng, attribute, None, avoid=target)
+        scenes = ua_scenes + ira_scenes
+        recipe = Recipe(model="toy", prompts=[scene_to_prompt(s, rng) for s in scenes],
+                        seeds=[20_000 + k for k in range(len(scenes))], steps=steps, guidance=guidance,
+                        interventions=[FeatureEdit(sae=sae_folder, features=[f for f, _ in feats], op="ablate",
+                                                   when=args.when)])
+        recipe.save(out / f"recipe_{target}.yaml")
+        before, after = [], []
+        for start in range(0, len(scenes), args.batch):
+            part = dataclasses.replace(recipe, prompts=recipe.prompts[start : start + args.batch],
+                                       seeds=recipe.seeds[start : start + args.batch])
+            b, a = run_recipe(part, pipe)
+            before += b
+            after += a
+        n = len(ua_scenes)
+        got = {}
+        for name, ims in (("before", before), ("after", after)):
+            got[name] = measures(score(ims[:n], ua_scenes, attribute, others),
+                                 score(ims[n:], ira_scenes, attribute, others), attribute, others)
+        shown = list(range(min(SHOWN, n))) + list(range(n, n + min(SHOWN, n)))
+        before_after_grid([before[k] for k in shown], [after[k] for k in shown], 2).save(out / f"unlearning_{target}.png")
+        results[target] = {**got["after"], "before": got["before"], "features": feats, "attribute": attribute}
+        print(json.dumps({"target": target, **results[target]}), flush=True)
+
+    summary = {"targets": results, "site": args.site, "when": args.when, "prompts_per_measure": args.prompts,
+               "steps": steps, "guidance": guidance}
+    for key in ("ua", "ira", "cra"):
+        summary[f"{key}_mean"] = round(float(np.mean([r[key] for r in results.values()])), 4)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
