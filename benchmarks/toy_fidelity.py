@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from activations.generate import generate  # noqa: E402
 from activations.pipeline import load_pipeline, model_defaults  # noqa: E402
-from common.config import parse, save_config  # noqa: E402
+from common.config import check_counts, parse, save_config  # noqa: E402
 from toyworld.grid import labelled_grid  # noqa: E402
 from toyworld.oracle import CHECKS, REPORTED, check_image, foreground, read_background, read_scene  # noqa: E402
 from toyworld.prompts import Named, scene_to_prompt  # noqa: E402
@@ -121,10 +121,10 @@ def value_grid(rows: list[tuple[str, list[np.ndarray], list[str]]], scale: int =
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse(FidelityConfig, argv, "toy_fidelity", __doc__.split("\n\n")[0])
-    for name in ("one_object", "two_objects", "noise_captions", "noise_seeds", "steps", "batch_size"):
-        if getattr(cfg, name) < 0 or (name in ("steps", "batch_size") and getattr(cfg, name) == 0):
-            raise SystemExit(f"toy_fidelity: error: --{name} must be {'>= 1' if name in ('steps', 'batch_size') else '>= 0'}, "
-                             f"got {getattr(cfg, name)}")
+    check_counts(cfg, "toy_fidelity", positive=("steps", "batch_size"),
+                 non_negative=("one_object", "two_objects", "noise_captions", "noise_seeds"))
+    if cfg.guidance is not None and not (np.isfinite(cfg.guidance) and cfg.guidance >= 1):
+        raise SystemExit(f"toy_fidelity: error: --guidance must be a finite number >= 1, got {cfg.guidance}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")

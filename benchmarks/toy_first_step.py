@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from activations.generate import generators  # noqa: E402
 from activations.pipeline import load_pipeline, model_defaults  # noqa: E402
-from common.config import parse  # noqa: E402
-from toyworld.oracle import REPORTED, check_image, read_scene  # noqa: E402
+from common.config import check_counts, parse  # noqa: E402
+from toyworld.oracle import REPORTED, check_image, read_positions  # noqa: E402
 from toyworld.prompts import Named, scene_to_prompt  # noqa: E402
 from toyworld.scene import Obj, Scene, sample_scene  # noqa: E402
 from toyworld.train import to_images  # noqa: E402
@@ -120,13 +120,7 @@ def first_step(pipe, cfg: FirstStepConfig) -> dict[str, float]:
 
 def positions(images: np.ndarray) -> list[frozenset | None]:
     """The set of object positions the oracle reads in each image (None: no object found)."""
-    out = []
-    for image in images:
-        try:
-            out.append(frozenset(o.position for o in read_scene(image).objects))
-        except ValueError:
-            out.append(None)
-    return out
+    return [frozenset(read_positions(image)) or None for image in images]
 
 
 @torch.no_grad()
@@ -166,6 +160,7 @@ def layout_steps(pipe, cfg: FirstStepConfig) -> tuple[list[float], int]:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse(FirstStepConfig, argv, "toy_first_step", __doc__.split("\n\n")[0])
+    check_counts(cfg, "toy_first_step", positive=("n", "batch_size", "layout_captions", "layout_seeds", "steps"))
     pipe = load_pipeline(cfg.model)
     pipe.set_progress_bar_config(disable=True)
     agreement, readable = layout_steps(pipe, cfg)

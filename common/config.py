@@ -44,3 +44,13 @@ def save_config(cfg, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
+
+
+def check_counts(cfg, prog: str, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """Refuse a count option below its floor (1 for ``positive``, 0 for ``non_negative``), or not an
+    integer, in one line naming it, before any work: ``<prog>: error: --<name> must be ...``."""
+    for names, floor in ((positive, 1), (non_negative, 0)):
+        for name in names:
+            value = getattr(cfg, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < floor:
+                raise SystemExit(f"{prog}: error: --{name} must be an integer >= {floor}, got {value!r}")

@@ -35,3 +35,15 @@ def test_read_values__every_attribute_of_one_object_only_the_scene_of_two(fideli
     assert fidelity.read_values(render(one).image) == fidelity.truth_values(one)
     two = Scene((Obj("cross", "yellow", "bottom left", "small"), Obj("circle", "red", "top right", "big")), "white", "day")
     assert fidelity.read_values(render(two).image) == {"background": "white", "style": "day"}
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--noise_seeds", "-1"], "--noise_seeds must be an integer >= 0, got -1"),
+    (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["--guidance", "0.5"], "--guidance must be a finite number >= 1, got 0.5"),
+])
+def test_fidelity__bad_numbers_are_one_line_before_any_work(fidelity, tmp_path, argv, says):
+    with pytest.raises(SystemExit) as stop:
+        fidelity.main([*argv, "--out", str(tmp_path / "o")])
+    assert str(stop.value) == f"toy_fidelity: error: {says}"
+    assert not (tmp_path / "o").exists()

@@ -96,3 +96,25 @@ def test_latent_prompts__captions_leave_attributes_unsaid_at_the_configured_rate
     everything = LatentPrompts(torch.zeros(len(kept), 1), torch.zeros(len(kept), 1), kept, 0,
                                UNetStage(uncond_prob=0.0, drop_prob=0.0, short_prob=0.0), num_tokens=40)
     assert all(len(read_named(p)[0][0]) == 5 for _, (_, p, _, _) in zip(range(50), everything))
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--unet.drop_prob", "nan", "unet.drop_prob"),  # the parser refuses NaN itself
+    ("--unet.short_prob", "-0.1", "unet.short_prob must be a probability in [0, 1], got -0.1"),
+    ("--unet.drop_prob", "1.5", "unet.drop_prob must be a probability in [0, 1], got 1.5"),
+    ("--vae_from", "no/such/folder", "vae_from 'no/such/folder' holds no VAE"),
+])
+def test_main__bad_caption_rates_or_vae_folder_are_one_line_before_any_work(tmp_path, capsys, flag, value, says):
+    from toyworld.train import main
+
+    work = tmp_path / "work"
+    assert main([flag, value, "--work_dir", str(work), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m toyworld.train: error: ") and says in err and "\n" not in err
+    assert not work.exists()
+
+
+def test_train__nan_caption_rate_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"unet.drop_prob must be a probability in \[0, 1\], got nan"):
+        train(tiny_config(tmp_path, unet=UNetStage(drop_prob=float("nan"))))
+    assert not (tmp_path / "work").exists()

@@ -357,6 +357,13 @@ def train(cfg: TrainConfig) -> Path:
     """Run both stages and write the float16 diffusers folder to ``cfg.out``."""
     if cfg.stage not in STAGES:
         raise ValueError(f"unknown stage {cfg.stage!r}; valid stages: {', '.join(STAGES)}")
+    for name in ("uncond_prob", "drop_prob", "short_prob"):
+        value = getattr(cfg.unet, name)
+        if not 0 <= value <= 1:  # NaN fails too
+            raise ValueError(f"unet.{name} must be a probability in [0, 1], got {value}")
+    if cfg.vae_from and not (Path(cfg.vae_from) / "vae" / "config.json").exists():
+        raise FileNotFoundError(f"vae_from {cfg.vae_from!r} holds no VAE (no vae/config.json); "
+                                "give a toy pipeline folder such as toyworld/weights")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     work_dir = Path(cfg.work_dir)
@@ -461,9 +468,17 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.config import parse
+    import sys
 
-    train(parse(TrainConfig, argv, "python -m toyworld.train", __doc__.split("\n\n")[0]))
+    from common.config import parse
+    from common.errors import one_line, user_error_types
+
+    prog = "python -m toyworld.train"
+    try:
+        train(parse(TrainConfig, argv, prog, __doc__.split("\n\n")[0]))
+    except user_error_types() as err:
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return 2
     return 0
 
 
