@@ -207,15 +207,6 @@ def rate(flags) -> float:
     return round(float(np.mean(flags)), 4) if len(flags) else float("nan")
 
 
-def read_positions(image) -> list[str]:
-    from toyworld.oracle import read_scene
-
-    try:
-        return [o.position for o in read_scene(image).objects]
-    except ValueError:
-        return []
-
-
 def without_position(scene) -> str:
     """The canonical prompt with the object's position left unsaid: the layout is the model's (the
     noise's) choice, as in Tinaz et al.'s prompts."""
@@ -232,6 +223,7 @@ def cell_spatial(args, pipe, sae_folder, feats, steps, guidance, examples):
     in the unsteered image of the same prompt and seed, so a second object painted into the
     target does not count as a move."""
     from steering import FeatureEdit
+    from toyworld.oracle import read_positions
 
     sc = scenes(args.prompts, args.seed + 2)
     rng = np.random.default_rng(args.seed + 2)

@@ -143,7 +143,7 @@ def step_steer(cfg: DemoConfig, pipe, store: Path, sae_folder: Path) -> Path:
     from steering import FeatureEdit, Recipe, run_recipe
     from steering.recipe import before_after_grid
     from steering.toy import object_features
-    from toyworld.oracle import read_scene
+    from toyworld.oracle import read_positions
     from toyworld.prompts import Named, scene_to_prompt
     from toyworld.scene import sample_scene
 
@@ -164,10 +164,7 @@ def step_steer(cfg: DemoConfig, pipe, store: Path, sae_folder: Path) -> Path:
     before_after_grid(before, after, 4).save(grid)
 
     def there(image) -> bool:
-        try:
-            return target in [o.position for o in read_scene(np.asarray(image)).objects]
-        except ValueError:
-            return False
+        return target in read_positions(np.asarray(image))
 
     elsewhere = [k for k, image in enumerate(before) if not there(image)]
     moved = sum(there(after[k]) for k in elsewhere)
@@ -183,12 +180,12 @@ def step_steer(cfg: DemoConfig, pipe, store: Path, sae_folder: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from activations.pipeline import load_pipeline
     from common.config import parse, save_config
+    from activations.masks import QUADRANTS
     from common.errors import UsageError
 
     cfg = parse(DemoConfig, argv, "diffatlas demo", __doc__.split("\n\n")[0])
-    corners = ("top left", "top right", "bottom left", "bottom right")
-    if cfg.steer_quadrant not in corners:
-        raise UsageError(f"--steer_quadrant {cfg.steer_quadrant!r} is not a quadrant; valid: {', '.join(corners)}")
+    if cfg.steer_quadrant not in QUADRANTS:
+        raise UsageError(f"--steer_quadrant {cfg.steer_quadrant!r} is not a quadrant; valid: {', '.join(QUADRANTS)}")
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     save_config(cfg, Path(cfg.out) / "demo_config.yaml")
     pipe = load_pipeline("toy", device=cfg.device)  # a missing toy model: one line from the dispatcher

@@ -226,3 +226,11 @@ def test_prompts__parse_prompt_reads_back_every_scene_the_grammar_writes():
     with pytest.raises(ValueError, match="impossible scene: two objects at position 'center'"):
         parse_prompt("a small red plain circle at the center and a small blue plain cross at the center "
                      "on a gray background, by day")
+
+
+def test_read_positions__where_objects_are_and_empty_on_a_blank_image():
+    from toyworld.oracle import read_positions
+
+    scene = Scene((Obj("cross", "red", "top right", "small"), Obj("circle", "blue", "bottom left", "big")))
+    assert read_positions(render(scene).image) == ["top right", "bottom left"]
+    assert read_positions(np.full((64, 64, 3), 125, np.uint8)) == []

@@ -227,6 +227,14 @@ def read_scene(image: np.ndarray) -> Scene:
     return Scene(tuple(objects), background, style)
 
 
+def read_positions(image: np.ndarray) -> list[str]:
+    """Where the oracle finds objects in ``image`` (position order); empty when it finds none."""
+    try:
+        return [o.position for o in read_scene(image).objects]
+    except ValueError:  # no object
+        return []
+
+
 def compare(truth: Scene, read: Scene) -> dict[str, bool]:
     """Attribute-by-attribute agreement, objects matched by position.
 

@@ -70,11 +70,6 @@ class Named:
         full = cls.everything(scene)
         return cls(tuple(o - set(unnamed) for o in full.objects), full.scene - set(unnamed))
 
-    @property
-    def attributes(self) -> frozenset[str]:
-        """Every attribute the caption names for some object or the scene."""
-        return frozenset().union(self.scene, *self.objects)
-
 
 def draw_named(scene: Scene, rng: np.random.Generator, drop_prob: float = DROP_PROB,
                short_prob: float = SHORT_PROB) -> Named:
@@ -173,9 +168,10 @@ _POSITION_WORDS = {tuple(p.split()): p for p in ATTRIBUTES["position"]}
 _NOUNS = (*ATTRIBUTES["shape"], GENERIC_NOUN)
 
 
-def _read(prompt: str) -> tuple[list[dict], dict]:
-    """(object attribute dicts, scene attribute dict) for the words ``prompt`` states, in any of the
-    grammar's word orders and forms; an attribute the prompt leaves out is absent from its dict."""
+def read_named(prompt: str) -> tuple[list[dict], dict]:
+    """What a caption names: (one {attribute: value} per object it mentions, {attribute: value} of
+    the scene), in any of the grammar's word orders and forms; an attribute the caption leaves out
+    is absent from its dict. Raises ``PromptGrammarError`` for a prompt outside the grammar."""
     words = [w for w in split_words(check_prompt(prompt)) if w != ","]
     objects: list[dict] = []
     scene: dict = {}
@@ -234,19 +230,13 @@ def _read(prompt: str) -> tuple[list[dict], dict]:
     return objects, scene
 
 
-def read_named(prompt: str) -> tuple[list[dict], dict]:
-    """What a caption names: (one {attribute: value} per object it mentions, {attribute: value}
-    of the scene). Raises ``PromptGrammarError`` for a prompt outside the grammar."""
-    return _read(prompt)
-
-
 def parse_prompt(prompt: str) -> Scene:
     """The scene that ``prompt`` describes: the inverse of ``scene_to_prompt`` (any word order it
     writes) for a caption that names everything.
 
     Raises ``PromptGrammarError`` when the prompt is not in the grammar or leaves an attribute
     out, and the Scene's ValueError when the scene is impossible (e.g. two objects at one position)."""
-    objects, scene = _read(prompt)
+    objects, scene = read_named(prompt)
     if not objects:
         raise PromptGrammarError(f"prompt {prompt!r} names no object")
     missing = [f"object {k + 1}'s {name}" for k, o in enumerate(objects) for name in OBJECT_NAMES if name not in o]
@@ -263,7 +253,7 @@ def check_scene(prompt: str) -> str:
     corner the other object leaves free. Free-form prompts outside the grammar pass (the
     vocabulary is checked by ``check_prompt``)."""
     try:
-        objects, scene = _read(prompt)
+        objects, scene = read_named(prompt)
     except PromptGrammarError:
         return prompt
     if len(objects) < 2:
