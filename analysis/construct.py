@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from activations.generate import generators
 from analysis.concepts import load_concepts
 from analysis.config import HRVConfig, save_config
 from analysis.hrv import HRV, VoteCounter
@@ -120,10 +121,10 @@ def build_hrv(cfg: HRVConfig, pipe=None, max_batches: int | None = None) -> HRV 
                 break
             chunk = list(range(start, min(start + cfg.batch_size, len(jobs))))
             counter.begin_batch(chunk, calls)
-            generators = [torch.Generator(pipe.device).manual_seed(int(jobs[j][1])) for j in chunk]
+            noise = generators([jobs[j][1] for j in chunk])  # CPU noise: the same images on any device
             with torch.no_grad():
                 pipe(prompt=[texts[jobs[j][0]] for j in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                     generator=generators, output_type="latent")
+                     generator=noise, output_type="latent")
             counter.end_batch()
             done = chunk[-1] + 1
             _save_progress(progress_path, counter, done, content(cfg))

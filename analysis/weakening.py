@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from activations.generate import generators
 from analysis.hrv import HRV
 from analysis.mechanism import weaken_heads
 from analysis.words import semantic_token_mask
@@ -61,10 +62,10 @@ def generate_weakened(pipe, prompts: list[str], seeds: list[int], heads: list[in
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        generators = [torch.Generator(pipe.device).manual_seed(int(s)) for s in seeds[start:start + batch_size]]
+        noise = generators(seeds[start:start + batch_size])  # CPU noise: the same images on any device
         scale_bT = token_scales(pipe, chunk, factor)
         with torch.no_grad(), weaken_heads(pipe, heads, scale_bT):
-            out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+            out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=noise,
                        output_type="np").images
         images += [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in out]
     return images

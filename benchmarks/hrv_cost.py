@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from activations.config import PromptSource  # noqa: E402
+from activations.generate import generators  # noqa: E402
 from analysis.config import HRVConfig  # noqa: E402
 from analysis.construct import build_hrv, load_model, prompt_texts, sampling_defaults  # noqa: E402
 
@@ -33,10 +34,9 @@ def plain(pipe, texts: list[str], seeds: list[int], steps: int, guidance: float,
     jobs = [(t, s) for t in texts for s in seeds]
     for start in range(0, len(jobs), batch):
         chunk = jobs[start:start + batch]
-        gens = [torch.Generator(pipe.device).manual_seed(s) for _, s in chunk]
         with torch.no_grad():
-            pipe(prompt=[t for t, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                 output_type="latent")
+            pipe(prompt=[t for t, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                 generator=generators([s for _, s in chunk]), output_type="latent")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,14 +16,16 @@ Cells (single-object scenes; one image per prompt, seed = prompt index):
   texture (or style) unsaid; ``<target>_unsteered``: how often the noise draws the target anyway;
   ``style_preserved``: the oracle also finds every other attribute of the prompt (shape, colour,
   position, background, and texture or style, whichever is not the target).
-* hrv_<attribute> (``--attr-concepts``, default colour and shape): at ``--attr-guidance`` (default 1,
-  no classifier-free guidance: the toy model's weakest setting) ``base`` = the asked value read
-  without steering; ``hrv`` = its word's attention rescaled by HRV[attribute, h] (strengthening);
-  two controls with the same total weight: ``uniform`` (the mean factor at every head; HRV rows
-  have L1 norm H, so this is 1 everywhere and equals base by construction) and ``permuted`` (the
-  HRV's factors shuffled across heads); ``adjusting`` = 2·HRV[attribute] − HRV[undesired], with
-  undesired the concept whose HRV row is closest to the attribute's. ``base_rates_by_guidance``:
-  every attribute's unsteered rate at each ``--attr-sweep`` guidance (does the model miss at all?).
+* hrv_strengthen: HRV strengthening where the base model misses: two-object captions in the
+  canonical wording, at the model's guidance. ``--strengthen`` (default ``auto``: of colour, shape,
+  texture and size, the one the unsteered model binds to the right object least often on
+  ``--select-prompts`` other two-object captions) is the attribute. Success: the oracle reads each
+  object's asked value at that object's position (toyworld.oracle.check_image: a colour drawn on
+  the wrong object fails). ``base``: unsteered; ``hrv``: every value word of the attribute in the
+  caption has its attention rescaled by HRV[attribute, h] (Park et al., ICLR 2025, Section 5);
+  ``permuted``: the same factors shuffled across heads (the control: same total weight, other
+  heads); ``adjusting``: 2·HRV[attribute] − HRV[undesired], with undesired the concept whose HRV
+  row is closest to the attribute's.
 * head_encode: the prompt with another colour word encoded through the ``--heads`` heads the colour
   HRV ranks highest, on the object's patches only (its rendered mask, resized to each grid),
   against as many random heads. Success: the oracle reads the other colour.
@@ -55,6 +57,7 @@ from tqdm import tqdm  # noqa: E402
 WINDOWS = ("early", "middle", "late")
 OPPOSITE = {"top left": "bottom right", "top right": "bottom left", "bottom left": "top right", "bottom right": "top left"}
 QUADS = tuple(OPPOSITE)
+STRENGTHEN = ("color", "shape", "texture", "size")  # object attributes a caption binds to one object
 EXAMPLES = 4  # prompts per cell shown in the examples figure
 
 
@@ -63,9 +66,8 @@ def parse_args():
     ap.add_argument("--prompts", type=int, default=100, help="prompts per cell")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     ap.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's)")
-    ap.add_argument("--attr-guidance", type=float, default=1.0, help="guidance of the attribute cells (1: no CFG)")
-    ap.add_argument("--attr-concepts", default="color,shape", help="attributes strengthened through their HRVs")
-    ap.add_argument("--attr-sweep", default="1,1.5,4", help="guidance scales at which base rates are measured")
+    ap.add_argument("--strengthen", default="auto", choices=("auto",) + STRENGTHEN,
+                    help="attribute of the HRV strengthening cell (auto: the one the base model misses most)")
     ap.add_argument("--site", default="up_blocks.2.attentions.0")
     ap.add_argument("--sae", default=None, help="SAE folder for --site (default: harvest and train one)")
     ap.add_argument("--hrv", default=None, help="HRV folder (default: build one)")
@@ -79,26 +81,33 @@ def parse_args():
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--out", default="outputs/bench/steering_eval")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cells", default="all", choices=("all", "spatial", "style"), help="all cells, or one kind only")
+    ap.add_argument("--cells", default="all", choices=("all", "spatial", "style", "heads"),
+                    help="all cells, or one kind only (heads: HRV strengthening and head encoding)")
+    ap.add_argument("--device", default="cpu", help="torch device of the model (images are the same on any: CPU noise)")
     return ap.parse_args()
 
 
 # -- resources -------------------------------------------------------------------------------
 
 
-def build_sae(args, pipe, steps, guidance) -> str:
+def build_saes(args, pipe, steps, guidance, sites: list[str]) -> dict[str, str]:
+    """One harvest of ``sites`` (``--harvest-prompts`` toy prompts, every step, cond branch), then one
+    TopK SAE per site: {site: SAE folder}."""
     from activations.config import HarvestConfig, PromptSource
     from activations.harvest import harvest
     from sae import train_quick
 
     store = Path(args.out) / "harvest"
-    harvest(HarvestConfig(model="toy", out=str(store), sites=[args.site], seed=args.seed,
+    harvest(HarvestConfig(model="toy", out=str(store), sites=list(sites), seed=args.seed,
                           prompts=PromptSource(kind="toyworld", num_prompts=args.harvest_prompts),
                           num_inference_steps=steps, guidance_scale=guidance, timesteps="all", branch="cond",
                           batch_size=8, progress=True), pipe=pipe)
-    folder, _ = train_quick(str(store), site=args.site, out=str(Path(args.out) / "sae"), epochs=2, wandb=False,
-                            recovered_images=0, seed=args.seed)
-    return str(folder)
+    return {site: str(train_quick(str(store), site=site, out=str(Path(args.out) / "sae"), epochs=2, wandb=False,
+                                  recovered_images=0, seed=args.seed)[0]) for site in sites}
+
+
+def build_sae(args, pipe, steps, guidance) -> str:
+    return build_saes(args, pipe, steps, guidance, [args.site])[args.site]
 
 
 def build_hrvs(args, pipe, steps, guidance) -> str:
@@ -156,7 +165,7 @@ def site_rows(pipe, prompts, seeds, steps, guidance, site, window):
 
     def grab(x, call):
         rows = call.rows("cond")
-        got.append((x if rows is None else x[rows]).detach().float().clone())
+        got.append((x if rows is None else x[rows]).detach().float().cpu())
 
     obs = Observe(site=site, stage="block", fn=grab, when=window, sees="before")
     per_image = []
@@ -296,53 +305,55 @@ def undesired_for(hrv, concept: str) -> str:
     return hrv.concepts.names[int(sim.argmax())]
 
 
-def cell_attribute(args, pipe, hrv_folder, steps, concept: str, examples: dict):
-    """base / hrv strengthening / uniform and permuted controls / adjusting for one object attribute
-    at ``--attr-guidance``; success: the oracle reads the asked value of ``concept`` (wherever the
-    object is: analysis.toy.reads_value)."""
-    from analysis.hrv import HRV
-    from analysis.toy import reads_value
-    from steering import HRVEdit
+def two_object_scenes(n: int, seed: int):
+    from toyworld.scene import sample_scene
 
-    sc = scenes(args.prompts, args.seed + 4)
-    ps = [prompt(s) for s in sc]
-    undesired = undesired_for(HRV.load(hrv_folder), concept)
-    groups: dict[str, list[int]] = {}
-    for i, s in enumerate(sc):
-        groups.setdefault(getattr(s.objects[0], concept), []).append(i)
-    variants = {
-        "base": lambda w: [],
-        "hrv": lambda w: [HRVEdit(hrv=hrv_folder, concept=concept, token=w)],
-        "uniform": lambda w: [HRVEdit(hrv=hrv_folder, concept=concept, token=w, uniform=True)],
-        "permuted": lambda w: [HRVEdit(hrv=hrv_folder, concept=concept, token=w, permute=args.seed + 6)],
-        "adjusting": lambda w: [HRVEdit(hrv=hrv_folder, concept=concept, undesired=undesired, token=w)],
-    }
-    out = {}
-    for name, ivs in variants.items():
-        flags, shown = [], {}
-        for word, idx in groups.items():
-            ims = images(pipe, [ps[i] for i in idx], idx, steps, args.attr_guidance, ivs(word), args.batch)
-            flags += [reads_value(sc[i], im, concept) for i, im in zip(idx, ims)]
-            shown.update(zip(idx, ims))
-        out[name] = rate(flags)
-        if name in ("base", "hrv"):
-            examples.setdefault(f"hrv_{concept}", {})[name] = [shown[i] for i in range(min(EXAMPLES, len(sc)))]
-    out["undesired"] = undesired
-    return out
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, num_objects=2, split="train") for _ in range(n)]
 
 
-def base_rates(args, pipe, steps) -> dict:
-    """How often the unsteered toy model gets each attribute right, per guidance scale (the same
-    prompts and seeds as the attribute cells): where could strengthening help at all?"""
+def binding_rates(pipe, sc, steps, guidance, batch) -> dict[str, float]:
+    """Per attribute of STRENGTHEN, how often the unsteered model draws each object's asked value
+    on that object (objects matched by position)."""
     from toyworld.oracle import check_image
 
-    sc = scenes(args.prompts, args.seed + 4)
-    ps, seeds = [prompt(s) for s in sc], list(range(len(sc)))
-    out = {}
-    for g in [float(x) for x in args.attr_sweep.split(",") if x]:
-        checks = [check_image(s, im) for s, im in zip(sc, images(pipe, ps, seeds, steps, g, (), args.batch))]
-        out[str(g)] = {a: rate([c[a] for c in checks]) for a in ("color", "shape", "texture", "size", "position")}
-    return out
+    ims = images(pipe, [prompt(s) for s in sc], list(range(len(sc))), steps, guidance, (), batch)
+    checks = [check_image(s, im) for s, im in zip(sc, ims)]
+    return {a: rate([c[a] for c in checks]) for a in STRENGTHEN}
+
+
+def cell_strengthen(args, pipe, hrv_folder, steps, guidance, examples: dict) -> dict:
+    """base / hrv / permuted / adjusting on two-object captions for one attribute (module doc)."""
+    from analysis.hrv import HRV
+    from steering import HRVEdit
+    from toyworld.oracle import check_image
+
+    chosen = binding_rates(pipe, two_object_scenes(args.select_prompts, args.seed + 7), steps, guidance, args.batch)
+    attribute = min(chosen, key=chosen.get) if args.strengthen == "auto" else args.strengthen
+    undesired = undesired_for(HRV.load(hrv_folder), attribute)
+    sc = two_object_scenes(args.prompts, args.seed + 4)
+    ps = [prompt(s) for s in sc]
+    groups: dict[tuple, list[int]] = {}  # prompts that name the same words share a batch (and an edit)
+    for i, s in enumerate(sc):
+        groups.setdefault(tuple(sorted({getattr(o, attribute) for o in s.objects})), []).append(i)
+    variants = {
+        "base": lambda w: [],
+        "hrv": lambda w: [HRVEdit(hrv=hrv_folder, concept=attribute, token=w)],
+        "permuted": lambda w: [HRVEdit(hrv=hrv_folder, concept=attribute, token=w, permute=args.seed + 6)],
+        "adjusting": lambda w: [HRVEdit(hrv=hrv_folder, concept=attribute, undesired=undesired, token=w)],
+    }
+    out: dict = {"attribute": attribute}
+    for name, edit in variants.items():
+        flags, shown = {}, {}
+        for words, idx in groups.items():
+            ivs = [e for w in words for e in edit(w)]
+            ims = images(pipe, [ps[i] for i in idx], idx, steps, guidance, ivs, args.batch)
+            flags.update((i, check_image(sc[i], im)[attribute]) for i, im in zip(idx, ims))
+            shown.update(zip(idx, ims))
+        out[name] = rate([flags[i] for i in range(len(sc))])
+        if name in ("base", "hrv"):
+            examples.setdefault("hrv_strengthen", {})[name] = [shown[i] for i in range(min(EXAMPLES, len(sc)))]
+    return {**out, "undesired": undesired, "selection_base_rates": chosen}
 
 
 def cell_heads(args, pipe, hrv_folder, steps, guidance, examples):
@@ -409,44 +420,39 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline("toy", device="cpu")
+    pipe = load_pipeline("toy", device=args.device)
     pipe.set_progress_bar_config(disable=True)
     d = model_defaults(pipe)
     steps = args.steps or d["num_inference_steps"]
     guidance = args.guidance if args.guidance is not None else d["guidance_scale"]
-    sae_folder = args.sae or build_sae(args, pipe, steps, guidance)
-    hrv_folder = args.hrv or build_hrvs(args, pipe, steps, guidance)
-    sae = SparseCoder.from_pretrained(sae_folder)
-    feats = pick_features(args, pipe, sae, steps, guidance)
-    print(json.dumps({"features": feats, "sae": sae_folder, "hrv": hrv_folder}), flush=True)
+    kinds = ("spatial", "style", "heads") if args.cells == "all" else (args.cells,)
+    resources: dict = {}
+    if {"spatial", "style"} & set(kinds):
+        sae_folder = resources["sae"] = args.sae or build_sae(args, pipe, steps, guidance)
+        feats = resources["features"] = pick_features(args, pipe, SparseCoder.from_pretrained(sae_folder), steps, guidance)
+    if "heads" in kinds:
+        hrv_folder = resources["hrv"] = args.hrv or build_hrvs(args, pipe, steps, guidance)
+    print(json.dumps(resources), flush=True)
     examples: dict = {}
-    if args.cells == "style":
-        style, kept = cell_style(args, pipe, sae_folder, feats, steps, guidance, examples)
-        print(json.dumps({"style": style, "style_preserved": kept, "style_beta": args.style_beta, "settings": vars(args)}))
-        return
-    spatial = cell_spatial(args, pipe, sae_folder, feats["object"], steps, guidance, examples)
-    print(json.dumps(spatial), flush=True)
-    if args.cells == "spatial":
-        print(json.dumps({**spatial, "settings": vars(args)}))
-        return
-    style, kept = cell_style(args, pipe, sae_folder, feats, steps, guidance, examples)
-    print(json.dumps({"style": style, "style_preserved": kept}), flush=True)
-    rates = base_rates(args, pipe, steps)
-    print(json.dumps({"base_rates_by_guidance": rates}), flush=True)
-    attributes = {}
-    for concept in [c for c in args.attr_concepts.split(",") if c]:
-        attributes[f"hrv_{concept}"] = cell_attribute(args, pipe, hrv_folder, steps, concept, examples)
-        print(json.dumps({f"hrv_{concept}": attributes[f"hrv_{concept}"]}), flush=True)
-    heads = cell_heads(args, pipe, hrv_folder, steps, guidance, examples)
-    heads_used = heads.pop("heads")
-    per_cell = {**spatial, "head_encode": heads, **attributes,
-                **{t: {w: style[f"{t}_{w}"] for w in WINDOWS} for t in ("striped", "night")}}
+    result: dict = {}
+    if "spatial" in kinds:
+        result.update(cell_spatial(args, pipe, sae_folder, feats["object"], steps, guidance, examples))
+        print(json.dumps(result), flush=True)
+    if "style" in kinds:
+        result["style"], result["style_preserved"] = cell_style(args, pipe, sae_folder, feats, steps, guidance, examples)
+        print(json.dumps({k: result[k] for k in ("style", "style_preserved")}), flush=True)
+    heads_used = None
+    if "heads" in kinds:
+        result["hrv_strengthen"] = cell_strengthen(args, pipe, hrv_folder, steps, guidance, examples)
+        print(json.dumps({"hrv_strengthen": result["hrv_strengthen"]}), flush=True)
+        result["head_encode"] = cell_heads(args, pipe, hrv_folder, steps, guidance, examples)
+        heads_used = result["head_encode"].pop("heads")
+    per_cell = {**result, **{t: {w: result["style"][f"{t}_{w}"] for w in WINDOWS}
+                             for t in ("striped", "night") if "style" in result}}
     fig = examples_figure(examples, per_cell, Path(args.out) / "steering_examples.png")
-    print(json.dumps({"settings": {k: v for k, v in vars(args).items()} | {"steps": steps, "guidance": guidance},
-                      "heads_used": heads_used, "examples": str(fig.resolve())}), flush=True)
-    print(json.dumps({**spatial, "style": style, "style_preserved": kept, **attributes,
-                      "attr_guidance": args.attr_guidance, "head_encode": heads}))
-
+    print(json.dumps({"settings": vars(args) | {"steps": steps, "guidance": guidance}, "heads_used": heads_used,
+                      "examples": str(fig.resolve())}), flush=True)
+    print(json.dumps(result))
 
 if __name__ == "__main__":
     main()

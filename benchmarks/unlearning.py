@@ -12,9 +12,12 @@ For each target value (default: striped, red, night):
    background and style) and over the steps of ``--when``. Score: the standardised difference of
    the means, target against the other values (SAeUron ranks features by how much more they fire
    on the concept than off it); the ``--features`` best are taken.
-2. Remove. ``FeatureEdit(op=ablate)`` of those features at the SAE's site in ``--when``, written as
-   a ``diffatlas steer`` recipe (``<out>/recipe_<target>.yaml``) and run through
-   ``steering.run_recipe``, which draws each prompt unsteered and steered from the same noise.
+2. Remove. One ``FeatureEdit`` per site of ``--sites`` (one SAE each, its own features) in
+   ``--when``: ``--op ablate`` sets the features to 0; ``--op scale`` multiplies them by
+   ``--strength`` (SAeUron's negative multiplier: β < 0 pushes the block output away from the
+   concept rather than only removing it). Written as a ``diffatlas steer`` recipe
+   (``<out>/recipe_<target>.yaml``) and run through ``steering.run_recipe``, which draws each prompt
+   unsteered and steered from the same noise.
 3. Score, before and after, on ``--prompts`` one-object captions that name everything:
    * UA: captions that ask for the target; share of images that do not show it;
    * IRA: captions that ask for another value of the same attribute; share drawn as asked;
@@ -42,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from steering_eval import build_sae  # noqa: E402  (the same harvest-and-train as the steering cells)
+from steering_eval import build_saes  # noqa: E402  (the same harvest-and-train as the steering cells)
 
 SHOWN = 4  # prompts of each set in the before/after figure
 
@@ -52,16 +55,21 @@ def parse_args(argv=None):
     ap.add_argument("--targets", default="striped,red,night", help="concept values to remove, comma-separated")
     ap.add_argument("--prompts", type=int, default=100, help="captions per measure (UA and IRA each)")
     ap.add_argument("--select-prompts", type=int, default=32, help="images that choose the features")
-    ap.add_argument("--features", type=int, default=8, help="features ablated per target")
-    ap.add_argument("--when", default="all", help="timestep window of the ablation: all, early, middle or late")
-    ap.add_argument("--site", default="up_blocks.2.attentions.0")
-    ap.add_argument("--sae", default=None, help="SAE folder for --site (default: harvest and train one)")
+    ap.add_argument("--features", type=int, default=8, help="features removed per target and site")
+    ap.add_argument("--when", default="all", help="timestep window of the edit: all, early, middle or late")
+    ap.add_argument("--sites", default="up_blocks.2.attentions.0",
+                    help="block sites edited, comma-separated, or 'all' (every attention block)")
+    ap.add_argument("--op", default="ablate", choices=("ablate", "scale"),
+                    help="ablate: features set to 0; scale: features multiplied by --strength")
+    ap.add_argument("--strength", type=float, default=-1.0, help="--op scale: the factor β (SAeUron: negative)")
+    ap.add_argument("--sae", default=None, help="SAE folder for a single --sites site (default: harvest and train one)")
     ap.add_argument("--harvest-prompts", type=int, default=64)
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     ap.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's)")
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="outputs/bench/unlearning")
+    ap.add_argument("--device", default="cpu", help="torch device of the model (images are the same on any: CPU noise)")
     args = ap.parse_args(argv)
     from activations.timesteps import WINDOWS
     from toyworld.vocab import ATTRIBUTES
@@ -82,6 +90,20 @@ def parse_args(argv=None):
         ap.error(f"--steps must be >= 1, got {args.steps}")
     if args.guidance is not None and not (np.isfinite(args.guidance) and args.guidance >= 1):
         ap.error(f"--guidance must be a finite number >= 1, got {args.guidance}")
+    if not np.isfinite(args.strength):
+        ap.error(f"--strength must be a finite number, got {args.strength}")
+    from activations.pipeline import load_pipeline
+    from activations.sites import list_sites
+
+    blocks = [s.name for s in list_sites(load_pipeline("toy", device="cpu").unet) if s.kind == "block"]
+    args.sites = blocks if args.sites == "all" else [s.strip() for s in args.sites.split(",") if s.strip()]
+    for s in args.sites:
+        if s not in blocks:
+            ap.error(f"--sites: {s!r} is not a block site of the toy model; valid: all, {', '.join(blocks)}")
+    if not args.sites:
+        ap.error("--sites is empty; give a block site, e.g. up_blocks.2.attentions.0, or all")
+    if args.sae is not None and len(args.sites) != 1:
+        ap.error(f"--sae is the SAE of one site; --sites names {len(args.sites)}")
     args.attribute_of = values
     return args
 
@@ -110,7 +132,8 @@ def scenes_with(n: int, rng: np.random.Generator, attribute: str, value: str | N
 
 
 @torch.no_grad()
-def choose_features(args, pipe, sae, attribute: str, target: str, steps: int, guidance: float) -> list[tuple[int, float]]:
+def choose_features(args, pipe, sae, site: str, attribute: str, target: str, steps: int,
+                    guidance: float) -> list[tuple[int, float]]:
     from activations.edits import Observe
     from activations.generate import sample
     from steering import steer
@@ -131,17 +154,18 @@ def choose_features(args, pipe, sae, attribute: str, target: str, steps: int, gu
 
         def grab(x, call):
             rows = call.rows("cond")
-            z = sae.encode((x if rows is None else x[rows]).float().reshape(-1, x.shape[-1]).to(sae.dtype))
+            z = sae.encode((x if rows is None else x[rows]).float().reshape(-1, x.shape[-1]).to(sae.device, sae.dtype))
             sums.append(z.to_dense().float().reshape(-1, x.shape[1], sae.num_latents))  # [b, n, f]
 
-        with steer(pipe, Observe(site=args.site, stage="block", fn=grab, when=args.when, sees="before"),
+        with steer(pipe, Observe(site=site, stage="block", fn=grab, when=args.when, sees="before"),
                    prompts=prompts[chunk]):
             sample(pipe, prompts[chunk], seeds[chunk], steps=steps, guidance=guidance, output_type="latent")
         z_bnf = torch.stack(sums).mean(0)  # mean over the window's steps
         grid = int(round(z_bnf.shape[1] ** 0.5))
         for scene, z_nf in zip(sel[chunk], z_bnf):
             if attribute in OBJECT_ATTRIBUTES:
-                where = torch.from_numpy(patch_coverage(render(scene).masks, grid)[0].reshape(-1) > 0.5)
+                cover = torch.from_numpy(patch_coverage(render(scene).masks, grid)[0].reshape(-1))
+                where = cover >= min(0.5, float(cover.max()))  # on a coarse grid: the patch it covers most
             else:
                 where = torch.ones(z_nf.shape[0], dtype=torch.bool)
             means.append(z_nf[where].mean(0))
@@ -182,27 +206,29 @@ def main(argv=None) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline("toy")
+    pipe = load_pipeline("toy", device=args.device)
     pipe.set_progress_bar_config(disable=True)
     defaults = model_defaults(pipe)
     steps = args.steps or defaults["num_inference_steps"]
     guidance = args.guidance if args.guidance is not None else defaults["guidance_scale"]
-    sae_folder = args.sae or build_sae(args, pipe, steps, guidance)
-    sae = SparseCoder.from_pretrained(sae_folder)
+    folders = {args.sites[0]: args.sae} if args.sae else build_saes(args, pipe, steps, guidance, args.sites)
+    saes = {site: SparseCoder.from_pretrained(f) for site, f in folders.items()}
 
     results = {}
     for target in args.targets:
         attribute = args.attribute_of[target]
         others = [a for a in ATTRIBUTES if a != attribute]
-        feats = choose_features(args, pipe, sae, attribute, target, steps, guidance)
+        feats = {site: choose_features(args, pipe, sae, site, attribute, target, steps, guidance)
+                 for site, sae in saes.items()}
         rng = np.random.default_rng([args.seed, 12])
         ua_scenes = scenes_with(args.prompts, rng, attribute, target)
         ira_scenes = scenes_with(args.prompts, rng, attribute, None, avoid=target)
         scenes = ua_scenes + ira_scenes
         recipe = Recipe(model="toy", prompts=[scene_to_prompt(s, rng) for s in scenes],
                         seeds=[20_000 + k for k in range(len(scenes))], steps=steps, guidance=guidance,
-                        interventions=[FeatureEdit(sae=sae_folder, features=[f for f, _ in feats], op="ablate",
-                                                   when=args.when)])
+                        interventions=[FeatureEdit(sae=folders[site], features=[f for f, _ in chosen], op=args.op,
+                                                   strength=args.strength if args.op == "scale" else 1.0, when=args.when)
+                                       for site, chosen in feats.items()])
         recipe.save(out / f"recipe_{target}.yaml")
         before, after = [], []
         for start in range(0, len(scenes), args.batch):
@@ -221,7 +247,8 @@ def main(argv=None) -> dict:
         results[target] = {**got["after"], "before": got["before"], "features": feats, "attribute": attribute}
         print(json.dumps({"target": target, **results[target]}), flush=True)
 
-    summary = {"targets": results, "site": args.site, "when": args.when, "prompts_per_measure": args.prompts,
+    summary = {"targets": results, "sites": args.sites, "op": args.op,
+               **({"strength": args.strength} if args.op == "scale" else {}), "when": args.when, "prompts_per_measure": args.prompts,
                "steps": steps, "guidance": guidance}
     for key in ("ua", "ira", "cra"):
         summary[f"{key}_mean"] = round(float(np.mean([r[key] for r in results.values()])), 4)
