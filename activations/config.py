@@ -18,9 +18,6 @@ from typing import Any, Literal, Optional, Union
 RUNTIME_FIELDS = ("out", "devices", "accelerator", "num_nodes", "progress", "verify", "threads")
 
 
-OPTIONAL = ("positions", "prompts.num_prompts")  # fields where null has a meaning
-
-
 @dataclass
 class PromptSource:
     """Where the prompts come from."""
@@ -108,70 +105,22 @@ class HarvestConfig:
 
     def check(self) -> None:
         """Refuse numbers out of range, naming the field (before anything is loaded or written)."""
-        at_least_one = {
-            "num_inference_steps": self.num_inference_steps,
-            "batch_size": self.batch_size,
-            "images_per_shard": self.images_per_shard,
-            "images_per_prompt": self.images_per_prompt,
-            "threads": self.threads,
-            "positions": self.positions,
-            "prompts.num_prompts": self.prompts.num_prompts,
-        }
-        for name, value in at_least_one.items():
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1{' or null' if name in OPTIONAL else ''}, got {value!r}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (<= 1 disables guidance), got {self.guidance_scale}")
+        from common.config import MAX_STEPS, check_counts
+
+        check_counts(self, positive=("num_inference_steps", "batch_size", "images_per_shard", "images_per_prompt",
+                                     "threads", "positions", "prompts.num_prompts"),
+                     non_negative=("seed",), numbers={"guidance_scale": 0.0}, at_most={"num_inference_steps": MAX_STEPS})
 
     def content_dict(self) -> dict:
         """The fields that decide what is stored (hashed into the manifest)."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "HarvestConfig":
-        d = dict(d)
-        if isinstance(d.get("prompts"), dict):
-            d["prompts"] = PromptSource(**d["prompts"])
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown harvest config field(s) {sorted(unknown)}; valid fields: {', '.join(sorted(names))}")
-        return cls(**d)
-
-
-def parser():
-    """The jsonargparse parser of ``diffatlas harvest``."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    with_docstrings()
-    p = ArgumentParser(prog="diffatlas harvest", description=HarvestConfig.__doc__)
-    p.add_argument("--config", action=ActionConfigFile, help="a YAML harvest config (also accepted as the first positional argument)")
-    p.add_class_arguments(HarvestConfig, as_group=False)
-    return p
-
-
-def with_docstrings() -> None:
-    import jsonargparse
-
-    try:  # field docstrings become --help text (needs docstring-parser)
-        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    except Exception:
-        pass
-
 
 def parse_args(argv: list[str]) -> HarvestConfig:
-    argv = list(argv)
-    if argv and not argv[0].startswith("-"):
-        argv = ["--config", argv[0]] + argv[1:]
-    p = parser()
-    ns = p.parse_args(argv)
-    cfg = p.instantiate(ns)
-    d = cfg.as_dict() if hasattr(cfg, "as_dict") else dict(vars(cfg))
-    d.pop("config", None)
-    d.pop("__path__", None)
-    return HarvestConfig.from_dict(d)
+    """``diffatlas harvest <config.yaml> [--field value ...]`` into a checked HarvestConfig."""
+    from common.config import parse
+
+    return parse(HarvestConfig, argv, "diffatlas harvest", HarvestConfig.__doc__, positional=("config",))
 
 
 def load_config(path: str) -> HarvestConfig:

@@ -42,13 +42,13 @@ from activations.store import (
     ConfigMismatchError,
     SiteReader,
     SiteWriter,
-    StoreError,
     StoreWriteError,
     check_store_record,
     store_record,
     verify_shard,
 )
 from activations.timesteps import BRANCHES, Steps, check_branch, select_steps
+from common.errors import UsageError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -67,7 +67,7 @@ def set_scheduler(pipe, name: str | None) -> None:
     cls = getattr(diffusers, name, None)
     if cls is None or not name.endswith("Scheduler"):
         valid = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("_"))
-        raise ValueError(f"unknown scheduler {name!r}; valid schedulers: {', '.join(valid)}")
+        raise UsageError(f"unknown scheduler {name!r}; valid schedulers: {', '.join(valid)}")
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
@@ -135,14 +135,14 @@ class Harvester:
         self.pipe.set_progress_bar_config(disable=True)
         set_scheduler(self.pipe, config.scheduler)
         if config.branch != "cond" and config.guidance_scale <= 1:
-            raise ValueError(f"branch {config.branch!r} needs classifier-free guidance (guidance_scale > 1, got {config.guidance_scale})")
+            raise UsageError(f"branch {config.branch!r} needs classifier-free guidance (guidance_scale > 1, got {config.guidance_scale})")
         sched = self.pipe.scheduler
         sched.set_timesteps(config.num_inference_steps)
         self.schedule = [int(t) for t in sched.timesteps]
         self.num_train_timesteps = int(sched.config.num_train_timesteps)
         self.steps = select_steps(config.timesteps, self.schedule, self.num_train_timesteps)
         if not self.steps:
-            raise ValueError(f"timesteps {config.timesteps!r} select no step of the schedule {self.schedule}")
+            raise UsageError(f"timesteps {config.timesteps!r} select no step of the schedule {self.schedule}")
         # the grid of every site comes from this run's latent size, not the model's default
         self.latent = latent_size(self.pipe, config.height, config.width)
         self.sites: list[Site] = resolve_sites(list_sites(self.pipe.unet, self.latent), config.sites)
@@ -466,18 +466,12 @@ def _kept(root: str | os.PathLike) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``diffatlas harvest <config.yaml> [--field value ...]``"""
     argv = list(sys.argv[1:] if argv is None else argv)
-    config = parse_args(argv)
+    config = parse_args(argv)  # bad input raises; the diffatlas dispatcher prints it as one line
     try:
         summary = harvest(config)
-    except KeyboardInterrupt:
-        print(f"diffatlas harvest: interrupted; {_kept(config.out)}; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except (StoreError, ValueError, FileNotFoundError) as e:
-        print(f"diffatlas harvest: {e}", file=sys.stderr)
-        return 2
-    except KeyError as e:
-        print(f"diffatlas harvest: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as stop:  # the dispatcher prints Ctrl-C as one line; say what a rerun resumes
+        stop.add_note(f"{_kept(config.out)}; rerun the same command to resume")
+        raise
     if summary.get("rank", 0) == 0:
         print(
             f"harvested {summary['images']} images in {summary['seconds']:.1f}s "

@@ -32,6 +32,7 @@ from activations.intervention import BLOCK_STAGES, Call, Intervention, run_stage
 from activations.processor import HeadProcessor
 from activations.sites import Site, list_sites, resolve_sites
 from activations.timesteps import branch_codes, check_branch
+from common.errors import UnknownNameError, UsageError
 
 _TAP_ATTR = "_diffatlas_tap"
 
@@ -183,13 +184,13 @@ class Tap:
     # -- attaching interventions -------------------------------------------------------------
     def _check_site(self, iv: Intervention) -> Site:
         if iv.site is None:
-            raise ValueError(f"{type(iv).__name__} has no site; set site= to one of: {', '.join(self.site_by_name)}")
+            raise UsageError(f"{type(iv).__name__} has no site; set site= to one of: {', '.join(self.site_by_name)}")
         s = resolve_sites(self.sites, [iv.site])[0]  # raises the helpful error for unknown names
         if iv.stage in BLOCK_STAGES and s.kind != "block":
-            raise KeyError(f"site {iv.site!r} is a head site; stage {iv.stage!r} needs a block site such as {s.block!r}")
+            raise UnknownNameError(f"site {iv.site!r} is a head site; stage {iv.stage!r} needs a block site such as {s.block!r}")
         if iv.stage not in BLOCK_STAGES and s.kind != "head":
             heads = [x.name for x in self.sites if x.kind == "head" and x.block == s.name]
-            raise KeyError(f"site {iv.site!r} is a block site; stage {iv.stage!r} needs an attn2 site such as {heads[0] if heads else '...attn2'!r}")
+            raise UnknownNameError(f"site {iv.site!r} is a block site; stage {iv.stage!r} needs an attn2 site such as {heads[0] if heads else '...attn2'!r}")
         return s
 
     @contextlib.contextmanager

@@ -47,6 +47,7 @@ from einops import rearrange
 
 from activations.masks import mask_spec, parse_mask
 from activations.timesteps import All, Branch, gate_spec, parse_branch, parse_when
+from common.errors import UsageError
 
 # stage -> einops layout of the value an intervention sees there ("n" = H*W patches, "t" = tokens)
 STAGES: dict[str, str] = {
@@ -189,7 +190,7 @@ def intervention_class(kind: str) -> type["Intervention"]:
     if kind not in _REGISTRY:
         close = difflib.get_close_matches(str(kind), list(_REGISTRY), n=2)
         hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        raise ValueError(f"unknown intervention kind {kind!r}{hint}; valid kinds: {', '.join(sorted(_REGISTRY))} "
+        raise UsageError(f"unknown intervention kind {kind!r}{hint}; valid kinds: {', '.join(sorted(_REGISTRY))} "
                          f"(kinds register on import or through the entry-point group {ENTRY_POINT_GROUP!r})")
     return _REGISTRY[kind]
 
@@ -218,9 +219,9 @@ class Intervention:
 
     def __post_init__(self):
         if self.stage not in STAGES:
-            raise ValueError(f"unknown stage {self.stage!r}; valid stages: {', '.join(STAGES)}")
+            raise UsageError(f"unknown stage {self.stage!r}; valid stages: {', '.join(STAGES)}")
         if self.stage not in self.stages:
-            raise ValueError(f"{type(self).__name__} cannot act at stage {self.stage!r}; valid: {', '.join(self.stages)}")
+            raise UsageError(f"{type(self).__name__} cannot act at stage {self.stage!r}; valid: {', '.join(self.stages)}")
         self.when = parse_when(self.when)
         self.branch = parse_branch(self.branch)
         if isinstance(self.mask, (list, tuple, np.ndarray, torch.Tensor)):
@@ -229,9 +230,9 @@ class Intervention:
             self.mask = Patches(self.mask)
         self.mask = parse_mask(self.mask)
         if self.mask is not None and self.stage in ("k", "v"):
-            raise ValueError(f"stage {self.stage!r} has no patches (its axis is the text tokens); drop the mask")
+            raise UsageError(f"stage {self.stage!r} has no patches (its axis is the text tokens); drop the mask")
         if self.sees not in SEES:
-            raise ValueError(f"sees must be 'before' or 'after', got {self.sees!r}")
+            raise UsageError(f"sees must be 'before' or 'after', got {self.sees!r}")
 
     # -- what subclasses implement -------------------------------------------------------------
     def apply(self, x: torch.Tensor, call: Call) -> torch.Tensor | None:
@@ -275,12 +276,12 @@ class Intervention:
     def from_dict(data: dict[str, Any]) -> "Intervention":
         data = dict(data)
         if "kind" not in data:
-            raise ValueError(f"an intervention needs a 'kind'; got fields {sorted(data)}; valid kinds: {', '.join(intervention_kinds())}")
+            raise UsageError(f"an intervention needs a 'kind'; got fields {sorted(data)}; valid kinds: {', '.join(intervention_kinds())}")
         cls = intervention_class(data.pop("kind"))
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ValueError(f"unknown field(s) {sorted(unknown)} for intervention kind {cls.kind!r}; valid fields: {', '.join(sorted(names))}")
+            raise UsageError(f"unknown field(s) {sorted(unknown)} for intervention kind {cls.kind!r}; valid fields: {', '.join(sorted(names))}")
         return cls(**data)
 
 
@@ -335,7 +336,7 @@ def _selection(iv: Intervention, call: Call, x: torch.Tensor) -> torch.Tensor | 
     if iv.mask is not None:
         patches = iv.mask.on_grid(*call.grid).to(x.device)
         if patches.numel() != _patch_count(call.stage, x):
-            raise ValueError(f"mask of {patches.numel()} patches does not fit site {call.site} with {_patch_count(call.stage, x)}")
+            raise UsageError(f"mask of {patches.numel()} patches does not fit site {call.site} with {_patch_count(call.stage, x)}")
     if rows is None and patches is None:
         return None
     layout = STAGES[call.stage].split()

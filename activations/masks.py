@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.errors import UsageError
+
 QUADRANTS = {
     "top left": (0.0, 0.0, 0.5, 0.5),
     "top right": (0.0, 0.5, 0.5, 1.0),
@@ -66,11 +68,11 @@ class Patches(Mask):
 
     def on_grid(self, h, w):
         if self.grid is not None and tuple(self.grid) != (h, w):
-            raise ValueError(f"patch mask made for a {self.grid[0]}x{self.grid[1]} grid applied at a {h}x{w} site; "
+            raise UsageError(f"patch mask made for a {self.grid[0]}x{self.grid[1]} grid applied at a {h}x{w} site; "
                              f"use a Box, Quadrant or MaskImage to mean the same region at every grid")
         bad = [i for i in self.indices if not 0 <= i < h * w]
         if bad:
-            raise ValueError(f"patch index {bad[0]} out of range for a {h}x{w} grid (valid: 0..{h * w - 1})")
+            raise UsageError(f"patch index {bad[0]} out of range for a {h}x{w} grid (valid: 0..{h * w - 1})")
         m = torch.zeros(h * w, dtype=torch.bool)
         m[list(self.indices)] = True
         return m
@@ -93,7 +95,7 @@ class Box(Mask):
 
     def __post_init__(self):
         if not (0 <= self.top < self.bottom <= 1 and 0 <= self.left < self.right <= 1):
-            raise ValueError(f"box [top, left, bottom, right] = {[self.top, self.left, self.bottom, self.right]} must be "
+            raise UsageError(f"box [top, left, bottom, right] = {[self.top, self.left, self.bottom, self.right]} must be "
                              f"fractions of the image with 0 <= top < bottom <= 1 and 0 <= left < right <= 1")
 
     def on_grid(self, h, w):
@@ -115,7 +117,7 @@ class Quadrant(Mask):
 
     def __post_init__(self):
         if self.name not in QUADRANTS:
-            raise ValueError(f"unknown quadrant {self.name!r}; valid quadrants: {', '.join(QUADRANTS)}")
+            raise UsageError(f"unknown quadrant {self.name!r}; valid quadrants: {', '.join(QUADRANTS)}")
 
     def on_grid(self, h, w):
         return Box(*QUADRANTS[self.name]).on_grid(h, w)
@@ -141,7 +143,7 @@ class MaskImage(Mask):
             return np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0
         arr = src.detach().cpu().numpy() if isinstance(src, torch.Tensor) else np.asarray(src)
         if arr.ndim != 2:
-            raise ValueError(f"a mask image must be 2-D [H, W], got shape {list(arr.shape)}")
+            raise UsageError(f"a mask image must be 2-D [H, W], got shape {list(arr.shape)}")
         return arr.astype(np.float32)
 
     def on_grid(self, h, w):
@@ -167,13 +169,13 @@ def parse_mask(spec: Any) -> Mask | None:
         if keys == {"box"}:
             v = spec["box"]
             if not isinstance(v, (list, tuple)) or len(v) != 4:
-                raise ValueError(f"{{box: [top, left, bottom, right]}} needs four fractions, got {v!r}")
+                raise UsageError(f"{{box: [top, left, bottom, right]}} needs four fractions, got {v!r}")
             return Box(*(float(x) for x in v))
         if keys == {"quadrant"}:
             return Quadrant(spec["quadrant"])
         if keys == {"image"}:
             return MaskImage(spec["image"])
-    raise ValueError(f"unknown mask {spec!r}; valid: {MASK_FORMS}")
+    raise UsageError(f"unknown mask {spec!r}; valid: {MASK_FORMS}")
 
 
 def mask_spec(mask: Mask | None) -> dict | None:

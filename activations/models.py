@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from common import plugins
+from common.errors import UsageError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -52,7 +53,7 @@ def model_config(name: str | Path) -> dict:
     if stem is None:
         close = difflib.get_close_matches(key, list(available) + list(_aliases()), n=3, cutoff=0.4)
         hint = f" Closest: {', '.join(close)}." if close else ""
-        raise ValueError(f"unknown model config {name!r}.{hint} Valid: {', '.join(available)}, a registered model ({', '.join(plugins.names(plugins.MODELS))}), or a path to a YAML file")
+        raise UsageError(f"unknown model config {name!r}.{hint} Valid: {', '.join(available)}, a registered model ({', '.join(plugins.names(plugins.MODELS))}), or a path to a YAML file")
     return yaml.safe_load(available[stem].read_text())
 
 
@@ -159,7 +160,7 @@ def tiny_unet_config(family: str) -> dict:
             "addition_time_embed_dim": 8,
             "projection_class_embeddings_input_dim": 32 + 6 * 8,
         }
-    raise ValueError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}")
+    raise UsageError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}")
 
 
 def build_tiny_unet(family: str, seed: int = 0):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from activations.config import PromptSource
 from common import plugins
+from common.errors import UsageError
 
 
 BUILTIN_KINDS = ("file", "list", "dataset")
@@ -30,7 +31,7 @@ class PromptSet:
         kind = source.kind
         if kind == "file":
             if not source.path:
-                raise ValueError("prompts.kind 'file' needs prompts.path (a text file, one prompt per line)")
+                raise UsageError("prompts.kind 'file' needs prompts.path (a text file, one prompt per line)")
             path = Path(source.path)
             if not path.is_file():
                 raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
@@ -44,10 +45,10 @@ class PromptSet:
         available = len(self._texts) if self._texts is not None else len(self._dataset) if self._dataset is not None else len(self.plugin)
         n = source.num_prompts if source.num_prompts is not None else available
         if n > available:
-            raise ValueError(f"prompts.num_prompts={n} but the {kind} source holds only {available} prompts")
+            raise UsageError(f"prompts.num_prompts={n} but the {kind} source holds only {available} prompts")
         if n < 1:  # an empty store would look like a finished harvest
             where = f" ({source.path})" if source.path else ""
-            raise ValueError(f"the prompt set must hold at least 1 prompt, got 0 from the {kind} source{where}")
+            raise UsageError(f"the prompt set must hold at least 1 prompt, got 0 from the {kind} source{where}")
         self.n = int(n)
 
     def __len__(self) -> int:
@@ -84,16 +85,16 @@ def _load_dataset(source: PromptSource):
     import datasets
 
     if not source.path:
-        raise ValueError("prompts.kind 'dataset' needs prompts.path (a dataset name or local folder)")
+        raise UsageError("prompts.kind 'dataset' needs prompts.path (a dataset name or local folder)")
     path = Path(source.path)
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if source.split not in ds:
-                raise ValueError(f"split {source.split!r} not in dataset {source.path!r}; valid splits: {', '.join(ds)}")
+                raise UsageError(f"split {source.split!r} not in dataset {source.path!r}; valid splits: {', '.join(ds)}")
             ds = ds[source.split]
     else:
         ds = datasets.load_dataset(source.path, split=source.split)
     if source.column not in ds.column_names:
-        raise ValueError(f"column {source.column!r} not in dataset {source.path!r}; valid columns: {', '.join(ds.column_names)}")
+        raise UsageError(f"column {source.column!r} not in dataset {source.path!r}; valid columns: {', '.join(ds.column_names)}")
     return ds.select_columns([source.column])

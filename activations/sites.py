@@ -13,12 +13,13 @@ registers them in that order), so the order is built explicitly here.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import json
-import sys
 from collections.abc import Iterable, Sequence
+from typing import Literal, Optional
+
+from common.errors import UnknownNameError, UsageError
 
 SITE_KINDS = ("block", "head")
 SITE_GROUPS = ("all", "blocks", "heads")
@@ -91,7 +92,7 @@ def latent_size(pipe, height: int | None = None, width: int | None = None) -> tu
             size.append(dflt)
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < step or value % step:
-            raise ValueError(
+            raise UsageError(
                 f"{name} must be a positive multiple of {step} pixels for this model (VAE factor {factor} x "
                 f"2^{num_downsamplings(unet)} U-Net downsamplings), got {value!r}; valid sizes: "
                 f"{', '.join(str(step * k) for k in range(1, 5))}, ... (default {dflt * factor})"
@@ -173,14 +174,14 @@ def heads_by_site(model, heads) -> dict[str, list[int]]:
     for h in heads:
         if isinstance(h, (list, tuple)):
             if len(h) != 2 or h[0] not in by_name:
-                raise ValueError(f"head {list(h)!r} is not a (site, head) pair of this model; valid sites: {', '.join(by_name)}")
+                raise UsageError(f"head {list(h)!r} is not a (site, head) pair of this model; valid sites: {', '.join(by_name)}")
             site, local = by_name[h[0]], int(h[1])
             if not 0 <= local < site.heads:
-                raise ValueError(f"head {local} out of range at {site.name} with {site.heads} heads (valid: 0..{site.heads - 1})")
+                raise UsageError(f"head {local} out of range at {site.name} with {site.heads} heads (valid: 0..{site.heads - 1})")
         else:
             g = int(h)
             if not 0 <= g < total:
-                raise ValueError(f"global head {g} out of range for this model's {total} cross-attention heads (valid: 0..{total - 1})")
+                raise UsageError(f"global head {g} out of range for this model's {total} cross-attention heads (valid: 0..{total - 1})")
             site = next(s for s in sites if g in s.head_range)
             local = g - site.first_head
         out.setdefault(site.name, [])
@@ -211,7 +212,7 @@ def resolve_sites(unet_or_sites, names: str | Iterable[str]) -> list[Site]:
         else:
             close = difflib.get_close_matches(name, list(by_name), n=3, cutoff=0.6)
             hint = f" Closest matches: {', '.join(close)}." if close else ""
-            raise KeyError(
+            raise UnknownNameError(
                 f"unknown site {name!r}.{hint} Valid sites: {', '.join(by_name)} (or the groups {', '.join(SITE_GROUPS)})"
             )
     # keep forward order regardless of the order asked for
@@ -245,7 +246,7 @@ def unet_for(spec: str):
             sub = "unet" if not local or (Path(spec) / "unet").is_dir() else None
             config = UNet2DConditionModel.load_config(spec, subfolder=sub)
         except Exception as e:
-            raise ValueError(f"{err} Also not a diffusers pipeline folder or reachable hub id: {spec!r} ({e})") from None
+            raise UsageError(f"{err} Also not a diffusers pipeline folder or reachable hub id: {spec!r} ({e})") from None
         import torch
 
         with torch.device("meta"):
@@ -268,19 +269,28 @@ def format_table(sites: Sequence[Site]) -> str:
     return "\n".join(lines)
 
 
+@dataclasses.dataclass
+class SitesConfig:
+    """List a model's block sites and cross-attention head sites."""
+
+    model: str = ""
+    """config name (sd-1.4, sd-1.5, sd-2.1, sdxl-base), a YAML path, 'toy', or a pipeline folder; may
+    also be given as the first argument"""
+    json: bool = False
+    """print JSON (one object per site) instead of a table"""
+    kind: Optional[Literal["block", "head"]] = None
+    """only sites of this kind"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="diffatlas sites", description="List a model's block sites and cross-attention head sites."
-    )
-    parser.add_argument("model", help="config name (sd-1.4, sd-1.5, sd-2.1, sdxl-base), a YAML path, 'toy', or a pipeline folder")
-    parser.add_argument("--json", action="store_true", help="print JSON (one object per site) instead of a table")
-    parser.add_argument("--kind", choices=SITE_KINDS, help="only sites of this kind")
-    args = parser.parse_args(argv)
-    try:
-        sites = list_sites(unet_for(args.model))
-    except (ValueError, ImportError) as e:
-        print(f"diffatlas sites: {e}", file=sys.stderr)
-        return 2
+    """``diffatlas sites <model> [--json] [--kind block|head]``; bad input raises (the dispatcher prints it)."""
+    from common.config import parse
+    from common.errors import UsageError
+
+    args = parse(SitesConfig, argv, "diffatlas sites", SitesConfig.__doc__, positional=("model",))
+    if not args.model:
+        raise UsageError("give a model: diffatlas sites <model> (sd-1.4, sd-1.5, sd-2.1, sdxl-base, toy, a YAML path or a pipeline folder)")
+    sites = list_sites(unet_for(args.model))
     if args.kind:
         sites = [s for s in sites if s.kind == args.kind]
     if args.json:

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from activations.timesteps import BRANCHES, branch_code, parse_when
-from common.errors import ReportedError
+from common.errors import ReportedError, UnknownNameError, UsageError
 
 FORMAT_VERSION = 2  # 2: one store config (store.json), manifests hold it without sites, numerics
 ACT_DTYPE = np.float16
@@ -277,7 +277,7 @@ def _verify_mode(verify: bool | str) -> str:
     # False used to mean "never check"; reading unchecked data is now opt-in by name only
     mode = {True: "eager", False: "lazy"}.get(verify, verify) if isinstance(verify, bool) else verify
     if mode not in VERIFY_MODES:
-        raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)} (or True/False), got {verify!r}")
+        raise UsageError(f"verify must be one of {', '.join(VERIFY_MODES)} (or True/False), got {verify!r}")
     return mode
 
 
@@ -544,7 +544,7 @@ class ActivationStore:
         if name not in self.sites:
             close = difflib.get_close_matches(name, self.sites, n=3, cutoff=0.5)
             hint = f" Closest: {', '.join(close)}." if close else ""
-            raise KeyError(f"site {name!r} is not in store {self.root}.{hint} Valid sites: {', '.join(self.sites)}")
+            raise UnknownNameError(f"site {name!r} is not in store {self.root}.{hint} Valid sites: {', '.join(self.sites)}")
         if name not in self._readers:
             self._readers[name] = SiteReader(self.root / name, verify=self.verify_mode)
         return self._readers[name]
@@ -570,7 +570,7 @@ class ActivationStore:
         by_image = {int(r["image"]): r["text"] for r in self.prompts()}
         missing = [int(i) for i in images if int(i) not in by_image]
         if missing:
-            raise KeyError(f"no prompt for image {missing[0]} in {self.root / 'prompts.jsonl'}")
+            raise UnknownNameError(f"no prompt for image {missing[0]} in {self.root / 'prompts.jsonl'}")
         return [by_image[int(i)] for i in images]
 
     def images(self, images: Sequence[int], size: int | None = None) -> torch.Tensor:
@@ -693,7 +693,7 @@ class SiteReader:
     def meta_column(self, field: str) -> np.ndarray:
         """One metadata field for all rows, concatenated over shards."""
         if field not in META_FIELDS:
-            raise KeyError(f"unknown meta field {field!r}; valid fields: {', '.join(META_FIELDS)}")
+            raise UnknownNameError(f"unknown meta field {field!r}; valid fields: {', '.join(META_FIELDS)}")
         if not self.shards:
             return np.zeros(0, dtype=META_DTYPE[field])
         return np.concatenate([np.asarray(self.meta_shard(k)[field]) for k in range(len(self.shards))])
@@ -771,7 +771,7 @@ class SiteReader:
         many images and steps. ``shuffle_buffer=0`` keeps rows in store order (no shuffling).
         """
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         idx = np.arange(self.num_rows, dtype=np.int64) if indices is None else np.sort(np.asarray(indices, dtype=np.int64))
@@ -809,7 +809,7 @@ class SiteReader:
         """
         rows = self.select(branch=branch, images=[image], steps=[step])
         if not len(rows):
-            raise KeyError(f"site {self.name} has no rows for image {image}, step {step}, branch {branch!r}")
+            raise UnknownNameError(f"site {self.name} has no rows for image {image}, step {step}, branch {branch!r}")
         acts, meta = self.read(rows)
         h, w = self.grid
         out = torch.full((h, w, self.width), float("nan"), dtype=torch.float16)

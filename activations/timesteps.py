@@ -36,6 +36,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from common.errors import UsageError
+
 WINDOWS: dict[str, tuple[float, float]] = {
     "early": (0.6, 1.0),
     "middle": (0.2, 0.6),
@@ -99,15 +101,15 @@ class Window(When):
     def __post_init__(self):
         if self.name is not None:
             if self.name not in WINDOWS:
-                raise ValueError(f"unknown timestep window {self.name!r}; valid windows: {', '.join(WINDOWS)}, or {{tau: [lo, hi]}}")
+                raise UsageError(f"unknown timestep window {self.name!r}; valid windows: {', '.join(WINDOWS)}, or {{tau: [lo, hi]}}")
             object.__setattr__(self, "lo", WINDOWS[self.name][0])
             object.__setattr__(self, "hi", WINDOWS[self.name][1])
             return
         if self.lo is None or self.hi is None:
-            raise ValueError("Window needs a name (early, middle, late) or both tau bounds: Window.tau(lo, hi)")
+            raise UsageError("Window needs a name (early, middle, late) or both tau bounds: Window.tau(lo, hi)")
         lo, hi = float(self.lo), float(self.hi)
         if not (0.0 <= lo < hi <= 1.0):
-            raise ValueError(f"timestep window {{tau: [{lo:g}, {hi:g}]}} must satisfy 0 <= lo < hi <= 1 "
+            raise UsageError(f"timestep window {{tau: [{lo:g}, {hi:g}]}} must satisfy 0 <= lo < hi <= 1 "
                              f"(tau = t / num_train_timesteps, 1 = pure noise); valid windows: early, middle, late, "
                              f"or {{tau: [lo, hi]}}")
         object.__setattr__(self, "lo", lo)
@@ -152,7 +154,7 @@ class Steps(When):
     def __init__(self, indices: Iterable[int]):
         idx = tuple(_ints(indices, "steps"))
         if any(i < 0 for i in idx):
-            raise ValueError(f"step indices must be >= 0, got {list(idx)}")
+            raise UsageError(f"step indices must be >= 0, got {list(idx)}")
         object.__setattr__(self, "indices", idx)
 
     def mask(self, steps, ts, num_train_timesteps):
@@ -164,7 +166,7 @@ class Steps(When):
     def select(self, schedule, num_train_timesteps):
         missing = [i for i in self.indices if i >= len(schedule)]
         if missing:
-            raise ValueError(f"step(s) {missing} out of range for a schedule of {len(schedule)} steps (valid: 0..{len(schedule) - 1})")
+            raise UsageError(f"step(s) {missing} out of range for a schedule of {len(schedule)} steps (valid: 0..{len(schedule) - 1})")
         return super().select(schedule, num_train_timesteps)
 
     def to_spec(self):
@@ -179,7 +181,7 @@ class Every(When):
 
     def __post_init__(self):
         if isinstance(self.n, bool) or not isinstance(self.n, (int, np.integer)) or self.n < 1:
-            raise ValueError(f"{{every: N}} needs an integer N >= 1, got {self.n!r}")
+            raise UsageError(f"{{every: N}} needs an integer N >= 1, got {self.n!r}")
 
     def mask(self, steps, ts, num_train_timesteps):
         s = np.asarray(steps)
@@ -211,7 +213,7 @@ class Timesteps(When):
         ts = [int(t) for t in schedule]
         missing = [t for t in self.values if t not in ts]
         if missing:
-            raise ValueError(f"timestep(s) {missing} not in the schedule; valid timesteps: {ts}")
+            raise UsageError(f"timestep(s) {missing} not in the schedule; valid timesteps: {ts}")
         return super().select(schedule, num_train_timesteps)
 
     def to_spec(self):
@@ -220,11 +222,11 @@ class Timesteps(When):
 
 def _ints(values, what: str) -> list[int]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise ValueError(f"{{{what}: [...]}} needs a list of integers, got {values!r}")
+        raise UsageError(f"{{{what}: [...]}} needs a list of integers, got {values!r}")
     out = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise ValueError(f"{{{what}: [...]}} needs integers, got {v!r} in {list(values)!r}")
+            raise UsageError(f"{{{what}: [...]}} needs integers, got {v!r} in {list(values)!r}")
         out.append(int(v))
     return out
 
@@ -240,7 +242,7 @@ _DICT_FORMS = {
 
 def _pair(v) -> tuple[float, float]:
     if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 2:
-        raise ValueError(f"{{tau: [lo, hi]}} needs two numbers, got {v!r}")
+        raise UsageError(f"{{tau: [lo, hi]}} needs two numbers, got {v!r}")
     return float(v[0]), float(v[1])
 
 
@@ -260,14 +262,14 @@ def parse_when(spec: Any) -> When:
         if s.startswith("every:"):
             n = s.split(":", 1)[1]
             if not n.strip().isdigit():
-                raise ValueError(f"timestep gate {spec!r}: N in 'every:N' must be an integer >= 1")
+                raise UsageError(f"timestep gate {spec!r}: N in 'every:N' must be an integer >= 1")
             return Every(int(n))
-        raise ValueError(f"unknown timestep window {spec!r}; valid windows: early, middle, late; valid gates: {GATE_FORMS}")
+        raise UsageError(f"unknown timestep window {spec!r}; valid windows: early, middle, late; valid gates: {GATE_FORMS}")
     if isinstance(spec, dict) and len(spec) == 1:
         key, value = next(iter(spec.items()))
         if key in _DICT_FORMS:
             return _DICT_FORMS[key](value)
-    raise ValueError(f"timestep gate {spec!r} is not one of the accepted forms: {GATE_FORMS}")
+    raise UsageError(f"timestep gate {spec!r} is not one of the accepted forms: {GATE_FORMS}")
 
 
 def gate_spec(when: When | None) -> Any:
@@ -288,7 +290,7 @@ class Branch:
 
     def __post_init__(self):
         if self.name not in BRANCH_CHOICES:
-            raise ValueError(f"unknown branch {self.name!r}; valid choices: {', '.join(BRANCH_CHOICES)}")
+            raise UsageError(f"unknown branch {self.name!r}; valid choices: {', '.join(BRANCH_CHOICES)}")
 
     def rows(self, codes: torch.Tensor) -> torch.Tensor | None:
         """Batch row indices of this branch given per-row codes (0 uncond, 1 cond); None = all rows."""
@@ -312,7 +314,7 @@ def parse_branch(spec: Any) -> Branch:
     if spec is None:
         return Branch("both")
     if not isinstance(spec, str):
-        raise ValueError(f"unknown branch {spec!r}; valid choices: {', '.join(BRANCH_CHOICES)}")
+        raise UsageError(f"unknown branch {spec!r}; valid choices: {', '.join(BRANCH_CHOICES)}")
     return Branch(spec)
 
 
@@ -327,7 +329,7 @@ def branch_codes(batch: int, cfg: bool, device=None) -> torch.Tensor:
 def branch_code(branch: str) -> int:
     """The stored int8 code of ``uncond`` / ``cond``."""
     if branch not in BRANCHES:
-        raise ValueError(f"unknown branch {branch!r}; valid branches: {', '.join(BRANCHES)}")
+        raise UsageError(f"unknown branch {branch!r}; valid branches: {', '.join(BRANCHES)}")
     return BRANCHES.index(branch)
 
 
@@ -343,7 +345,7 @@ def window_bounds(window: Any) -> tuple[float, float]:
     """(lo, hi) of a window spelling (``early`` or ``{tau: [lo, hi]}`` or a Window)."""
     gate = parse_when(window)
     if not isinstance(gate, Window):
-        raise ValueError(f"{window!r} is not a timestep window; valid: early, middle, late, or {{tau: [lo, hi]}}")
+        raise UsageError(f"{window!r} is not a timestep window; valid: early, middle, late, or {{tau: [lo, hi]}}")
     return gate.bounds
 
 
@@ -352,7 +354,7 @@ def in_window(t, num_train_timesteps: int, window) -> np.ndarray:
     t = np.asarray(t)
     gate = parse_when(window)
     if not isinstance(gate, Window):
-        raise ValueError(f"{window!r} is not a timestep window; valid: early, middle, late, or {{tau: [lo, hi]}}")
+        raise UsageError(f"{window!r} is not a timestep window; valid: early, middle, late, or {{tau: [lo, hi]}}")
     return gate.mask(np.zeros(len(np.atleast_1d(t)), dtype=np.int64), np.atleast_1d(t), num_train_timesteps).reshape(t.shape)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from common.errors import UsageError
+
 SUBCOMMANDS = {
     "hrv": "build head relevance vectors during generation (Park et al., ICLR 2025, Section 3)",
     "weaken": "ordered weakening of heads in HRV order, scored per concept (Section 4)",
@@ -31,18 +33,16 @@ def hrv_outputs(hrv, pipe, out: Path, wandb: bool) -> dict:
 
 
 def run_hrv(argv: list[str]) -> int:
-    from analysis.config import HRVConfig, parse_config
+    from analysis.concepts import load_concepts
+    from analysis.config import HRVConfig
     from analysis.construct import build_hrv, load_model
+    from common.config import parse
 
-    cfg = parse_config(HRVConfig, argv, "diffatlas analyze hrv")
-    try:
-        from analysis.concepts import load_concepts
-
-        load_concepts(cfg.concepts)  # a bad list fails before the model loads
-        pipe = load_model(cfg, cfg.model)
-        hrv = build_hrv(cfg, pipe)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        return _error("hrv", e)
+    # bad input raises (UsageError, checked counts included); the diffatlas dispatcher prints it
+    cfg = parse(HRVConfig, argv, "diffatlas analyze hrv", HRVConfig.__doc__, positional=("config",))
+    load_concepts(cfg.concepts)  # a bad list fails before the model loads
+    pipe = load_model(cfg, cfg.model)
+    hrv = build_hrv(cfg, pipe)
     out = Path(cfg.out)
     info = hrv_outputs(hrv, pipe, out, cfg.wandb)
     print(f"HRVs of {len(hrv.concepts)} concepts x {hrv.num_heads} heads from {hrv.meta['images']} images "
@@ -62,31 +62,29 @@ def make_scorer(cfg, hrv):
 
         return ToyOracleScorer()
     if not cfg.clip:
-        raise ValueError("scorer 'clip' needs clip: a local CLIP folder (transformers CLIPModel + tokenizer)")
+        raise UsageError("scorer 'clip' needs clip: a local CLIP folder (transformers CLIPModel + tokenizer)")
     from analysis.clip_score import ClipScorer
 
     return ClipScorer.from_folder(cfg.clip, template=cfg.template, concepts=hrv.concepts)
 
 
 def run_weaken(argv: list[str]) -> int:
-    from analysis.config import WeakenConfig, parse_config, save_config
+    from analysis.config import WeakenConfig
     from analysis.construct import load_model, sampling_defaults
     from analysis.hrv import HRV
     from analysis.plots import log_images
     from analysis.weakening import run_weakening, save_results, summary
+    from common.config import parse, save_config
 
-    cfg = parse_config(WeakenConfig, argv, "diffatlas analyze weaken")
-    try:
-        hrv = HRV.load(cfg.hrv)
-        model = cfg.model or hrv.meta.get("model", "toy")
-        pipe = load_model(cfg, model)
-        scorer = make_scorer(cfg, hrv)
-        steps, guidance = sampling_defaults(pipe, cfg.steps, cfg.guidance)
-        results = run_weakening(hrv, pipe, scorer, cfg.concepts, images_per_point=cfg.images_per_point,
-                                points=cfg.points, seed=cfg.seed, steps=steps, guidance=guidance, factor=cfg.factor,
-                                batch_size=cfg.batch_size, progress=cfg.progress)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        return _error("weaken", e)
+    cfg = parse(WeakenConfig, argv, "diffatlas analyze weaken", WeakenConfig.__doc__, positional=("config",))
+    hrv = HRV.load(cfg.hrv)
+    model = cfg.model or hrv.meta.get("model", "toy")
+    pipe = load_model(cfg, model)
+    scorer = make_scorer(cfg, hrv)
+    steps, guidance = sampling_defaults(pipe, cfg.steps, cfg.guidance)
+    results = run_weakening(hrv, pipe, scorer, cfg.concepts, images_per_point=cfg.images_per_point,
+                            points=cfg.points, seed=cfg.seed, steps=steps, guidance=guidance, factor=cfg.factor,
+                            batch_size=cfg.batch_size, progress=cfg.progress)
     head = summary(results, cfg.images_per_point)
     js, png = save_results(results, cfg.out, scorer.ylabel, {"summary": head, "model": model, "steps": steps, "guidance": guidance})
     save_config(cfg, Path(cfg.out) / "weaken_config.yaml")
@@ -103,20 +101,10 @@ def run_features(argv: list[str]) -> int:
     from common.config import parse, save_config
     from analysis.feature_report import FeaturesConfig, build_report
 
-    argv = list(argv)
-    positional = []
-    while argv and not argv[0].startswith("-") and len(positional) < 2:
-        positional.append(argv.pop(0))
-    argv = [x for pair in zip(("--sae", "--store"), positional) for x in pair] + argv
-    cfg = parse(FeaturesConfig, argv, "diffatlas analyze features", FeaturesConfig.__doc__)
+    cfg = parse(FeaturesConfig, argv, "diffatlas analyze features", FeaturesConfig.__doc__, positional=("sae", "store"))
     if not cfg.sae or not cfg.store:
-        print("diffatlas analyze features: error: give the SAE folder and the store: "
-              "diffatlas analyze features <sae> <store> [--hrv DIR] [--out DIR]", file=sys.stderr)
-        return 2
-    try:
-        report = build_report(cfg)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        return _error("features", e)
+        raise UsageError("give the SAE folder and the store: diffatlas analyze features <sae> <store> [--hrv DIR] [--out DIR]")
+    report = build_report(cfg)
     out = Path(cfg.out)
     save_config(cfg, out / "features_config.yaml")
     print(f"{len(report['features'])} features of {report['num_latents']} at {report['site']} over {report['rows']} rows: {out.resolve()}")
@@ -138,14 +126,6 @@ def finish_features(cfg, report) -> int:
     return 0
 
 
-def _error(subcommand: str, err: BaseException) -> int:
-    """Bad input: one line naming the subcommand (``common.errors.one_line``), exit code 2."""
-    from common.errors import one_line
-
-    print(f"diffatlas analyze {subcommand}: error: {one_line(err)}", file=sys.stderr)
-    return 2
-
-
 def _usage() -> str:
     lines = ["usage: diffatlas analyze <subcommand> <config.yaml> [--field value ...]", "", "subcommands:"]
     lines += [f"  {k:<8} {v}" for k, v in SUBCOMMANDS.items()]
@@ -159,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        print(f"diffatlas analyze: unknown subcommand {name!r}; valid subcommands: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown subcommand {name!r}; valid subcommands: {', '.join(SUBCOMMANDS)}")
     return {"hrv": run_hrv, "weaken": run_weaken, "features": run_features}[name](rest)
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from common.errors import UnknownNameError, UsageError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "concepts"
 
 
@@ -36,7 +38,7 @@ class ConceptList:
 
     def index(self, name: str) -> int:
         if name not in self.names:
-            raise KeyError(f"unknown concept {name!r}; valid concepts: {', '.join(self.names)}")
+            raise UnknownNameError(f"unknown concept {name!r}; valid concepts: {', '.join(self.names)}")
         return self.names.index(name)
 
     def to_dict(self) -> dict[str, list[str]]:
@@ -50,23 +52,23 @@ class ConceptList:
 def check_concepts(names, words) -> None:
     """Raise a ValueError naming the first problem: too few concepts, duplicates, empty lists."""
     if len(names) < 2:
-        raise ValueError(
+        raise UsageError(
             f"a concept list needs at least 2 concepts (each head votes for the argmax concept; an argmax "
             f"over one is meaningless), got {len(names)}: {list(names)}"
         )
     seen = set()
     for name in names:
         if not name.strip():
-            raise ValueError(f"concept names must be non-empty; got {list(names)}")
+            raise UsageError(f"concept names must be non-empty; got {list(names)}")
         if name in seen:
-            raise ValueError(f"duplicate concept name {name!r}; concept names must be unique: {list(names)}")
+            raise UsageError(f"duplicate concept name {name!r}; concept names must be unique: {list(names)}")
         seen.add(name)
     for name, ws in zip(names, words):
         if not ws or not any(w.strip() for w in ws):
-            raise ValueError(f"concept {name!r} has no words; give it at least one, e.g. {name}: [word1, word2]")
+            raise UsageError(f"concept {name!r} has no words; give it at least one, e.g. {name}: [word1, word2]")
         blank = [w for w in ws if not w.strip()]
         if blank:
-            raise ValueError(f"concept {name!r} has an empty word in {list(ws)}")
+            raise UsageError(f"concept {name!r} has an empty word in {list(ws)}")
 
 
 def resolve_concepts_path(spec: str | Path) -> Path:
@@ -89,7 +91,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
         dup = sorted({str(k) for k in keys if keys.count(k) > 1})
         if dup:
-            raise ValueError(f"duplicate concept name(s) {dup} (line {node.start_mark.line + 1}); concept names must be unique")
+            raise UsageError(f"duplicate concept name(s) {dup} (line {node.start_mark.line + 1}); concept names must be unique")
         return super().construct_mapping(node, deep=deep)
 
 
@@ -98,11 +100,11 @@ def load_concepts(spec: str | Path) -> ConceptList:
     path = resolve_concepts_path(spec)
     data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     if not isinstance(data, dict) or not isinstance(data.get("concepts"), dict):
-        raise ValueError(f"{path}: expected a mapping 'concepts: {{name: [word, ...]}}' at the top level")
+        raise UsageError(f"{path}: expected a mapping 'concepts: {{name: [word, ...]}}' at the top level")
     raw = data["concepts"]
     for name in raw:
         if raw[name] is None:
-            raise ValueError(f"{path}: concept {name!r} has no words; give it at least one")
+            raise UsageError(f"{path}: concept {name!r} has no words; give it at least one")
     return ConceptList.from_dict({str(k): [str(w) for w in v] if isinstance(v, list) else [str(v)] for k, v in raw.items()})
 
 
@@ -121,10 +123,10 @@ def word_token_positions(tokenizer, word: str) -> list[int]:
     unknown = [tokenizer.convert_ids_to_tokens(t) for t in ids if unk is not None and t == unk]
     known_unk_is_eos = unk is not None and unk in (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id)
     if unknown and not known_unk_is_eos:
-        raise ValueError(
+        raise UsageError(
             f"concept word {word!r} has no semantic token for this tokenizer: it maps (partly) to the unknown "
             f"token {tokenizer.unk_token!r}; use words in the model's vocabulary"
         )
     if not positions:
-        raise ValueError(f"concept word {word!r} has no semantic token for this tokenizer (only start/end/padding tokens)")
+        raise UsageError(f"concept word {word!r} has no semantic token for this tokenizer (only start/end/padding tokens)")
     return positions

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional, TypeVar
+from typing import Literal, Optional
 
 from activations.config import PromptSource
 
-T = TypeVar("T")
+TOYWORLD_PROMPTS = 64
+"""HRV prompts drawn from the toyworld generator when ``prompts.num_prompts`` is not given (the
+generator is endless). A list, file or dataset source gives all of its prompts unless it is given."""
 
 
 @dataclass
@@ -23,8 +25,9 @@ class HRVConfig:
     """the pipeline: 'toy' (the bundled model), a local diffusers folder or a hub id"""
     concepts: str = "toy"
     """concept list: a YAML file 'concepts: {name: [words]}' or a name in configs/concepts/ (toy, sd34)"""
-    prompts: PromptSource = field(default_factory=lambda: PromptSource(kind="toyworld", num_prompts=64))
-    """the prompt set (toyworld generator, a text file, a dataset, or a list)"""
+    prompts: PromptSource = field(default_factory=lambda: PromptSource(kind="toyworld"))
+    """the prompt set (toyworld generator, a text file, a dataset, or a list); without
+    prompts.num_prompts, 64 toyworld prompts or all prompts of a list, file or dataset"""
     prompt_seed: int = 0
     """seed of the toyworld prompt generator"""
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -41,7 +44,7 @@ class HRVConfig:
     """add the prompt's start token to every contest as a slot of no concept, as in a real prompt, so
     that image positions that read no word do not vote (not in Park et al.)"""
     steps: Optional[int] = None
-    """denoising steps (None: the model's default; the paper uses 50)"""
+    """denoising steps, 1 to 1000 (None: the model's default; the paper uses 50)"""
     guidance: Optional[float] = None
     """classifier-free guidance scale (None: the model's default; the paper uses 7.5)"""
     scheduler: Optional[str] = None
@@ -56,6 +59,20 @@ class HRVConfig:
     """show a progress bar"""
     wandb: bool = True
     """log the heatmap and vote counts to W&B (offline unless WANDB_MODE is set)"""
+
+    def __post_init__(self) -> None:
+        # the default count belongs to the endless toyworld source only: a list the user gives is
+        # used whole (a default carried over from the default source would refuse it)
+        if self.prompts.kind == "toyworld" and self.prompts.num_prompts is None:
+            self.prompts = dataclasses.replace(self.prompts, num_prompts=TOYWORLD_PROMPTS)
+
+    def check(self) -> None:
+        """Refuse counts out of range in one line naming the option, before any work."""
+        from common.config import MAX_STEPS, check_counts
+
+        check_counts(self, positive=("steps", "batch_size", "prompts.num_prompts"),
+                     non_negative=("prompt_seed", "word_seed", "seeds"), numbers={"guidance": 0.0},
+                     at_most={"steps": MAX_STEPS})
 
 
 @dataclass
@@ -76,13 +93,14 @@ class WeakenConfig:
     images_per_point: int = 40
     """images per (concept, order, head count) point"""
     points: int = 6
-    """head counts strictly between 0 and all heads (evenly spaced); 0 and all heads are always scored"""
+    """head counts strictly between 0 and all heads (evenly spaced), at least 5; 0 and all
+    heads are always scored"""
     template: str = "a photo of a {word}"
     """clip scorer: the prompt written for each concept word"""
     seed: int = 0
     """seed of the prompts, the random order and the sampling noise"""
     steps: Optional[int] = None
-    """denoising steps (None: the model's default)"""
+    """denoising steps, 1 to 1000 (None: the model's default)"""
     guidance: Optional[float] = None
     """classifier-free guidance scale (None: the model's default)"""
     factor: float = -2.0
@@ -98,31 +116,9 @@ class WeakenConfig:
     wandb: bool = True
     """log the curves to W&B (offline unless WANDB_MODE is set)"""
 
+    def check(self) -> None:
+        """Refuse counts out of range in one line naming the option, before any work."""
+        from common.config import MAX_STEPS, check_counts
 
-def parse_config(cls: type[T], argv: list[str], prog: str) -> T:
-    """``prog <config.yaml> [--field value ...]`` into ``cls`` (a YAML first argument is --config)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from activations.config import with_docstrings
-
-    argv = list(argv)
-    if argv and not argv[0].startswith("-"):
-        argv = ["--config", argv[0]] + argv[1:]
-    with_docstrings()
-    p = ArgumentParser(prog=prog, description=cls.__doc__)
-    p.add_argument("--config", action=ActionConfigFile, help="a YAML config (also accepted as the first positional argument)")
-    p.add_class_arguments(cls, as_group=False)
-    ns = p.instantiate(p.parse_args(argv))
-    d = ns.as_dict() if hasattr(ns, "as_dict") else dict(vars(ns))
-    values = {f.name: d[f.name] for f in dataclasses.fields(cls)}
-    if isinstance(values.get("prompts"), dict):
-        values["prompts"] = PromptSource(**values["prompts"])
-    return cls(**values)
-
-
-def save_config(cfg, path) -> None:
-    from pathlib import Path
-
-    import yaml
-
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        check_counts(self, positive=("images_per_point", "steps", "batch_size"), non_negative=("seed",),
+                     at_least={"points": 5}, numbers={"guidance": 0.0, "factor": None}, at_most={"steps": MAX_STEPS})

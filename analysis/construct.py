@@ -19,10 +19,12 @@ import torch
 
 from activations.generate import generators
 from analysis.concepts import load_concepts
-from analysis.config import HRVConfig, save_config
+from analysis.config import HRVConfig
 from analysis.hrv import HRV, VoteCounter
 from analysis.mechanism import head_sites, observe_queries
 from analysis.words import encode_words, named_words
+from common.config import save_config
+from common.errors import UsageError
 
 PROGRESS = "progress.safetensors"
 # fields that do not change the votes: a rerun with other values resumes
@@ -47,7 +49,7 @@ def sampling_defaults(pipe, steps, guidance) -> tuple[int, float]:
     from activations.pipeline import model_defaults
 
     d = model_defaults(pipe)
-    return int(steps or d["num_inference_steps"]), float(guidance if guidance is not None else d["guidance_scale"])
+    return int(steps if steps is not None else d["num_inference_steps"]), float(guidance if guidance is not None else d["guidance_scale"])
 
 
 def prompt_texts(cfg: HRVConfig) -> list[str]:
@@ -77,7 +79,7 @@ def _load_progress(path: Path, counter: VoteCounter, cfg_content: dict) -> int:
     saved = json.loads(meta["config"])
     if saved != json.loads(json.dumps(cfg_content, sort_keys=True)):
         diff = sorted(k for k in set(saved) | set(cfg_content) if saved.get(k) != json.loads(json.dumps(cfg_content.get(k))))
-        raise ValueError(f"{path.parent} holds an HRV run with another config (fields differ: {', '.join(diff)}); "
+        raise UsageError(f"{path.parent} holds an HRV run with another config (fields differ: {', '.join(diff)}); "
                          f"use another out folder or delete {path}")
     counter.votes = votes
     counter.step_t = json.loads(meta["step_t"])
@@ -89,6 +91,7 @@ def build_hrv(cfg: HRVConfig, pipe=None, max_batches: int | None = None) -> HRV 
     (``max_batches`` stops early: a way to split a long run, and how the tests interrupt one)."""
     from activations.sites import head_table
 
+    cfg.check()  # the command checked it already; a config built in code is checked here
     concepts = load_concepts(cfg.concepts)
     texts = prompt_texts(cfg)
     if cfg.model == "toy" and cfg.prompts.kind != "toyworld":

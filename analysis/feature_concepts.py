@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import torch
 
+from common.errors import UsageError
+
 
 def concept_scores(hrv_ch: torch.Tensor, attribution_mh: torch.Tensor) -> torch.Tensor:
     """[m, concepts] concept scores of each feature (see the module doc)."""
     if hrv_ch.shape[1] != attribution_mh.shape[1]:
-        raise ValueError(f"the HRV has {hrv_ch.shape[1]} heads but the attribution has {attribution_mh.shape[1]}: "
+        raise UsageError(f"the HRV has {hrv_ch.shape[1]} heads but the attribution has {attribution_mh.shape[1]}: "
                          "not the same model")
     w = attribution_mh.float().clamp(min=0)
     total = w.sum(1, keepdim=True)

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from common.errors import UsageError
+
 ATTRIBUTION_METHODS = ("direct", "total")
 
 
@@ -49,7 +51,7 @@ def head_slices_attribution(sae, site_heads: int, first_head: int, num_heads: in
 def _harvest_config(store_root: Path) -> dict:
     cfg = json.loads((store_root / "store.json").read_text()).get("config", {})
     if "num_inference_steps" not in cfg:
-        raise ValueError(f"{store_root / 'store.json'} records no harvest config (num_inference_steps, guidance_scale): "
+        raise UsageError(f"{store_root / 'store.json'} records no harvest config (num_inference_steps, guidance_scale): "
                          "a synthetic store cannot be rerun")
     return cfg
 
@@ -140,7 +142,7 @@ def block_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
     block, todo = run.block, run.todo
     heads = [s for s in run.sites if s.kind == "head" and s.block == block]
     if not heads:
-        raise ValueError(f"no cross-attention heads inside {block!r}; block sites with heads: "
+        raise UsageError(f"no cross-attention heads inside {block!r}; block sites with heads: "
                          f"{', '.join(sorted({s.block for s in run.sites if s.kind == 'head'}))}")
     enc = sae.encoder.weight.detach().float()  # [m, c]
     block_mod = pipe.unet.get_submodule(block)
@@ -267,14 +269,14 @@ def feature_head_attribution(sae, pipe, store_root, stats, method: str = "direct
     patching); head-site SAE: decoder slices. Same dict keys (``attribution`` [m, H] in the global
     head order, ``head_table``)."""
     if method not in ATTRIBUTION_METHODS:
-        raise ValueError(f"unknown head attribution method {method!r}; valid: {', '.join(ATTRIBUTION_METHODS)}")
+        raise UsageError(f"unknown head attribution method {method!r}; valid: {', '.join(ATTRIBUTION_METHODS)}")
     from activations.sites import head_table, list_sites
 
     if sae.placement.stage == "heads":
         sites = list_sites(pipe.unet)
         site = next((s for s in sites if s.name == sae.placement.site and s.kind == "head"), None)
         if site is None:
-            raise ValueError(f"SAE site {sae.placement.site!r} is not a head site of this model")
+            raise UsageError(f"SAE site {sae.placement.site!r} is not a head site of this model")
         table = head_table(sites)
         return {"attribution": head_slices_attribution(sae, site.heads, site.first_head, len(table)), "head_table": table}
     if method == "total":

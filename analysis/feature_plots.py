@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from analysis.plots import _colormap, _font
+from common.errors import UnknownNameError
 
 TILE = 128
 
@@ -102,7 +103,7 @@ def step_strip_png(sae, reader, feature: int, image: int, path: str | Path, bran
     """One image's heatmap of ``feature`` at every stored step, tau from 1 (noise) to 0. One PNG."""
     rows = reader.select(branch=branch, images=[image])
     if not len(rows):
-        raise KeyError(f"site {reader.name} has no rows for image {image}, branch {branch!r}")
+        raise UnknownNameError(f"site {reader.name} has no rows for image {image}, branch {branch!r}")
     _, meta = reader.read(rows)
     steps = {int(s): float(t) for s, t in zip(meta["step"], meta["tau"])}
     order = sorted(steps, key=lambda s: -steps[s])

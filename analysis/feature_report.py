@@ -20,6 +20,8 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
+from common.errors import UsageError
+
 
 @dataclass
 class FeaturesConfig:
@@ -79,7 +81,7 @@ def build_report(cfg: FeaturesConfig, pipe=None) -> dict:
     store = ActivationStore(cfg.store)
     site = cfg.site or sae.placement.site
     if site is None:
-        raise ValueError(f"the SAE at {cfg.sae} records no site; pass --site (sites of the store: {', '.join(store.sites)})")
+        raise UsageError(f"the SAE at {cfg.sae} records no site; pass --site (sites of the store: {', '.join(store.sites)})")
     reader = store.site(site)
     stats = compute_feature_stats(sae, reader, top_k=cfg.top_k, progress=cfg.progress, store_root=str(store.root))
     stats.save(out / "stats")
@@ -214,7 +216,7 @@ class FeatureLabels:
         ours = (self.model or p.model, self.site, self.num_latents)
         theirs = (p.model or self.model, p.site, sae.num_latents)
         if ours != theirs:
-            raise ValueError(f"the feature analysis in {self.folder} is of an SAE of model {self.model!r} at site "
+            raise UsageError(f"the feature analysis in {self.folder} is of an SAE of model {self.model!r} at site "
                              f"{self.site!r} with {self.num_latents} features, but this SAE is of model {theirs[0]!r} "
                              f"at site {p.site!r} with {sae.num_latents}; give the folder that "
                              "`diffatlas analyze features` wrote for this SAE")

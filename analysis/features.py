@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.errors import UsageError
+
 DENSE_COOC_MAX = 2048
 TENSORS_FILE = "feature_stats.safetensors"
 META_FILE = "feature_stats.json"
@@ -217,7 +219,7 @@ def compute_feature_stats(sae, reader, *, rows: np.ndarray | None = None, top_k:
     from tqdm.auto import tqdm
 
     if reader.width != sae.d_in:
-        raise ValueError(f"the SAE takes width {sae.d_in} but site {reader.name} has width {reader.width}")
+        raise UsageError(f"the SAE takes width {sae.d_in} but site {reader.name} has width {reader.width}")
     idx_all = np.arange(reader.num_rows, dtype=np.int64) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
     m = sae.num_latents
     h, w = reader.grid

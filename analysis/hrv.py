@@ -23,6 +23,7 @@ from einops import einsum, reduce
 
 from analysis.concepts import ConceptList
 from analysis.words import WordBank
+from common.errors import UsageError
 
 HRV_TENSORS = "hrv.safetensors"
 HRV_META = "hrv.json"
@@ -127,7 +128,7 @@ class HRV:
 
         window_bounds(window)  # a bad name raises listing the valid ones
         if any(t is None for t in self.step_t):
-            raise ValueError("these HRVs have no timestep per step (step_t); windows cannot be computed")
+            raise UsageError("these HRVs have no timestep per step (step_t); windows cannot be computed")
         keep = torch.as_tensor(in_window(np.array(self.step_t), self.num_train_timesteps, window))
         return normalise_rows(self.votes[keep].sum(0))
 
@@ -180,13 +181,13 @@ class HRV:
         table = head_table(unet)
         model = self.meta.get("model", "?")
         if len(table) != len(self.head_table):
-            raise ValueError(
+            raise UsageError(
                 f"HRV built for {len(self.head_table)} heads (model {model!r}) but this model has {len(table)} "
                 f"cross-attention heads; build HRVs for this model with `diffatlas analyze hrv`"
             )
         for h, (mine, theirs) in enumerate(zip(self.head_table, table)):
             if tuple(mine) != tuple(theirs):
-                raise ValueError(
+                raise UsageError(
                     f"HRV head table differs from this model's at head {h}: expected {mine[0]} head {mine[1]} "
                     f"(model {model!r}), the model has {theirs[0]} head {theirs[1]}"
                 )

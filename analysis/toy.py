@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.errors import UsageError
 from toyworld.oracle import CHECKS, read_scene
 from toyworld.prompts import scene_to_prompt
 from toyworld.scene import Scene, sample_scene
@@ -47,7 +48,7 @@ class ToyOracleScorer:
         bad = [c for c in concepts if c not in CHECKS or c == "count"]
         if bad:
             valid = [c for c in CHECKS if c != "count"]
-            raise ValueError(f"the toy scorer reads only toy attributes; unknown concept(s) {bad}; valid: {', '.join(valid)}")
+            raise UsageError(f"the toy scorer reads only toy attributes; unknown concept(s) {bad}; valid: {', '.join(valid)}")
 
     def prompts(self, concept: str, n: int, seed: int) -> list[tuple[str, Scene]]:
         return toy_prompts(n, seed)  # the same prompts for every concept (see module doc)

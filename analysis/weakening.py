@@ -21,6 +21,7 @@ from activations.generate import generators
 from analysis.hrv import HRV
 from analysis.mechanism import weaken_heads
 from analysis.words import semantic_token_mask
+from common.errors import UsageError
 
 ORDERS = ("MoRHF", "LeRHF", "random")
 
@@ -86,9 +87,9 @@ def run_weakening(hrv: HRV, pipe, scorer, concepts: list[str] | None = None, *, 
     from tqdm.auto import tqdm
 
     if points < 5:
-        raise ValueError(f"points={points}: score at least 5 head counts between none and all heads (Section 4's curves)")
+        raise UsageError(f"points={points}: score at least 5 head counts between none and all heads (Section 4's curves)")
     if images_per_point < 1:
-        raise ValueError(f"images_per_point={images_per_point}: need at least 1 image per point")
+        raise UsageError(f"images_per_point={images_per_point}: need at least 1 image per point")
     hrv.check_model(pipe)
     concepts = list(concepts or hrv.concepts.names)
     for c in concepts:

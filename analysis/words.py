@@ -17,6 +17,7 @@ import dataclasses
 import torch
 
 from analysis.concepts import ConceptList, word_token_positions
+from common.errors import UsageError
 
 
 @dataclasses.dataclass
@@ -50,7 +51,7 @@ class WordBank:
 def _tokenizer(pipe):
     tok = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
     if tok is None:
-        raise ValueError("the pipeline has no tokenizer; HRVs need one to find each word's tokens")
+        raise UsageError("the pipeline has no tokenizer; HRVs need one to find each word's tokens")
     return tok
 
 
@@ -112,7 +113,7 @@ def in_context_states(pipe, words: list[str], positions: list[list[int]], contex
     for w, starts in zip(words, occurrences(pipe, words, positions, contexts)):
         hits = [(k, i) for k, i in enumerate(starts) if i >= 0][:max_contexts]
         if not hits:
-            raise ValueError(f"concept word {w!r} occurs in none of the {len(contexts)} HRV prompts; in_context "
+            raise UsageError(f"concept word {w!r} occurs in none of the {len(contexts)} HRV prompts; in_context "
                              "HRVs read each word where a prompt names it (add prompts that do, or use words: alone)")
         found.append(hits)
     need = sorted({k for hits in found for k, _ in hits})
@@ -136,12 +137,12 @@ def encode_words(pipe, concepts: ConceptList, contexts: list[str] | None = None,
             try:
                 positions.append(word_token_positions(tok, w))
             except ValueError as e:
-                raise ValueError(f"concept {name!r}: {e}") from None
+                raise UsageError(f"concept {name!r}: {e}") from None
     tok2 = getattr(pipe, "tokenizer_2", None)
     if tok2 is not None and tok2 is not tok:  # SDXL: both tokenizers must see the same tokens
         for w, pos in zip(flat, positions):
             if word_token_positions(tok2, w) != pos:
-                raise ValueError(f"concept word {w!r} splits differently under the two tokenizers; use another word")
+                raise UsageError(f"concept word {w!r} splits differently under the two tokenizers; use another word")
     if contexts is None:
         states_WTC = encode_prompts(pipe, flat).float()
         per_word = [states_WTC[k, pos] for k, pos in enumerate(positions)]

@@ -8,6 +8,8 @@ with ``--config``, and the resolved config is saved beside the results it produc
 from __future__ import annotations
 
 import dataclasses
+import sys
+import typing
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,11 +29,36 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> Argume
     return parser
 
 
-def parse(cls: type[T], argv: list[str] | None, prog: str, description: str | None = None) -> T:
-    """Parse ``argv`` (and any ``--config`` YAML) into an instance of the dataclass ``cls``."""
+def parse(cls: type[T], argv: list[str] | None, prog: str, description: str | None = None,
+          positional: tuple[str, ...] = ()) -> T:
+    """Parse ``argv`` (and any ``--config`` YAML) into an instance of the dataclass ``cls``.
+
+    ``positional`` names the options that leading arguments stand for, in order (``("config",)``:
+    ``prog run.yaml --steps 3`` is ``prog --config run.yaml --steps 3``). Bad input raises (a parse
+    error or ``UsageError``): the dispatcher prints it as one line. A config with a ``check()``
+    method is checked here, before the command does any work."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    lead: list[str] = []
+    while argv and not argv[0].startswith("-") and len(lead) < len(positional):
+        lead.append(argv.pop(0))
+    argv = [x for name, value in zip(positional, lead) for x in (f"--{name}", value)] + _bare_flags(cls, argv)
     parser = build_parser(cls, prog, description)
     values = parser.instantiate(parser.parse_args(argv))
-    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+    cfg = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+    if callable(getattr(cfg, "check", None)):
+        cfg.check()
+    return cfg
+
+
+def _bare_flags(cls: type, argv: list[str]) -> list[str]:
+    """``--json`` alone for a bool option means ``--json true`` (as with argparse's store_true)."""
+    flags = {f"--{name}" for name, hint in typing.get_type_hints(cls).items() if hint is bool}
+    out: list[str] = []
+    for k, arg in enumerate(argv):
+        out.append(arg)
+        if arg in flags and (k + 1 == len(argv) or argv[k + 1].startswith("--")):
+            out.append("true")
+    return out
 
 
 def to_dict(cfg) -> dict:
@@ -46,11 +73,49 @@ def save_config(cfg, path: str | Path) -> Path:
     return path
 
 
-def check_counts(cfg, prog: str, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
-    """Refuse a count option below its floor (1 for ``positive``, 0 for ``non_negative``), or not an
-    integer, in one line naming it, before any work: ``<prog>: error: --<name> must be ...``."""
-    for names, floor in ((positive, 1), (non_negative, 0)):
-        for name in names:
-            value = getattr(cfg, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < floor:
-                raise SystemExit(f"{prog}: error: --{name} must be an integer >= {floor}, got {value!r}")
+MAX_STEPS = 1000
+"""The most denoising steps any command accepts: the schedulers of every supported model are trained
+on 1000 timesteps, so a run of more steps has no timestep of its own to take."""
+
+
+def check_counts(cfg, prog: str | None = None, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                 at_least: dict[str, int] | None = None, numbers: dict[str, float | None] | None = None,
+                 at_most: dict[str, int] | None = None) -> None:
+    """Refuse a count or number option out of range in one line naming it, before any work.
+
+    ``positive`` / ``non_negative`` / ``at_least`` ({name: floor}): integers >= 1 / >= 0 / >= floor;
+    ``numbers`` ({name: floor or None}): finite numbers (NaN and inf refused) >= floor; ``at_most``
+    ({name: ceiling}): an upper bound of any of them. A name may be dotted (``prompts.num_prompts``);
+    None (an optional option left at "the default") passes; a list (``seeds``) must be non-empty
+    with every element in range. The message is ``--<name> must be ...``; raised as ``UsageError``
+    (the dispatcher prints it) or, given ``prog`` (a standalone script without the dispatcher), as
+    ``SystemExit("<prog>: error: ...")``."""
+    import math
+
+    from common.errors import UsageError
+
+    at_most = at_most or {}
+    checks = [(n, 1, True) for n in positive] + [(n, 0, True) for n in non_negative]
+    checks += [(n, floor, True) for n, floor in (at_least or {}).items()]
+    checks += [(n, floor, False) for n, floor in (numbers or {}).items()]
+    for name, floor, integer in checks:
+        value = cfg
+        for part in name.split("."):
+            value = getattr(value, part)
+        if value is None:
+            continue
+        ceiling = at_most.get(name)
+        what = " and ".join(x for x in ("an integer" if integer else "a finite number",
+                                        f">= {floor:g}" if floor is not None else "",
+                                        f"<= {ceiling}" if ceiling is not None else "") if x).replace(" and >=", " >=")
+        several = isinstance(value, (list, tuple))
+        items = list(value) if several else [value]
+        if several and not items:
+            what = "a non-empty list"
+        for item in items or [None]:
+            ok = item is not None and not isinstance(item, bool) and (
+                isinstance(item, int) if integer else isinstance(item, (int, float)) and math.isfinite(item))
+            ok = ok and (floor is None or item >= floor) and (ceiling is None or item <= ceiling)
+            if not ok:
+                message = f"--{name} must be {what}, got {item if several and items else value!r}"
+                raise SystemExit(f"{prog}: error: {message}") if prog else UsageError(message)

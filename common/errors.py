@@ -2,7 +2,9 @@
 
 The ``diffatlas`` dispatcher prints such an error as one line (``diffatlas <command>: error:
 <message>``, exit code 2) instead of a traceback; ``--debug`` or ``DIFFATLAS_DEBUG=1`` shows the
-traceback. Commands raise them and need no try/except of their own.
+traceback. Commands raise them and need no try/except of their own. Any other exception is a bug
+of ours and keeps its traceback, so a plain ``ValueError`` or ``KeyError`` is never taken for bad
+input.
 """
 
 from __future__ import annotations
@@ -16,15 +18,25 @@ class ReportedError(Exception):
 class UsageError(ValueError):
     """Bad input: an option out of range, an unknown name, a file or store that cannot be used.
 
-    The message names the bad value and the valid choices; it is all the user sees."""
+    The message names the bad value and the valid choices; it is all the user sees. A ValueError,
+    so library callers that catch ValueError keep working."""
+
+
+class UnknownNameError(UsageError, KeyError):
+    """A name the user gave (a site, a concept, a model) that is not among the valid ones. A
+    KeyError too, for library callers that look names up."""
+
+    def __str__(self) -> str:  # the message as written, not KeyError's quoted repr
+        return str(self.args[0]) if self.args else ""
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exception types the dispatcher reports as one line: bad values, missing files, unusable
-    stores and command-line parse errors. Imported lazily: only an error pays for the imports."""
+    """Exception types the dispatcher reports as one line: bad input (``UsageError``), unusable
+    stores (``ReportedError``), a file the user named that is missing, and command-line parse
+    errors. Imported lazily: only an error pays for the imports."""
     import argparse
 
-    types: list[type[BaseException]] = [ValueError, KeyError, FileNotFoundError, argparse.ArgumentError, ReportedError]
+    types: list[type[BaseException]] = [UsageError, ReportedError, FileNotFoundError, argparse.ArgumentError]
     try:
         from jsonargparse import ArgumentError as JsonArgumentError
 

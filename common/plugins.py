@@ -24,6 +24,8 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
+from common.errors import UsageError
+
 MODELS = "diffatlas.models"
 PROMPT_SOURCES = "diffatlas.prompt_sources"
 
@@ -112,7 +114,7 @@ def model_plugin(name: str) -> ModelPlugin | None:
 def prompt_source(kind: str) -> type[PromptSourcePlugin]:
     cls = lookup(PROMPT_SOURCES, kind)
     if cls is None:
-        raise ValueError(unknown(kind, "prompt source", ["file", "dataset", "list", *names(PROMPT_SOURCES)]))
+        raise UsageError(unknown(kind, "prompt source", ["file", "dataset", "list", *names(PROMPT_SOURCES)]))
     return cls
 
 

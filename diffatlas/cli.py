@@ -51,14 +51,25 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     module_name, func_name = COMMANDS[name][0].split(":")
+    where = name
     try:
-        func = getattr(importlib.import_module(module_name), func_name)
-        return int(func(rest) or 0)
+        module = importlib.import_module(module_name)
+        if rest and rest[0] in getattr(module, "SUBCOMMANDS", {}):  # diffatlas analyze hrv: error: ...
+            where = f"{name} {rest[0]}"
+        return int(getattr(module, func_name)(rest) or 0)
+    except KeyboardInterrupt as stop:
+        # Ctrl-C is one line for every command: no traceback of wherever it landed. A command may
+        # add a note saying what was kept (harvest: the finished shards a rerun resumes).
+        if debug:
+            raise
+        print("; ".join([f"diffatlas {where}: interrupted", *getattr(stop, "__notes__", [])]), file=sys.stderr)
+        return 130
     except Exception as err:
-        # Bad input is the user's to fix: the message alone, not a traceback of our internals.
+        # Bad input is the user's to fix: the message alone. Anything else is a bug of ours and
+        # keeps its traceback, so a stray ValueError is never mistaken for bad input.
         if debug or not isinstance(err, user_error_types()):
             raise
-        print(f"diffatlas {name}: error: {one_line(err)}", file=sys.stderr)
+        print(f"diffatlas {where}: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

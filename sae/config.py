@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from common.errors import UsageError
+
 
 @dataclass
 class SparseCoderConfig:
@@ -91,16 +93,16 @@ class SparseCoderConfig:
         """Raise ValueError naming the bad field, its value and what would be valid (the
         architecture name is checked by the registry when its class is looked up)."""
         if d_in <= 0:
-            raise ValueError(f"d_in must be positive, got {d_in}")
+            raise UsageError(f"d_in must be positive, got {d_in}")
         m = self.resolved_num_latents(d_in)
         if m <= 0:
-            raise ValueError(f"num_latents must be positive, got {m} (num_latents={self.num_latents}, "
+            raise UsageError(f"num_latents must be positive, got {m} (num_latents={self.num_latents}, "
                              f"expansion_factor={self.expansion_factor})")
         if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= m:
-            raise ValueError(f"k must be in [1, num_latents={m}] for {self.architecture}, got {self.k}")
+            raise UsageError(f"k must be in [1, num_latents={m}] for {self.architecture}, got {self.k}")
         for name in ("multi_topk", "skip_connection", "transcode"):
             if getattr(self, name):
-                raise ValueError(f"{name}=True is not supported by diffatlas SAEs; valid: False")
+                raise UsageError(f"{name}=True is not supported by diffatlas SAEs; valid: False")
 
     def to_dict(self, d_in: int) -> dict[str, Any]:
         """The cfg.json payload: our fields plus d_in, num_latents resolved."""
@@ -114,7 +116,7 @@ class SparseCoderConfig:
         """Inverse of to_dict; unknown keys (e.g. another library's) are ignored. Returns (cfg, d_in)."""
         data = dict(data)
         if "d_in" not in data:
-            raise ValueError(f"cfg.json has no d_in (the SAE's input width); its keys: {', '.join(sorted(data))}")
+            raise UsageError(f"cfg.json has no d_in (the SAE's input width); its keys: {', '.join(sorted(data))}")
         d_in = int(data.pop("d_in"))
         known = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in data.items() if k in known})

@@ -91,7 +91,7 @@ class _BatchLoader:
             batch = self.dm._read(perm[lo : lo + b])
             if batch is None:  # every row of this slice was non-finite and skipped
                 if world > 1:
-                    raise ValueError(
+                    raise UsageError(
                         f"every row of training batch {pos} on rank {rank} is NaN or inf; skipping it would put the "
                         f"ranks out of step. Clean the store or use a larger --data.batch_size")
                 continue
@@ -144,9 +144,9 @@ class ActivationDataModule(pl.LightningDataModule):
         if branch is not None and branch not in BRANCHES:
             raise UsageError(f"unknown branch {branch!r}; valid branches: {', '.join(BRANCHES)}, or null (every row)")
         if nonfinite not in ("skip", "error"):
-            raise ValueError(f"nonfinite must be 'skip' or 'error', got {nonfinite!r}")
+            raise UsageError(f"nonfinite must be 'skip' or 'error', got {nonfinite!r}")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise UsageError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
         self.store_path = store
         self.site_name = site
@@ -173,15 +173,15 @@ class ActivationDataModule(pl.LightningDataModule):
 
             store = ActivationStore(self.store_path)
             if not store.sites:
-                raise ValueError(f"activation store {self.store_path} holds no sites (no {'<site>'}/manifest.json)")
+                raise UsageError(f"activation store {self.store_path} holds no sites (no {'<site>'}/manifest.json)")
             name = self.site_name
             if name is None:
                 if len(store.sites) != 1:
-                    raise ValueError(f"store {self.store_path} holds {len(store.sites)} sites; choose one with "
+                    raise UsageError(f"store {self.store_path} holds {len(store.sites)} sites; choose one with "
                                      f"--data.site, valid: {', '.join(store.sites)}")
                 name = store.sites[0]
             if name not in store.sites:
-                raise ValueError(f"site {name!r} is not in store {self.store_path}; valid sites: {', '.join(store.sites)}")
+                raise UsageError(f"site {name!r} is not in store {self.store_path}; valid sites: {', '.join(store.sites)}")
             self.site_name = name
             self._reader = store.site(name)
         return self._reader
@@ -206,12 +206,12 @@ class ActivationDataModule(pl.LightningDataModule):
             return
         reader = self.reader
         if reader.num_rows == 0:
-            raise ValueError(f"site {self.site_name!r} of store {self.store_path} is empty (0 rows): nothing to train on")
+            raise UsageError(f"site {self.site_name!r} of store {self.store_path} is empty (0 rows): nothing to train on")
         ids = reader.select(window=self.window, branch=self.branch)
         if len(ids) == 0:
             taus = np.unique(reader.meta_column("t")) / reader.num_train_timesteps
             branches = sorted({str(b) for b in reader.branch_names(np.unique(reader.meta_column("branch")))})
-            raise ValueError(
+            raise UsageError(
                 f"no rows of site {self.site_name!r} match window={self.window_spec!r}, branch={self.branch!r} "
                 f"(the site has {reader.num_rows} rows with tau in {sorted(float(t) for t in taus)} and "
                 f"branches {branches}); valid windows: early [0.6, 1], middle [0.2, 0.6), late [0, 0.2), or {{tau: [lo, hi]}}"
@@ -234,7 +234,7 @@ class ActivationDataModule(pl.LightningDataModule):
             self.val_ids = np.sort(rng.choice(self.val_ids, self.max_val_rows, replace=False))
         world = int(self.trainer.world_size) if self.trainer is not None else 1
         if len(self.train_ids) < self.batch_size * world:
-            raise ValueError(
+            raise UsageError(
                 f"site {self.site_name!r} has {len(self.train_ids)} training rows after filtering "
                 f"(window={self.window_spec!r}, branch={self.branch!r}), fewer than one global batch of "
                 f"batch_size {self.batch_size} x {world} rank(s); lower --data.batch_size"
@@ -253,7 +253,7 @@ class ActivationDataModule(pl.LightningDataModule):
         if not bool(finite.all()):
             bad = int((~finite).nonzero()[0, 0])
             if self.nonfinite == "error":
-                raise ValueError(
+                raise UsageError(
                     f"non-finite activation (NaN or inf) in row {int(order[bad])} of site {self.site_name!r} "
                     f"(image {int(meta['image'][bad])}, step {int(meta['step'][bad])}, t {int(meta['t'][bad])}, "
                     f"position ({int(meta['i'][bad])}, {int(meta['j'][bad])})); set --data.nonfinite skip to drop such rows"
@@ -279,7 +279,7 @@ class ActivationDataModule(pl.LightningDataModule):
         acts = acts.float()
         finite = _finite_rows(acts)
         if not bool(finite.any()):
-            raise ValueError(f"every sampled row of site {self.site_name!r} is NaN or inf")
+            raise UsageError(f"every sampled row of site {self.site_name!r} is NaN or inf")
         return acts[finite]
 
     # ----------------------------------------------------------------------------- loaders

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from common.errors import UsageError
 from sae.config import SparseCoderConfig
 from sae.metrics import (
     FVUAccumulator,
@@ -174,7 +175,7 @@ class LitSAE(pl.LightningModule):
         width = dm.width if dm is not None and hasattr(dm, "width") else None
         if self.coder is not None:
             if width is not None and width != self.coder.d_in:
-                raise ValueError(
+                raise UsageError(
                     f"SAE input width d_in={self.coder.d_in} does not match site {dm.site_name!r} "
                     f"of width {width}; set --model.d_in 0 (use the site's width) or {width}"
                 )
@@ -208,7 +209,7 @@ class LitSAE(pl.LightningModule):
         elif self.hparams.b_dec_init == "zeros":
             self.coder.b_dec.zero_()
         else:
-            raise ValueError(f"b_dec_init must be geometric_median, mean or zeros, got {self.hparams.b_dec_init!r}")
+            raise UsageError(f"b_dec_init must be geometric_median, mean or zeros, got {self.hparams.b_dec_init!r}")
         self.initialized.fill_(True)
 
     def on_fit_start(self) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from common.errors import UsageError
+
 # name -> SparseCoder subclass (typed loosely: this module sits below sae.sparse_coder, which
 # imports it, so it cannot import the base class back)
 _REGISTRY: dict[str, type] = {}
@@ -49,5 +51,5 @@ def get_architecture(name: str) -> type:
     if name not in _REGISTRY and name in BUILTIN:
         importlib.import_module(BUILTIN[name])
     if name not in _REGISTRY:
-        raise ValueError(f"unknown SAE architecture {name!r}; valid: {', '.join(available_architectures())}")
+        raise UsageError(f"unknown SAE architecture {name!r}; valid: {', '.join(available_architectures())}")
     return _REGISTRY[name]

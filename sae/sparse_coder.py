@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from common.errors import UsageError
 from sae.config import Placement, SparseCoderConfig
 from sae.kernels import gather_pre_acts, row_layout, sparse_decode
 from sae.latents import Latents
@@ -106,7 +107,7 @@ class SparseCoder(nn.Module):
         """Refuse inputs of another width: reshaping them to [-1, d_in] would silently merge tokens."""
         if x.shape[-1] != self.d_in:
             where = f" (trained on {self.placement.site})" if self.placement.site else ""
-            raise ValueError(f"this SAE takes inputs of width d_in={self.d_in}{where}, got width {x.shape[-1]} "
+            raise UsageError(f"this SAE takes inputs of width d_in={self.d_in}{where}, got width {x.shape[-1]} "
                              f"(shape {list(x.shape)})")
 
     def encode(self, x: Tensor) -> Latents:
@@ -265,7 +266,7 @@ class SparseCoder(nn.Module):
 
             return save_saelens(self, path, sparsity=sparsity)
         if layout != "sparsify":
-            raise ValueError(f"unknown SAE file layout {layout!r}; valid: sparsify, saelens")
+            raise UsageError(f"unknown SAE file layout {layout!r}; valid: sparsify, saelens")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -295,11 +296,11 @@ class SparseCoder(nn.Module):
         cfg, d_in = SparseCoderConfig.from_dict(data)
         tensors = load_file(str(folder / WEIGHTS_FILE), device=str(device))
         if "W_dec" not in tensors:
-            raise ValueError(f"{folder / WEIGHTS_FILE} holds no W_dec: not an SAE in the sparsify layout "
+            raise UsageError(f"{folder / WEIGHTS_FILE} holds no W_dec: not an SAE in the sparsify layout "
                              f"(tensors: {', '.join(sorted(tensors))})")
         width = int(tensors["W_dec"].shape[1])
         if width != d_in:
-            raise ValueError(f"{folder / CONFIG_FILE} says d_in={d_in} but the weights in {folder / WEIGHTS_FILE} "
+            raise UsageError(f"{folder / CONFIG_FILE} says d_in={d_in} but the weights in {folder / WEIGHTS_FILE} "
                              f"take width {width}; the files do not belong together")
         dtype = tensors["W_dec"].dtype
         arch = get_architecture(cfg.architecture)
@@ -308,7 +309,7 @@ class SparseCoder(nn.Module):
         sae = arch(cfg, d_in, device=device, dtype=dtype)
         missing, unexpected = sae.load_state_dict(tensors, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{folder / WEIGHTS_FILE} does not match a {cfg.architecture!r} SAE: "
+            raise UsageError(f"{folder / WEIGHTS_FILE} does not match a {cfg.architecture!r} SAE: "
                              f"missing {missing}, unexpected {unexpected}")
         sae.placement = Placement.from_dict(data)
         sae.source = folder  # recipes refer to a loaded SAE by its folder

@@ -19,6 +19,7 @@ import torch
 from einops import rearrange
 
 from activations.intervention import Intervention, register_intervention
+from common.errors import UsageError
 
 
 @register_intervention("sae_splice")
@@ -45,7 +46,7 @@ class SAESplice(Intervention):
         placed = self.sae.placement
         self.site = self.site or placed.site
         if placed.site is not None and self.site != placed.site:
-            raise ValueError(f"this SAE was trained on site {placed.site!r} (width {self.sae.d_in}); "
+            raise UsageError(f"this SAE was trained on site {placed.site!r} (width {self.sae.d_in}); "
                              f"it cannot be applied at site {self.site!r}")
         self.stage = self.stage or placed.stage or "block"
         super().__post_init__()
@@ -53,7 +54,7 @@ class SAESplice(Intervention):
     def _flat(self, x: torch.Tensor, call) -> torch.Tensor:
         flat = rearrange(x, "b n c -> (b n) c") if self.stage == "block" else rearrange(x, "b h n d -> (b n) (h d)")
         if flat.shape[-1] != self.sae.d_in:
-            raise ValueError(f"this SAE takes width {self.sae.d_in} (trained on {self.sae.placement.site!r}) but site "
+            raise UsageError(f"this SAE takes width {self.sae.d_in} (trained on {self.sae.placement.site!r}) but site "
                              f"{call.site!r} has width {flat.shape[-1]}")
         return flat
 

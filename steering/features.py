@@ -35,6 +35,7 @@ from einops import rearrange
 
 from activations.intervention import Intervention, register_intervention
 from activations.masks import mask_spec, parse_mask
+from common.errors import UsageError
 
 OPS = ("inject", "add", "scale", "clamp", "ablate", "spatial", "global")
 VIAS = ("add", "splice")
@@ -68,33 +69,33 @@ class FeatureEdit(Intervention):
         if isinstance(self.sae, (str, Path)):
             self.sae = SparseCoder.from_pretrained(self.sae)
         if not isinstance(self.sae, SparseCoder):
-            raise ValueError(f"FeatureEdit needs an SAE (a SparseCoder or its folder), got {type(self.sae).__name__}")
+            raise UsageError(f"FeatureEdit needs an SAE (a SparseCoder or its folder), got {type(self.sae).__name__}")
         placed = self.sae.placement
         self.site = self.site or placed.site
         if self.site is None:
-            raise ValueError("FeatureEdit needs site= (this SAE does not record the site it was trained on)")
+            raise UsageError("FeatureEdit needs site= (this SAE does not record the site it was trained on)")
         if placed.site is not None and self.site != placed.site:
-            raise ValueError(f"this SAE was trained on site {placed.site!r} (width {self.sae.d_in}); "
+            raise UsageError(f"this SAE was trained on site {placed.site!r} (width {self.sae.d_in}); "
                              f"it cannot edit site {self.site!r}")
         self.stage = self.stage or placed.stage or "block"
         super().__post_init__()
         if self.op not in OPS:
-            raise ValueError(f"unknown feature op {self.op!r}; valid ops: {', '.join(OPS)}")
+            raise UsageError(f"unknown feature op {self.op!r}; valid ops: {', '.join(OPS)}")
         if self.via not in VIAS:
-            raise ValueError(f"unknown via {self.via!r}; valid: {', '.join(VIAS)}")
+            raise UsageError(f"unknown via {self.via!r}; valid: {', '.join(VIAS)}")
         feats = [self.features] if isinstance(self.features, int) else list(self.features if self.features is not None else [])
         if not feats:
-            raise ValueError("FeatureEdit needs features= (one index or a list)")
+            raise UsageError("FeatureEdit needs features= (one index or a list)")
         m = self.sae.num_latents
         for f in feats:
             if not isinstance(f, int) or isinstance(f, bool) or not 0 <= f < m:
-                raise ValueError(f"feature {f!r} out of range for this SAE with {m} latents (valid: 0..{m - 1})")
+                raise UsageError(f"feature {f!r} out of range for this SAE with {m} latents (valid: 0..{m - 1})")
         self.features = feats
         self.region = parse_mask(self.region)
         if self.op == "spatial" and self.region is None:
-            raise ValueError("op 'spatial' needs region= (where the feature is set to strength·‖Z_ij‖; 0 elsewhere)")
+            raise UsageError("op 'spatial' needs region= (where the feature is set to strength·‖Z_ij‖; 0 elsewhere)")
         if self.op != "spatial" and self.region is not None:
-            raise ValueError(f"region is for op 'spatial' only (op is {self.op!r}); use mask= to limit other edits")
+            raise UsageError(f"region is for op 'spatial' only (op is {self.op!r}); use mask= to limit other edits")
 
     # -- checks against the model ---------------------------------------------------------
     def check(self, pipe) -> None:
@@ -105,17 +106,17 @@ class FeatureEdit(Intervention):
         site = resolve_sites(list_sites(pipe.unet), [self.site])[0]
         width = site.width if self.stage == "block" else site.heads * site.head_dim
         if width != self.sae.d_in:
-            raise ValueError(f"this SAE takes width {self.sae.d_in} but site {self.site!r} of this model has width {width}")
+            raise UsageError(f"this SAE takes width {self.sae.d_in} but site {self.site!r} of this model has width {width}")
         rev = self.sae.placement.model_revision
         if rev is not None and rev != model_fingerprint(pipe.unet):
-            raise ValueError(f"this SAE was trained on model {self.sae.placement.model!r} (weights {rev}); the pipeline's "
+            raise UsageError(f"this SAE was trained on model {self.sae.placement.model!r} (weights {rev}); the pipeline's "
                              f"U-Net has weights {model_fingerprint(pipe.unet)}: train an SAE for this model")
 
     # -- the edit -------------------------------------------------------------------------
     def _flat(self, x):
         flat = rearrange(x, "b n c -> b n c") if self.stage == "block" else rearrange(x, "b h n d -> b n (h d)")
         if flat.shape[-1] != self.sae.d_in:
-            raise ValueError(f"this SAE takes width {self.sae.d_in} (trained on {self.sae.placement.site!r}) but site "
+            raise UsageError(f"this SAE takes width {self.sae.d_in} (trained on {self.sae.placement.site!r}) but site "
                              f"{self.site!r} has width {flat.shape[-1]}")
         return flat
 
@@ -137,7 +138,7 @@ class FeatureEdit(Intervention):
             return torch.zeros_like(z_bnf)
         inside_n = self.region.on_grid(*call.grid).to(z_bnf.device)  # spatial
         if inside_n.numel() != z_bnf.shape[1]:
-            raise ValueError(f"region of {inside_n.numel()} patches does not fit site {self.site} with {z_bnf.shape[1]}")
+            raise UsageError(f"region of {inside_n.numel()} patches does not fit site {self.site} with {z_bnf.shape[1]}")
         return torch.where(inside_n[None, :, None], beta * norms_bn[..., None], torch.zeros_like(z_bnf))
 
     @torch.no_grad()

@@ -18,12 +18,13 @@ import torch
 from activations.edits import HeadEdit, SwapKV
 from activations.intervention import register_intervention
 from activations.sites import heads_by_site
+from common.errors import UsageError
 from steering.base import Composite
 
 
 def _check_heads(heads) -> list:
     if heads is None or (isinstance(heads, (list, tuple)) and not heads):
-        raise ValueError("heads= must name at least one head (global indices or [site, head] pairs)")
+        raise UsageError("heads= must name at least one head (global indices or [site, head] pairs)")
     return [list(h) if isinstance(h, (list, tuple)) else int(h) for h in heads]
 
 
@@ -63,7 +64,7 @@ class EncodePrompt(Composite):
         super().__post_init__()
         self.heads = _check_heads(self.heads)
         if not isinstance(self.prompt, str) or not self.prompt:
-            raise ValueError("EncodePrompt needs prompt= (the text to encode through the heads)")
+            raise UsageError("EncodePrompt needs prompt= (the text to encode through the heads)")
 
     def expand(self, pipe, prompts):
         ehs = encode_text(pipe, self.prompt)

@@ -26,6 +26,7 @@ import torch
 from activations.edits import HeadEdit
 from activations.intervention import register_intervention
 from activations.sites import head_sites
+from common.errors import UnknownNameError, UsageError
 from steering.base import Composite
 from steering.tokens import resolve_tokens
 
@@ -62,9 +63,9 @@ class HRVEdit(Composite):
             self._folder = str(self.hrv)
             self.hrv = HRV.load(self.hrv)
         if not isinstance(self.hrv, HRV):
-            raise ValueError(f"HRVEdit needs HRVs (a folder or an analysis.hrv.HRV), got {type(self.hrv).__name__}")
+            raise UsageError(f"HRVEdit needs HRVs (a folder or an analysis.hrv.HRV), got {type(self.hrv).__name__}")
         if self.token is None:
-            raise ValueError("HRVEdit needs token= (a word of the prompt or a token index)")
+            raise UsageError("HRVEdit needs token= (a word of the prompt or a token index)")
         self.factors()  # unknown concepts fail here, naming the valid ones
 
     def factors(self) -> torch.Tensor:
@@ -72,7 +73,7 @@ class HRVEdit(Composite):
         names = list(self.hrv.concepts.names)
         for c in (self.concept, self.undesired):
             if c is not None and c not in names:
-                raise KeyError(f"concept {c!r} is not in these HRVs; valid concepts: {', '.join(names)}")
+                raise UnknownNameError(f"concept {c!r} is not in these HRVs; valid concepts: {', '.join(names)}")
         f = self.hrv.row(self.concept)
         if self.undesired is not None:
             f = 2 * f - self.hrv.row(self.undesired)
@@ -87,7 +88,7 @@ class HRVEdit(Composite):
     def expand(self, pipe, prompts):
         self.hrv.check_model(pipe)
         if isinstance(self.token, str) and not prompts:
-            raise ValueError(f"token {self.token!r} is a word: give steer(..., prompts=[...]) so it can be found in each prompt")
+            raise UsageError(f"token {self.token!r} is a word: give steer(..., prompts=[...]) so it can be found in each prompt")
         tokens = resolve_tokens(pipe.tokenizer, prompts or [""], self.token)
         factor_h = self.factors()
         edits = []
@@ -116,7 +117,7 @@ def _rescale(factor_h: torch.Tensor, tokens: list[list[int]]):
         for row, image in enumerate(images):
             idx = tokens[image if len(tokens) > 1 else 0] if (len(tokens) == 1 or image < len(tokens)) else None
             if idx is None:
-                raise ValueError(f"batch row {row} is image {image} but only {len(tokens)} prompts were given to steer")
+                raise UsageError(f"batch row {row} is image {image} but only {len(tokens)} prompts were given to steer")
             sel_bt[row, [i for i in idx if i < t]] = True
         f = factor_h.to(probs_bhnt)[None, :, None, None]
         return torch.where(sel_bt[:, None, None, :], probs_bhnt * f, probs_bhnt)

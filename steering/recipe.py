@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from activations.intervention import load_interventions
+from common.errors import UsageError
 
 
 def _import_kinds() -> None:
@@ -49,11 +50,11 @@ class Recipe:
         if isinstance(self.prompts, str):
             self.prompts = [self.prompts]
         if not self.prompts:
-            raise ValueError("a recipe needs at least one prompt")
+            raise UsageError("a recipe needs at least one prompt")
         if not self.seeds:
             self.seeds = list(range(len(self.prompts)))
         if len(self.seeds) != len(self.prompts):
-            raise ValueError(f"a recipe needs one seed per prompt: {len(self.prompts)} prompts, {len(self.seeds)} seeds")
+            raise UsageError(f"a recipe needs one seed per prompt: {len(self.prompts)} prompts, {len(self.seeds)} seeds")
         self.interventions = load_interventions(list(self.interventions))
 
     def to_dict(self) -> dict:
@@ -76,7 +77,7 @@ class Recipe:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ValueError(f"unknown recipe field(s) {sorted(unknown)} in {path}; valid fields: {', '.join(sorted(names))}")
+            raise UsageError(f"unknown recipe field(s) {sorted(unknown)} in {path}; valid fields: {', '.join(sorted(names))}")
         return cls(**data)
 
     def settings(self, pipe) -> tuple[int, float]:

@@ -3,6 +3,8 @@ encoder's output, start token included)."""
 
 from __future__ import annotations
 
+from common.errors import UsageError
+
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return list(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length)["input_ids"])
@@ -21,7 +23,7 @@ def token_positions(tokenizer, prompt: str, word: str) -> list[int]:
             if ids[start:start + len(sub)] == sub:
                 return list(range(start, start + len(sub)))
     words = [w for w in tokenizer.convert_ids_to_tokens(ids) if w not in tokenizer.all_special_tokens]
-    raise ValueError(f"token {word!r} is not in the prompt {prompt!r}; its tokens: {', '.join(words)}")
+    raise UsageError(f"token {word!r} is not in the prompt {prompt!r}; its tokens: {', '.join(words)}")
 
 
 def resolve_tokens(tokenizer, prompts, token) -> list[list[int]]:
@@ -31,7 +33,7 @@ def resolve_tokens(tokenizer, prompts, token) -> list[list[int]]:
         for p in prompts:
             n = len(prompt_ids(tokenizer, p))
             if not 0 <= token < tokenizer.model_max_length:
-                raise ValueError(f"token index {token} out of range (valid: 0..{tokenizer.model_max_length - 1}; "
+                raise UsageError(f"token index {token} out of range (valid: 0..{tokenizer.model_max_length - 1}; "
                                  f"the prompt {p!r} has {n} tokens)")
             out.append([token])
         return out

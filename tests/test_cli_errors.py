@@ -71,3 +71,141 @@ def test_bad_input__debug_flag_or_env_shows_the_traceback(store, monkeypatch):
 
 def test_bad_input__generate_parse_error_is_one_line(capsys):
     _one_line_error(capsys, ["generate", "--steps", "lots"], "lots")
+
+
+# ---- one parser, one error path, one Ctrl-C for every command (issue 21) -------------------------
+
+@pytest.mark.parametrize("argv, where", [
+    (["harvest", "configs/harvest/toy.yaml", "--bogus", "1"], "harvest"),
+    (["sites", "toy", "--bogus"], "sites"),
+    (["analyze", "hrv", "--bogus", "1"], "analyze hrv"),
+    (["analyze", "weaken", "--bogus", "1"], "analyze weaken"),
+    (["steer", "--bogus", "1"], "steer"),
+])
+def test_bad_flag__one_line_not_the_usage_for_every_command(capsys, argv, where):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == f"diffatlas {where}: error: unrecognized arguments: {' '.join(argv[-2:] if argv[-1] == '1' else argv[-1:])}"
+
+
+@pytest.mark.parametrize("argv, where, needle", [
+    (["sites"], "sites", "give a model"),
+    (["sites", "sd-9"], "sites", "unknown model config 'sd-9'"),
+    (["analyze", "plot"], "analyze", "valid subcommands: hrv, weaken, features"),
+    (["analyze", "features"], "analyze features", "give the SAE folder and the store"),
+])
+def test_command_errors__printed_once_by_the_dispatcher(capsys, argv, where, needle):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith(f"diffatlas {where}: error: ") and needle in err, err
+
+
+def test_harvest_bad_number__line_says_error(capsys):
+    _one_line_error(capsys, ["harvest", "configs/harvest/toy.yaml", "--num_inference_steps", "0"],
+                    "--num_inference_steps must be an integer >= 1 and <= 1000, got 0")
+
+
+@pytest.mark.parametrize("bug", [ValueError("an internal shape check"), KeyError("an internal table")])
+def test_internal_value_or_key_error__keeps_its_traceback(monkeypatch, bug):
+    import analysis.construct
+
+    def load_model(cfg, name):
+        raise bug
+
+    monkeypatch.setattr(analysis.construct, "load_model", load_model)
+    with pytest.raises(type(bug)):
+        main(["analyze", "hrv", "--wandb", "false"])
+
+
+def test_user_error_types__a_usage_error_is_still_a_value_error_and_an_unknown_name_a_key_error(random_toy_pipe):
+    from activations.sites import list_sites, resolve_sites
+    from common.errors import UnknownNameError, UsageError, user_error_types
+
+    assert ValueError not in user_error_types() and KeyError not in user_error_types()
+    with pytest.raises(KeyError) as err:
+        resolve_sites(list_sites(random_toy_pipe.unet), ["nope"])
+    assert isinstance(err.value, UnknownNameError) and isinstance(err.value, UsageError)
+    assert str(err.value).startswith("unknown site 'nope'")  # not KeyError's quoted repr
+
+
+@pytest.mark.parametrize("argv, patch", [
+    (["analyze", "hrv", "--wandb", "false"], ("analysis.construct", "load_model")),
+    (["steer", "recipe.yaml"], ("steering.cli", "steer_recipe")),
+    (["sites", "toy"], ("activations.sites", "list_sites")),
+])
+def test_ctrl_c__one_line_and_exit_130_for_every_command(monkeypatch, capsys, argv, patch):
+    import importlib
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(patch[0]), patch[1], interrupted)
+    try:
+        assert main(argv) == 130
+    except KeyboardInterrupt:  # escaping would stop the test session, not fail this test
+        pytest.fail("Ctrl-C escaped the dispatcher (a traceback)")
+    err = capsys.readouterr().err
+    where = " ".join(argv[:2]) if argv[0] == "analyze" else argv[0]
+    assert err == f"diffatlas {where}: interrupted\n", err
+
+
+def test_analyze_hrv__a_list_of_prompts_is_used_whole(tmp_path):
+    from analysis.config import HRVConfig
+    from analysis.construct import prompt_texts
+    from common.config import parse
+
+    texts = [f"a red circle at the {p}" for p in ("top left", "top right", "bottom left", "bottom right")] * 2
+    path = tmp_path / "hrv.yaml"
+    path.write_text(yaml_dump({"prompts": {"kind": "list", "texts": texts}}))
+    cfg = parse(HRVConfig, [str(path)], "diffatlas analyze hrv", positional=("config",))
+    assert cfg.prompts.num_prompts is None and prompt_texts(cfg) == texts
+    three = parse(HRVConfig, [str(path), "--prompts.num_prompts", "3"], "diffatlas analyze hrv", positional=("config",))
+    assert prompt_texts(three) == texts[:3]
+    assert parse(HRVConfig, [], "diffatlas analyze hrv").prompts.num_prompts == 64  # the toyworld default stays
+
+
+def yaml_dump(data) -> str:
+    import yaml
+
+    return yaml.safe_dump(data)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["hrv", "--steps=0"], "--steps must be an integer >= 1 and <= 1000, got 0"),
+    (["hrv", "--steps=-2"], "--steps must be an integer >= 1 and <= 1000, got -2"),
+    (["hrv", "--steps=1000000000"], "--steps must be an integer >= 1 and <= 1000, got 1000000000"),
+    (["hrv", "{guidance: .nan}"], "--guidance must be a finite number >= 0, got nan"),  # a YAML NaN parses
+    (["hrv", "--guidance", "-1"], "--guidance must be a finite number >= 0, got -1.0"),
+    (["hrv", "--batch_size", "0"], "--batch_size must be an integer >= 1, got 0"),
+    (["hrv", "--prompts.num_prompts", "0"], "--prompts.num_prompts must be an integer >= 1, got 0"),
+    (["hrv", "--seeds", "[0, -1]"], "--seeds must be an integer >= 0, got -1"),
+    (["hrv", "--seeds", "[]"], "--seeds must be a non-empty list, got []"),
+    (["hrv", "--prompt_seed", "-1"], "--prompt_seed must be an integer >= 0, got -1"),
+    (["hrv", "--word_seed", "-1"], "--word_seed must be an integer >= 0, got -1"),
+    (["weaken", "--steps", "0"], "--steps must be an integer >= 1 and <= 1000, got 0"),
+    (["weaken", "--images_per_point", "0"], "--images_per_point must be an integer >= 1, got 0"),
+    (["weaken", "--points", "4"], "--points must be an integer >= 5, got 4"),
+    (["weaken", "--batch_size", "0"], "--batch_size must be an integer >= 1, got 0"),
+    (["weaken", "--seed", "-1"], "--seed must be an integer >= 0, got -1"),
+    (["weaken", "{guidance: .inf}"], "--guidance must be a finite number >= 0, got inf"),
+    (["weaken", "{factor: .nan}"], "--factor must be a finite number, got nan"),
+])
+def test_analyze_counts__refused_in_one_line_before_any_work(monkeypatch, capsys, tmp_path, argv, says):
+    import analysis.construct
+
+    def load_model(cfg, name):
+        raise AssertionError("the model loaded before the counts were checked")
+
+    monkeypatch.setattr(analysis.construct, "load_model", load_model)
+    if argv[1].startswith("{"):  # a YAML config file
+        (tmp_path / "c.yaml").write_text(argv[1])
+        argv = [argv[0], str(tmp_path / "c.yaml")]
+    assert main(["analyze", *argv, "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"diffatlas analyze {argv[0]}: error: {says}\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_sampling_defaults__steps_0_is_not_the_model_default(random_toy_pipe):
+    from analysis.construct import sampling_defaults
+
+    assert sampling_defaults(random_toy_pipe, 0, None)[0] == 0  # a check refuses it; it is never swapped for 25

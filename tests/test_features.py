@@ -125,10 +125,10 @@ def test_auroc__matches_pairwise_definition_with_ties():
 
 
 def test_analyze_features__missing_arguments_and_bad_sae_are_one_line_errors(store, capsys):
-    from analysis.cli import main
+    from diffatlas.cli import main
 
-    assert main(["features"]) == 2
+    assert main(["analyze", "features"]) == 2
     assert "give the SAE folder and the store" in capsys.readouterr().err
-    assert main(["features", "/nonexistent/sae", str(store.dir.parent)]) == 2
+    assert main(["analyze", "features", "/nonexistent/sae", str(store.dir.parent)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("diffatlas analyze features: error:") and "/nonexistent/sae" in err and err.count("\n") == 1

@@ -382,16 +382,18 @@ def test_words_outside_the_toy_vocabulary__refused_before_anything_is_written(tm
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1, got 0"),
-        ({"num_inference_steps": -2}, "num_inference_steps must be an integer >= 1, got -2"),
-        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
-        ({"images_per_shard": 0}, "images_per_shard must be an integer >= 1, got 0"),
-        ({"images_per_prompt": 0}, "images_per_prompt must be an integer >= 1, got 0"),
-        ({"positions": 0}, "positions must be an integer >= 1 or null, got 0"),
-        ({"seed": -1}, "seed must be >= 0, got -1"),
-        ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
-        ({"threads": 0}, "threads must be an integer >= 1, got 0"),
-        ({"prompts": PromptSource(kind="toyworld", num_prompts=-3)}, "prompts.num_prompts must be an integer >= 1 or null, got -3"),
+        ({"num_inference_steps": 0}, "--num_inference_steps must be an integer >= 1 and <= 1000, got 0"),
+        ({"num_inference_steps": -2}, "--num_inference_steps must be an integer >= 1 and <= 1000, got -2"),
+        ({"num_inference_steps": 10**9}, "--num_inference_steps must be an integer >= 1 and <= 1000, got 1000000000"),
+        ({"batch_size": 0}, "--batch_size must be an integer >= 1, got 0"),
+        ({"images_per_shard": 0}, "--images_per_shard must be an integer >= 1, got 0"),
+        ({"images_per_prompt": 0}, "--images_per_prompt must be an integer >= 1, got 0"),
+        ({"positions": 0}, "--positions must be an integer >= 1, got 0"),
+        ({"seed": -1}, "--seed must be an integer >= 0, got -1"),
+        ({"guidance_scale": -1.0}, "--guidance_scale must be a finite number >= 0, got -1.0"),
+        ({"guidance_scale": float("nan")}, "--guidance_scale must be a finite number >= 0, got nan"),
+        ({"threads": 0}, "--threads must be an integer >= 1, got 0"),
+        ({"prompts": PromptSource(kind="toyworld", num_prompts=-3)}, "--prompts.num_prompts must be an integer >= 1, got -3"),
         ({"prompts": PromptSource(kind="list", texts=[])}, "at least 1 prompt, got 0"),
         ({"prompts": PromptSource(kind="list", texts=["  ", ""])}, "at least 1 prompt, got 0"),
         ({"prompts": "empty-file"}, "at least 1 prompt, got 0 from the file source"),
@@ -417,7 +419,7 @@ def test_cli_steps_0__one_line_naming_the_field(tmp_path, toy_folder):
     cfg = cli_config(tmp_path, toy_folder, tmp_path / "zero", num_inference_steps=0)
     res = run_cli(["harvest", str(cfg)])
     assert res.returncode == 2
-    assert res.stderr.strip() == "diffatlas harvest: num_inference_steps must be an integer >= 1, got 0"
+    assert res.stderr.strip() == "diffatlas harvest: error: --num_inference_steps must be an integer >= 1 and <= 1000, got 0"
     assert not (tmp_path / "zero").exists()
 
 

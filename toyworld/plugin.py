@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import UsageError
 from common.plugins import ModelPlugin, PromptSourcePlugin
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -51,7 +52,7 @@ class ToyPrompts(PromptSourcePlugin):
     def __init__(self, config, seed: int = 0):
         super().__init__(config, seed)
         if getattr(config, "num_prompts", None) is None:
-            raise ValueError("prompts.kind 'toyworld' needs prompts.num_prompts (the generator is endless)")
+            raise UsageError("prompts.kind 'toyworld' needs prompts.num_prompts (the generator is endless)")
         self.n = int(config.num_prompts)
         self.split = getattr(config, "scene_split", "train")
 

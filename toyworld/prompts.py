@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.errors import UsageError
 from toyworld.scene import HELD_OUT_KEY, Obj, Scene, is_held_out
 from toyworld.vocab import ATTRIBUTES, OBJECT_ATTRIBUTES, SCENE_ATTRIBUTES
 
@@ -66,7 +67,7 @@ class Named:
         """Everything but ``unnamed`` (attribute names), for every object."""
         for name in unnamed:
             if name not in ATTRIBUTES:
-                raise ValueError(f"unknown attribute {name!r}; valid attributes: {', '.join(ATTRIBUTES)}")
+                raise UsageError(f"unknown attribute {name!r}; valid attributes: {', '.join(ATTRIBUTES)}")
         full = cls.everything(scene)
         return cls(tuple(o - set(unnamed) for o in full.objects), full.scene - set(unnamed))
 
@@ -142,7 +143,7 @@ def check_prompt(prompt: str) -> str:
     """Raise a ValueError naming every word of ``prompt`` that the toy world does not know."""
     stray = re.sub(r"[a-zA-Z]+|,|\s", "", prompt)
     if stray:
-        raise ValueError(f"prompt {prompt!r} has characters {stray!r} the toy world does not know; "
+        raise UsageError(f"prompt {prompt!r} has characters {stray!r} the toy world does not know; "
                          f"it knows letters, spaces and commas")
     unknown = [w for w in split_words(prompt) if w not in WORDS]
     if unknown:
@@ -150,7 +151,7 @@ def check_prompt(prompt: str) -> str:
         for word in dict.fromkeys(unknown):
             close = difflib.get_close_matches(word, WORDS, n=2)
             hints.append(f"{word!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
-        raise ValueError(
+        raise UsageError(
             f"prompt {prompt!r} uses words outside the toy world's vocabulary: {', '.join(hints)}; "
             f"valid words: {', '.join(WORDS)}"
         )
@@ -266,5 +267,5 @@ def check_scene(prompt: str) -> str:
     try:
         Scene(tuple(Obj(**{**filler, "position": o.get("position") or next(free), **o}) for o in objects))
     except ValueError as err:
-        raise ValueError(f"prompt {prompt!r}: {err}") from None
+        raise UsageError(f"prompt {prompt!r}: {err}") from None
     return prompt

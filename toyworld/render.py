@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.errors import UsageError
 from toyworld.scene import Obj, Scene
 from toyworld.vocab import (
     ATTRIBUTES,
@@ -73,7 +74,7 @@ def patch_coverage(masks: np.ndarray, grid: int) -> np.ndarray:
     """The share of each patch of a ``grid`` x ``grid`` map that each object mask covers:
     bool [n, IMAGE_SIZE, IMAGE_SIZE] -> float32 [n, grid, grid]."""
     if IMAGE_SIZE % grid:
-        raise ValueError(f"grid {grid} does not divide the image size {IMAGE_SIZE}; valid grids: "
+        raise UsageError(f"grid {grid} does not divide the image size {IMAGE_SIZE}; valid grids: "
                          f"{', '.join(str(g) for g in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % g == 0)}")
     cell = IMAGE_SIZE // grid
     # "n (gi ci) (gj cj) -> n gi gj" mean-pool

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.errors import UsageError
 from toyworld.vocab import (
     BACKGROUNDS,
     COLORS,
@@ -57,7 +58,7 @@ class Scene:
         check_value("background", self.background)
         check_value("style", self.style)
         if not 1 <= len(self.objects) <= 2:
-            raise ValueError(f"a scene holds 1 or 2 objects, got {len(self.objects)}")
+            raise UsageError(f"a scene holds 1 or 2 objects, got {len(self.objects)}")
         if len(self.objects) == 2:
             check_compatible(*self.objects)
 
@@ -77,7 +78,7 @@ def check_compatible(a: Obj, b: Obj) -> None:
     """Two objects must not overlap: their boxes stay at least 3 px apart. With objects that fill
     the frame this means: two different corners, never the center, and at most one big object."""
     if a.position == b.position:
-        raise ValueError(
+        raise UsageError(
             f"impossible scene: two objects at position {a.position!r}; "
             f"two objects need two different positions out of {', '.join(POSITIONS)}"
         )
@@ -90,7 +91,7 @@ def check_compatible(a: Obj, b: Obj) -> None:
             rule = "two big objects do not fit in one frame, so one of two objects must be small"
         else:  # not reached by the world's sizes; kept so that a new size cannot pass silently
             rule = "their boxes must stay 3 px apart"
-        raise ValueError(
+        raise UsageError(
             f"impossible scene: a {a.size} object at {a.position!r} and a {b.size} object at "
             f"{b.position!r} would overlap; {rule}"
         )
@@ -131,7 +132,7 @@ def _pool(split: str) -> tuple[Obj, ...]:
         return ALL_OBJECTS
     if split == "test":
         return tuple(o for o in ALL_OBJECTS if is_held_out(o))
-    raise ValueError(f"unknown split {split!r}; valid splits: train, test, all")
+    raise UsageError(f"unknown split {split!r}; valid splits: train, test, all")
 
 
 def sample_scene(
@@ -150,7 +151,7 @@ def sample_scene(
     if num_objects is None:
         num_objects = 2 if rng.random() < two_object_prob else 1
     if num_objects not in (1, 2):
-        raise ValueError(f"num_objects must be 1 or 2, got {num_objects!r}")
+        raise UsageError(f"num_objects must be 1 or 2, got {num_objects!r}")
     if num_objects == 2:  # only objects that have a partner (the center stands alone)
         first_pool = tuple(o for o in first_pool if o.position != "center")
     first = first_pool[rng.integers(len(first_pool))]

@@ -33,6 +33,7 @@ from einops import rearrange
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
+from common.errors import UsageError
 from toyworld.grounding import grounding_loss, object_masks, record_cross_attention, token_owners
 from toyworld.model import ToyModelConfig, build_pipeline, build_vae
 from toyworld.prompts import DROP_PROB, SHORT_PROB, draw_named, scene_to_prompt
@@ -356,11 +357,11 @@ def encode_scenes(vae, scenes: list[Scene], batch_size: int = 256) -> tuple[torc
 def train(cfg: TrainConfig) -> Path:
     """Run both stages and write the float16 diffusers folder to ``cfg.out``."""
     if cfg.stage not in STAGES:
-        raise ValueError(f"unknown stage {cfg.stage!r}; valid stages: {', '.join(STAGES)}")
+        raise UsageError(f"unknown stage {cfg.stage!r}; valid stages: {', '.join(STAGES)}")
     for name in ("uncond_prob", "drop_prob", "short_prob"):
         value = getattr(cfg.unet, name)
         if not 0 <= value <= 1:  # NaN fails too
-            raise ValueError(f"unet.{name} must be a probability in [0, 1], got {value}")
+            raise UsageError(f"unet.{name} must be a probability in [0, 1], got {value}")
     if cfg.vae_from and not (Path(cfg.vae_from) / "vae" / "config.json").exists():
         raise FileNotFoundError(f"vae_from {cfg.vae_from!r} holds no VAE (no vae/config.json); "
                                 "give a toy pipeline folder such as toyworld/weights")
@@ -376,7 +377,7 @@ def train(cfg: TrainConfig) -> Path:
     vae_path, decoder_path = work_dir / "vae", work_dir / "vae_decoder"
     if cfg.vae_from:
         if cfg.stage in ("vae", "decoder"):
-            raise ValueError(f"stage {cfg.stage!r} trains a VAE, but vae_from={cfg.vae_from!r} takes one; "
+            raise UsageError(f"stage {cfg.stage!r} trains a VAE, but vae_from={cfg.vae_from!r} takes one; "
                              "drop one of them")
         vae = AutoencoderKL.from_pretrained(Path(cfg.vae_from) / "vae", torch_dtype=torch.float32)
         vae.save_pretrained(decoder_path)  # encoder and refined decoder in one: what export ships

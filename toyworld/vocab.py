@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 
+from common.errors import UsageError
+
 IMAGE_SIZE = 64  # pixels; the bundled VAE downsamples by 4 to a 16x16 latent grid
 
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -80,12 +82,12 @@ def object_center(position: str, size: str) -> tuple[float, float]:
 def check_value(attribute: str, value: str) -> str:
     """Return ``value`` if it is a valid value of ``attribute``, else raise a helpful ValueError."""
     if attribute not in ATTRIBUTES:
-        raise ValueError(f"unknown attribute {attribute!r}; valid attributes: {', '.join(ATTRIBUTES)}")
+        raise UsageError(f"unknown attribute {attribute!r}; valid attributes: {', '.join(ATTRIBUTES)}")
     valid = ATTRIBUTES[attribute]
     if value not in valid:
         close = difflib.get_close_matches(str(value), valid, n=2)
         hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        raise ValueError(f"unknown {attribute} {value!r}{hint}; valid {attribute}s: {', '.join(valid)}")
+        raise UsageError(f"unknown {attribute} {value!r}{hint}; valid {attribute}s: {', '.join(valid)}")
     return value
 
 

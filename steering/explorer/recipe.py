@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from common.errors import UsageError
+
 RECIPE_KEYS = ("model", "prompts", "seeds", "steps", "guidance", "interventions")
 
 
@@ -35,13 +37,13 @@ def read_recipe(source: str | Path | dict) -> dict[str, Any]:
 
         source = yaml.safe_load(Path(source).read_text()) or {}
     if not isinstance(source, dict):
-        raise ValueError(f"a recipe is a mapping with keys {', '.join(RECIPE_KEYS)}; got {type(source).__name__}")
+        raise UsageError(f"a recipe is a mapping with keys {', '.join(RECIPE_KEYS)}; got {type(source).__name__}")
     missing = [k for k in RECIPE_KEYS if k not in source]
     unknown = [k for k in source if k not in RECIPE_KEYS]
     if missing or unknown:
-        raise ValueError(f"recipe keys: missing {missing}, unknown {unknown}; valid keys: {', '.join(RECIPE_KEYS)}")
+        raise UsageError(f"recipe keys: missing {missing}, unknown {unknown}; valid keys: {', '.join(RECIPE_KEYS)}")
     if len(source["prompts"]) != len(source["seeds"]):
-        raise ValueError(f"a recipe needs one seed per prompt: {len(source['prompts'])} prompts, {len(source['seeds'])} seeds")
+        raise UsageError(f"a recipe needs one seed per prompt: {len(source['prompts'])} prompts, {len(source['seeds'])} seeds")
     return source
 
 

@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from importlib import resources
 
+from common.errors import UsageError
 from steering.explorer.session import EditSpec, Explorer, png_base64
 
 
@@ -171,7 +172,7 @@ def build_explorer(cfg: ExploreConfig) -> Explorer:
 
     sae = hrv = labels = None
     if cfg.features and not cfg.sae:
-        raise ValueError(f"--features {cfg.features} labels an SAE's features; give that SAE with --sae DIR")
+        raise UsageError(f"--features {cfg.features} labels an SAE's features; give that SAE with --sae DIR")
     if cfg.sae:
         from sae.sparse_coder import SparseCoder
 
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = parse(ExploreConfig, argv, "diffatlas explore", __doc__.split("\n\n")[0])
     if not 0 <= cfg.port <= 65535:
-        raise ValueError(f"--port must be in 0..65535, got {cfg.port}")
+        raise UsageError(f"--port must be in 0..65535, got {cfg.port}")
     explorer = build_explorer(cfg)  # bad input raises; the dispatcher prints it as one line
     app = make_app(explorer)
     print(f"diffatlas explorer: http://{cfg.host}:{cfg.port}/  (model {cfg.model}; Ctrl-C stops it)", flush=True)

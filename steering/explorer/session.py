@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.errors import UsageError
 from steering.explorer.recipe import make_recipe, recipe_yaml, run_recipe
 
 OPS = ("scale", "swap", "sae")
@@ -114,7 +115,7 @@ class Explorer:
             self.check_sae(sae)
         if labels is not None:
             if sae is None:
-                raise ValueError("a feature analysis (--features) labels an SAE's features; give that SAE with --sae")
+                raise UsageError("a feature analysis (--features) labels an SAE's features; give that SAE with --sae")
             labels.check_sae(sae)
         if hrv is not None:
             hrv.check_model(pipe)
@@ -163,15 +164,15 @@ class Explorer:
 
         blocks = {s.name: s for s in list_sites(self.pipe.unet) if s.kind == "block"}
         if p.model and p.model != self.model:
-            raise ValueError(f"this SAE was trained on model {p.model!r}, not {self.model!r}; "
+            raise UsageError(f"this SAE was trained on model {p.model!r}, not {self.model!r}; "
                              f"start the explorer with --model {p.model} or give an SAE of {self.model!r}")
         site = names.get(p.site) or blocks.get(p.site)
         if site is None:
-            raise ValueError(f"this SAE's site {p.site!r} is not a site of model {self.model!r}; "
+            raise UsageError(f"this SAE's site {p.site!r} is not a site of model {self.model!r}; "
                              f"valid sites: {', '.join(list(blocks) + list(names))}")
         if site.width != sae.d_in:
             fits = [s.name for s in [*blocks.values(), *names.values()] if s.width == sae.d_in]
-            raise ValueError(f"this SAE takes width {sae.d_in} but site {p.site!r} of model {self.model!r} has width "
+            raise UsageError(f"this SAE takes width {sae.d_in} but site {p.site!r} of model {self.model!r} has width "
                              f"{site.width}; sites of width {sae.d_in}: {', '.join(fits) or 'none'}")
 
     def tokens(self, prompt: str) -> list[str]:
