@@ -17,11 +17,12 @@ import dataclasses
 import difflib
 import json
 from collections.abc import Iterable, Sequence
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 from common.errors import UnknownNameError, UsageError
 
-SITE_KINDS = ("block", "head")
+SiteKind = Literal["block", "head"]
+SITE_KINDS = get_args(SiteKind)
 SITE_GROUPS = ("all", "blocks", "heads")
 
 
@@ -278,14 +279,13 @@ class SitesConfig:
     also be given as the first argument"""
     json: bool = False
     """print JSON (one object per site) instead of a table"""
-    kind: Optional[Literal["block", "head"]] = None
+    kind: Optional[SiteKind] = None
     """only sites of this kind"""
 
 
 def main(argv: list[str] | None = None) -> int:
     """``diffatlas sites <model> [--json] [--kind block|head]``; bad input raises (the dispatcher prints it)."""
     from common.config import parse
-    from common.errors import UsageError
 
     args = parse(SitesConfig, argv, "diffatlas sites", SitesConfig.__doc__, positional=("model",))
     if not args.model:
