@@ -21,14 +21,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from einops import rearrange
 
 from activations.edits import Apply, Observe, Observer
-from activations.intervention import BLOCK_STAGES, Call, Intervention, run_stage
+from activations.intervention import BLOCK_STAGES, Call, Intervention, resolve_all, run_stage
 from activations.processor import HeadProcessor
 from activations.sites import Site, list_sites, resolve_sites
 from activations.timesteps import branch_codes, check_branch
@@ -193,8 +193,11 @@ class Tap:
         return s
 
     @contextlib.contextmanager
-    def add(self, *interventions: Intervention) -> Iterator["Tap"]:
-        """Attach interventions for the duration of the block (in the given order)."""
+    def add(self, *interventions: Intervention, prompts: Sequence[str] | None = None) -> Iterator["Tap"]:
+        """Attach interventions for the duration of the block (in the given order), each resolved
+        against the model first (``Intervention.resolve``: checked, and expanded when it spans
+        sites), so that a bad one fails here and not in the middle of a generation."""
+        interventions = resolve_all(self.pipe if self.pipe is not None else self.unet, interventions, prompts)
         for iv in interventions:
             self._check_site(iv)
         added: list[Intervention] = []
@@ -300,16 +303,19 @@ def _unet_of(model):
 
 
 @contextlib.contextmanager
-def intervene(model, *interventions: Intervention) -> Iterator[Tap]:
+def intervene(model, *interventions: Intervention, prompts: Sequence[str] | None = None) -> Iterator[Tap]:
     """Apply ``interventions`` to ``model`` (a pipeline or a U-Net) inside the block::
 
         with intervene(pipe, HeadEdit(site=s, heads=[3], tokens=[2], scale=-2.0, when="early")):
             pipe(prompt)
 
-    The original processors and hooks come back when the block exits, also after an exception.
+    Each intervention is resolved against the model before anything is attached (checked, and
+    expanded when it spans sites, like an HRV edit); ``prompts``: the coming generations' prompts,
+    one per image, for edits that name a token by its word. The original processors and hooks come
+    back when the block exits, also after an exception.
     """
     unet = _unet_of(model)
-    with attach(unet, model if model is not unet else None) as tap, tap.add(*interventions):
+    with attach(unet, model if model is not unet else None) as tap, tap.add(*interventions, prompts=prompts):
         yield tap
 
 

@@ -97,19 +97,20 @@ class FeatureEdit(Intervention):
             raise ValueError(f"region is for op 'spatial' only (op is {self.op!r}); use mask= to limit other edits")
 
     # -- checks against the model ---------------------------------------------------------
-    def check(self, pipe) -> None:
+    def check(self, model) -> None:
         """Refuse an SAE of another site width or model (the site name is checked on creation)."""
         from activations.harvest import model_fingerprint
         from activations.sites import list_sites, resolve_sites
 
-        site = resolve_sites(list_sites(pipe.unet), [self.site])[0]
+        unet = getattr(model, "unet", model)  # a pipeline or its U-Net
+        site = resolve_sites(list_sites(unet), [self.site])[0]
         width = site.width if self.stage == "block" else site.heads * site.head_dim
         if width != self.sae.d_in:
             raise ValueError(f"this SAE takes width {self.sae.d_in} but site {self.site!r} of this model has width {width}")
         rev = self.sae.placement.model_revision
-        if rev is not None and rev != model_fingerprint(pipe.unet):
+        if rev is not None and rev != model_fingerprint(unet):
             raise ValueError(f"this SAE was trained on model {self.sae.placement.model!r} (weights {rev}); the pipeline's "
-                             f"U-Net has weights {model_fingerprint(pipe.unet)}: train an SAE for this model")
+                             f"U-Net has weights {model_fingerprint(unet)}: train an SAE for this model")
 
     # -- the edit -------------------------------------------------------------------------
     def _flat(self, x):

@@ -66,7 +66,7 @@ class EncodePrompt(Composite):
             raise ValueError("EncodePrompt needs prompt= (the text to encode through the heads)")
 
     def expand(self, pipe, prompts):
-        ehs = encode_text(pipe, self.prompt)
+        ehs = encode_text(self.pipeline(pipe), self.prompt)
         return [SwapKV(site=site, heads=local, encoder_hidden_states=ehs, **self.gate())
                 for site, local in heads_by_site(pipe, self.heads).items()]
 

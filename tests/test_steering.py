@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from activations.hooks import intervene
 from activations.intervention import load_interventions, save_interventions
 from activations.sites import head_table
 from sae.config import Placement, SparseCoderConfig
@@ -146,6 +147,50 @@ def test_steer__composes_and_restores_processors_after_an_exception(pipe, sae_fo
     with pytest.raises(ValueError, match="3x3"):
         latents(pipe, bad)
     assert dict(pipe.unet.attn_processors) == before
+
+
+def _unet_calls(pipe) -> list:
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("token", [2, "red"])
+def test_intervene_and_steer__take_an_hrv_edit_alike(pipe, hrv_folder, token):
+    # one resolution step behind both: intervene expands the HRV edit exactly as steer does
+    iv = HRVEdit(hrv=str(hrv_folder), concept="color", token=token)
+    prompts = ["a red circle"]
+    gens = [torch.Generator().manual_seed(0)]
+    with intervene(pipe, iv, prompts=prompts):
+        by_intervene = pipe(prompts, num_inference_steps=3, guidance_scale=4.0, generator=gens, output_type="latent").images
+    assert torch.equal(by_intervene, latents(pipe, iv, prompts=prompts))
+    assert not torch.equal(by_intervene, latents(pipe, prompts=prompts))
+
+
+def test_intervene_and_steer__refuse_alike_before_any_image(pipe, hrv_folder, sae_folder, tmp_path):
+    from analysis.hrv import HRV
+
+    full = HRV.load(hrv_folder)
+    other = HRV(concepts=full.concepts, votes=full.votes[..., :10], head_table=full.head_table[:10], step_t=full.step_t,
+                meta={"model": "other"}).save(tmp_path / "other_hrv")
+    narrow = get_architecture("topk")(SparseCoderConfig(num_latents=8, k=2), 32)
+    narrow.placement = Placement(site=SITE)
+    cases = [(HRVEdit(hrv=str(other), concept="color", token=2), PROMPTS, "HRV built for 10 heads"),
+             (HRVEdit(hrv=str(hrv_folder), concept="color", token="red"), None, "token 'red' is a word: give the prompts"),
+             (FeatureEdit(sae=narrow.save_pretrained(tmp_path / "narrow"), features=[0]), PROMPTS, "takes width 32"),
+             ("not an edit", PROMPTS, "Intervention objects")]
+    calls, handle = _unet_calls(pipe)
+    try:
+        for iv, prompts, message in cases:
+            for attach in (intervene, steer):
+                with pytest.raises((ValueError, TypeError), match=message), attach(pipe, iv, prompts=prompts):
+                    pipe(PROMPTS, num_inference_steps=2, output_type="latent")
+        # a composite needs the pipeline's tokenizer: the bare U-Net is refused by name
+        with pytest.raises(ValueError, match="HRVEdit needs the pipeline"), intervene(pipe.unet, cases[1][0], prompts=PROMPTS):
+            pass
+    finally:
+        handle.remove()
+    assert calls == []  # every refusal came before the first U-Net call
 
 
 # -- bad input ------------------------------------------------------------------------------
