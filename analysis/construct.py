@@ -91,11 +91,10 @@ def build_hrv(cfg: HRVConfig, pipe=None, max_batches: int | None = None) -> HRV 
 
     concepts = load_concepts(cfg.concepts)
     texts = prompt_texts(cfg)
-    if cfg.model == "toy" and cfg.prompts.kind != "toyworld":
-        from toyworld.prompts import check_prompt  # the toy model knows a fixed vocabulary
+    if cfg.prompts.kind != "toyworld":
+        from activations.prompts import check_prompts
 
-        for text in texts:
-            check_prompt(text)
+        check_prompts(cfg.model, texts)  # a model with a fixed vocabulary (the toy one) refuses other words
     pipe = pipe if pipe is not None else load_model(cfg, cfg.model)
     steps, guidance = sampling_defaults(pipe, cfg.steps, cfg.guidance)
     bank = encode_words(pipe, concepts, contexts=texts if cfg.words == "in_context" else None,
