@@ -34,7 +34,7 @@ def content(cfg: HRVConfig) -> dict:
 
 
 def load_model(cfg, name: str):
-    from activations.harvest import set_scheduler
+    from activations.pipeline import set_scheduler
     from activations.pipeline import load_pipeline
 
     pipe = load_pipeline(name, device=cfg.device)

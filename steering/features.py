@@ -99,7 +99,7 @@ class FeatureEdit(Intervention):
     # -- checks against the model ---------------------------------------------------------
     def check(self, pipe) -> None:
         """Refuse an SAE of another site width or model (the site name is checked on creation)."""
-        from activations.harvest import model_fingerprint
+        from activations.pipeline import model_fingerprint
         from activations.sites import list_sites, resolve_sites
 
         site = resolve_sites(list_sites(pipe.unet), [self.site])[0]

@@ -27,7 +27,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def sae_folder(tmp_path_factory, pipe):
-    from activations.harvest import model_fingerprint
+    from activations.pipeline import model_fingerprint
 
     torch.manual_seed(0)
     sae = get_architecture("topk")(SparseCoderConfig(num_latents=32, k=4), 64)
