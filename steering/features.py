@@ -77,6 +77,8 @@ class FeatureEdit(Intervention):
             raise ValueError(f"this SAE was trained on site {placed.site!r} (width {self.sae.d_in}); "
                              f"it cannot edit site {self.site!r}")
         self.stage = self.stage or placed.stage or "block"
+        if self.when is None:  # the steps the SAE was trained on; an explicit when (also "all") wins
+            self.when = placed.window
         super().__post_init__()
         if self.op not in OPS:
             raise ValueError(f"unknown feature op {self.op!r}; valid ops: {', '.join(OPS)}")

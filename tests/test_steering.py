@@ -169,6 +169,18 @@ def test_bad_input__sae_of_another_site_width_or_model(pipe, sae_folder, tmp_pat
         latents(pipe, FeatureEdit(sae=other.save_pretrained(tmp_path / "other"), features=[0]))
 
 
+def test_feature_edit__when_defaults_to_the_saes_window_and_an_explicit_one_wins(pipe, tmp_path):
+    from activations.timesteps import All, Window
+
+    sae = get_architecture("topk")(SparseCoderConfig(num_latents=8, k=2), 64)
+    sae.placement = Placement(site=SITE, window="early")
+    folder = sae.save_pretrained(tmp_path / "early")
+    default, everywhere = FeatureEdit(sae=folder, features=[0]), FeatureEdit(sae=folder, features=[0], when="all")
+    assert default.when == Window("early") and everywhere.when == All()
+    back = load_interventions(save_interventions(tmp_path / "r.yaml", [default, everywhere]))
+    assert [b.when for b in back] == [Window("early"), All()]
+
+
 @pytest.mark.parametrize("when", [{"tau": [0.5, 1.5]}, {"tau": [0.8, 0.2]}])
 def test_bad_input__window_outside_unit_interval_or_reversed(sae_folder, when):
     with pytest.raises(ValueError, match="tau"):
