@@ -169,6 +169,23 @@ def test_bad_input__sae_of_another_site_width_or_model(pipe, sae_folder, tmp_pat
         latents(pipe, FeatureEdit(sae=other.save_pretrained(tmp_path / "other"), features=[0]))
 
 
+def test_bad_input__steer_refuses_an_sae_of_another_model_before_drawing_or_writing(pipe, tmp_path, monkeypatch):
+    import activations.generate
+    from steering.cli import SteerConfig, steer_recipe
+    from steering.recipe import Recipe
+
+    other = get_architecture("topk")(SparseCoderConfig(num_latents=8, k=2), 64)
+    other.placement = Placement(site=SITE, model="sd1", model_revision="deadbeef")
+    recipe = Recipe(model="toy", prompts=["a red circle"],
+                    interventions=[FeatureEdit(sae=other.save_pretrained(tmp_path / "other"), features=[0])])
+    drawn = []
+    monkeypatch.setattr(activations.generate, "sample", lambda *a, **k: drawn.append(a))
+    cfg = SteerConfig(recipe=str(recipe.save(tmp_path / "r.yaml")), out=str(tmp_path / "out"), wandb=False)
+    with pytest.raises(ValueError, match="trained on model 'sd1' \\(weights deadbeef\\)"):
+        steer_recipe(cfg, pipe)
+    assert not drawn and not (tmp_path / "out").exists()
+
+
 def test_feature_edit__when_defaults_to_the_saes_window_and_an_explicit_one_wins(pipe, tmp_path):
     from activations.timesteps import All, Window
 
