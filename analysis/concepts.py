@@ -5,7 +5,7 @@
       position: [top left, top right, center]     # multi-token words are fine
 
 A concept list needs at least two concepts (an argmax over one concept is meaningless), unique
-names, and at least one word per concept. Whether each word has a semantic token depends on the
+names, at least one word per concept, and each word under one concept only. Whether each word has a semantic token depends on the
 tokenizer; ``word_token_positions`` checks that once a pipeline is known.
 """
 
@@ -48,7 +48,8 @@ class ConceptList:
 
 
 def check_concepts(names, words) -> None:
-    """Raise a ValueError naming the first problem: too few concepts, duplicates, empty lists."""
+    """Raise a ValueError naming the first problem: too few concepts, duplicates, empty lists, a word
+    under two concepts."""
     if len(names) < 2:
         raise ValueError(
             f"a concept list needs at least 2 concepts (each head votes for the argmax concept; an argmax "
@@ -67,6 +68,12 @@ def check_concepts(names, words) -> None:
         blank = [w for w in ws if not w.strip()]
         if blank:
             raise ValueError(f"concept {name!r} has an empty word in {list(ws)}")
+    owner: dict[str, str] = {}  # word -> the concept it is listed under first
+    for name, ws in zip(names, words):
+        for w in ws:
+            first = owner.setdefault(" ".join(w.split()), name)
+            if first != name:  # its contests would always tie, and argmax gives ties to the first
+                raise ValueError(f"word {w!r} is listed under concepts {first!r} and {name!r}; list each word under one concept")
 
 
 def resolve_concepts_path(spec: str | Path) -> Path:

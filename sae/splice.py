@@ -5,7 +5,8 @@ the SAE's reconstruction of x and x̂' the reconstruction from the latents after
 x̂' = x̂). Keeping the error term means that an edit of one latent changes the site's value by that
 latent's contribution only, as SAELens' ``use_error_term`` does; without an edit it leaves the
 value unchanged up to float rounding. Without it the U-Net sees what the SAE can express, which is
-what "loss recovered" scores.
+what "loss recovered" scores. Without ``when`` it acts at the steps the SAE was trained on (its
+placement's window); an explicit ``when`` wins.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class SAESplice(Intervention):
             raise ValueError(f"this SAE was trained on site {placed.site!r} (width {self.sae.d_in}); "
                              f"it cannot be applied at site {self.site!r}")
         self.stage = self.stage or placed.stage or "block"
+        if self.when is None:  # the steps the SAE was trained on; an explicit when (also "all") wins
+            self.when = placed.window
         super().__post_init__()
 
     def _flat(self, x: torch.Tensor, call) -> torch.Tensor:

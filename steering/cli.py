@@ -29,11 +29,11 @@ def steer_recipe(cfg: SteerConfig, pipe=None) -> dict:
     if pipe is None:
         pipe = load_pipeline(recipe.model, device=cfg.device)
         pipe.set_progress_bar_config(disable=True)
+    before, after = run_recipe(recipe, pipe)  # refuses edits that do not fit the model before drawing
     out = Path(cfg.out)
     (out / "before").mkdir(parents=True, exist_ok=True)
     (out / "after").mkdir(parents=True, exist_ok=True)
     recipe.save(out / "recipe.yaml")
-    before, after = run_recipe(recipe, pipe)
     for k, (a, b) in enumerate(zip(before, after)):
         a.save(out / "before" / f"{k:04d}.png")
         b.save(out / "after" / f"{k:04d}.png")

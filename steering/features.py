@@ -77,6 +77,8 @@ class FeatureEdit(Intervention):
             raise ValueError(f"this SAE was trained on site {placed.site!r} (width {self.sae.d_in}); "
                              f"it cannot edit site {self.site!r}")
         self.stage = self.stage or placed.stage or "block"
+        if self.when is None:  # the steps the SAE was trained on; an explicit when (also "all") wins
+            self.when = placed.window
         super().__post_init__()
         if self.op not in OPS:
             raise ValueError(f"unknown feature op {self.op!r}; valid ops: {', '.join(OPS)}")
@@ -99,7 +101,7 @@ class FeatureEdit(Intervention):
     # -- checks against the model ---------------------------------------------------------
     def check(self, model) -> None:
         """Refuse an SAE of another site width or model (the site name is checked on creation)."""
-        from activations.harvest import model_fingerprint
+        from activations.pipeline import model_fingerprint
         from activations.sites import list_sites, resolve_sites
 
         unet = getattr(model, "unet", model)  # a pipeline or its U-Net

@@ -91,12 +91,15 @@ class Recipe:
 def run_recipe(recipe: Recipe, pipe, *, before: bool = True, output_type: str = "pil"):
     """(images without steering or None, images with it): one per prompt (PIL by default)."""
     from activations.generate import sample
-    from steering.steer import steer
+    from activations.hooks import intervene
+    from steering.steer import expand
 
+    # checked against the model (an SAE of other weights or width, ...) before anything is drawn
+    edits = expand(pipe, recipe.interventions, recipe.prompts)
     steps, guidance = recipe.settings(pipe)
     draw = dict(steps=steps, guidance=guidance, output_type=output_type)
     plain = sample(pipe, recipe.prompts, recipe.seeds, **draw).images if before else None
-    with steer(pipe, *recipe.interventions, prompts=recipe.prompts):
+    with intervene(pipe, *edits):
         steered = sample(pipe, recipe.prompts, recipe.seeds, **draw).images
     return plain, steered
 

@@ -116,6 +116,17 @@ def test_splice__written_to_a_recipe_loads_the_same_sae(pipe, tmp_path):
     assert torch.equal(latents_of(pipe, back), latents_of(pipe, splice))
 
 
+def test_splice__when_defaults_to_the_saes_window_and_an_explicit_one_wins(tmp_path):
+    from activations.timesteps import All, Window
+
+    sae = make(window={"tau": [0.6, 1.0]})
+    assert sae.splice().when == Window.tau(0.6, 1.0) and sae.splice(when="all").when == All()
+    sae.save_pretrained(tmp_path / "sae")
+    splices = [SAE.from_pretrained(tmp_path / "sae").splice(), SAE.from_pretrained(tmp_path / "sae").splice(when="late")]
+    back = load_interventions(save_interventions(tmp_path / "r.yaml", splices))
+    assert [b.when for b in back] == [Window.tau(0.6, 1.0), Window("late")]
+
+
 def test_evaluate__scores_interventions_against_the_clean_unet(pipe):
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     sets = {"clean": [], "splice": [make().splice()], "zero": [Ablate(site=BLOCK)]}

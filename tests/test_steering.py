@@ -28,7 +28,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def sae_folder(tmp_path_factory, pipe):
-    from activations.harvest import model_fingerprint
+    from activations.pipeline import model_fingerprint
 
     torch.manual_seed(0)
     sae = get_architecture("topk")(SparseCoderConfig(num_latents=32, k=4), 64)
@@ -212,6 +212,35 @@ def test_bad_input__sae_of_another_site_width_or_model(pipe, sae_folder, tmp_pat
     other.placement = Placement(site=SITE, model="sd1", model_revision="deadbeef")
     with pytest.raises(ValueError, match="trained on model 'sd1' \\(weights deadbeef\\)"):
         latents(pipe, FeatureEdit(sae=other.save_pretrained(tmp_path / "other"), features=[0]))
+
+
+def test_bad_input__steer_refuses_an_sae_of_another_model_before_drawing_or_writing(pipe, tmp_path, monkeypatch):
+    import activations.generate
+    from steering.cli import SteerConfig, steer_recipe
+    from steering.recipe import Recipe
+
+    other = get_architecture("topk")(SparseCoderConfig(num_latents=8, k=2), 64)
+    other.placement = Placement(site=SITE, model="sd1", model_revision="deadbeef")
+    recipe = Recipe(model="toy", prompts=["a red circle"],
+                    interventions=[FeatureEdit(sae=other.save_pretrained(tmp_path / "other"), features=[0])])
+    drawn = []
+    monkeypatch.setattr(activations.generate, "sample", lambda *a, **k: drawn.append(a))
+    cfg = SteerConfig(recipe=str(recipe.save(tmp_path / "r.yaml")), out=str(tmp_path / "out"), wandb=False)
+    with pytest.raises(ValueError, match="trained on model 'sd1' \\(weights deadbeef\\)"):
+        steer_recipe(cfg, pipe)
+    assert not drawn and not (tmp_path / "out").exists()
+
+
+def test_feature_edit__when_defaults_to_the_saes_window_and_an_explicit_one_wins(pipe, tmp_path):
+    from activations.timesteps import All, Window
+
+    sae = get_architecture("topk")(SparseCoderConfig(num_latents=8, k=2), 64)
+    sae.placement = Placement(site=SITE, window="early")
+    folder = sae.save_pretrained(tmp_path / "early")
+    default, everywhere = FeatureEdit(sae=folder, features=[0]), FeatureEdit(sae=folder, features=[0], when="all")
+    assert default.when == Window("early") and everywhere.when == All()
+    back = load_interventions(save_interventions(tmp_path / "r.yaml", [default, everywhere]))
+    assert [b.when for b in back] == [Window("early"), All()]
 
 
 @pytest.mark.parametrize("when", [{"tau": [0.5, 1.5]}, {"tau": [0.8, 0.2]}])
