@@ -47,6 +47,6 @@ def test_recipe__bad_fields_and_seed_counts_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"unknown recipe field\(s\) \['steeps'\].*valid fields: guidance"):
         Recipe.load(path)
     with pytest.raises(ValueError, match="2 prompts, 1 seeds"):
-        Recipe(prompts=["a", "b"], seeds=[0])
+        Recipe(prompts=["a red circle", "a blue square"], seeds=[0])
     with pytest.raises(ValueError, match="unknown intervention kind 'feature_edits'.*feature_edit"):
         Recipe(prompts=["a"], interventions=[{"kind": "feature_edits"}])
