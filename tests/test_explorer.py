@@ -421,3 +421,97 @@ def test_recipe__diffatlas_steer_reproduces_the_page_image_bit_for_bit(explorer,
     steer_cli.steer_recipe(cfg, pipe=explorer.pipe)
     after = np.asarray(Image.open(tmp_path / "steer" / "after" / "0000.png").convert("RGB"))
     assert np.array_equal(after, decode(out["image"]))
+
+
+# ---- hostile requests: a 400 with one JSON line, within stated limits ----------------------
+
+@pytest.mark.parametrize("body, message", [
+    ('{"prompt": "a red circle", "seed": 0, "steps": 2, "guidance": NaN}', "guidance must be a finite number in 0..1e+06, got nan"),
+    ('{"prompt": "a red circle", "seed": 0, "steps": 2, "guidance": Infinity}', "guidance must be a finite number"),
+    ('{"prompt": "a red circle", "seed": NaN, "steps": 2}', "seed must be an integer"),
+    ('{"prompt": "a red circle", "seed": 0, "steps": 1000}', "steps must be an integer in 1..100, got 1000"),
+    ('{"prompt": "a red circle", "seed": 2.5, "steps": 2}', "seed must be an integer"),
+    ('{"prompt": 7, "seed": 0, "steps": 2}', "the prompt is empty"),
+])
+def test_generate__non_finite_or_out_of_limit_numbers_are_a_400_json_line(client, body, message):
+    r = client.post("/api/generate", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+
+
+def test_info__states_the_request_limits_the_page_shows(client):
+    assert client.get("/api/info").json()["limits"]["steps"] == 100
+    assert 'id="steps-limit"' in client.get("/").text
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"heads": "36", "patches": [3]}, "heads must be a list of integers, got '36'"),
+    ({"heads": [0], "patches": [3], "factor": "-2"}, "factor must be a finite number in -1e+06..1e+06, got '-2'"),
+    ({"heads": [0], "patches": [3], "factor": 1e300}, "factor must be a finite number in -1e+06..1e+06, got 1e+300"),
+    ({"heads": [0], "patches": [3], "when": {"tau": [0.0, 0.1]}}, "selects no step of this 3-step run"),
+    ({"heads": [0], "patches": [3], "branch": "neither"}, "unknown branch 'neither'; valid choices: cond, uncond, both"),
+])
+def test_edit__bad_heads_numbers_and_gates_are_a_400_json_line(client, gen, edit, message):
+    r = client.post("/api/edit", json={"gen": gen["gen"], **edit})
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize("body, message", [
+    ('"value": NaN', "value must be a finite number"),
+    ('"value": 1e308', "value must be a finite number in -1e+06..1e+06, got 1e+308"),
+])
+def test_sae_feature_edit__nan_or_huge_value_is_a_400_json_line(sae_client, body, message):
+    client, g = sae_client
+    text = f'{{"gen": "{g["gen"]}", "op": "sae", "feature": 3, "mode": "inject", "patches": [0], {body}}}'
+    r = client.post("/api/edit", content=text, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize("placement, message", [
+    ({"model": "toy", "model_revision": "deadbeef"}, "was trained on model 'toy' (weights deadbeef)"),
+    ({"model": "toy", "nan": True}, "has non-finite weights (NaN or inf)"),
+])
+def test_cli__explore_with_an_sae_of_other_weights_is_refused_at_start(tmp_path, capsys, monkeypatch, random_toy_pipe,
+                                                                       placement, message):
+    from diffatlas.cli import main
+    from sae.config import Placement, SparseCoderConfig
+    from sae.registry import get_architecture
+
+    sae = get_architecture("topk")(SparseCoderConfig(num_latents=64, k=4), 32)
+    sae.placement = Placement(site=SAE_SITE, stage="block", model=placement["model"], model_revision=placement.get("model_revision"))
+    if placement.get("nan"):
+        with torch.no_grad():
+            sae.b_dec[0] = float("nan")
+    sae.save_pretrained(tmp_path / "sae")
+    monkeypatch.setattr("activations.pipeline.load_pipeline", lambda *a, **k: random_toy_pipe)
+    monkeypatch.setattr("uvicorn.Server.run", lambda *a, **k: pytest.fail("the server started"))
+    assert main(["explore", "--sae", str(tmp_path / "sae"), "--port", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("diffatlas explore: error: this SAE") and message in captured.err, captured.err
+    assert "http://" not in captured.out
+
+
+def test_cli__explore_on_a_port_in_use_is_one_line_before_the_url(capsys, monkeypatch, random_toy_pipe):
+    import socket
+
+    from diffatlas.cli import main
+
+    monkeypatch.setattr("activations.pipeline.load_pipeline", lambda *a, **k: random_toy_pipe)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["explore", "--port", str(port)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"diffatlas explore: error: cannot listen on 127.0.0.1:{port}: Address already in use")
+    assert "\n" not in captured.err.strip() and "http://" not in captured.out
+
+
+def test_cli__explore_on_port_0_prints_the_port_it_listens_on(capsys, monkeypatch, random_toy_pipe):
+    from diffatlas.cli import main
+
+    served = {}
+    monkeypatch.setattr("activations.pipeline.load_pipeline", lambda *a, **k: random_toy_pipe)
+    monkeypatch.setattr("uvicorn.Server.run", lambda self, sockets=None: served.setdefault("port", sockets[0].getsockname()[1]))
+    assert main(["explore", "--port", "0"]) == 0
+    out = capsys.readouterr().out
+    assert served["port"] > 0 and f"http://127.0.0.1:{served['port']}/" in out and ":0/" not in out
