@@ -110,7 +110,7 @@ class Recipe:
     prompts: list[str] = dataclasses.field(default_factory=list)
     """one image per prompt"""
     seeds: list[int] = dataclasses.field(default_factory=list)
-    """one seed per prompt (default 0, 1, ... in Python; a file must list them)"""
+    """one seed per prompt (empty: 0, 1, ...)"""
     steps: int | None = None
     """denoising steps, 1..MAX_STEPS (None: the model's default)"""
     guidance: float | None = None
@@ -226,21 +226,25 @@ class Recipe:
         from steering.steer import expand
 
         steps, _ = self.settings(pipe)
+        ts, n_train = schedule(pipe, steps)
+        for k, iv in enumerate(self.interventions):
+            what = f"intervention {k} ({iv.kind or type(iv).__name__})"
+            try:
+                chosen = iv.when.select(ts, n_train)  # refuses steps or timesteps outside the schedule
+            except ValueError as err:
+                raise ValueError(f"{what}: when: {err}") from None
+            if not chosen:
+                raise ValueError(f"{what}: when {iv.when} selects no step of this {steps}-step run (its timesteps: "
+                                 f"{', '.join(map(str, ts))}); choose a window or steps inside the run")
         expanded = expand(pipe, self.interventions, self.prompts)
         with intervene(pipe, *expanded):  # attaching checks every site and stage; nothing runs
             pass
         sites = {s.name: s for s in list_sites(pipe.unet, latent_size(pipe))}
-        ts, n_train = schedule(pipe, steps)
         for iv in expanded:
-            name = f"{iv.kind or type(iv).__name__} at {iv.site}"
             for field in ("mask", "region"):
                 mask = getattr(iv, field, None)
                 if mask is not None:
-                    _check_mask(mask, sites[iv.site].resolution, f"{name}: {field}")
-            chosen = iv.when.select(ts, n_train)  # refuses steps or timesteps outside the schedule
-            if not chosen:
-                raise ValueError(f"{name}: when {iv.when} selects no step of this {steps}-step run (its timesteps: "
-                                 f"{', '.join(map(str, ts))}); choose a window or steps inside the run")
+                    _check_mask(mask, sites[iv.site].resolution, f"{iv.kind or type(iv).__name__} at {iv.site}: {field}")
         return expanded
 
 
