@@ -46,8 +46,9 @@ def check_number(what: str, value: Any, *, integer: bool = False, lo: float | No
     ``MAX_MAGNITUDE`` in size; otherwise a ValueError naming ``what`` and the valid range."""
     hi = MAX_MAGNITUDE if hi is None and not integer else hi
     lo = -MAX_MAGNITUDE if lo is None and not integer else lo
+    show = str if integer else (lambda x: f"{x:g}")
     valid = f"{'an integer' if integer else 'a finite number'}" + (
-        f" in {lo:g}..{hi:g}" if lo is not None and hi is not None else f" >= {lo:g}" if lo is not None else "")
+        f" in {show(lo)}..{show(hi)}" if lo is not None and hi is not None else f" >= {show(lo)}" if lo is not None else "")
     kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
     if isinstance(value, bool) or not isinstance(value, kinds) or (not integer and not math.isfinite(value)):
         raise ValueError(f"{what} must be {valid}, got {value!r}")

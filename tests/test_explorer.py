@@ -431,7 +431,7 @@ def test_recipe__diffatlas_steer_reproduces_the_page_image_bit_for_bit(explorer,
     ('{"prompt": "a red circle", "seed": NaN, "steps": 2}', "seed must be an integer"),
     ('{"prompt": "a red circle", "seed": 0, "steps": 1000}', "steps must be an integer in 1..100, got 1000"),
     ('{"prompt": "a red circle", "seed": 2.5, "steps": 2}', "seed must be an integer"),
-    ('{"prompt": 7, "seed": 0, "steps": 2}', "the prompt is empty"),
+    ('{"prompt": 7, "seed": 0, "steps": 2}', "the prompt must be a text, got 7"),
 ])
 def test_generate__non_finite_or_out_of_limit_numbers_are_a_400_json_line(client, body, message):
     r = client.post("/api/generate", content=body, headers={"content-type": "application/json"})

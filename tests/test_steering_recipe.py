@@ -89,7 +89,7 @@ def steer_cli(recipe_text: str, tmp_path, capsys, pipe, monkeypatch, out="out"):
     (GOOD.replace("steps: 2", "steps: 2.5") + "interventions: []\n", "steps must be an integer"),
     (GOOD.replace("guidance: 4.0", "guidance: .nan") + "interventions: []\n", "guidance must be a finite number in 0..1e+06, got nan"),
     (GOOD.replace("guidance: 4.0", "guidance: -1.0") + "interventions: []\n", "guidance must be a finite number in 0..1e+06"),
-    (GOOD.replace("seeds: [0]", "seeds: [-1]") + "interventions: []\n", "seed 0 must be an integer in 0..9.22337e+18, got -1"),
+    (GOOD.replace("seeds: [0]", "seeds: [-1]") + "interventions: []\n", "seed 0 must be an integer in 0..9223372036854775807, got -1"),
     (GOOD.replace("a red circle", "a purple unicorn") + "interventions: []\n", "outside the toy world's vocabulary: 'unicorn'"),
     (GOOD + "interventions: [{kind: head_scale, heads: [0], factor: .nan}]\n", "intervention 0 (head_scale): factor must be a finite number"),
     (GOOD + "interventions: [{kind: head_scale, heads: [0], factor: .inf}]\n", "factor must be a finite number"),

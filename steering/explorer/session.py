@@ -206,7 +206,9 @@ class Explorer:
         """The check of ``diffatlas generate`` and of recipes: no empty prompt, no unknown word."""
         from activations.generate import check_prompts
 
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(prompt, str):
+            raise ValueError(f"the prompt must be a text, got {prompt!r}")
+        if not prompt.strip():
             raise ValueError("the prompt is empty; type at least one word")
         check_prompts(self.model, [prompt])
 
