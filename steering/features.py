@@ -35,6 +35,7 @@ from einops import rearrange
 
 from activations.intervention import Intervention, register_intervention
 from activations.masks import mask_spec, parse_mask
+from sae.splice import check_sae_fits, placed_site
 
 OPS = ("inject", "add", "scale", "clamp", "ablate", "spatial", "global")
 VIAS = ("add", "splice")
@@ -69,16 +70,11 @@ class FeatureEdit(Intervention):
             self.sae = SparseCoder.from_pretrained(self.sae)
         if not isinstance(self.sae, SparseCoder):
             raise ValueError(f"FeatureEdit needs an SAE (a SparseCoder or its folder), got {type(self.sae).__name__}")
-        placed = self.sae.placement
-        self.site = self.site or placed.site
+        self.site, self.stage = placed_site(self.sae, self.site, self.stage, "it cannot edit")
         if self.site is None:
             raise ValueError("FeatureEdit needs site= (this SAE does not record the site it was trained on)")
-        if placed.site is not None and self.site != placed.site:
-            raise ValueError(f"this SAE was trained on site {placed.site!r} (width {self.sae.d_in}); "
-                             f"it cannot edit site {self.site!r}")
-        self.stage = self.stage or placed.stage or "block"
         if self.when is None:  # the steps the SAE was trained on; an explicit when (also "all") wins
-            self.when = placed.window
+            self.when = self.sae.placement.window
         super().__post_init__()
         if self.op not in OPS:
             raise ValueError(f"unknown feature op {self.op!r}; valid ops: {', '.join(OPS)}")
@@ -100,19 +96,8 @@ class FeatureEdit(Intervention):
 
     # -- checks against the model ---------------------------------------------------------
     def check(self, model) -> None:
-        """Refuse an SAE of another site width or model (the site name is checked on creation)."""
-        from activations.pipeline import model_fingerprint
-        from activations.sites import list_sites, resolve_sites
-
-        unet = getattr(model, "unet", model)  # a pipeline or its U-Net
-        site = resolve_sites(list_sites(unet), [self.site])[0]
-        width = site.width if self.stage == "block" else site.heads * site.head_dim
-        if width != self.sae.d_in:
-            raise ValueError(f"this SAE takes width {self.sae.d_in} but site {self.site!r} of this model has width {width}")
-        rev = self.sae.placement.model_revision
-        if rev is not None and rev != model_fingerprint(unet):
-            raise ValueError(f"this SAE was trained on model {self.sae.placement.model!r} (weights {rev}); the pipeline's "
-                             f"U-Net has weights {model_fingerprint(unet)}: train an SAE for this model")
+        """Refuse an SAE that does not fit the model, a pipeline or its U-Net (``sae.splice.check_sae_fits``)."""
+        check_sae_fits(self.sae, model, self.site, self.stage)
 
     # -- the edit -------------------------------------------------------------------------
     def _flat(self, x):

@@ -8,8 +8,14 @@ Everything here reads or writes the U-Net through the Intervention protocol only
   then slices of that cache, never recomputed (Patch Explorer, Grabe et al. 2025, computes its
   views the same way, from maps recorded during one generation);
 * an edit is a list of interventions (``HeadEdit`` at stage ``probs``, ``SwapKV``,
-  ``FeatureEdit``) built from an ``EditSpec``; it becomes a recipe (``steering.explorer.recipe``)
-  and the edited image is drawn by ``run_recipe`` itself, so the page and the recipe agree bit for bit.
+  ``FeatureEdit``) built from an ``EditSpec``; it becomes a ``steering.Recipe`` and the edited
+  image is drawn by ``steering.run_recipe`` itself (with the recipe's checks: heads, steps inside
+  the run, each kind's own ``check``), so the page, the recipe and ``diffatlas steer`` agree bit
+  for bit. Step windows and branches are ``activations.timesteps`` gates, heads are grouped by
+  ``activations.sites.heads_by_site``.
+
+Requests have limits that ``/api/info`` states and the page shows (``LIMITS``): a generation holds
+every head's maps of every step in memory, so its steps are capped well below a recipe's.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from steering.explorer.recipe import make_recipe, recipe_yaml, run_recipe
+from activations.timesteps import parse_branch, parse_when
+from steering.recipe import MAX_SEED, Recipe, check_number, run_recipe
 
 OPS = ("scale", "swap", "sae")
 SAE_MODES = {"inject": "add", "scale": "scale", "ablate": "ablate"}  # the page's word -> FeatureEdit's op
@@ -33,8 +40,14 @@ SAE_MODES = {"inject": "add", "scale": "scale", "ablate": "ablate"}  # the page'
 # share uniform attention over its keys would (1 / keys); below that a hovered patch (often the
 # background) names no heads, since the largest of many near-zero values says nothing
 ABOVE_UNIFORM = 2.0
-WINDOWS = ("all", "early", "middle", "late")
-BRANCHES = ("cond", "uncond", "both")
+# one generation of the toy model at 100 steps: about 10 s on one CPU thread and 20-60 MB of maps
+LIMITS = {"steps": 100, "seed": MAX_SEED}
+
+
+def _ints(what: str, values) -> list[int]:
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{what} must be a list of integers, got {values!r}")
+    return [check_number(f"{what} entry", v, integer=True) for v in values]
 
 
 def png_base64(image) -> str:
@@ -97,6 +110,27 @@ class EditSpec:
     value: float = 0.0
     """sae: amount injected or factor"""
 
+    def __post_init__(self):
+        # the JSON body's types, checked before anything uses them ("36" is no list of heads)
+        if not isinstance(self.gen, str):
+            raise ValueError(f"gen must be a generation id such as 'g0', got {self.gen!r}")
+        if self.op not in OPS:
+            raise ValueError(f"unknown edit {self.op!r}; valid edits: {', '.join(OPS)}")
+        self.heads = _ints("heads", self.heads)
+        self.patches = _ints("patches", self.patches)
+        if not isinstance(self.all_patches, bool):
+            raise ValueError(f"all_patches must be true or false, got {self.all_patches!r}")
+        self.when = parse_when(self.when)
+        self.factor = check_number("factor", self.factor)
+        self.tokens = None if self.tokens is None else _ints("tokens", self.tokens)
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"prompt must be a text, got {self.prompt!r}")
+        self.branch = None if self.branch is None else parse_branch(self.branch).name
+        self.feature = check_number("feature", self.feature, integer=True)
+        if self.mode not in SAE_MODES:
+            raise ValueError(f"unknown SAE edit mode {self.mode!r}; valid modes: {', '.join(SAE_MODES)}")
+        self.value = check_number("value", self.value)
+
 
 class Explorer:
     """A loaded model and its recent generations (kept in memory, the oldest dropped first); with an
@@ -141,7 +175,7 @@ class Explorer:
 
     def info(self) -> dict:
         """What the page needs to lay out the grid: sites (columns) with their heads (rows)."""
-        out = {"model": self.model, "select_grid": list(self.select_grid), "defaults": self.defaults(),
+        out = {"model": self.model, "select_grid": list(self.select_grid), "defaults": self.defaults(), "limits": dict(LIMITS),
                "sites": [{"name": s.name, "grid": list(s.resolution), "heads": s.heads, "first_head": s.first_head}
                          for s in self.sites],
                "num_heads": len(self.head_table), "sae": None, "hrv": None}
@@ -156,23 +190,11 @@ class Explorer:
         return out
 
     def check_sae(self, sae) -> None:
-        """Refuse an SAE made for another model or a site this model lacks."""
-        p = sae.placement
-        names = {s.name: s for s in self.sites}
-        from activations.sites import list_sites
+        """Refuse an SAE that does not fit this model (``sae.splice.check_sae_fits``, the check every
+        SAE edit runs): its weights, model, site or width."""
+        from sae.splice import check_sae_fits
 
-        blocks = {s.name: s for s in list_sites(self.pipe.unet) if s.kind == "block"}
-        if p.model and p.model != self.model:
-            raise ValueError(f"this SAE was trained on model {p.model!r}, not {self.model!r}; "
-                             f"start the explorer with --model {p.model} or give an SAE of {self.model!r}")
-        site = names.get(p.site) or blocks.get(p.site)
-        if site is None:
-            raise ValueError(f"this SAE's site {p.site!r} is not a site of model {self.model!r}; "
-                             f"valid sites: {', '.join(list(blocks) + list(names))}")
-        if site.width != sae.d_in:
-            fits = [s.name for s in [*blocks.values(), *names.values()] if s.width == sae.d_in]
-            raise ValueError(f"this SAE takes width {sae.d_in} but site {p.site!r} of model {self.model!r} has width "
-                             f"{site.width}; sites of width {sae.d_in}: {', '.join(fits) or 'none'}")
+        check_sae_fits(sae, self.pipe, model=self.model)
 
     def tokens(self, prompt: str) -> list[str]:
         """The prompt's tokens as the pipeline's tokenizer splits it (start and end tokens included)."""
@@ -181,9 +203,12 @@ class Explorer:
         return [t.replace("</w>", "") for t in tok.convert_ids_to_tokens(ids)]
 
     def check_prompt(self, prompt: str) -> None:
-        from activations.prompts import check_prompts
+        """The check of ``diffatlas generate`` and of recipes: no empty prompt, no unknown word."""
+        from activations.generate import check_prompts
 
-        if not prompt or not prompt.strip():
+        if not isinstance(prompt, str):
+            raise ValueError(f"the prompt must be a text, got {prompt!r}")
+        if not prompt.strip():
             raise ValueError("the prompt is empty; type at least one word")
         check_prompts(self.model, [prompt])
 
@@ -196,14 +221,9 @@ class Explorer:
         from activations.hooks import intervene
 
         d = self.defaults()
-        steps = d["steps"] if steps is None else int(steps)
-        guidance = d["guidance"] if guidance is None else float(guidance)
-        if steps < 1 or steps > 1000:
-            raise ValueError(f"steps must be in 1..1000, got {steps}")
-        if guidance < 0:
-            raise ValueError(f"guidance must be >= 0, got {guidance}")
-        if int(seed) < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+        steps = check_number("steps", d["steps"] if steps is None else steps, integer=True, lo=1, hi=LIMITS["steps"])
+        guidance = check_number("guidance", d["guidance"] if guidance is None else guidance, lo=0)
+        seed = check_number("seed", seed, integer=True, lo=0, hi=LIMITS["seed"])
         self.check_prompt(prompt)
         tokens = self.tokens(prompt)
         n_tok = len(tokens)
@@ -368,22 +388,11 @@ class Explorer:
         coarse[(ii * h) // H, (jj * w) // W] = True
         return Patches(np.flatnonzero(coarse), grid=(h, w))
 
-    def _when(self, when) -> Any:
-        if when in (None, "all"):
-            return None
-        if isinstance(when, str):
-            if when not in WINDOWS:
-                raise ValueError(f"unknown step window {when!r}; valid: {', '.join(WINDOWS)} or {{'steps': [first, last]}}")
-            return when
-        if isinstance(when, dict) and set(when) == {"steps"} and len(when["steps"]) == 2:
-            return when
-        raise ValueError(f"step range must be all, early, middle, late or {{'steps': [first, last]}}, got {when!r}")
-
     def interventions(self, spec: EditSpec) -> list:
         """The interventions of one edit (one per attn2 site with chosen heads, or one SAE splice)."""
+        from activations.sites import heads_by_site
+
         gen = self.get(spec.gen)
-        if spec.op not in OPS:
-            raise ValueError(f"unknown edit {spec.op!r}; valid edits: {', '.join(OPS)}")
         H, W = self.select_grid
         if not spec.all_patches:
             if not spec.patches:
@@ -391,28 +400,18 @@ class Explorer:
             bad = [p for p in spec.patches if not 0 <= int(p) < H * W]
             if bad:
                 raise ValueError(f"patch {bad[0]} out of range for the {H}x{W} selection grid (valid: 0..{H * W - 1})")
-        when = self._when(spec.when)
-        if isinstance(when, dict):
-            a, b = (int(v) for v in when["steps"])
-            if not (0 <= a <= b < gen.steps):
-                raise ValueError(f"step range {a}..{b} out of range; valid steps 0..{gen.steps - 1} with first <= last")
-            when = {"steps": list(range(a, b + 1))}
+        when = spec.when  # a gate; steps outside this generation's run are refused by the recipe's check
         branch = spec.branch or ("cond" if spec.op == "swap" else "both")
-        if branch not in BRANCHES:
-            raise ValueError(f"unknown branch {branch!r}; valid: {', '.join(BRANCHES)}")
         if spec.op == "sae":
             return [self._sae_edit(spec, when, branch)]
         if not spec.heads:
             raise ValueError("no heads selected: click heads in the grid (or pick the top heads of an HRV concept)")
-        by_site: dict[str, list[int]] = {}
-        for head in sorted(set(int(h) for h in spec.heads)):
-            site, local = self._head(head)
-            by_site.setdefault(site.name, []).append(local)
+        by_site = heads_by_site(self.sites, spec.heads)
         grids = {s.name: s.resolution for s in self.sites}
         if spec.op == "scale":
             from activations.edits import HeadEdit
 
-            tokens = list(range(1, len(gen.tokens) - 1)) if spec.tokens is None else [int(t) for t in spec.tokens]
+            tokens = list(range(1, len(gen.tokens) - 1)) if spec.tokens is None else spec.tokens
             for t in tokens:
                 self._check_view(gen, 0, t)
             if not tokens:
@@ -434,25 +433,24 @@ class Explorer:
 
         site = self.sae.placement.site
         grid = next((s.resolution for s in self.sites if s.name == site or s.block == site), self.select_grid)
-        if spec.mode not in SAE_MODES:
-            raise ValueError(f"unknown SAE edit mode {spec.mode!r}; valid modes: {', '.join(SAE_MODES)}")
         # through the SAE with its error term, as a recipe's FeatureEdit; the page's inject adds a fixed amount
-        return FeatureEdit(sae=self.sae, features=[int(spec.feature)], op=SAE_MODES[spec.mode], strength=float(spec.value),
+        return FeatureEdit(sae=self.sae, features=[spec.feature], op=SAE_MODES[spec.mode], strength=spec.value,
                            via="splice", mask=self._mask_for(spec, grid), when=when, branch=branch)
 
     def encode(self, prompt: str) -> torch.Tensor:
-        """The prompt's text embeddings [tokens, C] (what the cross-attention reads)."""
-        with torch.no_grad():
-            emb = self.pipe.encode_prompt(prompt, self.pipe.device, 1, False)[0]
-        return emb[0].float().cpu()
+        """The prompt's text embeddings [tokens, C] (what the cross-attention reads), as steering encodes them."""
+        from steering.heads import encode_text
+
+        return encode_text(self.pipe, prompt).float().cpu()
 
     def edit(self, spec: EditSpec) -> dict:
         """Draw the edited image through its recipe: {edit id, image (PNG base64), diff, recipe}."""
         gen = self.get(spec.gen)
         interventions = self.interventions(spec)
-        recipe = make_recipe(self.model, gen.prompt, gen.seed, gen.steps, gen.guidance, interventions)
+        recipe = Recipe(model=self.model, prompts=[gen.prompt], seeds=[gen.seed], steps=gen.steps, guidance=gen.guidance,
+                        interventions=interventions)
         with self._lock:
-            image = np.asarray(run_recipe(recipe, pipe=self.pipe)[0].convert("RGB"))
+            image = np.asarray(run_recipe(recipe, self.pipe, before=False)[1][0].convert("RGB"))
         diff = np.abs(image.astype(np.int16) - gen.image.astype(np.int16))
         # amplified so that small changes show; the max says how large it really is
         shown = np.clip(diff.astype(np.float32) * (255.0 / max(int(diff.max()), 1)), 0, 255).astype(np.uint8)
@@ -460,13 +458,13 @@ class Explorer:
         gen.edits[edit_id] = {"recipe": recipe, "image": image}
         return {"edit": edit_id, "gen": gen.id, "image": png_base64(image), "diff": png_base64(shown),
                 "max_diff": int(diff.max()), "changed_pixels": int((diff.max(-1) > 0).sum()),
-                "recipe": recipe_yaml(recipe)}
+                "recipe": recipe.to_yaml()}
 
     def recipe(self, gen_id: str, edit_id: str) -> str:
         gen = self.get(gen_id)
         if edit_id not in gen.edits:
             raise KeyError(f"unknown edit {edit_id!r} of generation {gen_id} (edits: {', '.join(gen.edits) or 'none'})")
-        return recipe_yaml(gen.edits[edit_id]["recipe"])
+        return gen.edits[edit_id]["recipe"].to_yaml()
 
     def hrv_top(self, concept: str, n: int) -> list[int]:
         """The global heads of the ``n`` largest HRV entries of ``concept``."""
