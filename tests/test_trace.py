@@ -92,7 +92,7 @@ def test_unknown_site_in_trace_suggests_the_closest(pipe):
         pass
 
 
-def test_edit_block_sets_output_to_input_plus_fn_of_delta(pipe):
+def test_a_block_apply_sets_output_to_input_plus_fn_of_delta(pipe):
     unet = pipe.unet
     torch.manual_seed(0)
     sample, ehs = torch.randn(1, 4, 8, 8), torch.randn(1, 16, 32)
@@ -110,7 +110,7 @@ def test_edit_block_sets_output_to_input_plus_fn_of_delta(pipe):
     assert seen[0].shape == (1, 16, 32)
 
 
-def test_edit_block_on_one_branch_only(pipe):
+def test_a_block_apply_on_one_branch_only(pipe):
     with trace(pipe, sites=BLOCK, branch="both") as tr, intervene(pipe, Apply(site=BLOCK, stage="block", fn=lambda d: 0 * d, branch="uncond")):
         generate(pipe, ["a cat"], steps=2)
     assert tr.block(BLOCK, branch="uncond").abs().max() == 0
