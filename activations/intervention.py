@@ -131,15 +131,6 @@ class Call:
     def attn(self):
         return self.module
 
-    @property
-    def resolution(self) -> tuple[int, int]:
-        return self.grid
-
-    @property
-    def head_out(self) -> torch.Tensor:
-        """Per-head outputs as ``[b, N, heads, d]``."""
-        return rearrange(self.out, "b h n d -> b n h d")
-
     def project(self, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[b', heads, T', d]`` of other text embeddings through this module."""
         return project_kv(self.module, encoder_hidden_states)
@@ -269,10 +260,6 @@ class Intervention:
         if isinstance(self.when, All):
             return True
         return self.when.contains(state.step, state.t, state.num_train_timesteps)
-
-    @property
-    def kind_of_site(self) -> str:
-        return "block" if self.stage in BLOCK_STAGES else "head"
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "concepts"
+from common import bundled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,16 +76,16 @@ def check_concepts(names, words) -> None:
                 raise ValueError(f"word {w!r} is listed under concepts {first!r} and {name!r}; list each word under one concept")
 
 
-def resolve_concepts_path(spec: str | Path) -> Path:
-    """A YAML path, or the name of a file in configs/concepts/ (``toy``, ``sd34``)."""
+def resolve_concepts_path(spec: str | Path):
+    """A YAML path, or the name of a shipped concept list (configs/concepts/: ``toy``, ``sd34``)."""
     path = Path(spec)
     if path.is_file():
         return path
-    named = CONFIG_DIR / f"{spec}.yaml"
-    if named.is_file():
-        return named
-    valid = ", ".join(p.stem for p in sorted(CONFIG_DIR.glob("*.yaml")))
-    raise FileNotFoundError(f"concept list {str(spec)!r} is neither a YAML file nor a name in {CONFIG_DIR}; valid names: {valid}")
+    shipped = bundled.configs("concepts")
+    if str(spec) in shipped:
+        return shipped[str(spec)]
+    raise FileNotFoundError(f"concept list {str(spec)!r} is neither a YAML file nor a shipped concept list; "
+                            f"valid names: {', '.join(shipped)}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

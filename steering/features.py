@@ -1,4 +1,4 @@
-"""SAE feature edits at one site (Tinaz et al., arXiv 2504.15473; DESIGN.md §6).
+"""SAE feature edits at one site (Tinaz et al., arXiv 2504.15473).
 
 ``FeatureEdit`` changes the activation z_k of SAE features k at the SAE's site, then writes the
 change back into the site's value x (a block's Δ, or a head site's per-head outputs):

@@ -1,4 +1,4 @@
-"""Head edits of Patch Explorer (Grabe et al. 2025; DESIGN.md §6), one line each.
+"""Head edits of Patch Explorer (Grabe et al. 2025), one line each.
 
 * ``HeadScale``: multiply chosen heads' outputs on chosen patches (``mask``) over a window;
 * ``EncodePrompt``: chosen heads attend to another prompt on chosen patches ("unicorn" into a

@@ -1,4 +1,4 @@
-"""HRV concept strengthening and adjusting (Park et al., ICLR 2025, Section 5; DESIGN.md §6).
+"""HRV concept strengthening and adjusting (Park et al., ICLR 2025, Section 5).
 
 Strengthening rescales the target token's attention probabilities in every cross-attention head h
 by HRV[c, h]; adjusting by 2·HRV[desired, h] − HRV[undesired, h] (the same as strengthening when
