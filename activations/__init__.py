@@ -9,7 +9,7 @@ Public API (imported lazily, so that ``import activations.store`` never pays for
   ``AddVector``, ``Scale``, ``Ablate``, ``Apply``, ``Observe``
 * gates and masks: ``Window``, ``Steps``, ``Every``, ``Timesteps``, ``All``, ``Branch``,
   ``parse_when``; ``Patches``, ``Box``, ``Quadrant``, ``MaskImage``
-* hooks:      ``intervene``, ``Tap``, ``attach``, ``edit_block``, ``capture_block``, ``observe_heads``, ``edit_heads``
+* hooks:      ``intervene``, ``Tap``, ``attach``
 * evaluation: ``evaluate`` (the denoising loss under interventions)
 * sampling:   ``generate``, ``sample``, ``generators`` (one CPU generator per image)
 * tracing:    ``trace``, ``Trace``
@@ -33,7 +33,6 @@ _EXPORTS = {
     "HeadProcessor": "activations.processor",
     "Intervention": "activations.intervention",
     "Call": "activations.intervention",
-    "AttnCall": "activations.processor",
     "register_intervention": "activations.intervention",
     "save_interventions": "activations.intervention",
     "load_interventions": "activations.intervention",
@@ -63,10 +62,6 @@ _EXPORTS = {
     "Tap": "activations.hooks",
     "RunState": "activations.hooks",
     "attach": "activations.hooks",
-    "edit_block": "activations.hooks",
-    "capture_block": "activations.hooks",
-    "observe_heads": "activations.hooks",
-    "edit_heads": "activations.hooks",
     "trace": "activations.trace",
     "Trace": "activations.trace",
     "Harvester": "activations.harvest",

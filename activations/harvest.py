@@ -16,7 +16,6 @@ Row order within a shard: batch, then step, then branch, then image, then positi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ from einops import rearrange
 from activations.config import HarvestConfig, parse_args
 from activations.generate import sample
 from activations.hooks import attach
-from activations.pipeline import load_pipeline
+from activations.pipeline import load_pipeline, model_fingerprint, set_scheduler
 from activations.intervention import Call
 from activations.prompts import PromptSet, check_prompts
 from activations.sites import Site, latent_size, list_sites, resolve_sites
@@ -51,24 +50,6 @@ from activations.timesteps import BRANCHES, Steps, check_branch, select_steps
 from common.errors import UsageError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def model_fingerprint(unet) -> str:
-    """A short hash of the U-Net's first weights: tells retrained or different weights apart."""
-    first = next(unet.parameters()).detach().float().cpu().contiguous()
-    return hashlib.sha256(first.numpy().tobytes()).hexdigest()[:16]
-
-
-def set_scheduler(pipe, name: str | None) -> None:
-    if name is None:
-        return
-    import diffusers
-
-    cls = getattr(diffusers, name, None)
-    if cls is None or not name.endswith("Scheduler"):
-        valid = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("_"))
-        raise UsageError(f"unknown scheduler {name!r}; valid schedulers: {', '.join(valid)}")
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
 def positions_for(seed: int, image: int, step: int, n: int, keep: int | None) -> np.ndarray:

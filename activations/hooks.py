@@ -21,14 +21,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from einops import rearrange
 
 from activations.edits import Apply, Observe, Observer
-from activations.intervention import BLOCK_STAGES, Call, Intervention, run_stage
+from activations.intervention import BLOCK_STAGES, Call, Intervention, resolve_all, run_stage
 from activations.processor import HeadProcessor
 from activations.sites import Site, list_sites, resolve_sites
 from activations.timesteps import branch_codes, check_branch
@@ -194,8 +194,11 @@ class Tap:
         return s
 
     @contextlib.contextmanager
-    def add(self, *interventions: Intervention) -> Iterator["Tap"]:
-        """Attach interventions for the duration of the block (in the given order)."""
+    def add(self, *interventions: Intervention, prompts: Sequence[str] | None = None) -> Iterator["Tap"]:
+        """Attach interventions for the duration of the block (in the given order), each resolved
+        against the model first (``Intervention.resolve``: checked, and expanded when it spans
+        sites), so that a bad one fails here and not in the middle of a generation."""
+        interventions = resolve_all(self.pipe if self.pipe is not None else self.unet, interventions, prompts)
         for iv in interventions:
             self._check_site(iv)
         added: list[Intervention] = []
@@ -301,69 +304,17 @@ def _unet_of(model):
 
 
 @contextlib.contextmanager
-def intervene(model, *interventions: Intervention) -> Iterator[Tap]:
+def intervene(model, *interventions: Intervention, prompts: Sequence[str] | None = None) -> Iterator[Tap]:
     """Apply ``interventions`` to ``model`` (a pipeline or a U-Net) inside the block::
 
         with intervene(pipe, HeadEdit(site=s, heads=[3], tokens=[2], scale=-2.0, when="early")):
             pipe(prompt)
 
-    The original processors and hooks come back when the block exits, also after an exception.
+    Each intervention is resolved against the model before anything is attached (checked, and
+    expanded when it spans sites, like an HRV edit); ``prompts``: the coming generations' prompts,
+    one per image, for edits that name a token by its word. The original processors and hooks come
+    back when the block exits, also after an exception.
     """
     unet = _unet_of(model)
-    with attach(unet, model if model is not unet else None) as tap, tap.add(*interventions):
+    with attach(unet, model if model is not unet else None) as tap, tap.add(*interventions, prompts=prompts):
         yield tap
-
-
-@contextlib.contextmanager
-def edit_block(model, site: str, fn: Callable[[torch.Tensor], torch.Tensor], branch: str = "both", steps=None) -> Iterator[Tap]:
-    """Within the block, ``site``'s output becomes input + fn(Δ), Δ as [b, H*W, C]."""
-    with intervene(model, Apply(site=site, stage="block", fn=fn, branch=check_branch(branch), when=steps)) as tap:
-        yield tap
-
-
-class Capture:
-    """Values collected by ``capture_block``: ``records`` of (step, t, Δ on CPU [b, H*W, C])."""
-
-    def __init__(self):
-        self.records: list[tuple[int | None, int | None, torch.Tensor]] = []
-
-    @property
-    def deltas(self) -> list[torch.Tensor]:
-        return [r[2] for r in self.records]
-
-
-@contextlib.contextmanager
-def capture_block(model, site: str, branch: str = "both", steps=None) -> Iterator[Capture]:
-    """Record Δ of ``site`` at every (gated) call into memory; yields a Capture."""
-    cap = Capture()
-    check_branch(branch)
-
-    def fn(call: Call):
-        rows = call.rows(branch)
-        d = call.delta if rows is None else call.delta[rows]
-        cap.records.append((call.step, call.t, d.detach().cpu()))
-
-    with intervene(model, Observe(site=site, stage="block", fn=fn, when=steps)):
-        yield cap
-
-
-@contextlib.contextmanager
-def observe_heads(model, site: str, fn: Callable[[Call], None], needs=("out",), steps=None) -> Iterator[Tap]:
-    obs = Observer(fn, frozenset(needs), steps)
-    obs.site = site
-    with intervene(model, obs) as tap:
-        yield tap
-
-
-@contextlib.contextmanager
-def edit_heads(model, site: str, *edits: Intervention) -> Iterator[Tap]:
-    """Apply head-site edits (HeadEdit, SwapKV, AddVector, ...) to one cross-attention module."""
-    for e in edits:
-        if e.site is None:
-            e.site = site
-    with intervene(model, *edits) as tap:
-        yield tap
-
-
-# the first API's names for the call context
-AttnCall = BlockCall = Call

@@ -27,6 +27,12 @@ A new kind is one class in one file::
         def apply(self, x, call):
             return x.clamp(max=self.max)
 
+Attaching goes through one step, ``resolve(model, prompts) -> [interventions]`` (``resolve_all``
+for many, run by ``activations.hooks`` whatever the caller: ``intervene``, ``steering.steer``, the
+analyses): a plain kind checks itself against the model (``check``) and stands for itself; a kind
+that spans sites expands into plain ones (``steering.base.Composite``). A bad intervention is
+refused there, before any image is drawn.
+
 Kinds serialise to and from plain dicts (``to_dict`` / ``from_dict``) and so to YAML recipes
 (``save_interventions`` / ``load_interventions``). Kinds defined in other packages (an SAE splice,
 steering edits) register themselves on import or through the entry-point group
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
@@ -124,15 +131,6 @@ class Call:
     @property
     def attn(self):
         return self.module
-
-    @property
-    def resolution(self) -> tuple[int, int]:
-        return self.grid
-
-    @property
-    def head_out(self) -> torch.Tensor:
-        """Per-head outputs as ``[b, N, heads, d]``."""
-        return rearrange(self.out, "b h n d -> b n h d")
 
     def project(self, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[b', heads, T', d]`` of other text embeddings through this module."""
@@ -244,15 +242,25 @@ class Intervention:
         attention path; everything else exists on diffusers' fused path anyway)."""
         return frozenset({self.stage})
 
+    # -- attaching ----------------------------------------------------------------------------
+    def check(self, model) -> None:
+        """Refuse a model this intervention cannot act on (a ValueError naming what differs, e.g. an
+        SAE of another width), before anything runs. ``model``: the pipeline, or a bare U-Net."""
+
+    def resolve(self, model, prompts: Sequence[str] | None = None) -> list["Intervention"]:
+        """The plain per-site interventions that stand for this one on ``model``, checked against
+        it: the one step between creating an intervention and attaching it (``resolve_all``, which
+        every attaching path calls). A plain kind checks itself and stands for itself; a kind that
+        spans sites expands (``steering.base.Composite``). ``prompts``: the prompts of the coming
+        generations, one per image, for kinds that find a word in them."""
+        self.check(model)
+        return [self]
+
     # -- gating -------------------------------------------------------------------------------
     def active(self, state) -> bool:
         if isinstance(self.when, All):
             return True
         return self.when.contains(state.step, state.t, state.num_train_timesteps)
-
-    @property
-    def kind_of_site(self) -> str:
-        return "block" if self.stage in BLOCK_STAGES else "head"
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -283,6 +291,19 @@ class Intervention:
         if unknown:
             raise UsageError(f"unknown field(s) {sorted(unknown)} for intervention kind {cls.kind!r}; valid fields: {', '.join(sorted(names))}")
         return cls(**data)
+
+
+def resolve_all(model, interventions: Iterable[Intervention], prompts: Sequence[str] | None = None) -> list[Intervention]:
+    """Every intervention resolved against ``model`` (``Intervention.resolve``), in order: what
+    ``activations.hooks`` attaches, so ``intervene`` and ``steering.steer`` accept and refuse the
+    same things, before any image is drawn."""
+    prompts = list(prompts) if prompts is not None else None
+    out: list[Intervention] = []
+    for iv in interventions:
+        if not isinstance(iv, Intervention):
+            raise TypeError(f"interventions are Intervention objects (activations.intervention), got {type(iv).__name__}")
+        out.extend(iv.resolve(model, prompts))
+    return out
 
 
 def _plain(value: Any, where: str) -> Any:

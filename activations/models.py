@@ -1,4 +1,4 @@
-"""Model architectures without weights: the configs of configs/models/ and tiny in-process pipelines.
+"""Model architectures without weights: the shipped configs (configs/models/) and tiny in-process pipelines.
 
 ``build_unet(name)`` instantiates a U-Net of a known family with random weights: for structural
 tests (``device="meta"`` builds one without allocating memory) and for speed measurements.
@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from common import plugins
+from common import bundled, plugins
 from common.errors import UsageError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 FAMILIES = ("sd1", "sd2", "sdxl")
 
 
-def _available() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+def _available() -> dict:
+    """name -> YAML file of the shipped model configs (package data: an installed wheel has them too)."""
+    return bundled.configs("models")
 
 
 def _aliases() -> dict[str, str]:

@@ -1,7 +1,9 @@
-"""Load a text-to-image pipeline: a registered model name (``toy``), a local diffusers folder, or a hub id."""
+"""Load a text-to-image pipeline (a registered model name (``toy``), a local diffusers folder, or a hub id),
+set its scheduler, and fingerprint its U-Net weights (what harvests, SAEs and steering compare)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -12,6 +14,7 @@ from urllib.parse import urlparse
 import torch
 
 from common import plugins
+from common.errors import UsageError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -101,3 +104,22 @@ def model_defaults(pipe) -> dict:
         data = json.loads(meta.read_text())
         return {"guidance_scale": data["guidance_scale"], "num_inference_steps": data["num_inference_steps"]}
     return {"guidance_scale": 7.5, "num_inference_steps": 50}
+
+
+def model_fingerprint(unet) -> str:
+    """A short hash of the U-Net's first weights: tells retrained or different weights apart."""
+    first = next(unet.parameters()).detach().float().cpu().contiguous()
+    return hashlib.sha256(first.numpy().tobytes()).hexdigest()[:16]
+
+
+def set_scheduler(pipe, name: str | None) -> None:
+    """Replace the pipeline's scheduler by the diffusers class ``name`` (None keeps it), with the same config."""
+    if name is None:
+        return
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler"):
+        valid = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("_"))
+        raise UsageError(f"unknown scheduler {name!r}; valid schedulers: {', '.join(valid)}")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)

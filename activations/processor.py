@@ -28,8 +28,6 @@ from activations.timesteps import branch_codes
 # names kept for callers of the first API
 from activations.edits import AddVector, HeadEdit, Observer, SwapKV  # noqa: E402,F401  (re-exported)
 
-AttnCall = Call
-
 
 def _explicit_attention(attn, q, k, mask):
     """softmax(q kᵀ · scale + mask); scores in float32 (as diffusers' upcast options do) so that
@@ -145,15 +143,4 @@ class HeadProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def default_processor():
-    """diffusers' own default for cross-attention, for comparisons in tests and benchmarks."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    return AttnProcessor2_0()
-
-
-def head_dim(attn) -> int:
-    return attn.to_q.out_features // attn.heads
-
-
-__all__ = ["AddVector", "AttnCall", "HeadEdit", "HeadProcessor", "Observer", "SwapKV"]
+__all__ = ["AddVector", "HeadEdit", "HeadProcessor", "Observer", "SwapKV"]

@@ -554,6 +554,21 @@ class ActivationStore:
         for name in self.sites:
             self.site(name).verify()
 
+    def record(self) -> dict:
+        """The store's one configuration, store.json (``config``: the harvest config without its
+        sites; ``model_revision``: the U-Net's weights fingerprint; ``numerics``), or {} for a store
+        written without one (``write_synthetic_store``)."""
+        path = self.root / STORE_RECORD
+        if not path.is_file():
+            return {}
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise StoreError(f"{path} is not valid JSON ({err}); rebuild the store with `diffatlas harvest`") from None
+        if not isinstance(record, dict):
+            raise StoreError(f"{path} holds a {type(record).__name__}, not the store's record (a JSON object)")
+        return record
+
     def prompts(self) -> list[dict]:
         """The records of prompts.jsonl (one per image), or [] if the store has none."""
         path = self.root / "prompts.jsonl"

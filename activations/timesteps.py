@@ -19,8 +19,11 @@ scheduler t's      ``Timesteps([999, 500])``           ``{t: [999, 500]}``
 
 ``parse_when`` turns any of these spellings into a gate and refuses everything else with a message
 listing them. The named windows follow Tinaz et al. (2025): early tau in [0.6, 1], middle
-[0.2, 0.6), late [0, 0.2); a window holds lo <= tau < hi, except that hi = 1 is inclusive so that
-pure noise belongs to "early".
+[0.2, 0.6), late [0, 0.2) (``WINDOWS``; ``window_table()`` writes them for messages); a window
+holds lo <= tau < hi, except that hi = 1 is inclusive so that pure noise belongs to "early"
+(``in_tau_window``, the one place that rule is written; ``Window.holds`` applies it to a stored
+float tau). Select steps of a schedule with ``select_steps`` / ``Window.select``, never by a
+fraction of the step count (schedules are not uniform in tau).
 
 The guidance branch is a ``Branch``: ``cond``, ``uncond`` or ``both`` (``parse_branch``). Batches
 of a pipeline with classifier-free guidance stack [uncond; cond] rows; ``branch_codes`` gives each
@@ -47,9 +50,27 @@ WINDOWS: dict[str, tuple[float, float]] = {
 BRANCHES = ("uncond", "cond")  # stored as int8: index into this tuple
 BRANCH_CHOICES = ("cond", "uncond", "both")
 
+
+def _interval(lo: float, hi: float) -> str:
+    return f"[{lo:g}, {hi:g}]" if hi >= 1.0 else f"[{lo:g}, {hi:g})"
+
+
+def window_table() -> str:
+    """The named windows and their tau intervals, for messages: ``early [0.6, 1], middle [0.2, 0.6), ...``."""
+    return ", ".join(f"{name} {_interval(*bounds)}" for name, bounds in WINDOWS.items())
+
+
+def in_tau_window(tau, lo: float, hi: float):
+    """Is ``tau`` (a float, a numpy array or a torch tensor of t / num_train_timesteps) in the
+    window [lo, hi)? The one boundary rule: lo <= tau < hi, except that hi = 1 is inclusive so
+    that pure noise belongs to "early". Stored float32 tau agree with float64 t / N here because
+    both sides of each comparison round the same way (see ``Window.mask``)."""
+    return (tau >= lo) & ((tau <= hi) if hi >= 1.0 else (tau < hi))
+
+
 GATE_FORMS = (
-    "'all'; a window 'early', 'middle', 'late'; {tau: [lo, hi]} with 0 <= lo < hi <= 1; {steps: [i, ...]} (step indices); "
-    "{every: N} or every:N; {t: [t, ...]} (scheduler timesteps)"
+    f"'all'; a window {', '.join(repr(w) for w in WINDOWS)}; {{tau: [lo, hi]}} with 0 <= lo < hi <= 1; "
+    "{steps: [i, ...]} (step indices); {every: N} or every:N; {t: [t, ...]} (scheduler timesteps)"
 )
 
 
@@ -106,11 +127,11 @@ class Window(When):
             object.__setattr__(self, "hi", WINDOWS[self.name][1])
             return
         if self.lo is None or self.hi is None:
-            raise UsageError("Window needs a name (early, middle, late) or both tau bounds: Window.tau(lo, hi)")
+            raise UsageError(f"Window needs a name ({', '.join(WINDOWS)}) or both tau bounds: Window.tau(lo, hi)")
         lo, hi = float(self.lo), float(self.hi)
         if not (0.0 <= lo < hi <= 1.0):
             raise UsageError(f"timestep window {{tau: [{lo:g}, {hi:g}]}} must satisfy 0 <= lo < hi <= 1 "
-                             f"(tau = t / num_train_timesteps, 1 = pure noise); valid windows: early, middle, late, "
+                             f"(tau = t / num_train_timesteps, 1 = pure noise); valid windows: {', '.join(WINDOWS)}, "
                              f"or {{tau: [lo, hi]}}")
         object.__setattr__(self, "lo", lo)
         object.__setattr__(self, "hi", hi)
@@ -127,14 +148,17 @@ class Window(When):
         # Compared on t in float64 rather than on a stored float32 tau, so that a boundary such as
         # t = 600 of 1000 lands in the documented window and not on the float32 side of it.
         tau = np.asarray(ts, dtype=np.float64) / float(num_train_timesteps)
-        upper = tau <= self.hi if self.hi >= 1.0 else tau < self.hi
-        return (tau >= self.lo) & upper & (np.asarray(ts) >= 0)
+        return self.holds(tau) & (np.asarray(ts) >= 0)
 
     def contains(self, step, t, num_train_timesteps) -> bool:
         if t is None:
             return False
-        tau = t / float(num_train_timesteps)
-        return self.lo <= tau and (tau <= self.hi if self.hi >= 1.0 else tau < self.hi)
+        return bool(self.holds(t / float(num_train_timesteps)))
+
+    def holds(self, tau):
+        """Is ``tau`` in this window (a float, or an array / tensor of them: a bool mask)? The
+        rule of ``in_tau_window``, for rows that carry a stored tau rather than t."""
+        return in_tau_window(tau, self.lo, self.hi)
 
     def to_spec(self):
         return self.name if self.name is not None else {"tau": [self.lo, self.hi]}
@@ -264,7 +288,7 @@ def parse_when(spec: Any) -> When:
             if not n.strip().isdigit():
                 raise UsageError(f"timestep gate {spec!r}: N in 'every:N' must be an integer >= 1")
             return Every(int(n))
-        raise UsageError(f"unknown timestep window {spec!r}; valid windows: early, middle, late; valid gates: {GATE_FORMS}")
+        raise UsageError(f"unknown timestep window {spec!r}; valid windows: {', '.join(WINDOWS)}; valid gates: {GATE_FORMS}")
     if isinstance(spec, dict) and len(spec) == 1:
         key, value = next(iter(spec.items()))
         if key in _DICT_FORMS:
@@ -345,7 +369,7 @@ def window_bounds(window: Any) -> tuple[float, float]:
     """(lo, hi) of a window spelling (``early`` or ``{tau: [lo, hi]}`` or a Window)."""
     gate = parse_when(window)
     if not isinstance(gate, Window):
-        raise UsageError(f"{window!r} is not a timestep window; valid: early, middle, late, or {{tau: [lo, hi]}}")
+        raise UsageError(f"{window!r} is not a timestep window; valid: {', '.join(WINDOWS)}, or {{tau: [lo, hi]}}")
     return gate.bounds
 
 
@@ -354,7 +378,7 @@ def in_window(t, num_train_timesteps: int, window) -> np.ndarray:
     t = np.asarray(t)
     gate = parse_when(window)
     if not isinstance(gate, Window):
-        raise UsageError(f"{window!r} is not a timestep window; valid: early, middle, late, or {{tau: [lo, hi]}}")
+        raise UsageError(f"{window!r} is not a timestep window; valid: {', '.join(WINDOWS)}, or {{tau: [lo, hi]}}")
     return gate.mask(np.zeros(len(np.atleast_1d(t)), dtype=np.int64), np.atleast_1d(t), num_train_timesteps).reshape(t.shape)
 
 

@@ -1,5 +1,6 @@
-"""analysis: reading what the U-Net's parts do. This half: head relevance vectors and ordered
-weakening (Park et al., ICLR 2025, Sections 3-4; DESIGN.md §6).
+"""analysis: reading what the U-Net's parts do: head relevance vectors and ordered weakening
+(Park et al., ICLR 2025, Sections 3-4), and what an SAE's features mean (statistics, heads,
+concepts, toy ground truth).
 
 Public API (imported lazily, so that ``import analysis`` stays cheap):
 
@@ -22,7 +23,7 @@ The layering rule: analysis imports activations and sae, never steering or diffa
 
 from __future__ import annotations
 
-import importlib
+from common.lazy import lazy_exports
 
 _EXPORTS = {
     "ConceptList": "analysis.concepts",
@@ -48,14 +49,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'analysis' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports("analysis", _EXPORTS, globals())

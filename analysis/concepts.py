@@ -5,7 +5,7 @@
       position: [top left, top right, center]     # multi-token words are fine
 
 A concept list needs at least two concepts (an argmax over one concept is meaningless), unique
-names, and at least one word per concept. Whether each word has a semantic token depends on the
+names, at least one word per concept, and each word under one concept only. Whether each word has a semantic token depends on the
 tokenizer; ``word_token_positions`` checks that once a pipeline is known.
 """
 
@@ -16,9 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from common import bundled
 from common.errors import UnknownNameError, UsageError
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "concepts"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +49,8 @@ class ConceptList:
 
 
 def check_concepts(names, words) -> None:
-    """Raise a ValueError naming the first problem: too few concepts, duplicates, empty lists."""
+    """Raise a ValueError naming the first problem: too few concepts, duplicates, empty lists, a word
+    under two concepts."""
     if len(names) < 2:
         raise UsageError(
             f"a concept list needs at least 2 concepts (each head votes for the argmax concept; an argmax "
@@ -69,18 +69,24 @@ def check_concepts(names, words) -> None:
         blank = [w for w in ws if not w.strip()]
         if blank:
             raise UsageError(f"concept {name!r} has an empty word in {list(ws)}")
+    owner: dict[str, str] = {}  # word -> the concept it is listed under first
+    for name, ws in zip(names, words):
+        for w in ws:
+            first = owner.setdefault(" ".join(w.split()), name)
+            if first != name:  # its contests would always tie, and argmax gives ties to the first
+                raise UsageError(f"word {w!r} is listed under concepts {first!r} and {name!r}; list each word under one concept")
 
 
-def resolve_concepts_path(spec: str | Path) -> Path:
-    """A YAML path, or the name of a file in configs/concepts/ (``toy``, ``sd34``)."""
+def resolve_concepts_path(spec: str | Path):
+    """A YAML path, or the name of a shipped concept list (configs/concepts/: ``toy``, ``sd34``)."""
     path = Path(spec)
     if path.is_file():
         return path
-    named = CONFIG_DIR / f"{spec}.yaml"
-    if named.is_file():
-        return named
-    valid = ", ".join(p.stem for p in sorted(CONFIG_DIR.glob("*.yaml")))
-    raise FileNotFoundError(f"concept list {str(spec)!r} is neither a YAML file nor a name in {CONFIG_DIR}; valid names: {valid}")
+    shipped = bundled.configs("concepts")
+    if str(spec) in shipped:
+        return shipped[str(spec)]
+    raise FileNotFoundError(f"concept list {str(spec)!r} is neither a YAML file nor a shipped concept list; "
+                            f"valid names: {', '.join(shipped)}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -36,8 +36,7 @@ def content(cfg: HRVConfig) -> dict:
 
 
 def load_model(cfg, name: str):
-    from activations.harvest import set_scheduler
-    from activations.pipeline import load_pipeline
+    from activations.pipeline import load_pipeline, set_scheduler
 
     pipe = load_pipeline(name, device=cfg.device)
     pipe.set_progress_bar_config(disable=True)
@@ -59,31 +58,42 @@ def prompt_texts(cfg: HRVConfig) -> list[str]:
     return [ps.text(i) for i in range(len(ps))]
 
 
-def _save_progress(path: Path, counter: VoteCounter, done: int, cfg_content: dict) -> None:
+def progress_key(cfg: HRVConfig, concepts) -> dict:
+    """What a progress file is keyed on: the config fields that change the votes and the concept
+    words themselves (the concept file a config names may be edited between a kill and the resume;
+    a list of pairs, as JSON sorts a dict's keys and the concepts' order is the votes' rows)."""
+    return {**content(cfg), "concept_words": [[name, list(words)] for name, words in zip(concepts.names, concepts.words)]}
+
+
+def _save_progress(path: Path, counter: VoteCounter, done: int, key: dict) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_suffix(".tmp")
-    meta = {"done": str(done), "step_t": json.dumps(counter.step_t), "config": json.dumps(cfg_content, sort_keys=True)}
+    meta = {"done": str(done), "step_t": json.dumps(counter.step_t), "config": json.dumps(key, sort_keys=True)}
     save_file({"votes": counter.votes.contiguous()}, str(tmp), metadata=meta)
     os.replace(tmp, path)  # votes and the finished count change together or not at all
 
 
-def _load_progress(path: Path, counter: VoteCounter, cfg_content: dict) -> int:
-    from safetensors import safe_open
+def _read_progress(path: Path, key: dict) -> tuple[torch.Tensor, list, int] | None:
+    """(votes, step_t, finished jobs) of an interrupted run in ``path``, None when there is none;
+    a run of another config or concept list is refused (a UsageError naming the fields)."""
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
-        return 0
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-        votes = f.get_tensor("votes")
-    saved = json.loads(meta["config"])
-    if saved != json.loads(json.dumps(cfg_content, sort_keys=True)):
-        diff = sorted(k for k in set(saved) | set(cfg_content) if saved.get(k) != json.loads(json.dumps(cfg_content.get(k))))
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            votes = f.get_tensor("votes")
+        saved = json.loads(meta["config"])
+    except (SafetensorError, KeyError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path} is not an HRV progress file ({type(err).__name__}: {err}); delete it to start over") from None
+    wanted = json.loads(json.dumps(key, sort_keys=True))
+    if saved != wanted:
+        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         raise UsageError(f"{path.parent} holds an HRV run with another config (fields differ: {', '.join(diff)}); "
                          f"use another out folder or delete {path}")
-    counter.votes = votes
-    counter.step_t = json.loads(meta["step_t"])
-    return int(meta["done"])
+    return votes, json.loads(meta["step_t"]), int(meta["done"])
 
 
 def build_hrv(cfg: HRVConfig, pipe=None, max_batches: int | None = None) -> HRV | None:
@@ -94,11 +104,14 @@ def build_hrv(cfg: HRVConfig, pipe=None, max_batches: int | None = None) -> HRV 
     cfg.check()  # the command checked it already; a config built in code is checked here
     concepts = load_concepts(cfg.concepts)
     texts = prompt_texts(cfg)
-    if cfg.model == "toy" and cfg.prompts.kind != "toyworld":
-        from toyworld.prompts import check_prompt  # the toy model knows a fixed vocabulary
+    out = Path(cfg.out)
+    progress_path = out / PROGRESS
+    key = progress_key(cfg, concepts)
+    saved = _read_progress(progress_path, key)  # a run of another config is refused before anything is written
+    if cfg.prompts.kind != "toyworld":
+        from activations.prompts import check_prompts
 
-        for text in texts:
-            check_prompt(text)
+        check_prompts(cfg.model, texts)  # a model with a fixed vocabulary (the toy one) refuses other words
     pipe = pipe if pipe is not None else load_model(cfg, cfg.model)
     steps, guidance = sampling_defaults(pipe, cfg.steps, cfg.guidance)
     bank = encode_words(pipe, concepts, contexts=texts if cfg.words == "in_context" else None,
@@ -109,12 +122,12 @@ def build_hrv(cfg: HRVConfig, pipe=None, max_batches: int | None = None) -> HRV 
     jobs = [(p, s) for p in range(len(texts)) for s in cfg.seeds]
     named = named_words(pipe, concepts, texts)[[p for p, _ in jobs]] if cfg.choose == "named" else None
     counter = VoteCounter(bank, sites, seed=cfg.word_seed, steps_hint=calls, named_jC=named)
+    done = 0
+    if saved is not None:
+        counter.votes, counter.step_t, done = saved
 
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "hrv_config.yaml")
-    progress_path = out / PROGRESS
-    done = _load_progress(progress_path, counter, content(cfg))
     bar = _bar(len(jobs), done, cfg.progress)
     batches = 0
     t0 = time.perf_counter()
@@ -130,7 +143,7 @@ def build_hrv(cfg: HRVConfig, pipe=None, max_batches: int | None = None) -> HRV 
                      generator=noise, output_type="latent")
             counter.end_batch()
             done = chunk[-1] + 1
-            _save_progress(progress_path, counter, done, content(cfg))
+            _save_progress(progress_path, counter, done, key)
             bar.update(len(chunk))
             batches += 1
     bar.close()

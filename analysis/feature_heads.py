@@ -28,7 +28,6 @@ heads outside the SAE's block are 0.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -48,10 +47,11 @@ def head_slices_attribution(sae, site_heads: int, first_head: int, num_heads: in
     return out
 
 
-def _harvest_config(store_root: Path) -> dict:
-    cfg = json.loads((store_root / "store.json").read_text()).get("config", {})
+def _harvest_config(store) -> dict:
+    """The harvest config of ``store`` (an ActivationStore): what a rerun of its images needs."""
+    cfg = store.record().get("config", {})
     if "num_inference_steps" not in cfg:
-        raise UsageError(f"{store_root / 'store.json'} records no harvest config (num_inference_steps, guidance_scale): "
+        raise UsageError(f"store {store.root} records no harvest config (num_inference_steps, guidance_scale): "
                          "a synthetic store cannot be rerun")
     return cfg
 
@@ -76,14 +76,14 @@ class _Reruns:
         from activations.sites import head_table, list_sites
         from activations.store import ActivationStore
 
-        store_root = Path(store_root)
+        store = ActivationStore(store_root)
         self.pipe = pipe
-        self.cfg = _harvest_config(store_root)
+        self.cfg = _harvest_config(store)
         self.block = sae.placement.site or stats.info["site"]
         self.sites = list_sites(pipe.unet)
         self.table = head_table(self.sites)
         self.todo = _examples_by_image(stats, sae.num_latents, features, examples)
-        self.prompts = {int(r["image"]): r for r in ActivationStore(store_root).prompts()}
+        self.prompts = {int(r["image"]): r for r in store.prompts()}
         m = sae.num_latents
         self.share = torch.zeros(m, len(self.table), dtype=torch.float64)
         self.act = torch.zeros(m, dtype=torch.float64)
@@ -95,7 +95,7 @@ class _Reruns:
         activations of a batch's examples are summed once it is done."""
         from tqdm.auto import tqdm
 
-        from activations.harvest import set_scheduler
+        from activations.pipeline import set_scheduler
 
         set_scheduler(self.pipe, self.cfg.get("scheduler"))
         images = sorted(self.todo)

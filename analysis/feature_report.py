@@ -75,19 +75,20 @@ def build_report(cfg: FeaturesConfig, pipe=None) -> dict:
     from analysis.features import compute_feature_stats
     from sae import SAE
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     sae = SAE.from_pretrained(cfg.sae, site=cfg.site)
     store = ActivationStore(cfg.store)
+    record = store.record()  # {} for a synthetic store: no harvest config, no model to rerun
+    sae.check_model(record.get("model_revision"), f"store {store.root}")
     site = cfg.site or sae.placement.site
     if site is None:
         raise UsageError(f"the SAE at {cfg.sae} records no site; pass --site (sites of the store: {', '.join(store.sites)})")
     reader = store.site(site)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     stats = compute_feature_stats(sae, reader, top_k=cfg.top_k, progress=cfg.progress, store_root=str(store.root))
     stats.save(out / "stats")
     feats = shown_features(stats, cfg.features)
-    store_cfg = json.loads((store.root / "store.json").read_text()) if (store.root / "store.json").exists() else {}
-    model = cfg.model or store_cfg.get("config", {}).get("model") or sae.placement.model
+    model = cfg.model or record.get("config", {}).get("model") or sae.placement.model
     is_toy = model == "toy" and (store.root / "images").is_dir() and any((store.root / "images").glob("*.json"))
 
     rows = {f: {"id": f, "density": float(stats.density[f]), "mean": float(stats.mean[f]),
@@ -105,14 +106,15 @@ def build_report(cfg: FeaturesConfig, pipe=None) -> dict:
                                                       store_root=store.root).relative_to(out))
     # feature -> heads (and HRV concepts)
     hrv = None
-    if cfg.examples > 0 and model is not None and (store.root / "store.json").exists():
-        from activations.pipeline import load_pipeline
+    if cfg.examples > 0 and model is not None and record:
+        from activations.pipeline import load_pipeline, model_fingerprint
         from analysis.feature_heads import feature_head_attribution, top_heads
         from safetensors.torch import save_file
 
         if pipe is None:
             pipe = load_pipeline(model, device=cfg.device)
             pipe.set_progress_bar_config(disable=True)
+        sae.check_model(model_fingerprint(pipe.unet), f"model {model!r}")
         res = feature_head_attribution(sae, pipe, store.root, stats, method=cfg.attribution, features=feats,
                                        examples=cfg.examples, progress=cfg.progress)
         att = res["attribution"]

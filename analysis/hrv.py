@@ -1,4 +1,4 @@
-"""Head relevance vectors (Park et al., ICLR 2025, Section 3; DESIGN.md §6).
+"""Head relevance vectors (Park et al., ICLR 2025, Section 3).
 
 For N concepts and H cross-attention heads, the HRV matrix [N, H] says how much each head serves
 each concept. At every cross-attention call, each head compares its conditional-branch queries

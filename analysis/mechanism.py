@@ -1,13 +1,15 @@
-"""The only module of ``analysis`` that touches the U-Net, through the Intervention protocol.
+"""Where the HRV half of ``analysis`` touches the U-Net, through the Intervention protocol.
 
-Two small functions, so that a change of mechanism is a change here only:
+Two small functions, so that a change of mechanism for HRVs and weakening is a change here only:
 
 * ``observe_queries(pipe, on_call)``: at every cross-attention call, hand the conditional-branch
   queries and this module's key projection to ``on_call`` (HRV voting, Section 3 of Park et al.);
 * ``weaken_heads(pipe, heads, token_scale)``: multiply chosen heads' attention probabilities by a
   per-prompt, per-token factor at every step (ordered weakening, Section 4).
 
-Everything else in ``analysis`` works on plain tensors.
+The feature half's head attribution (``feature_heads.py``) is the one other module that runs the
+U-Net under interventions (``Observe`` and ``Apply`` reruns of a feature's top examples); the rest
+of ``analysis`` generates images whole, reads the list of sites, and works on plain tensors.
 """
 
 from __future__ import annotations

@@ -1,58 +1,39 @@
 """Feature -> ground truth on the toy world: the AUROC of each SAE feature (or raw channel) as a
 detector of each per-token label, per timestep window.
 
-Labels come from ``toyworld.render.token_labels(scene, grid)`` for the scene stored beside each
-final image (``images/<id>.json``): for the object attributes (shape, color, position, size,
-texture) a patch carries the value of the object covering at least half of it and no value on the
-background; background and style label every patch. Target "color=red" is 1 on patches labelled
-red and 0 on every other patch (other colours and background). The only module of ``analysis``
-that imports toyworld (lazily, inside the functions).
+Labels come from the ``toy`` model plugin's ground truth (``common.plugins.world_truth``: the scene
+stored beside each final image, ``images/<id>.json``): for the object attributes (shape, color,
+position, size, texture) a patch carries the value of the object covering at least half of it and
+no value on the background; background and style label every patch. Target "color=red" is 1 on
+patches labelled red and 0 on every other patch (other colours and background). Analysis asks the
+plugin and never imports toyworld.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-WINDOWS = ("early", "middle", "late")
+from activations.timesteps import WINDOWS as _WINDOWS
+from common.plugins import world_truth
+
+WINDOWS = tuple(_WINDOWS)
 
 
 def concept_values() -> list[tuple[str, str]]:
     """Every (attribute, value) of the toy world, in ``toyworld.vocab.ATTRIBUTES`` order."""
-    from toyworld.vocab import ATTRIBUTES
-
-    return [(a, v) for a, vs in ATTRIBUTES.items() for v in vs]
+    return world_truth("toy").concept_values()
 
 
 def scene_of(store_root: str | Path, image: int):
-    from toyworld.scene import Scene
-
-    path = Path(store_root) / "images" / f"{int(image)}.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no toy scene for image {image} at {path} (a toyworld harvest with save_images: true writes it)")
-    return Scene.from_dict(json.loads(path.read_text())["scene"])
+    """The toy scene saved beside image ``image`` of a toyworld harvest."""
+    return world_truth("toy").scene(store_root, image)
 
 
 def row_targets(store_root: str | Path, meta: dict[str, np.ndarray], grid: tuple[int, int]) -> np.ndarray:
     """[rows, values] bool: does each row's patch show each concept value (``concept_values`` order)."""
-    from toyworld.render import token_labels
-    from toyworld.vocab import ATTRIBUTES
-
-    if grid[0] != grid[1]:
-        raise ValueError(f"toy labels need a square grid, got {grid}")
-    values = concept_values()
-    images = np.asarray(meta["image"]).astype(int)
-    out = np.zeros((len(images), len(values)), dtype=bool)
-    cache = {}
-    for im in np.unique(images):
-        cache[int(im)] = token_labels(scene_of(store_root, int(im)), grid[0])
-    for n, (attr, val) in enumerate(values):
-        code = ATTRIBUTES[attr].index(val)
-        lab = np.stack([cache[int(im)][attr] for im in images]) if len(images) else np.zeros((0,) + tuple(grid))
-        out[:, n] = lab[np.arange(len(images)), meta["i"].astype(int), meta["j"].astype(int)] == code
-    return out
+    return world_truth("toy").patch_targets(store_root, meta, grid)
 
 
 def feature_truth(sae, reader, store_root: str | Path, *, windows=WINDOWS, rows: np.ndarray | None = None,

@@ -13,18 +13,19 @@ ratios and their spread (min, max, interquartile range): pairs taken a few secon
 machine's load, so their ratio is far steadier than a ratio of independent best-of-N times on a
 shared machine.
 
-Defaults (128 prompts, 1 step, 4 pairs, so each order twice) are chosen for time: the retrained toy
-U-Net (with guidance, a batch of 16 per call) costs ~0.3-1 s per prompt and step on the 2-core
-development CPU depending on how busy it is, so one run is ~40-120 s; every step is captured
-either way, so more steps add time, not coverage. On a GPU, or with time to spare, raise
-``--steps`` and ``--repeats``.
+Defaults (128 prompts, 4 steps, 5 pairs; the README's figures are these but 4 pairs) make a run
+last long enough that a burst of load on a shared machine is a small part of it. At 1 step a
+run of the retrained toy U-Net lasted ~1.4 s and, on a loaded machine, pair ratios ranged from
+0.05 to 13.9; at 4 steps a plain run takes ~10 s on the idle 2-core development CPU, so the
+timing part is a few minutes (more when the machine is busy). Five pairs give a median that one
+outlying pair cannot move.
 
-Memory: a fresh process harvests ``--rss-prompts`` prompts each (default 100 and 1000) and reports
+Memory: a fresh process harvests ``--rss-prompts`` prompts each (default 100 and 400) and reports
 its peak RSS; a store that streams keeps the two within a few percent. The memory runs use
-``--rss-steps`` denoising steps (default 1) so that 1,000 prompts fit in minutes on a small CPU;
-the per-image rows still stream the same way.
+``--rss-steps`` denoising steps (default 1) so that they fit in minutes on a small CPU; the
+per-image rows still stream the same way.
 
-The last line is JSON, headline last: {..., "rss_mb_100", "rss_mb_1000", "ratio_median"}.
+The last line is JSON, headline last: {..., "rss_mb_100", "rss_mb_400", "ratio_median"}.
 
 ``--model sd-1.4-random`` builds the full-size SD 1.4 U-Net (random weights) inside a tiny
 pipeline shell (tiny text encoder widened to 768, tiny VAE) for GPU speed measurements.
@@ -202,21 +203,25 @@ def child_rss(args) -> None:
     print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy", help="toy | sd-1.4-random | a load_pipeline name")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--prompts", type=int, default=128, help="prompts of the timing runs")
-    p.add_argument("--steps", type=int, default=1,
-                   help="denoising steps of the timing runs (all captured; the toy U-Net costs ~0.3-1 s per "
-                        "prompt-step with guidance on 2 shared cores, so 1 step keeps 128 prompts x 8 runs at minutes)")
+    p.add_argument("--steps", type=int, default=4,
+                   help="denoising steps of the timing runs (all captured; fewer makes a run too short to "
+                        "time on a shared machine)")
     p.add_argument("--batch", type=int, default=8, help="images per pipeline call")
-    p.add_argument("--repeats", type=int, default=4,
+    p.add_argument("--repeats", type=int, default=5,
                    help="interleaved plain/harvest pairs (each alternating which goes first); median pair ratio reported")
-    p.add_argument("--rss-prompts", default="100,1000", help="prompt counts of the memory runs (comma separated)")
+    p.add_argument("--rss-prompts", default="100,400", help="prompt counts of the memory runs (comma separated)")
     p.add_argument("--rss-steps", type=int, default=1, help="denoising steps of the memory runs (all captured)")
     p.add_argument("--_rss", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = parser().parse_args()
     if args._rss is not None:
         child_rss(args)
         return 0

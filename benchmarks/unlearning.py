@@ -27,7 +27,7 @@ For each target value (default: striped, red, night):
 
 Goals (SAeUron reports 95.8 / 99.1 / 99.4 for styles on UnlearnCanvas): UA ≥ 0.9, IRA ≥ 0.9,
 CRA ≥ 0.95. Writes ``<out>/unlearning_<target>.png`` (top: unsteered, bottom: steered, UA prompts
-then IRA prompts). Last line JSON: {"targets": {name: {"ua", "ira", "cra", ...}}, "ua_mean",
+then IRA prompts) and ``<out>/unlearning_before_after.png`` (every target's, labelled with its UA). Last line JSON: {"targets": {name: {"ua", "ira", "cra", ...}}, "ua_mean",
 "ira_mean", "cra_mean"}.
 """
 
@@ -175,6 +175,25 @@ def choose_features(args, pipe, sae, site: str, attribute: str, target: str, ste
     return [(int(k), round(float(score[k]), 3)) for k in best]
 
 
+def combined_figure(out: Path, results: dict) -> Path:
+    """The per-target before/after grids stacked, each under a line naming the target and its UA
+    before and after: the README's picture of what unlearning removed."""
+    from PIL import Image, ImageDraw
+
+    grids = [(t, Image.open(out / f"unlearning_{t}.png").convert("RGB")) for t in results]
+    label_h = 14
+    canvas = Image.new("RGB", (max(g.width for _, g in grids), sum(g.height + label_h for _, g in grids)), "white")
+    draw, y = ImageDraw.Draw(canvas), 0
+    for t, g in grids:
+        r = results[t]
+        draw.text((2, y + 1), f"{t}: UA {r['before']['ua']:.2f} -> {r['ua']:.2f} (top: unsteered, bottom: steered; "
+                              "left half asks for it, right half for another value)", fill="black")
+        canvas.paste(g, (0, y + label_h))
+        y += g.height + label_h
+    canvas.save(out / "unlearning_before_after.png")
+    return out / "unlearning_before_after.png"
+
+
 # -- scoring -----------------------------------------------------------------------------------
 
 
@@ -247,6 +266,7 @@ def main(argv=None) -> dict:
         results[target] = {**got["after"], "before": got["before"], "features": feats, "attribute": attribute}
         print(json.dumps({"target": target, **results[target]}), flush=True)
 
+    print(f"figure: {combined_figure(out, results).resolve()}", file=sys.stderr)
     summary = {"targets": results, "sites": args.sites, "op": args.op,
                **({"strength": args.strength} if args.op == "scale" else {}), "when": args.when, "prompts_per_measure": args.prompts,
                "steps": steps, "guidance": guidance}

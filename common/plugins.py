@@ -14,6 +14,10 @@ a user's package does the same, either in its ``pyproject.toml``::
 or at run time with ``register_model("my-model", ModelPlugin(...))`` /
 ``register_prompt_source("my-prompts", MyPromptSource)``. Entry points are read the first time a
 name is looked up.
+
+A model whose world is known for certain (the toy world: the scene behind every image, a pixel
+oracle) also offers a ``WorldTruth`` through its plugin (``ModelPlugin.truth``): the analyses and
+steering measure against it by asking ``world_truth(model)``, and never import the world itself.
 """
 
 from __future__ import annotations
@@ -46,6 +50,38 @@ class ModelPlugin:
     build_unet: Callable[..., Any] | None = None
     check_prompt: Callable[[str], Any] | None = None
     description: str = ""
+    truth: Callable[[], "WorldTruth"] | None = None
+    """() -> the model's WorldTruth, for models whose images have a known truth (imported on use)"""
+
+
+class WorldTruth:
+    """What a model's world knows for certain about its images (``ModelPlugin.truth``).
+
+    ``scorer()``: a scorer for the ordered weakening (``analysis.weakening``) with ``ylabel``,
+    ``check(concepts)``, ``prompts(concept, n, seed) -> [(text, target)]`` and
+    ``score(concept, images, targets) -> [float]``;
+    ``concept_values()``: every (attribute, value) a patch can show, in a fixed order;
+    ``scene(store_root, image)``: the truth saved beside image ``image`` of a harvest;
+    ``patch_targets(store_root, meta, grid)``: bool [rows, values], does each stored row's patch
+    (``meta``'s image, i, j on a ``grid``) show each value of ``concept_values()``;
+    ``object_coverage(text, grid)``: float [grid, grid], the share of each patch that an object of
+    the image ``text`` describes covers.
+    """
+
+    def scorer(self):
+        raise NotImplementedError
+
+    def concept_values(self) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    def scene(self, store_root, image: int):
+        raise NotImplementedError
+
+    def patch_targets(self, store_root, meta, grid: tuple[int, int]):
+        raise NotImplementedError
+
+    def object_coverage(self, text: str, grid: int):
+        raise NotImplementedError
 
 
 class PromptSourcePlugin:
@@ -109,6 +145,15 @@ def lookup(group: str, name: str, default: Any = None) -> Any:
 
 def model_plugin(name: str) -> ModelPlugin | None:
     return lookup(MODELS, str(name))
+
+
+def world_truth(model: str) -> WorldTruth:
+    """The WorldTruth of model ``model``; a ValueError naming the models that have one otherwise."""
+    plugin = model_plugin(model)
+    if plugin is None or plugin.truth is None:
+        have = [n for n in names(MODELS) if getattr(lookup(MODELS, n), "truth", None) is not None]
+        raise UsageError(f"model {model!r} has no ground truth to measure against; models with one: {', '.join(have) or 'none'}")
+    return plugin.truth()
 
 
 def prompt_source(kind: str) -> type[PromptSourcePlugin]:

@@ -9,6 +9,7 @@ Training-only settings (learning rate, schedules, initialisation) live on ``LitS
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,15 +113,65 @@ class SparseCoderConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> tuple["SparseCoderConfig", int]:
-        """Inverse of to_dict; unknown keys (e.g. another library's) are ignored. Returns (cfg, d_in)."""
+    def from_dict(cls, data: dict[str, Any], source: str = "cfg.json") -> tuple["SparseCoderConfig", int]:
+        """Inverse of to_dict, for a saved SAE (``source`` names its file in errors). Returns (cfg, d_in).
+
+        What decides the SAE's outputs must be in the file, never defaulted: d_in, num_latents
+        (0 with expansion_factor, as sparsify writes it), k for topk and batchtopk, and the
+        architecture (sparsify's files name none: their ``activation: topk`` says it). Every known
+        field must have its type. Unknown keys (another library's) are ignored; training settings
+        a file lacks (sparsify's name none of ours) keep their defaults, as they change nothing a
+        loaded SAE computes. Errors are UsageErrors naming the file and the field.
+        """
         data = dict(data)
-        if "d_in" not in data:
-            raise UsageError(f"cfg.json has no d_in (the SAE's input width); its keys: {', '.join(sorted(data))}")
-        d_in = int(data.pop("d_in"))
-        known = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in data.items() if k in known})
+        ours = {"l1_coefficient", "threshold_momentum", "normalizer_folded"}  # keys only diffatlas writes
+        if "architecture" not in data and data.get("activation") == "topk" and not ours & set(data):
+            data["architecture"] = "topk"  # sparsify's file: TopK is its only mechanism that matches ours
+        required = ["architecture", "d_in", "num_latents"]
+        if data.get("architecture") in ("topk", "batchtopk"):
+            required.append("k")
+        if data.get("num_latents") == 0:
+            required.append("expansion_factor")
+        types = {f.name: f.type for f in dataclasses.fields(cls)} | {"d_in": "int"}
+        for name in required:
+            if name not in data:
+                raise UsageError(f"{source} has no field {name!r} ({_REQUIRED_WHY[name]}); a missing field is not "
+                                 f"defaulted: add it with the value the SAE was trained with")
+        for name, kind in types.items():
+            if name in data and not _has_type(data[name], kind):
+                raise UsageError(f"{source}: field {name!r} is {data[name]!r}, not a{'n' if kind == 'int' else ''} {kind}")
+        d_in = data.pop("d_in")
+        cfg = cls(**{k: v for k, v in data.items() if k in types})
+        try:
+            cfg.validate(d_in)
+        except ValueError as err:
+            raise UsageError(f"{source}: {err}") from None
         return cfg, d_in
+
+
+_REQUIRED_WHY = {
+    "architecture": "relu, topk, batchtopk or jumprelu",
+    "d_in": "the SAE's input width",
+    "num_latents": "the dictionary size",
+    "k": "active latents per token",
+    "expansion_factor": "latents per input dimension, as num_latents is 0",
+}
+
+
+def _has_type(value: Any, kind: str) -> bool:
+    """Whether a JSON value fits a field annotated ``kind`` (bool is not a number here; a float
+    field takes an int, and must be finite)."""
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if kind == "str":
+        return isinstance(value, str)
+    raise TypeError(f"no JSON type check for a field annotated {kind!r}")  # a new field type: add it here
 
 
 @dataclass
@@ -150,8 +201,25 @@ class Placement:
         return {k: getattr(self, k) for k in self.KEYS}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Placement":
-        return cls(**{k: data[k] for k in cls.KEYS if k in data})
+    def from_dict(cls, data: dict[str, Any], source: str = "cfg.json") -> "Placement":
+        """The placement saved in ``data`` (fields it lacks: unknown, None); a field of the wrong
+        type, an unknown stage or a bad window is a UsageError naming ``source``."""
+        from activations.timesteps import parse_when
+
+        placed = cls(**{k: data[k] for k in cls.KEYS if k in data})
+        for name in ("site", "branch", "model", "model_revision"):
+            value = getattr(placed, name)
+            if value is not None and not isinstance(value, str):
+                raise UsageError(f"{source}: field {name!r} is {value!r}, not a string (or null)")
+        if placed.stage not in ("block", "heads"):
+            raise UsageError(f"{source}: field 'stage' is {placed.stage!r}; valid: block, heads")
+        if not _has_type(placed.normalizer_folded, "float") or placed.normalizer_folded <= 0:
+            raise UsageError(f"{source}: field 'normalizer_folded' is {placed.normalizer_folded!r}, not a positive number")
+        try:
+            parse_when(placed.window)
+        except ValueError as err:
+            raise UsageError(f"{source}: field 'window': {err}") from None
+        return placed
 
     @property
     def window_label(self) -> str:

@@ -21,12 +21,12 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from activations.timesteps import BRANCHES, window_table
 from common.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 WindowSpec = str | dict | None
-BRANCHES = ("cond", "uncond")  # or None: every stored row
 
 
 def check_window(window):
@@ -214,7 +214,7 @@ class ActivationDataModule(pl.LightningDataModule):
             raise UsageError(
                 f"no rows of site {self.site_name!r} match window={self.window_spec!r}, branch={self.branch!r} "
                 f"(the site has {reader.num_rows} rows with tau in {sorted(float(t) for t in taus)} and "
-                f"branches {branches}); valid windows: early [0.6, 1], middle [0.2, 0.6), late [0, 0.2), or {{tau: [lo, hi]}}"
+                f"branches {branches}); valid windows: {window_table()}, or {{tau: [lo, hi]}}"
             )
         images = reader.meta_column("image")[ids]
         unique = np.unique(images)

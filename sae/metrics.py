@@ -23,12 +23,6 @@ from torch import Tensor
 from activations.timesteps import WINDOWS, Window
 
 
-def window_mask(tau: Tensor, window: str) -> Tensor:
-    """bool mask of rows whose stored tau lies in a named window (``activations.timesteps``)."""
-    lo, hi = Window(window).bounds
-    return (tau >= lo) & ((tau <= hi) if hi >= 1.0 else (tau < hi))
-
-
 class FVUAccumulator:
     """Running sums for FVU, overall ('all') and per window. Call ``update`` per batch, ``reduce``
     under DDP, then ``compute``."""
@@ -47,7 +41,8 @@ class FVUAccumulator:
         """x, recon [n, d]; tau [n]; l0 [n] active latents per token."""
         x64, err = x.double(), (x.double() - recon.double()).pow(2).sum(-1)
         for gi, name in enumerate(self.groups):
-            m = torch.ones_like(tau, dtype=torch.bool) if name == "all" else window_mask(tau, name)
+            # rows carry their stored tau: the window's own rule on it (activations.timesteps)
+            m = torch.ones_like(tau, dtype=torch.bool) if name == "all" else Window(name).holds(tau)
             if not bool(m.any()):
                 continue
             xm = x64[m]

@@ -21,10 +21,12 @@ from typing import ClassVar
 import einops
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from common.errors import UsageError
+from sae import saelens
 from sae.config import Placement, SparseCoderConfig
 from sae.kernels import gather_pre_acts, row_layout, sparse_decode
 from sae.latents import Latents
@@ -262,9 +264,7 @@ class SparseCoder(nn.Module):
         metadata, which ``sae_lens.SAE.load_from_disk`` opens. ``extra`` is merged into cfg.json.
         """
         if layout == "saelens":
-            from sae.saelens import save_saelens
-
-            return save_saelens(self, path, sparsity=sparsity)
+            return saelens.save_saelens(self, path, sparsity=sparsity)
         if layout != "sparsify":
             raise UsageError(f"unknown SAE file layout {layout!r}; valid: sparsify, saelens")
         path = Path(path)
@@ -289,31 +289,61 @@ class SparseCoder(nn.Module):
 
         ``path_or_hub_id``: a folder holding cfg.json, a folder of several SAEs (pick one by ``site``
         and ``window``, as saved in their cfg.json), or a hub repo id. The class is chosen by
-        cfg.json's ``architecture`` (default ``topk``, which is what a sparsify file implies).
+        cfg.json's ``architecture`` (sparsify's files name none: their ``activation: topk`` says
+        it). A folder in SAELens' layout (``sae_weights.safetensors``, as ``save_pretrained(...,
+        layout="saelens")`` writes it) loads too. A file that is missing, truncated, not JSON,
+        lacks a field or disagrees with the other is a UsageError (FileNotFoundError) naming it.
         """
         folder = find_sae_folder(_local_folder(path_or_hub_id, site, revision), site=site, window=window)
-        data = json.loads((folder / CONFIG_FILE).read_text())
-        cfg, d_in = SparseCoderConfig.from_dict(data)
-        tensors = load_file(str(folder / WEIGHTS_FILE), device=str(device))
-        if "W_dec" not in tensors:
-            raise UsageError(f"{folder / WEIGHTS_FILE} holds no W_dec: not an SAE in the sparsify layout "
+        cfg_path = folder / CONFIG_FILE
+        data = read_sae_config(cfg_path)
+        weights = folder / WEIGHTS_FILE
+        if not weights.is_file() and (folder / saelens.WEIGHTS_FILE).is_file():  # SAELens' layout
+            weights = folder / saelens.WEIGHTS_FILE
+            data, tensors = saelens.to_sparsify(cfg_path, data, read_weights(weights, device), weights)
+        else:
+            tensors = read_weights(weights, device)
+        cfg, d_in = SparseCoderConfig.from_dict(data, source=str(cfg_path))
+        placement = Placement.from_dict(data, source=str(cfg_path))
+        W_dec = tensors.get("W_dec")
+        if W_dec is None or W_dec.ndim != 2:
+            raise UsageError(f"{weights} holds no 2-D W_dec: not an SAE in the sparsify layout "
                              f"(tensors: {', '.join(sorted(tensors))})")
-        width = int(tensors["W_dec"].shape[1])
+        rows, width = (int(n) for n in W_dec.shape)
         if width != d_in:
-            raise UsageError(f"{folder / CONFIG_FILE} says d_in={d_in} but the weights in {folder / WEIGHTS_FILE} "
+            raise UsageError(f"{cfg_path} says d_in={d_in} but the weights in {weights} "
                              f"take width {width}; the files do not belong together")
-        dtype = tensors["W_dec"].dtype
-        arch = get_architecture(cfg.architecture)
+        if rows != cfg.resolved_num_latents(d_in):
+            raise UsageError(f"{cfg_path} says num_latents={cfg.resolved_num_latents(d_in)} but the weights in {weights} "
+                             f"have {rows} latents; the files do not belong together")
+        try:
+            arch = get_architecture(cfg.architecture)
+        except ValueError as err:
+            raise UsageError(f"{cfg_path}: {err}") from None
         if cls is not SparseCoder and not issubclass(arch, cls):
             raise TypeError(f"{folder} holds a {cfg.architecture!r} SAE, not a {cls.__name__}")
-        sae = arch(cfg, d_in, device=device, dtype=dtype)
-        missing, unexpected = sae.load_state_dict(tensors, strict=False)
+        sae = arch(cfg, d_in, device=device, dtype=W_dec.dtype)
+        try:
+            missing, unexpected = sae.load_state_dict(tensors, strict=False)
+        except RuntimeError as err:  # a tensor of another shape
+            raise UsageError(f"{weights} does not match the {cfg.architecture!r} SAE of {cfg_path} "
+                             f"(d_in={d_in}, num_latents={rows}): {' '.join(str(err).split())}") from None
         if missing or unexpected:
-            raise UsageError(f"{folder / WEIGHTS_FILE} does not match a {cfg.architecture!r} SAE: "
+            raise UsageError(f"{weights} does not match a {cfg.architecture!r} SAE: "
                              f"missing {missing}, unexpected {unexpected}")
-        sae.placement = Placement.from_dict(data)
+        sae.placement = placement
         sae.source = folder  # recipes refer to a loaded SAE by its folder
         return sae
+
+    def check_model(self, revision: str | None, what: str) -> None:
+        """Refuse ``what`` (a model, or a store harvested from one) whose U-Net weights fingerprint
+        (``activations.pipeline.model_fingerprint``) is ``revision`` when this SAE was trained on
+        other weights. A side that records no fingerprint is no evidence against the other."""
+        mine = self.placement.model_revision
+        if mine is not None and revision is not None and mine != revision:
+            where = f" ({self.source})" if self.source is not None else ""
+            raise UsageError(f"this SAE{where} was trained on model {self.placement.model!r} (weights {mine}) but "
+                             f"{what} has weights {revision}; use an SAE trained on this model")
 
     def splice(self, *, error_term: bool = True, site: str | None = None, **gate):
         """An Intervention that runs this SAE at its site during generation.
@@ -362,6 +392,30 @@ def _local_folder(path_or_hub_id: str | Path, site: str | None, revision: str | 
                                 f"{err}); pass a local folder") from None
 
 
+def read_sae_config(path: Path) -> dict:
+    """An SAE's cfg.json as a dict; a UsageError naming the file when it is not a JSON object."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path} is not valid JSON ({err}); an SAE's {CONFIG_FILE} is a JSON object") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} holds a JSON {type(data).__name__}, not an SAE config (a JSON object with "
+                         "architecture, d_in, num_latents, ...)")
+    return data
+
+
+def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """The tensors of a safetensors file; a missing, truncated or foreign file is an error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: an SAE folder holds {WEIGHTS_FILE} (or SAELens' "
+                                f"sae_weights.safetensors) beside {CONFIG_FILE}")
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as err:
+        raise UsageError(f"{path} cannot be read ({err}): it is truncated or not a safetensors file; "
+                         "copy or save the SAE again") from None
+
+
 def find_sae_folder(folder: Path, *, site: str | None = None, window=None) -> Path:
     """The folder of one SAE: ``folder`` itself when it holds cfg.json, else the one subfolder whose
     cfg.json matches ``site`` and ``window`` (a folder of several SAEs, one per site and window)."""
@@ -375,7 +429,7 @@ def find_sae_folder(folder: Path, *, site: str | None = None, window=None) -> Pa
     want_window = parse_when(window) if window is not None else None
     placed = []  # (folder, site, window) of every SAE here
     for c in candidates:
-        data = json.loads((c / CONFIG_FILE).read_text())
+        data = read_sae_config(c / CONFIG_FILE)
         placed.append((c, data.get("site") or (c.name.split("__")[0] if c != folder else None), data.get("window")))
     available = "; ".join(f"{c.name}: site={s!r}, window={w!r}" for c, s, w in placed)
     if site is None and window is None:

@@ -5,7 +5,8 @@ the SAE's reconstruction of x and x̂' the reconstruction from the latents after
 x̂' = x̂). Keeping the error term means that an edit of one latent changes the site's value by that
 latent's contribution only, as SAELens' ``use_error_term`` does; without an edit it leaves the
 value unchanged up to float rounding. Without it the U-Net sees what the SAE can express, which is
-what "loss recovered" scores.
+what "loss recovered" scores. Without ``when`` it acts at the steps the SAE was trained on (its
+placement's window); an explicit ``when`` wins.
 """
 
 from __future__ import annotations
@@ -20,6 +21,48 @@ from einops import rearrange
 
 from activations.intervention import Intervention, register_intervention
 from common.errors import UsageError
+
+
+def placed_site(sae, site: str | None, stage: str | None, what: str) -> tuple[str | None, str]:
+    """The (site, stage) an SAE acts at: its placement's unless given; another site than the one it
+    was trained on is refused (``what`` names the intervention in the message)."""
+    placed = sae.placement
+    site = site or placed.site
+    if placed.site is not None and site != placed.site:
+        raise UsageError(f"this SAE was trained on site {placed.site!r} (width {sae.d_in}); {what} site {site!r}")
+    return site, stage or placed.stage or "block"
+
+
+def check_sae_fits(sae, pipe, site: str | None = None, stage: str | None = None, model: str | None = None) -> None:
+    """Refuse an SAE that cannot run on ``pipe``: non-finite weights, weights of another model (its
+    recorded fingerprint, else the model name ``model`` when given), a site the model lacks, or
+    another width; each message names the value and the valid choices. The one check of
+    ``SAESplice``, ``steering.FeatureEdit`` and the explorer."""
+    from activations.pipeline import model_fingerprint
+    from activations.sites import list_sites
+
+    p = sae.placement
+    where = f" ({sae.source})" if getattr(sae, "source", None) is not None else ""
+    for name, tensor in [*sae.named_parameters(), *sae.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UsageError(f"this SAE{where} has non-finite weights (NaN or inf) in {name}; retrain it or give another SAE")
+    of_model = f"model {model!r}" if model else "this model"
+    unet = getattr(pipe, "unet", pipe)  # a pipeline or its U-Net
+    sae.check_model(model_fingerprint(unet), of_model)
+    if p.model_revision is None and model and p.model and p.model != model:
+        raise UsageError(f"this SAE{where} was trained on model {p.model!r}, not {model!r}; use model {p.model!r} "
+                         f"or an SAE trained on {model!r}")
+    site = site or p.site
+    stage = stage or p.stage or "block"
+    kind = "block" if stage == "block" else "head"
+    sites = {s.name: s for s in list_sites(unet) if s.kind == kind}
+    if site not in sites:
+        raise UsageError(f"this SAE's site {site!r} is not a {kind} site of {of_model}; valid sites: {', '.join(sites)}")
+    width = sites[site].width  # a head site's width is heads x head_dim, the per-head outputs concatenated
+    if width != sae.d_in:
+        fits = [s.name for s in sites.values() if s.width == sae.d_in]
+        raise UsageError(f"this SAE takes width {sae.d_in} but site {site!r} of {of_model} has width {width}; "
+                         f"sites of width {sae.d_in}: {', '.join(fits) or 'none'}")
 
 
 @register_intervention("sae_splice")
@@ -42,14 +85,14 @@ class SAESplice(Intervention):
         if isinstance(self.sae, (str, Path)):
             self.sae = SparseCoder.from_pretrained(self.sae)
         if not isinstance(self.sae, SparseCoder):
-            raise ValueError(f"SAESplice needs an SAE (a SparseCoder or its folder), got {type(self.sae).__name__}")
-        placed = self.sae.placement
-        self.site = self.site or placed.site
-        if placed.site is not None and self.site != placed.site:
-            raise UsageError(f"this SAE was trained on site {placed.site!r} (width {self.sae.d_in}); "
-                             f"it cannot be applied at site {self.site!r}")
-        self.stage = self.stage or placed.stage or "block"
+            raise UsageError(f"SAESplice needs an SAE (a SparseCoder or its folder), got {type(self.sae).__name__}")
+        self.site, self.stage = placed_site(self.sae, self.site, self.stage, "it cannot be applied at")
+        if self.when is None:  # the steps the SAE was trained on; an explicit when (also "all") wins
+            self.when = self.sae.placement.window
         super().__post_init__()
+
+    def check(self, pipe) -> None:
+        check_sae_fits(self.sae, pipe, self.site, self.stage)
 
     def _flat(self, x: torch.Tensor, call) -> torch.Tensor:
         flat = rearrange(x, "b n c -> (b n) c") if self.stage == "block" else rearrange(x, "b h n d -> (b n) (h d)")

@@ -1,4 +1,4 @@
-"""SAE feature edits at one site (Tinaz et al., arXiv 2504.15473; DESIGN.md §6).
+"""SAE feature edits at one site (Tinaz et al., arXiv 2504.15473).
 
 ``FeatureEdit`` changes the activation z_k of SAE features k at the SAE's site, then writes the
 change back into the site's value x (a block's Δ, or a head site's per-head outputs):
@@ -36,6 +36,7 @@ from einops import rearrange
 from activations.intervention import Intervention, register_intervention
 from activations.masks import mask_spec, parse_mask
 from common.errors import UsageError
+from sae.splice import check_sae_fits, placed_site
 
 OPS = ("inject", "add", "scale", "clamp", "ablate", "spatial", "global")
 VIAS = ("add", "splice")
@@ -70,14 +71,11 @@ class FeatureEdit(Intervention):
             self.sae = SparseCoder.from_pretrained(self.sae)
         if not isinstance(self.sae, SparseCoder):
             raise UsageError(f"FeatureEdit needs an SAE (a SparseCoder or its folder), got {type(self.sae).__name__}")
-        placed = self.sae.placement
-        self.site = self.site or placed.site
+        self.site, self.stage = placed_site(self.sae, self.site, self.stage, "it cannot edit")
         if self.site is None:
             raise UsageError("FeatureEdit needs site= (this SAE does not record the site it was trained on)")
-        if placed.site is not None and self.site != placed.site:
-            raise UsageError(f"this SAE was trained on site {placed.site!r} (width {self.sae.d_in}); "
-                             f"it cannot edit site {self.site!r}")
-        self.stage = self.stage or placed.stage or "block"
+        if self.when is None:  # the steps the SAE was trained on; an explicit when (also "all") wins
+            self.when = self.sae.placement.window
         super().__post_init__()
         if self.op not in OPS:
             raise UsageError(f"unknown feature op {self.op!r}; valid ops: {', '.join(OPS)}")
@@ -98,19 +96,9 @@ class FeatureEdit(Intervention):
             raise UsageError(f"region is for op 'spatial' only (op is {self.op!r}); use mask= to limit other edits")
 
     # -- checks against the model ---------------------------------------------------------
-    def check(self, pipe) -> None:
-        """Refuse an SAE of another site width or model (the site name is checked on creation)."""
-        from activations.harvest import model_fingerprint
-        from activations.sites import list_sites, resolve_sites
-
-        site = resolve_sites(list_sites(pipe.unet), [self.site])[0]
-        width = site.width if self.stage == "block" else site.heads * site.head_dim
-        if width != self.sae.d_in:
-            raise UsageError(f"this SAE takes width {self.sae.d_in} but site {self.site!r} of this model has width {width}")
-        rev = self.sae.placement.model_revision
-        if rev is not None and rev != model_fingerprint(pipe.unet):
-            raise UsageError(f"this SAE was trained on model {self.sae.placement.model!r} (weights {rev}); the pipeline's "
-                             f"U-Net has weights {model_fingerprint(pipe.unet)}: train an SAE for this model")
+    def check(self, model) -> None:
+        """Refuse an SAE that does not fit the model, a pipeline or its U-Net (``sae.splice.check_sae_fits``)."""
+        check_sae_fits(self.sae, model, self.site, self.stage)
 
     # -- the edit -------------------------------------------------------------------------
     def _flat(self, x):

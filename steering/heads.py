@@ -1,4 +1,4 @@
-"""Head edits of Patch Explorer (Grabe et al. 2025; DESIGN.md §6), one line each.
+"""Head edits of Patch Explorer (Grabe et al. 2025), one line each.
 
 * ``HeadScale``: multiply chosen heads' outputs on chosen patches (``mask``) over a window;
 * ``EncodePrompt``: chosen heads attend to another prompt on chosen patches ("unicorn" into a
@@ -67,7 +67,7 @@ class EncodePrompt(Composite):
             raise UsageError("EncodePrompt needs prompt= (the text to encode through the heads)")
 
     def expand(self, pipe, prompts):
-        ehs = encode_text(pipe, self.prompt)
+        ehs = encode_text(self.pipeline(pipe), self.prompt)
         return [SwapKV(site=site, heads=local, encoder_hidden_states=ehs, **self.gate())
                 for site, local in heads_by_site(pipe, self.heads).items()]
 

@@ -1,4 +1,4 @@
-"""HRV concept strengthening and adjusting (Park et al., ICLR 2025, Section 5; DESIGN.md §6).
+"""HRV concept strengthening and adjusting (Park et al., ICLR 2025, Section 5).
 
 Strengthening rescales the target token's attention probabilities in every cross-attention head h
 by HRV[c, h]; adjusting by 2·HRV[desired, h] − HRV[undesired, h] (the same as strengthening when
@@ -85,10 +85,14 @@ class HRVEdit(Composite):
             f = f[torch.randperm(len(f), generator=torch.Generator().manual_seed(int(self.permute)))]
         return f
 
+    def check(self, model) -> None:
+        self.hrv.check_model(model)  # HRVs of another model's heads: refused before any image
+
     def expand(self, pipe, prompts):
-        self.hrv.check_model(pipe)
+        pipe = self.pipeline(pipe)
         if isinstance(self.token, str) and not prompts:
-            raise UsageError(f"token {self.token!r} is a word: give steer(..., prompts=[...]) so it can be found in each prompt")
+            raise UsageError(f"token {self.token!r} is a word: give the prompts (steer(..., prompts=[...]) or "
+                             f"intervene(..., prompts=[...])) so it can be found in each prompt")
         tokens = resolve_tokens(pipe.tokenizer, prompts or [""], self.token)
         factor_h = self.factors()
         edits = []

@@ -4,10 +4,11 @@
                                  region={"quadrant": "top left"}, when="early")):
         image = pipe("a red circle").images[0]
 
-Composite edits (HRV, head edits) expand into per-site interventions first; feature edits are
-checked against the model (site width, weights). Everything goes through
-``activations.hooks.intervene``, which restores the U-Net's processors and hooks on exit, also
-after an exception inside the generation.
+Every edit is resolved against the model first (``Intervention.resolve``: composite edits such as
+HRV and head edits expand into per-site interventions, feature edits are checked against the
+model's site width and weights), inside ``activations.hooks.intervene``, which restores the
+U-Net's processors and hooks on exit, also after an exception inside the generation. ``steer`` is
+``intervene`` with the prompts named: the two accept and refuse the same edits.
 """
 
 from __future__ import annotations
@@ -16,24 +17,9 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 from activations.hooks import intervene
-from activations.intervention import Intervention
-from steering.base import Composite
+from activations.intervention import Intervention, resolve_all
 
-
-def expand(pipe, interventions: Sequence[Intervention], prompts: Sequence[str] | None = None) -> list[Intervention]:
-    """The plain per-site interventions behind ``interventions`` (checked against ``pipe``)."""
-    out: list[Intervention] = []
-    for iv in interventions:
-        if not isinstance(iv, Intervention):
-            raise TypeError(f"steer takes Intervention objects, got {type(iv).__name__}")
-        if isinstance(iv, Composite):
-            out.extend(iv.expand(pipe, list(prompts) if prompts is not None else None))
-            continue
-        check = getattr(iv, "check", None)
-        if callable(check):
-            check(pipe)
-        out.append(iv)
-    return out
+expand = resolve_all  # the plain per-site interventions behind some interventions (checked against the model)
 
 
 @contextlib.contextmanager
@@ -41,5 +27,5 @@ def steer(pipe, *interventions: Intervention, prompts: Sequence[str] | None = No
     """Apply ``interventions`` to every generation of ``pipe`` inside the block (composable: pass
     several; they act in the given order). ``prompts``: the prompts of the generations, one per
     image, needed by edits that name a token by its word."""
-    with intervene(pipe, *expand(pipe, interventions, prompts)) as tap:
-        yield tap  # the activations.hooks.Tap holding the expanded interventions
+    with intervene(pipe, *interventions, prompts=prompts) as tap:
+        yield tap  # the activations.hooks.Tap holding the resolved interventions

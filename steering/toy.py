@@ -1,4 +1,5 @@
-"""Toy-world helpers for steering (toyworld is imported lazily, inside the functions)."""
+"""Toy-world helpers for steering, through the ``toy`` model plugin's ground truth
+(``common.plugins.world_truth``): steering never imports toyworld."""
 
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ def object_features(store: str, site: str, sae, n: int = 4, window="early", max_
     from the image's prompt and rendered). Returns [(feature, correlation)], best first.
     """
     from activations.store import ActivationStore
-    from toyworld.prompts import parse_prompt
-    from toyworld.render import patch_coverage, render
+    from common.plugins import world_truth
 
     st = ActivationStore(store)
     reader = st.site(site)
@@ -24,7 +24,8 @@ def object_features(store: str, site: str, sae, n: int = 4, window="early", max_
     acts, meta = reader.read(rows)
     h, w = reader.grid
     ids = sorted({int(i) for i in meta["image"]})
-    cover = {i: patch_coverage(render(parse_prompt(t)).masks, h).max(0) for i, t in zip(ids, st.texts(ids))}
+    truth = world_truth("toy")
+    cover = {i: truth.object_coverage(t, h) for i, t in zip(ids, st.texts(ids))}
     m = torch.tensor(np.array([cover[int(im)][int(i), int(j)] for im, i, j in zip(meta["image"], meta["i"], meta["j"])]),
                      dtype=torch.float32)
     with torch.no_grad():

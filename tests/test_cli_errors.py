@@ -49,7 +49,7 @@ def test_bad_input__train_data_errors_are_one_line(store, tmp_path, capsys, args
     if "window" in args[0] and "late" not in args:
         assert "early, middle, late" in err
     if "branch" in args[0]:
-        assert "cond, uncond" in err
+        assert "uncond, cond" in err  # activations.timesteps.BRANCHES, the store's order
 
 
 def test_bad_input__train_on_an_empty_folder_or_a_0_row_store_is_one_line(tmp_path, capsys):
@@ -126,6 +126,38 @@ def test_user_error_types__a_usage_error_is_still_a_value_error_and_an_unknown_n
         resolve_sites(list_sites(random_toy_pipe.unet), ["nope"])
     assert isinstance(err.value, UnknownNameError) and isinstance(err.value, UsageError)
     assert str(err.value).startswith("unknown site 'nope'")  # not KeyError's quoted repr
+
+
+def test_user_error_types__the_checks_merged_from_main_raise_usage_errors(random_toy_pipe, tmp_path):
+    """Window/gate spellings, recipe fields, the SAE fit check, concept lists, HRV progress files and
+    schedulers are user input: UsageError (one line), not a plain ValueError (a traceback)."""
+    from activations.pipeline import set_scheduler
+    from activations.timesteps import parse_when, window_bounds
+    from analysis.concepts import check_concepts
+    from analysis.construct import _read_progress
+    from common.errors import UsageError
+    from sae.config import SparseCoderConfig
+    from sae.registry import get_architecture
+    from sae.splice import check_sae_fits
+    from steering.recipe import Recipe
+
+    sae = get_architecture("topk")(SparseCoderConfig(num_latents=8, k=2), 5)  # a width no site has
+    (tmp_path / "progress.safetensors").write_text("not safetensors")
+    bad = [
+        lambda: parse_when("sometime"),
+        lambda: window_bounds("all"),
+        lambda: Recipe.from_dict({"model": "toy", "prompts": ["a red cat"], "seeds": [0], "steps": None,
+                                  "guidance": None, "interventions": [], "colour": 1}),
+        lambda: Recipe.from_dict({"model": "toy", "prompts": ["a red cat"], "seeds": [0], "steps": 0,
+                                  "guidance": None, "interventions": []}),
+        lambda: check_sae_fits(sae, random_toy_pipe, site="mid_block.attentions.0"),
+        lambda: check_concepts(["a", "b"], [["red"], ["red"]]),
+        lambda: _read_progress(tmp_path / "progress.safetensors", {}),
+        lambda: set_scheduler(random_toy_pipe, "NopeScheduler"),
+    ]
+    for k, call in enumerate(bad):
+        with pytest.raises(UsageError):
+            call()
 
 
 @pytest.mark.parametrize("argv, patch", [

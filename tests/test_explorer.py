@@ -16,7 +16,7 @@ pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from steering.explorer.recipe import read_recipe, run_recipe  # noqa: E402
+from steering.recipe import Recipe, run_recipe  # noqa: E402
 from steering.explorer.server import make_app  # noqa: E402
 from steering.explorer.session import Explorer  # noqa: E402
 
@@ -122,6 +122,7 @@ def test_grid__layers_in_forward_order_heads_inside(explorer, client):
 @pytest.mark.parametrize("edit", [
     {"op": "scale", "factor": -2.0, "heads": [0, 1, 17, 40], "patches": list(range(0, 96))},
     {"op": "scale", "factor": 3.0, "heads": [2], "all_patches": True, "when": {"steps": [1, 2]}, "tokens": [2, 3]},
+    {"op": "scale", "factor": 3.0, "heads": [2, 45], "all_patches": True, "when": {"tau": [0.5, 1.0]}, "branch": "cond"},
     {"op": "swap", "prompt": OTHER, "heads": list(range(52)), "patches": list(range(128, 256)), "when": "early"},
 ])
 def test_edit__recipe_reproduces_the_shown_image_bit_for_bit(explorer, client, gen, edit, tmp_path):
@@ -132,10 +133,12 @@ def test_edit__recipe_reproduces_the_shown_image_bit_for_bit(explorer, client, g
     assert out["max_diff"] > 0 and not np.array_equal(shown, decode(gen["image"]))
     path = tmp_path / "recipe.yaml"
     path.write_text(client.get("/api/recipe", params={"gen": gen["gen"], "edit": out["edit"]}).text)
-    recipe = read_recipe(path)
-    assert list(recipe) == ["model", "prompts", "seeds", "steps", "guidance", "interventions"]
-    assert recipe["prompts"] == [PROMPT] and recipe["seeds"] == [3] and recipe["steps"] == 3
-    image = np.asarray(run_recipe(path, pipe=explorer.pipe)[0].convert("RGB"))
+    import yaml
+
+    assert list(yaml.safe_load(path.read_text())) == ["model", "prompts", "seeds", "steps", "guidance", "interventions"]
+    recipe = Recipe.load(path)
+    assert recipe.prompts == [PROMPT] and recipe.seeds == [3] and recipe.steps == 3
+    image = np.asarray(run_recipe(path, pipe=explorer.pipe, before=False)[1][0].convert("RGB"))
     assert np.array_equal(image, shown)
 
 
@@ -157,7 +160,7 @@ def test_edit__selection_is_restricted_to_the_selected_patches_at_every_grid(exp
     (("get", "/api/head", {"head": 52}), "head 52 out of range"),
     (("post", "/api/edit", {"heads": [0], "patches": []}), "no patches selected"),
     (("post", "/api/edit", {"heads": [], "patches": [3]}), "no heads selected"),
-    (("post", "/api/edit", {"heads": [0], "patches": [3], "when": {"steps": [2, 9]}}), "step range 2..9 out of range"),
+    (("post", "/api/edit", {"heads": [0], "patches": [3], "when": {"steps": [2, 9]}}), "step(s) [9] out of range for a schedule of 3 steps"),
     (("post", "/api/edit", {"heads": [0], "patches": [3], "op": "paint"}), "unknown edit 'paint'"),
     (("post", "/api/edit", {"heads": [0], "patches": [3], "colour": 1}), "unknown edit field(s) ['colour']"),
     (("post", "/api/edit", {"op": "sae", "patches": [3]}), "no SAE loaded"),
@@ -253,7 +256,7 @@ def test_sae_feature_edit__recipe_reproduces_the_image(random_toy_pipe, sae_clie
     assert out["max_diff"] > 0 and "feature_edit" in out["recipe"]
     import yaml
 
-    image = np.asarray(run_recipe(yaml.safe_load(out["recipe"]), pipe=random_toy_pipe)[0].convert("RGB"))
+    image = np.asarray(run_recipe(yaml.safe_load(out["recipe"]), pipe=random_toy_pipe, before=False)[1][0].convert("RGB"))
     assert np.array_equal(image, decode(out["image"]))
     feats = client.get("/api/features", params={"gen": g["gen"], "step": 1, "y": 0.2, "x": 0.2}).json()
     assert feats["grid"] == [16, 16] and 0 < len(feats["features"]) <= 4  # TopK k=4
@@ -264,8 +267,8 @@ def test_sae_feature_edit__recipe_reproduces_the_image(random_toy_pipe, sae_clie
 @pytest.mark.parametrize("edit, message", [
     ({"feature": 64}, "feature 64 out of range for this SAE with 64 latents (valid: 0..63)"),
     ({"feature": -1}, "feature -1 out of range"),
-    ({"feature": "seven"}, "invalid literal for int()"),
-    ({"feature": None}, "int() argument must be"),
+    ({"feature": "seven"}, "feature must be an integer, got 'seven'"),
+    ({"feature": None}, "feature must be an integer, got None"),
     ({"feature": 3, "mode": "paint"}, "unknown SAE edit mode 'paint'; valid modes: inject, scale, ablate"),
     ({"feature": 3, "site": "mid_block.attentions.9"}, "unknown edit field(s) ['site']"),  # the SAE fixes the site
 ])
@@ -278,8 +281,8 @@ def test_sae_feature_edit__bad_feature_or_site_is_a_message_and_the_server_keeps
 
 
 @pytest.mark.parametrize("sae_kw, message", [
-    ({"model": "sd-1.5"}, "this SAE was trained on model 'sd-1.5', not 'toy'; start the explorer with --model sd-1.5"),
-    ({"site": "mid_block.attentions.7"}, "this SAE's site 'mid_block.attentions.7' is not a site of model 'toy'; "
+    ({"model": "sd-1.5"}, "was trained on model 'sd-1.5', not 'toy'; use model 'sd-1.5' or an SAE trained on 'toy'"),
+    ({"site": "mid_block.attentions.7"}, "this SAE's site 'mid_block.attentions.7' is not a block site of model 'toy'; "
                                          "valid sites: down_blocks.0.attentions.0, "),
     ({"d": 64}, f"this SAE takes width 64 but site '{SAE_SITE}' of model 'toy' has width 32; sites of width 64: "),
 ])
@@ -289,9 +292,9 @@ def test_sae_that_does_not_fit_the_model__refused_naming_the_value_and_valid_cho
     with pytest.raises(ValueError) as err:
         Explorer(random_toy_pipe, model="toy", sae=make_sae(tmp_path / "sae", **sae_kw))
     assert message in str(err.value)
-    if "d" in sae_kw:  # the valid choices are exactly the sites of the SAE's width
+    if "d" in sae_kw:  # the valid choices are exactly the sites of the SAE's width and stage (block)
         fits = str(err.value).split("sites of width 64: ")[1].split(", ")
-        assert sorted(fits) == sorted(s.name for s in list_sites(random_toy_pipe.unet) if s.width == 64)
+        assert sorted(fits) == sorted(s.name for s in list_sites(random_toy_pipe.unet) if s.width == 64 and s.kind == "block")
 
 
 @pytest.mark.parametrize("sae_kw, named", [
@@ -418,3 +421,97 @@ def test_recipe__diffatlas_steer_reproduces_the_page_image_bit_for_bit(explorer,
     steer_cli.steer_recipe(cfg, pipe=explorer.pipe)
     after = np.asarray(Image.open(tmp_path / "steer" / "after" / "0000.png").convert("RGB"))
     assert np.array_equal(after, decode(out["image"]))
+
+
+# ---- hostile requests: a 400 with one JSON line, within stated limits ----------------------
+
+@pytest.mark.parametrize("body, message", [
+    ('{"prompt": "a red circle", "seed": 0, "steps": 2, "guidance": NaN}', "guidance must be a finite number in 0..1e+06, got nan"),
+    ('{"prompt": "a red circle", "seed": 0, "steps": 2, "guidance": Infinity}', "guidance must be a finite number"),
+    ('{"prompt": "a red circle", "seed": NaN, "steps": 2}', "seed must be an integer"),
+    ('{"prompt": "a red circle", "seed": 0, "steps": 1000}', "steps must be an integer in 1..100, got 1000"),
+    ('{"prompt": "a red circle", "seed": 2.5, "steps": 2}', "seed must be an integer"),
+    ('{"prompt": 7, "seed": 0, "steps": 2}', "the prompt must be a text, got 7"),
+])
+def test_generate__non_finite_or_out_of_limit_numbers_are_a_400_json_line(client, body, message):
+    r = client.post("/api/generate", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+
+
+def test_info__states_the_request_limits_the_page_shows(client):
+    assert client.get("/api/info").json()["limits"]["steps"] == 100
+    assert 'id="steps-limit"' in client.get("/").text
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"heads": "36", "patches": [3]}, "heads must be a list of integers, got '36'"),
+    ({"heads": [0], "patches": [3], "factor": "-2"}, "factor must be a finite number in -1e+06..1e+06, got '-2'"),
+    ({"heads": [0], "patches": [3], "factor": 1e300}, "factor must be a finite number in -1e+06..1e+06, got 1e+300"),
+    ({"heads": [0], "patches": [3], "when": {"tau": [0.0, 0.1]}}, "selects no step of this 3-step run"),
+    ({"heads": [0], "patches": [3], "branch": "neither"}, "unknown branch 'neither'; valid choices: cond, uncond, both"),
+])
+def test_edit__bad_heads_numbers_and_gates_are_a_400_json_line(client, gen, edit, message):
+    r = client.post("/api/edit", json={"gen": gen["gen"], **edit})
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize("body, message", [
+    ('"value": NaN', "value must be a finite number"),
+    ('"value": 1e308', "value must be a finite number in -1e+06..1e+06, got 1e+308"),
+])
+def test_sae_feature_edit__nan_or_huge_value_is_a_400_json_line(sae_client, body, message):
+    client, g = sae_client
+    text = f'{{"gen": "{g["gen"]}", "op": "sae", "feature": 3, "mode": "inject", "patches": [0], {body}}}'
+    r = client.post("/api/edit", content=text, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize("placement, message", [
+    ({"model": "toy", "model_revision": "deadbeef"}, "was trained on model 'toy' (weights deadbeef)"),
+    ({"model": "toy", "nan": True}, "has non-finite weights (NaN or inf)"),
+])
+def test_cli__explore_with_an_sae_of_other_weights_is_refused_at_start(tmp_path, capsys, monkeypatch, random_toy_pipe,
+                                                                       placement, message):
+    from diffatlas.cli import main
+    from sae.config import Placement, SparseCoderConfig
+    from sae.registry import get_architecture
+
+    sae = get_architecture("topk")(SparseCoderConfig(num_latents=64, k=4), 32)
+    sae.placement = Placement(site=SAE_SITE, stage="block", model=placement["model"], model_revision=placement.get("model_revision"))
+    if placement.get("nan"):
+        with torch.no_grad():
+            sae.b_dec[0] = float("nan")
+    sae.save_pretrained(tmp_path / "sae")
+    monkeypatch.setattr("activations.pipeline.load_pipeline", lambda *a, **k: random_toy_pipe)
+    monkeypatch.setattr("uvicorn.Server.run", lambda *a, **k: pytest.fail("the server started"))
+    assert main(["explore", "--sae", str(tmp_path / "sae"), "--port", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("diffatlas explore: error: this SAE") and message in captured.err, captured.err
+    assert "http://" not in captured.out
+
+
+def test_cli__explore_on_a_port_in_use_is_one_line_before_the_url(capsys, monkeypatch, random_toy_pipe):
+    import socket
+
+    from diffatlas.cli import main
+
+    monkeypatch.setattr("activations.pipeline.load_pipeline", lambda *a, **k: random_toy_pipe)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["explore", "--port", str(port)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"diffatlas explore: error: cannot listen on 127.0.0.1:{port}: Address already in use")
+    assert "\n" not in captured.err.strip() and "http://" not in captured.out
+
+
+def test_cli__explore_on_port_0_prints_the_port_it_listens_on(capsys, monkeypatch, random_toy_pipe):
+    from diffatlas.cli import main
+
+    served = {}
+    monkeypatch.setattr("activations.pipeline.load_pipeline", lambda *a, **k: random_toy_pipe)
+    monkeypatch.setattr("uvicorn.Server.run", lambda self, sockets=None: served.setdefault("port", sockets[0].getsockname()[1]))
+    assert main(["explore", "--port", "0"]) == 0
+    out = capsys.readouterr().out
+    assert served["port"] > 0 and f"http://127.0.0.1:{served['port']}/" in out and ":0/" not in out

@@ -224,3 +224,16 @@ def test_browser__features_show_their_analysis_labels_and_a_bad_feature_edit_is_
     assert not page.is_visible("#error")
     assert all("status of 400" in e for e in errors), errors
     page.close()
+
+
+def test_browser__a_step_range_is_sent_as_every_step_and_the_steps_limit_is_shown(server, browser):
+    url, explorer = server
+    page, errors = open_page(browser, url)
+    assert page.inner_text("#steps-limit") == "(1-100)" and page.get_attribute("#steps", "max") == "100"
+    generate(page, steps=3)
+    page.select_option("#when", "range")
+    page.fill("#from", "1")
+    page.fill("#to", "2")
+    assert page.evaluate("editSpec().when") == {"steps": [1, 2]}  # an activations.timesteps gate: the steps listed
+    assert errors == []
+    page.close()

@@ -185,6 +185,26 @@ def test_resume_refuses_another_config(tmp_path, concepts_file):
         build_hrv(tiny_config(tmp_path, concepts_file, steps=4), pipe)
 
 
+def test_refused_resume__leaves_the_folders_hrv_config_as_it_was(tmp_path, concepts_file):
+    pipe = build_tiny_pipeline("sd1")
+    build_hrv(tiny_config(tmp_path, concepts_file), pipe, max_batches=1)
+    written = (tmp_path / "hrv" / "hrv_config.yaml").read_text()
+    with pytest.raises(ValueError, match="another config.*steps"):
+        build_hrv(tiny_config(tmp_path, concepts_file, steps=4), pipe)
+    assert (tmp_path / "hrv" / "hrv_config.yaml").read_text() == written
+
+
+@pytest.mark.parametrize("edited", [TINY_CONCEPTS.replace("sky", "tree"),  # as many concepts, another word
+                                    TINY_CONCEPTS + "  shape: [circle, square]\n"])
+def test_resume__after_the_concept_file_was_edited_is_refused(tmp_path, concepts_file, edited):
+    pipe = build_tiny_pipeline("sd1")
+    cfg = tiny_config(tmp_path, concepts_file)
+    assert build_hrv(cfg, pipe, max_batches=1) is None  # killed after the first batch
+    concepts_file.write_text(edited)
+    with pytest.raises(ValueError, match="another config.*concept_words"):
+        build_hrv(cfg, pipe)
+
+
 def test_save_load_round_trip_and_window(tmp_path, concepts_file):
     pipe = build_tiny_pipeline("sd1")
     hrv = build_hrv(tiny_config(tmp_path, concepts_file, steps=4), pipe)
@@ -231,6 +251,8 @@ def test_word_without_semantic_token_is_refused_naming_it(tmp_path):
     ("concepts:\n  color: [red]\n  color: [blue]\n", r"duplicate concept name\(s\) \['color'\]"),
     ("concepts:\n  color: [red, blue]\n", "at least 2 concepts"),
     ("colors: [red]\n", "expected a mapping 'concepts:"),
+    ("concepts:\n  color: [red, orange]\n  fruit: [apple, orange]\n",
+     "word 'orange' is listed under concepts 'color' and 'fruit'"),
 ])
 def test_bad_concept_lists_give_one_clear_error(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,6 +177,18 @@ def test_window_bounds_and_inclusive_top():
     assert Steps([2]).select([999, 800, 600, 400], 1000) == [2]
     with pytest.raises(ValueError, match="out of range"):
         Steps([7]).select([999, 800], 1000)
+
+
+@pytest.mark.parametrize("num_train_timesteps", [1000, 999, 1100])
+def test_a_stored_float32_tau_falls_in_the_window_of_its_t(num_train_timesteps):
+    # rows on disk carry tau as float32; the one rule on tau must put each in its t's window
+    t = np.arange(num_train_timesteps + 1)
+    tau32 = torch.from_numpy((t / num_train_timesteps).astype(np.float32))
+    for name in ("early", "middle", "late"):
+        by_t = Window(name).mask(t, t, num_train_timesteps)
+        assert np.array_equal(Window(name).holds(tau32).numpy(), by_t)
+        assert np.array_equal(Window(name).holds(tau32.numpy()), by_t)
+    assert Window("early").holds(1.0) and not Window("middle").holds(0.6) and Window("late").holds(0.0)
 
 
 # -- masks ---------------------------------------------------------------------------------------

@@ -148,3 +148,11 @@ def test_generate_cli__rerun_into_the_same_folder_keeps_one_record_per_file(tmp_
     files = [r["file"] for r in rows]
     assert sorted(files) == sorted(set(files)) == sorted(p.name for p in tmp_path.glob("*.png"))
     assert {r["file"]: r["seed"] for r in rows}["0000_seed1.png"] == 1
+
+
+def test_model_identity__fingerprint_and_scheduler_live_beside_load_pipeline(random_toy_pipe):
+    from activations.pipeline import model_fingerprint, set_scheduler
+
+    assert len(model_fingerprint(random_toy_pipe.unet)) == 16
+    with pytest.raises(ValueError, match="unknown scheduler 'Nope'; valid schedulers: .*DDIMScheduler"):
+        set_scheduler(random_toy_pipe, "Nope")

@@ -33,11 +33,17 @@ class Colours(plugins.PromptSourcePlugin):
 
 @pytest.fixture(scope="module")
 def registered():
+    """A tiny model and a prompt source registered for this module only: other tests (e.g. an
+    unknown model's message, which lists the registered names) must not see them."""
     tiny = build_tiny_pipeline("sd1")
-    plugins.register_prompt_source("test-colours", Colours)
-    plugins.register_model("test-tiny", plugins.ModelPlugin(load=lambda device=None, dtype=None: tiny,
-                                                            check_prompt=lambda text: text))
-    return tiny
+    with pytest.MonkeyPatch.context() as mp:
+        for group in (plugins.MODELS, plugins.PROMPT_SOURCES):
+            plugins.names(group)  # the entry points load into the registry that is restored afterwards
+            mp.setitem(plugins._registry, group, dict(plugins._registry[group]))
+        plugins.register_prompt_source("test-colours", Colours)
+        plugins.register_model("test-tiny", plugins.ModelPlugin(load=lambda device=None, dtype=None: tiny,
+                                                                check_prompt=lambda text: text))
+        yield tiny
 
 
 def test_toy_world__registered_through_entry_points():
@@ -61,3 +67,28 @@ def test_a_users_model_and_prompt_source__harvest_by_name(registered, tmp_path):
 def test_unknown_prompt_source__names_the_registered_ones():
     with pytest.raises(ValueError, match="valid: file, dataset, list, .*toyworld"):
         PromptSet(PromptSource(kind="toyworlds", num_prompts=2))
+
+
+def test_toy_world__its_ground_truth_comes_through_the_model_plugin(registered):
+    # analysis and steering ask world_truth(model) and never import toyworld (tests/test_layers.py)
+    from toyworld.plugin_truth import ToyTruth
+
+    truth = plugins.world_truth("toy")
+    assert isinstance(truth, ToyTruth)
+    assert ("color", "red") in truth.concept_values()
+    text, scene = truth.scorer().prompts("color", 1, seed=0)[0]
+    assert truth.object_coverage(text, 8).shape == (8, 8) and truth.object_coverage(text, 8).max() == 1.0
+    assert len(scene.objects) == 1 and truth.scorer().score("color", [], []) == []
+    with pytest.raises(ValueError, match="model 'test-tiny' has no ground truth.*models with one: toy"):
+        plugins.world_truth("test-tiny")
+
+
+def test_hrv_prompts_outside_the_toy_vocabulary_are_refused_through_the_plugin(tmp_path):
+    # analysis.construct checks a model's prompts through its plugin (no toyworld import), before loading it
+    from analysis.config import HRVConfig
+    from analysis.construct import build_hrv
+
+    cfg = HRVConfig(model="toy", concepts="toy", prompts=PromptSource(kind="list", texts=["a red circle", "a purple unicorn"]),
+                    out=str(tmp_path / "hrv"), progress=False, wandb=False)
+    with pytest.raises(ValueError, match="unicorn"):
+        build_hrv(cfg, pipe=object())  # never reached: the check comes first

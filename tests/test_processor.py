@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from activations.hooks import RunState, attach, edit_heads, observe_heads
+from activations.hooks import RunState, attach, intervene
 from activations.models import build_tiny_pipeline, build_tiny_unet
 from activations.edits import Observe
 from activations.processor import AddVector, HeadEdit, HeadProcessor, Observer, SwapKV
@@ -223,7 +223,7 @@ def test_original_processors_return_after_an_exception():
     def boom(call):
         raise RuntimeError("observer failed")
 
-    with pytest.raises(RuntimeError, match="observer failed"), observe_heads(pipe, name, boom):
+    with pytest.raises(RuntimeError, match="observer failed"), intervene(pipe, Observe(site=name, stage="heads", fn=boom)):
         pipe(["a red cat"], num_inference_steps=2, output_type="latent")
     assert {n: type(p) for n, p in pipe.unet.attn_processors.items()} == before
     assert not hasattr(pipe.unet, "_diffatlas_tap")
@@ -239,9 +239,10 @@ def test_nested_attach_shares_one_tap_and_restores_once():
     assert not isinstance(unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2").processor, HeadProcessor)
 
 
-def test_edit_heads_on_a_block_site_is_a_clear_error():
+def test_a_head_edit_on_a_block_site_is_a_clear_error():
     unet = build_tiny_unet("sd1")
-    with pytest.raises(KeyError, match="block site"), edit_heads(unet, "mid_block.attentions.0", HeadEdit(stage="heads", scale=0.0)):
+    with pytest.raises(KeyError, match="block site"), intervene(unet, HeadEdit(site="mid_block.attentions.0", stage="heads", scale=0.0)):
         pass
-    with pytest.raises(KeyError, match="Closest matches"), edit_heads(unet, "mid_block.attentions.0.transformer_blocks.0.atn2", HeadEdit(stage="heads", scale=0.0)):
+    with pytest.raises(KeyError, match="Closest matches"), \
+            intervene(unet, HeadEdit(site="mid_block.attentions.0.transformer_blocks.0.atn2", stage="heads", scale=0.0)):
         pass

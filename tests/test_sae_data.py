@@ -107,3 +107,21 @@ def test_bad_input__invalid_options_name_the_valid_choices(tmp_path):
     with pytest.raises(ValueError, match="unknown timestep window 'dawn'"):
         write_sparse_store(tmp_path / "s", n=64, d=8)
         ActivationDataModule(str(tmp_path / "s"), window="dawn").setup()
+
+
+def test_windows_and_branches_have_one_home_in_activations_timesteps(tmp_path, monkeypatch):
+    import activations.timesteps as timesteps
+    from sae.metrics import FVUAccumulator
+
+    # the branch names and their order are the store's (activations.timesteps.BRANCHES)
+    with pytest.raises(ValueError, match=r"valid branches: uncond, cond, or null"):
+        ActivationDataModule("x", branch="both")
+    # the window table in messages and the per-window FVU follow activations.timesteps.WINDOWS
+    monkeypatch.setitem(timesteps.WINDOWS, "late", (0.0, 0.3))
+    write_sparse_store(tmp_path / "s", n=256, d=8, timesteps=(999,))
+    with pytest.raises(ValueError, match=r"valid windows: early \[0.6, 1\], middle \[0.2, 0.6\), late \[0, 0.3\)"):
+        ActivationDataModule(str(tmp_path / "s"), window="late").setup()
+    acc = FVUAccumulator(2)
+    x = torch.randn(4, 2)
+    acc.update(x, x, torch.tensor([0.25, 0.25, 0.1, 0.7]))
+    assert acc.count[acc.groups.index("late")] == 3

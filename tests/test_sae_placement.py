@@ -22,10 +22,12 @@ BLOCK = "mid_block.attentions.0"
 OTHER = "down_blocks.1.attentions.0"
 
 
-def make(d=32, m=64, k=4, site=BLOCK, window=None):
+def make(d=32, m=64, k=4, site=BLOCK, window=None, revision=None):
+    # revision None: no recorded weights fingerprint, so the SAE fits the test's tiny pipeline
+    # (a recorded one is checked against the U-Net's: sae.splice.check_sae_fits)
     torch.manual_seed(0)
     sae = get_architecture("topk")(SparseCoderConfig(num_latents=m, k=k), d)
-    sae.placement = Placement(site=site, window=window, branch="cond", model="tiny-sd1", model_revision="abc")
+    sae.placement = Placement(site=site, window=window, branch="cond", model="tiny-sd1", model_revision=revision)
     return sae
 
 
@@ -41,7 +43,7 @@ def latents_of(pipe, *interventions):
 
 
 def test_placement__saved_in_cfg_json_and_restored(tmp_path):
-    make(window={"tau": [0.6, 1.0]}).save_pretrained(tmp_path / "a")
+    make(window={"tau": [0.6, 1.0]}, revision="abc").save_pretrained(tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "cfg.json").read_text())
     assert cfg["site"] == BLOCK and cfg["window"] == {"tau": [0.6, 1.0]} and cfg["d_in"] == 32
     loaded = SAE.from_pretrained(tmp_path / "a")
@@ -114,6 +116,17 @@ def test_splice__written_to_a_recipe_loads_the_same_sae(pipe, tmp_path):
     splice = SAE.from_pretrained(tmp_path / "sae").splice(error_term=False, when="early")
     (back,) = load_interventions(save_interventions(tmp_path / "r.yaml", [splice]))
     assert torch.equal(latents_of(pipe, back), latents_of(pipe, splice))
+
+
+def test_splice__when_defaults_to_the_saes_window_and_an_explicit_one_wins(tmp_path):
+    from activations.timesteps import All, Window
+
+    sae = make(window={"tau": [0.6, 1.0]})
+    assert sae.splice().when == Window.tau(0.6, 1.0) and sae.splice(when="all").when == All()
+    sae.save_pretrained(tmp_path / "sae")
+    splices = [SAE.from_pretrained(tmp_path / "sae").splice(), SAE.from_pretrained(tmp_path / "sae").splice(when="late")]
+    back = load_interventions(save_interventions(tmp_path / "r.yaml", splices))
+    assert [b.when for b in back] == [Window.tau(0.6, 1.0), Window("late")]
 
 
 def test_evaluate__scores_interventions_against_the_clean_unet(pipe):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from activations.hooks import intervene
 from activations.intervention import load_interventions, save_interventions
 from activations.sites import head_table
 from sae.config import Placement, SparseCoderConfig
@@ -27,7 +28,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def sae_folder(tmp_path_factory, pipe):
-    from activations.harvest import model_fingerprint
+    from activations.pipeline import model_fingerprint
 
     torch.manual_seed(0)
     sae = get_architecture("topk")(SparseCoderConfig(num_latents=32, k=4), 64)
@@ -148,6 +149,50 @@ def test_steer__composes_and_restores_processors_after_an_exception(pipe, sae_fo
     assert dict(pipe.unet.attn_processors) == before
 
 
+def _unet_calls(pipe) -> list:
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("token", [2, "red"])
+def test_intervene_and_steer__take_an_hrv_edit_alike(pipe, hrv_folder, token):
+    # one resolution step behind both: intervene expands the HRV edit exactly as steer does
+    iv = HRVEdit(hrv=str(hrv_folder), concept="color", token=token)
+    prompts = ["a red circle"]
+    gens = [torch.Generator().manual_seed(0)]
+    with intervene(pipe, iv, prompts=prompts):
+        by_intervene = pipe(prompts, num_inference_steps=3, guidance_scale=4.0, generator=gens, output_type="latent").images
+    assert torch.equal(by_intervene, latents(pipe, iv, prompts=prompts))
+    assert not torch.equal(by_intervene, latents(pipe, prompts=prompts))
+
+
+def test_intervene_and_steer__refuse_alike_before_any_image(pipe, hrv_folder, sae_folder, tmp_path):
+    from analysis.hrv import HRV
+
+    full = HRV.load(hrv_folder)
+    other = HRV(concepts=full.concepts, votes=full.votes[..., :10], head_table=full.head_table[:10], step_t=full.step_t,
+                meta={"model": "other"}).save(tmp_path / "other_hrv")
+    narrow = get_architecture("topk")(SparseCoderConfig(num_latents=8, k=2), 32)
+    narrow.placement = Placement(site=SITE)
+    cases = [(HRVEdit(hrv=str(other), concept="color", token=2), PROMPTS, "HRV built for 10 heads"),
+             (HRVEdit(hrv=str(hrv_folder), concept="color", token="red"), None, "token 'red' is a word: give the prompts"),
+             (FeatureEdit(sae=narrow.save_pretrained(tmp_path / "narrow"), features=[0]), PROMPTS, "takes width 32"),
+             ("not an edit", PROMPTS, "Intervention objects")]
+    calls, handle = _unet_calls(pipe)
+    try:
+        for iv, prompts, message in cases:
+            for attach in (intervene, steer):
+                with pytest.raises((ValueError, TypeError), match=message), attach(pipe, iv, prompts=prompts):
+                    pipe(PROMPTS, num_inference_steps=2, output_type="latent")
+        # a composite needs the pipeline's tokenizer: the bare U-Net is refused by name
+        with pytest.raises(ValueError, match="HRVEdit needs the pipeline"), intervene(pipe.unet, cases[1][0], prompts=PROMPTS):
+            pass
+    finally:
+        handle.remove()
+    assert calls == []  # every refusal came before the first U-Net call
+
+
 # -- bad input ------------------------------------------------------------------------------
 
 
@@ -167,6 +212,35 @@ def test_bad_input__sae_of_another_site_width_or_model(pipe, sae_folder, tmp_pat
     other.placement = Placement(site=SITE, model="sd1", model_revision="deadbeef")
     with pytest.raises(ValueError, match="trained on model 'sd1' \\(weights deadbeef\\)"):
         latents(pipe, FeatureEdit(sae=other.save_pretrained(tmp_path / "other"), features=[0]))
+
+
+def test_bad_input__steer_refuses_an_sae_of_another_model_before_drawing_or_writing(pipe, tmp_path, monkeypatch):
+    import activations.generate
+    from steering.cli import SteerConfig, steer_recipe
+    from steering.recipe import Recipe
+
+    other = get_architecture("topk")(SparseCoderConfig(num_latents=8, k=2), 64)
+    other.placement = Placement(site=SITE, model="sd1", model_revision="deadbeef")
+    recipe = Recipe(model="toy", prompts=["a red circle"],
+                    interventions=[FeatureEdit(sae=other.save_pretrained(tmp_path / "other"), features=[0])])
+    drawn = []
+    monkeypatch.setattr(activations.generate, "sample", lambda *a, **k: drawn.append(a))
+    cfg = SteerConfig(recipe=str(recipe.save(tmp_path / "r.yaml")), out=str(tmp_path / "out"), wandb=False)
+    with pytest.raises(ValueError, match="trained on model 'sd1' \\(weights deadbeef\\)"):
+        steer_recipe(cfg, pipe)
+    assert not drawn and not (tmp_path / "out").exists()
+
+
+def test_feature_edit__when_defaults_to_the_saes_window_and_an_explicit_one_wins(pipe, tmp_path):
+    from activations.timesteps import All, Window
+
+    sae = get_architecture("topk")(SparseCoderConfig(num_latents=8, k=2), 64)
+    sae.placement = Placement(site=SITE, window="early")
+    folder = sae.save_pretrained(tmp_path / "early")
+    default, everywhere = FeatureEdit(sae=folder, features=[0]), FeatureEdit(sae=folder, features=[0], when="all")
+    assert default.when == Window("early") and everywhere.when == All()
+    back = load_interventions(save_interventions(tmp_path / "r.yaml", [default, everywhere]))
+    assert [b.when for b in back] == [Window("early"), All()]
 
 
 @pytest.mark.parametrize("when", [{"tau": [0.5, 1.5]}, {"tau": [0.8, 0.2]}])

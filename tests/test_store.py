@@ -382,3 +382,16 @@ def test_store_record_is_written_once_and_checked_after(tmp_path):
     with pytest.raises(ConfigMismatchError, match=r"seed: 0 -> 5.*numerics.threads: 1 -> 2"):
         check_store_record(tmp_path, store_record({"seed": 5, "sites": ["a"]}, "rev", {"threads": 2}))
     assert (tmp_path / "harvest.yaml").read_text() == "seed: 0\n"
+
+
+def test_store_record__read_through_the_store_and_empty_without_one(synthetic):
+    from activations.store import store_record
+
+    root = synthetic[0]
+    assert ActivationStore(root).record() == {}  # a synthetic store has no harvest config
+    record = store_record({"seed": 0, "sites": [SITE]}, "rev", {"threads": 1})
+    (root / "store.json").write_text(json.dumps(record))
+    assert ActivationStore(root).record() == record
+    (root / "store.json").write_text("{")
+    with pytest.raises(StoreError, match="store.json is not valid JSON"):
+        ActivationStore(root).record()

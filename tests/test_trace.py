@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from activations.hooks import capture_block, edit_block
+from activations.edits import Apply, Observe
+from activations.hooks import intervene
 from activations.models import build_tiny_pipeline
 from activations.trace import trace
 
@@ -91,24 +92,26 @@ def test_unknown_site_in_trace_suggests_the_closest(pipe):
         pass
 
 
-def test_edit_block_sets_output_to_input_plus_fn_of_delta(pipe):
+def test_a_block_apply_sets_output_to_input_plus_fn_of_delta(pipe):
     unet = pipe.unet
     torch.manual_seed(0)
     sample, ehs = torch.randn(1, 4, 8, 8), torch.randn(1, 16, 32)
     with torch.no_grad():
         ref = unet(sample, 500, ehs).sample
-        with edit_block(unet, BLOCK, lambda d: d):
+        with intervene(unet, Apply(site=BLOCK, stage="block", fn=lambda d: d)):
             same = unet(sample, 500, ehs).sample
-        with capture_block(unet, BLOCK) as cap, edit_block(unet, BLOCK, lambda d: 0 * d):
+        seen = []
+        with intervene(unet, Observe(site=BLOCK, stage="block", fn=lambda call: seen.append(call.delta.clone())),
+                       Apply(site=BLOCK, stage="block", fn=lambda d: 0 * d)):
             zeroed = unet(sample, 500, ehs).sample
     torch.testing.assert_close(same, ref, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(zeroed, ref, atol=1e-3)
-    assert cap.records[0][2].abs().max() == 0  # observers see the edited Δ
-    assert cap.records[0][2].shape == (1, 16, 32)
+    assert seen[0].abs().max() == 0  # observers see the edited Δ
+    assert seen[0].shape == (1, 16, 32)
 
 
-def test_edit_block_on_one_branch_only(pipe):
-    with trace(pipe, sites=BLOCK, branch="both") as tr, edit_block(pipe, BLOCK, lambda d: 0 * d, branch="uncond"):
+def test_a_block_apply_on_one_branch_only(pipe):
+    with trace(pipe, sites=BLOCK, branch="both") as tr, intervene(pipe, Apply(site=BLOCK, stage="block", fn=lambda d: 0 * d, branch="uncond")):
         generate(pipe, ["a cat"], steps=2)
     assert tr.block(BLOCK, branch="uncond").abs().max() == 0
     assert tr.block(BLOCK, branch="cond").abs().max() > 0

@@ -2,7 +2,8 @@
 
 * model ``toy``: the bundled pipeline in ``toyworld/weights`` (``load_pipeline("toy")``), its
   architecture with random weights (``diffatlas sites toy``), and its closed vocabulary (prompts
-  with other words or impossible scenes are refused before anything runs);
+  with other words or impossible scenes are refused before anything runs), and its ground truth
+  for the analyses (``truth``: the pixel-oracle scorer, patch labels, object coverage);
 * prompt source ``toyworld``: sampled scenes written as prompts, a pure function of (seed, index),
   with each scene's ground truth (attributes and a clean render) saved beside its image.
 """
@@ -42,7 +43,14 @@ def check_prompt(text: str) -> str:
     return text
 
 
-MODEL = ModelPlugin(load=load, build_unet=build_unet, check_prompt=check_prompt,
+def truth():
+    """The toy world's ground truth for the analyses (``toyworld.plugin_truth``, imported on use)."""
+    from toyworld.plugin_truth import ToyTruth
+
+    return ToyTruth()
+
+
+MODEL = ModelPlugin(load=load, build_unet=build_unet, check_prompt=check_prompt, truth=truth,
                     description="the bundled toy text-to-image model (toyworld/weights)")
 
 

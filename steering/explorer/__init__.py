@@ -4,8 +4,9 @@ with edits (head scaling, prompt swaps, SAE features) that export as recipes.
 * ``Explorer`` (``session``): the model, its head table, generations with their attention maps
   captured once (Observe interventions at stage ``probs``), edits through the Intervention protocol;
 * ``make_app`` (``server``): the FastAPI app serving ``static/explorer.html`` and the JSON API;
-* ``run_recipe`` / ``make_recipe`` (``recipe``): the YAML an edit exports and the function that
-  reproduces its image. SAE feature edits are ``steering.FeatureEdit`` (``via="splice"``).
+* an edit is a ``steering.Recipe`` (its YAML is what the page exports) drawn by
+  ``steering.run_recipe``, the function that reproduces its image from the file too. SAE feature
+  edits are ``steering.FeatureEdit`` (``via="splice"``).
 
 ``diffatlas explore`` runs ``server.main``.
 """
@@ -19,9 +20,8 @@ _EXPORTS = {
     "EditSpec": "steering.explorer.session",
     "make_app": "steering.explorer.server",
     "ExploreConfig": "steering.explorer.server",
-    "make_recipe": "steering.explorer.recipe",
-    "run_recipe": "steering.explorer.recipe",
-    "read_recipe": "steering.explorer.recipe",
+    "Recipe": "steering.recipe",
+    "run_recipe": "steering.recipe",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from dataclasses import dataclass
 from importlib import resources
 
@@ -42,7 +41,7 @@ class ExploreConfig:
     host: str = "127.0.0.1"
     """Address to listen on (127.0.0.1: this machine only)."""
     port: int = 8765
-    """Port to listen on."""
+    """Port to listen on (0: a free one, printed)."""
     device: str | None = None
     """torch device (default: CUDA when available)."""
     keep: int = 8
@@ -76,13 +75,13 @@ def _answers(fn):
 
 def _spec(body: dict) -> EditSpec:
     if not isinstance(body, dict):
-        raise ValueError("the edit must be a JSON object")
+        raise UsageError("the edit must be a JSON object")
     names = {f.name for f in dataclasses.fields(EditSpec)}
     unknown = sorted(set(body) - names)
     if unknown:
-        raise ValueError(f"unknown edit field(s) {unknown}; valid fields: {', '.join(sorted(names))}")
+        raise UsageError(f"unknown edit field(s) {unknown}; valid fields: {', '.join(sorted(names))}")
     if "gen" not in body:
-        raise ValueError("the edit needs 'gen', the generation to edit")
+        raise UsageError("the edit needs 'gen', the generation to edit")
     return EditSpec(**body)
 
 
@@ -124,8 +123,8 @@ def make_app(explorer: Explorer):
     def generate(body: dict = Body(...)):
         unknown = sorted(set(body) - {"prompt", "seed", "steps", "guidance"})
         if unknown:
-            raise ValueError(f"unknown field(s) {unknown}; valid fields: prompt, seed, steps, guidance")
-        gen = explorer.generate(str(body.get("prompt", "")), int(body.get("seed", 0)), body.get("steps"), body.get("guidance"))
+            raise UsageError(f"unknown field(s) {unknown}; valid fields: prompt, seed, steps, guidance")
+        gen = explorer.generate(body.get("prompt", ""), body.get("seed", 0), body.get("steps"), body.get("guidance"))
         return {"gen": gen.id, "image": png_base64(gen.image), "tokens": gen.tokens, "steps": gen.steps,
                 "prompt": gen.prompt, "seed": gen.seed, "guidance": gen.guidance}
 
@@ -192,8 +191,7 @@ def build_explorer(cfg: ExploreConfig) -> Explorer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.config import parse
-    from common.errors import UsageError
+    from common.config import check_counts, parse
 
     try:
         import fastapi  # noqa: F401
@@ -202,11 +200,38 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"the explorer needs FastAPI and uvicorn ({err}); install them with: pip install 'diffatlas[explore]'") from None
 
     cfg = parse(ExploreConfig, argv, "diffatlas explore", __doc__.split("\n\n")[0])
-    if not 0 <= cfg.port <= 65535:
-        raise UsageError(f"--port must be in 0..65535, got {cfg.port}")
-    explorer = build_explorer(cfg)  # bad input raises; the dispatcher prints it as one line
-    app = make_app(explorer)
-    print(f"diffatlas explorer: http://{cfg.host}:{cfg.port}/  (model {cfg.model}; Ctrl-C stops it)", flush=True)
-    sys.stdout.flush()
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    if isinstance(cfg.port, bool) or not 0 <= cfg.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535 (0: a free port), got {cfg.port}")
+    check_counts(cfg, "diffatlas explore", positive=("keep",))
+    sock = listen(cfg.host, cfg.port)  # a port in use is refused before anything loads or is printed
+    try:
+        explorer = build_explorer(cfg)  # bad input raises; the dispatcher prints it as one line
+        app = make_app(explorer)
+        port = sock.getsockname()[1]
+        print(f"diffatlas explorer: http://{cfg.host}:{port}/  (model {cfg.model}; Ctrl-C stops it)", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
+
+
+def listen(host: str, port: int):
+    """A socket bound to (host, port) for uvicorn; a port in use or an address this machine lacks
+    is one line naming it."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise UsageError(f"--host {host!r} is not an address of this machine ({err.strerror})") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own: a port in TIME_WAIT is free
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another with --port "
+                         f"(0: a free one)") from None
+    return sock

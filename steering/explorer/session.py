@@ -8,8 +8,14 @@ Everything here reads or writes the U-Net through the Intervention protocol only
   then slices of that cache, never recomputed (Patch Explorer, Grabe et al. 2025, computes its
   views the same way, from maps recorded during one generation);
 * an edit is a list of interventions (``HeadEdit`` at stage ``probs``, ``SwapKV``,
-  ``FeatureEdit``) built from an ``EditSpec``; it becomes a recipe (``steering.explorer.recipe``)
-  and the edited image is drawn by ``run_recipe`` itself, so the page and the recipe agree bit for bit.
+  ``FeatureEdit``) built from an ``EditSpec``; it becomes a ``steering.Recipe`` and the edited
+  image is drawn by ``steering.run_recipe`` itself (with the recipe's checks: heads, steps inside
+  the run, each kind's own ``check``), so the page, the recipe and ``diffatlas steer`` agree bit
+  for bit. Step windows and branches are ``activations.timesteps`` gates, heads are grouped by
+  ``activations.sites.heads_by_site``.
+
+Requests have limits that ``/api/info`` states and the page shows (``LIMITS``): a generation holds
+every head's maps of every step in memory, so its steps are capped well below a recipe's.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.errors import UsageError
-from steering.explorer.recipe import make_recipe, recipe_yaml, run_recipe
+from activations.timesteps import parse_branch, parse_when
+from common.errors import UnknownNameError, UsageError
+from steering.recipe import MAX_SEED, Recipe, check_number, run_recipe
 
 OPS = ("scale", "swap", "sae")
 SAE_MODES = {"inject": "add", "scale": "scale", "ablate": "ablate"}  # the page's word -> FeatureEdit's op
@@ -34,8 +41,14 @@ SAE_MODES = {"inject": "add", "scale": "scale", "ablate": "ablate"}  # the page'
 # share uniform attention over its keys would (1 / keys); below that a hovered patch (often the
 # background) names no heads, since the largest of many near-zero values says nothing
 ABOVE_UNIFORM = 2.0
-WINDOWS = ("all", "early", "middle", "late")
-BRANCHES = ("cond", "uncond", "both")
+# one generation of the toy model at 100 steps: about 10 s on one CPU thread and 20-60 MB of maps
+LIMITS = {"steps": 100, "seed": MAX_SEED}
+
+
+def _ints(what: str, values) -> list[int]:
+    if not isinstance(values, (list, tuple)):
+        raise UsageError(f"{what} must be a list of integers, got {values!r}")
+    return [check_number(f"{what} entry", v, integer=True) for v in values]
 
 
 def png_base64(image) -> str:
@@ -98,6 +111,27 @@ class EditSpec:
     value: float = 0.0
     """sae: amount injected or factor"""
 
+    def __post_init__(self):
+        # the JSON body's types, checked before anything uses them ("36" is no list of heads)
+        if not isinstance(self.gen, str):
+            raise UsageError(f"gen must be a generation id such as 'g0', got {self.gen!r}")
+        if self.op not in OPS:
+            raise UsageError(f"unknown edit {self.op!r}; valid edits: {', '.join(OPS)}")
+        self.heads = _ints("heads", self.heads)
+        self.patches = _ints("patches", self.patches)
+        if not isinstance(self.all_patches, bool):
+            raise UsageError(f"all_patches must be true or false, got {self.all_patches!r}")
+        self.when = parse_when(self.when)
+        self.factor = check_number("factor", self.factor)
+        self.tokens = None if self.tokens is None else _ints("tokens", self.tokens)
+        if not isinstance(self.prompt, str):
+            raise UsageError(f"prompt must be a text, got {self.prompt!r}")
+        self.branch = None if self.branch is None else parse_branch(self.branch).name
+        self.feature = check_number("feature", self.feature, integer=True)
+        if self.mode not in SAE_MODES:
+            raise UsageError(f"unknown SAE edit mode {self.mode!r}; valid modes: {', '.join(SAE_MODES)}")
+        self.value = check_number("value", self.value)
+
 
 class Explorer:
     """A loaded model and its recent generations (kept in memory, the oldest dropped first); with an
@@ -142,7 +176,7 @@ class Explorer:
 
     def info(self) -> dict:
         """What the page needs to lay out the grid: sites (columns) with their heads (rows)."""
-        out = {"model": self.model, "select_grid": list(self.select_grid), "defaults": self.defaults(),
+        out = {"model": self.model, "select_grid": list(self.select_grid), "defaults": self.defaults(), "limits": dict(LIMITS),
                "sites": [{"name": s.name, "grid": list(s.resolution), "heads": s.heads, "first_head": s.first_head}
                          for s in self.sites],
                "num_heads": len(self.head_table), "sae": None, "hrv": None}
@@ -157,23 +191,11 @@ class Explorer:
         return out
 
     def check_sae(self, sae) -> None:
-        """Refuse an SAE made for another model or a site this model lacks."""
-        p = sae.placement
-        names = {s.name: s for s in self.sites}
-        from activations.sites import list_sites
+        """Refuse an SAE that does not fit this model (``sae.splice.check_sae_fits``, the check every
+        SAE edit runs): its weights, model, site or width."""
+        from sae.splice import check_sae_fits
 
-        blocks = {s.name: s for s in list_sites(self.pipe.unet) if s.kind == "block"}
-        if p.model and p.model != self.model:
-            raise UsageError(f"this SAE was trained on model {p.model!r}, not {self.model!r}; "
-                             f"start the explorer with --model {p.model} or give an SAE of {self.model!r}")
-        site = names.get(p.site) or blocks.get(p.site)
-        if site is None:
-            raise UsageError(f"this SAE's site {p.site!r} is not a site of model {self.model!r}; "
-                             f"valid sites: {', '.join(list(blocks) + list(names))}")
-        if site.width != sae.d_in:
-            fits = [s.name for s in [*blocks.values(), *names.values()] if s.width == sae.d_in]
-            raise UsageError(f"this SAE takes width {sae.d_in} but site {p.site!r} of model {self.model!r} has width "
-                             f"{site.width}; sites of width {sae.d_in}: {', '.join(fits) or 'none'}")
+        check_sae_fits(sae, self.pipe, model=self.model)
 
     def tokens(self, prompt: str) -> list[str]:
         """The prompt's tokens as the pipeline's tokenizer splits it (start and end tokens included)."""
@@ -182,10 +204,13 @@ class Explorer:
         return [t.replace("</w>", "") for t in tok.convert_ids_to_tokens(ids)]
 
     def check_prompt(self, prompt: str) -> None:
-        from activations.prompts import check_prompts
+        """The check of ``diffatlas generate`` and of recipes: no empty prompt, no unknown word."""
+        from activations.generate import check_prompts
 
-        if not prompt or not prompt.strip():
-            raise ValueError("the prompt is empty; type at least one word")
+        if not isinstance(prompt, str):
+            raise UsageError(f"the prompt must be a text, got {prompt!r}")
+        if not prompt.strip():
+            raise UsageError("the prompt is empty; type at least one word")
         check_prompts(self.model, [prompt])
 
     # -- generation with the head grid captured ---------------------------------------------
@@ -197,14 +222,9 @@ class Explorer:
         from activations.hooks import intervene
 
         d = self.defaults()
-        steps = d["steps"] if steps is None else int(steps)
-        guidance = d["guidance"] if guidance is None else float(guidance)
-        if steps < 1 or steps > 1000:
-            raise ValueError(f"steps must be in 1..1000, got {steps}")
-        if guidance < 0:
-            raise ValueError(f"guidance must be >= 0, got {guidance}")
-        if int(seed) < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+        steps = check_number("steps", d["steps"] if steps is None else steps, integer=True, lo=1, hi=LIMITS["steps"])
+        guidance = check_number("guidance", d["guidance"] if guidance is None else guidance, lo=0)
+        seed = check_number("seed", seed, integer=True, lo=0, hi=LIMITS["seed"])
         self.check_prompt(prompt)
         tokens = self.tokens(prompt)
         n_tok = len(tokens)
@@ -248,22 +268,22 @@ class Explorer:
     def get(self, gen_id: str) -> Generation:
         if gen_id not in self.generations:
             kept = ", ".join(self.generations) or "none"
-            raise KeyError(f"unknown generation {gen_id!r} (generations kept: {kept}); generate an image first")
+            raise UnknownNameError(f"unknown generation {gen_id!r} (generations kept: {kept}); generate an image first")
         return self.generations[gen_id]
 
     # -- views, served from the cache ---------------------------------------------------
     def _check_view(self, gen: Generation, step: int, token: int | None = None) -> None:
         if not gen.maps or next(iter(gen.maps.values())).numel() == 0:
-            raise ValueError(f"generation {gen.id} was drawn without its head maps")
+            raise UsageError(f"generation {gen.id} was drawn without its head maps")
         if not 0 <= int(step) < gen.steps:
-            raise ValueError(f"step {step} out of range; generation {gen.id} has {gen.steps} steps (valid: 0..{gen.steps - 1})")
+            raise UsageError(f"step {step} out of range; generation {gen.id} has {gen.steps} steps (valid: 0..{gen.steps - 1})")
         if token is not None and not 0 <= int(token) < len(gen.tokens):
-            raise ValueError(f"token {token} out of range; the prompt has {len(gen.tokens)} tokens "
+            raise UsageError(f"token {token} out of range; the prompt has {len(gen.tokens)} tokens "
                              f"(valid: 0..{len(gen.tokens) - 1}: {' '.join(gen.tokens)})")
 
     def _head(self, head: int) -> tuple[Any, int]:
         if not 0 <= int(head) < len(self.head_table):
-            raise ValueError(f"head {head} out of range; the model has {len(self.head_table)} heads (valid: 0..{len(self.head_table) - 1})")
+            raise UsageError(f"head {head} out of range; the model has {len(self.head_table)} heads (valid: 0..{len(self.head_table) - 1})")
         name, local = self.head_table[int(head)]
         return next(s for s in self.sites if s.name == name), local
 
@@ -289,7 +309,7 @@ class Explorer:
         if token is None and step is None:
             return {**base, "maps": np.round(m.permute(0, 2, 1).numpy(), 4).tolist()}
         if token is None or step is None:
-            raise ValueError("give both token and step, or neither (all maps of the head)")
+            raise UsageError("give both token and step, or neither (all maps of the head)")
         return {**base, "values": np.round(m[int(step), :, int(token)].numpy(), 4).tolist()}
 
     def patch(self, gen_id: str, step: int, y: float, x: float, token: int | None = None, top: int = 10,
@@ -301,7 +321,7 @@ class Explorer:
         gen = self.get(gen_id)
         self._check_view(gen, step, token)
         if not (0 <= y <= 1 and 0 <= x <= 1):
-            raise ValueError(f"patch position must be fractions in [0, 1], got y={y}, x={x}")
+            raise UsageError(f"patch position must be fractions in [0, 1], got y={y}, x={x}")
         values = []  # [heads, tokens]
         for s in self.sites:
             h, w = s.resolution
@@ -330,13 +350,13 @@ class Explorer:
         its heatmap over the site's patches at that step, the fraction of patches where it fires and,
         with a feature analysis (``labels``), what it says of the feature (``FeatureLabels.of``)."""
         if self.sae is None:
-            raise ValueError("no SAE loaded: start the explorer with --sae DIR to list features")
+            raise UsageError("no SAE loaded: start the explorer with --sae DIR to list features")
         gen = self.get(gen_id)
         self._check_view(gen, step)
         if gen.sae_acts is None:
-            raise ValueError(f"generation {gen.id} was drawn before the SAE was loaded; generate again")
+            raise UsageError(f"generation {gen.id} was drawn before the SAE was loaded; generate again")
         if not (0 <= y <= 1 and 0 <= x <= 1):
-            raise ValueError(f"patch position must be fractions in [0, 1], got y={y}, x={x}")
+            raise UsageError(f"patch position must be fractions in [0, 1], got y={y}, x={x}")
         site = self.sae.placement.site
         h, w = next((s.resolution for s in self.sites if s.name == site or s.block == site), self.select_grid)
         with torch.no_grad():
@@ -369,55 +389,34 @@ class Explorer:
         coarse[(ii * h) // H, (jj * w) // W] = True
         return Patches(np.flatnonzero(coarse), grid=(h, w))
 
-    def _when(self, when) -> Any:
-        if when in (None, "all"):
-            return None
-        if isinstance(when, str):
-            if when not in WINDOWS:
-                raise ValueError(f"unknown step window {when!r}; valid: {', '.join(WINDOWS)} or {{'steps': [first, last]}}")
-            return when
-        if isinstance(when, dict) and set(when) == {"steps"} and len(when["steps"]) == 2:
-            return when
-        raise ValueError(f"step range must be all, early, middle, late or {{'steps': [first, last]}}, got {when!r}")
-
     def interventions(self, spec: EditSpec) -> list:
         """The interventions of one edit (one per attn2 site with chosen heads, or one SAE splice)."""
+        from activations.sites import heads_by_site
+
         gen = self.get(spec.gen)
-        if spec.op not in OPS:
-            raise ValueError(f"unknown edit {spec.op!r}; valid edits: {', '.join(OPS)}")
         H, W = self.select_grid
         if not spec.all_patches:
             if not spec.patches:
-                raise ValueError("no patches selected: drag a box or brush on the image, or choose 'all patches'")
+                raise UsageError("no patches selected: drag a box or brush on the image, or choose 'all patches'")
             bad = [p for p in spec.patches if not 0 <= int(p) < H * W]
             if bad:
-                raise ValueError(f"patch {bad[0]} out of range for the {H}x{W} selection grid (valid: 0..{H * W - 1})")
-        when = self._when(spec.when)
-        if isinstance(when, dict):
-            a, b = (int(v) for v in when["steps"])
-            if not (0 <= a <= b < gen.steps):
-                raise ValueError(f"step range {a}..{b} out of range; valid steps 0..{gen.steps - 1} with first <= last")
-            when = {"steps": list(range(a, b + 1))}
+                raise UsageError(f"patch {bad[0]} out of range for the {H}x{W} selection grid (valid: 0..{H * W - 1})")
+        when = spec.when  # a gate; steps outside this generation's run are refused by the recipe's check
         branch = spec.branch or ("cond" if spec.op == "swap" else "both")
-        if branch not in BRANCHES:
-            raise ValueError(f"unknown branch {branch!r}; valid: {', '.join(BRANCHES)}")
         if spec.op == "sae":
             return [self._sae_edit(spec, when, branch)]
         if not spec.heads:
-            raise ValueError("no heads selected: click heads in the grid (or pick the top heads of an HRV concept)")
-        by_site: dict[str, list[int]] = {}
-        for head in sorted(set(int(h) for h in spec.heads)):
-            site, local = self._head(head)
-            by_site.setdefault(site.name, []).append(local)
+            raise UsageError("no heads selected: click heads in the grid (or pick the top heads of an HRV concept)")
+        by_site = heads_by_site(self.sites, spec.heads)
         grids = {s.name: s.resolution for s in self.sites}
         if spec.op == "scale":
             from activations.edits import HeadEdit
 
-            tokens = list(range(1, len(gen.tokens) - 1)) if spec.tokens is None else [int(t) for t in spec.tokens]
+            tokens = list(range(1, len(gen.tokens) - 1)) if spec.tokens is None else spec.tokens
             for t in tokens:
                 self._check_view(gen, 0, t)
             if not tokens:
-                raise ValueError("no tokens to scale: the prompt has no words")
+                raise UsageError("no tokens to scale: the prompt has no words")
             return [HeadEdit(site=name, stage="probs", heads=locals_, tokens=tokens, scale=float(spec.factor),
                              mask=self._mask_for(spec, grids[name]), when=when, branch=branch)
                     for name, locals_ in by_site.items()]
@@ -430,30 +429,29 @@ class Explorer:
 
     def _sae_edit(self, spec: EditSpec, when, branch):
         if self.sae is None:
-            raise ValueError("no SAE loaded: start the explorer with --sae DIR to edit SAE features")
+            raise UsageError("no SAE loaded: start the explorer with --sae DIR to edit SAE features")
         from steering.features import FeatureEdit
 
         site = self.sae.placement.site
         grid = next((s.resolution for s in self.sites if s.name == site or s.block == site), self.select_grid)
-        if spec.mode not in SAE_MODES:
-            raise ValueError(f"unknown SAE edit mode {spec.mode!r}; valid modes: {', '.join(SAE_MODES)}")
         # through the SAE with its error term, as a recipe's FeatureEdit; the page's inject adds a fixed amount
-        return FeatureEdit(sae=self.sae, features=[int(spec.feature)], op=SAE_MODES[spec.mode], strength=float(spec.value),
+        return FeatureEdit(sae=self.sae, features=[spec.feature], op=SAE_MODES[spec.mode], strength=spec.value,
                            via="splice", mask=self._mask_for(spec, grid), when=when, branch=branch)
 
     def encode(self, prompt: str) -> torch.Tensor:
-        """The prompt's text embeddings [tokens, C] (what the cross-attention reads)."""
-        with torch.no_grad():
-            emb = self.pipe.encode_prompt(prompt, self.pipe.device, 1, False)[0]
-        return emb[0].float().cpu()
+        """The prompt's text embeddings [tokens, C] (what the cross-attention reads), as steering encodes them."""
+        from steering.heads import encode_text
+
+        return encode_text(self.pipe, prompt).float().cpu()
 
     def edit(self, spec: EditSpec) -> dict:
         """Draw the edited image through its recipe: {edit id, image (PNG base64), diff, recipe}."""
         gen = self.get(spec.gen)
         interventions = self.interventions(spec)
-        recipe = make_recipe(self.model, gen.prompt, gen.seed, gen.steps, gen.guidance, interventions)
+        recipe = Recipe(model=self.model, prompts=[gen.prompt], seeds=[gen.seed], steps=gen.steps, guidance=gen.guidance,
+                        interventions=interventions)
         with self._lock:
-            image = np.asarray(run_recipe(recipe, pipe=self.pipe)[0].convert("RGB"))
+            image = np.asarray(run_recipe(recipe, self.pipe, before=False)[1][0].convert("RGB"))
         diff = np.abs(image.astype(np.int16) - gen.image.astype(np.int16))
         # amplified so that small changes show; the max says how large it really is
         shown = np.clip(diff.astype(np.float32) * (255.0 / max(int(diff.max()), 1)), 0, 255).astype(np.uint8)
@@ -461,21 +459,21 @@ class Explorer:
         gen.edits[edit_id] = {"recipe": recipe, "image": image}
         return {"edit": edit_id, "gen": gen.id, "image": png_base64(image), "diff": png_base64(shown),
                 "max_diff": int(diff.max()), "changed_pixels": int((diff.max(-1) > 0).sum()),
-                "recipe": recipe_yaml(recipe)}
+                "recipe": recipe.to_yaml()}
 
     def recipe(self, gen_id: str, edit_id: str) -> str:
         gen = self.get(gen_id)
         if edit_id not in gen.edits:
-            raise KeyError(f"unknown edit {edit_id!r} of generation {gen_id} (edits: {', '.join(gen.edits) or 'none'})")
-        return recipe_yaml(gen.edits[edit_id]["recipe"])
+            raise UnknownNameError(f"unknown edit {edit_id!r} of generation {gen_id} (edits: {', '.join(gen.edits) or 'none'})")
+        return gen.edits[edit_id]["recipe"].to_yaml()
 
     def hrv_top(self, concept: str, n: int) -> list[int]:
         """The global heads of the ``n`` largest HRV entries of ``concept``."""
         if self.hrv is None:
-            raise ValueError("no HRVs loaded: start the explorer with --hrv DIR")
+            raise UsageError("no HRVs loaded: start the explorer with --hrv DIR")
         names = list(self.hrv.concepts.names)
         if concept not in names:
-            raise ValueError(f"unknown concept {concept!r}; valid concepts: {', '.join(names)}")
+            raise UsageError(f"unknown concept {concept!r}; valid concepts: {', '.join(names)}")
         if not 1 <= int(n) <= len(self.head_table):
-            raise ValueError(f"n must be in 1..{len(self.head_table)}, got {n}")
+            raise UsageError(f"n must be in 1..{len(self.head_table)}, got {n}")
         return [h for h, *_ in self.hrv.top_heads(concept, int(n))]
