@@ -139,8 +139,10 @@ def test_analyze_cli_runs_end_to_end_on_the_toy_model(tmp_path, capsys):
     from diffatlas.cli import main
 
     hrv_dir, weak_dir = tmp_path / "hrv", tmp_path / "weak"
+    # two prompts cannot name every concept word, so the config's in-context words are swapped for
+    # words encoded alone (test_toy_config__in_context_words_need_prompts_that_name_them)
     rc = main(["analyze", "hrv", "configs/analysis/hrv_toy.yaml", "--prompts.num_prompts", "2", "--steps", "3",
-               "--batch_size", "2", "--out", str(hrv_dir), "--progress", "false"])
+               "--words", "alone", "--batch_size", "2", "--out", str(hrv_dir), "--progress", "false"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "HRVs of 7 concepts x 52 heads from 2 images x 3 steps" in out and "position: top heads" in out
@@ -153,6 +155,20 @@ def test_analyze_cli_runs_end_to_end_on_the_toy_model(tmp_path, capsys):
     data = json.loads((weak_dir / "weakening.json").read_text())
     assert np.isfinite(data["results"]["size"]["area_between"])
     assert (weak_dir / "weakening_curves.png").is_file()
+
+
+def test_toy_config__in_context_words_need_prompts_that_name_them(tmp_path, capsys):
+    """The toy config reads each concept word where its prompts name it (the construction that
+    measures best on held-out prompts); too few prompts to name every word is one line, before any
+    image, saying what to do."""
+    from diffatlas.cli import main
+
+    rc = main(["analyze", "hrv", "configs/analysis/hrv_toy.yaml", "--prompts.num_prompts", "2", "--steps", "3",
+               "--out", str(tmp_path / "o"), "--progress", "false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "occurs in none of the 2 HRV prompts" in err[0] and "words: alone" in err[0]
+    assert not (tmp_path / "o" / "hrv.safetensors").exists()
 
 
 def test_analyze_cli_bad_input_is_one_clear_message(tmp_path, capsys):
