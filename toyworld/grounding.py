@@ -25,14 +25,13 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from toyworld.prompts import GENERIC_NOUN, split_words
+from toyworld.prompts import ADJECTIVES, GENERIC_NOUN, split_words
 from toyworld.render import Rendered, patch_coverage
-from toyworld.vocab import COLORS, POSITIONS, SHAPES, SIZES, TEXTURES
+from toyworld.vocab import POSITIONS, SHAPES
 
-ADJECTIVES = frozenset(SIZES + COLORS + TEXTURES)
 NOUNS = frozenset(SHAPES + (GENERIC_NOUN,))
-OBJECT_WORDS = ADJECTIVES | NOUNS | frozenset(w for p in POSITIONS for w in p.split())
-OPENS_OBJECT = ADJECTIVES | NOUNS  # "a" followed by one of these starts an object phrase
+OBJECT_WORDS = frozenset(ADJECTIVES) | NOUNS | frozenset(w for p in POSITIONS for w in p.split())
+OPENS_OBJECT = frozenset(ADJECTIVES) | NOUNS  # "a" followed by one of these starts an object phrase
 
 
 def word_owners(prompt: str) -> list[int]:

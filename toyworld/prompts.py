@@ -164,7 +164,8 @@ class PromptGrammarError(ValueError):
 
 
 _STYLE_OF_PHRASE = {tuple(phrase.split()): style for style, phrases in STYLE_PHRASES.items() for phrase in phrases}
-_ADJECTIVES = {value: name for name in ("size", "color", "texture") for value in ATTRIBUTES[name]}
+# the words written before an object's noun, each with the attribute it names (the grounding reads them too)
+ADJECTIVES = {value: name for name in ("size", "color", "texture") for value in ATTRIBUTES[name]}
 _POSITION_WORDS = {tuple(p.split()): p for p in ATTRIBUTES["position"]}
 _NOUNS = (*ATTRIBUTES["shape"], GENERIC_NOUN)
 
@@ -198,17 +199,17 @@ def read_named(prompt: str) -> tuple[list[dict], dict]:
             i += 4
         elif words[i] == "and" and objects:
             i += 1
-        elif words[i] in _ADJECTIVES and not objects:  # a short caption's bare adjectives ("striped")
+        elif words[i] in ADJECTIVES and not objects:  # a short caption's bare adjectives ("striped")
             obj: dict = {}
-            while i < len(words) and words[i] in _ADJECTIVES:
-                set_once(obj, _ADJECTIVES[words[i]], words[i])
+            while i < len(words) and words[i] in ADJECTIVES:
+                set_once(obj, ADJECTIVES[words[i]], words[i])
                 i += 1
             objects.append(obj)
         elif words[i] == "a":
             obj = {}
             i += 1
-            while i < len(words) and words[i] in _ADJECTIVES:
-                set_once(obj, _ADJECTIVES[words[i]], words[i])
+            while i < len(words) and words[i] in ADJECTIVES:
+                set_once(obj, ADJECTIVES[words[i]], words[i])
                 i += 1
             if i == len(words) or words[i] not in _NOUNS:
                 fail(f"an object's adjectives must end in a noun ({', '.join(_NOUNS)})")
