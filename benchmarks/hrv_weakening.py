@@ -69,11 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     t_hrv = time.perf_counter() - t0
     print(f"HRVs from {args.hrv_prompts} prompts in {t_hrv:.0f}s", file=sys.stderr)
     concepts = [c for c in args.concepts.split(",") if c] or None
-    results = run_weakening(hrv, pipe, ToyOracleScorer(), concepts, images_per_point=args.images, points=args.points,
+    scorer = ToyOracleScorer()
+    results = run_weakening(hrv, pipe, scorer, concepts, images_per_point=args.images, points=args.points,
                             seed=args.seed + 1, steps=args.steps, guidance=args.guidance, batch_size=args.images)
     head = summary(results, args.images)
     seconds = time.perf_counter() - t0
-    save_results(results, out, ToyOracleScorer.ylabel, {"summary": head, "steps": args.steps, "seconds": seconds})
+    save_results(results, out, scorer.ylabel, {"summary": head, "steps": args.steps, "seconds": seconds})
     print(f"{'concept':<11} {'A_MoRHF':>8} {'A_LeRHF':>8} {'A_random':>8} {'LeRHF-MoRHF':>12} {'random-MoRHF':>13}", file=sys.stderr)
     for c, r in results.items():
         print(f"{c:<11} {r['MoRHF']['area']:>8.3f} {r['LeRHF']['area']:>8.3f} {r['random']['area']:>8.3f} "
