@@ -27,22 +27,27 @@ import torch
 import torch.nn.functional as F
 
 from activations.intervention import HEAD_STAGES, STAGES, Call, Intervention, register_intervention
+from common.errors import UsageError
 
 
-def _axis_mask(sel, n: int, device, what: str) -> torch.Tensor:
-    """bool [n] from None (all), a list of indices or a bool mask."""
+def index_mask(sel, n: int, device, what: str) -> torch.Tensor:
+    """bool [n] from None (all), a list of indices or a bool mask; an index outside 0..n-1 (or
+    -n..-1) or a mask of another length is a UsageError naming the valid range. The one check of
+    head and token selections: ``activations.hooks`` calls it when attaching, ``apply`` when running."""
     if sel is None:
         return torch.ones(n, dtype=torch.bool, device=device)
     t = torch.as_tensor(sel, device=device)
     if t.dtype == torch.bool:
         t = t.reshape(-1)
         if t.numel() != n:
-            raise ValueError(f"{what} mask has {t.numel()} elements, expected {n}")
+            raise UsageError(f"{what} mask has {t.numel()} elements, expected {n}")
         return t
+    if t.is_floating_point() or t.is_complex():
+        raise UsageError(f"{what} indices must be integers, got {sel!r}")
     t = t.reshape(-1).long()
     if len(t) and (t.min() < -n or t.max() >= n):
         bad = [int(i) for i in t.tolist() if not -n <= i < n]
-        raise IndexError(f"{what} index {bad[0]} out of range for {n} {what}s (valid: 0..{n - 1})")
+        raise UsageError(f"{what} index {bad[0]} out of range for {n} {what}s (valid: 0..{n - 1})")
     m = torch.zeros(n, dtype=torch.bool, device=device)
     m[t] = True
     return m
@@ -60,13 +65,13 @@ def _head_token_mask(x: torch.Tensor, stage: str, heads, tokens) -> torch.Tensor
             raise ValueError(f"stage {stage!r} has no heads axis; drop heads")
         s = list(shape)
         s[layout.index("h")] = x.shape[layout.index("h")]
-        m = m & _axis_mask(heads, x.shape[layout.index("h")], x.device, "head").reshape(s)
+        m = m & index_mask(heads, x.shape[layout.index("h")], x.device, "head").reshape(s)
     if tokens is not None:
         if "t" not in layout:
             raise ValueError(f"stage {stage!r} has no token axis; drop tokens")
         s = list(shape)
         s[layout.index("t")] = x.shape[layout.index("t")]
-        m = m & _axis_mask(tokens, x.shape[layout.index("t")], x.device, "token").reshape(s)
+        m = m & index_mask(tokens, x.shape[layout.index("t")], x.device, "token").reshape(s)
     return m
 
 
@@ -96,6 +101,16 @@ class HeadEdit(Intervention):
             raise ValueError("HeadEdit needs exactly one of scale, value or fn")
         if self.stage == "heads" and self.tokens is not None:
             raise ValueError("HeadEdit(stage='heads') acts on heads x patches; tokens must be None")
+
+    def check(self, model) -> None:
+        # the probs' token axis is the padded prompt (model_max_length tokens); a bare U-Net has no
+        # tokenizer, and then the first call checks the tokens (the heads are checked on attaching)
+        tokenizer = getattr(model, "tokenizer", None)
+        if self.tokens is not None and tokenizer is not None:
+            try:
+                index_mask(self.tokens, int(tokenizer.model_max_length), "cpu", "token")
+            except UsageError as err:
+                raise UsageError(f"HeadEdit at {self.site}: {err}") from None
 
     def apply(self, x, call):
         if self.fn is not None:
@@ -159,7 +174,7 @@ class AddVector(Intervention):
         if self.stage != "heads":
             return x + self.scale * vec.reshape(1, 1, -1)
         _, nh, _, d = x.shape
-        hm = _axis_mask(self.heads, nh, x.device, "head")
+        hm = index_mask(self.heads, nh, x.device, "head")
         full = torch.zeros(nh, d, dtype=x.dtype, device=x.device)
         full[hm] = vec.reshape(-1, d).expand(int(hm.sum()), d) if vec.numel() == d else vec.reshape(-1, d)
         return x + self.scale * full[None, :, None, :]

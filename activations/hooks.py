@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from activations.edits import Apply, Observe, Observer
+from activations.edits import Apply, Observe, Observer, index_mask
 from activations.intervention import BLOCK_STAGES, Call, Intervention, resolve_all, run_stage
 from activations.processor import HeadProcessor
 from activations.sites import Site, list_sites, resolve_sites
@@ -191,6 +191,11 @@ class Tap:
         if iv.stage not in BLOCK_STAGES and s.kind != "head":
             heads = [x.name for x in self.sites if x.kind == "head" and x.block == s.name]
             raise UnknownNameError(f"site {iv.site!r} is a block site; stage {iv.stage!r} needs an attn2 site such as {heads[0] if heads else '...attn2'!r}")
+        if s.kind == "head" and getattr(iv, "heads", None) is not None:  # module-local heads of this site
+            try:
+                index_mask(iv.heads, s.heads, "cpu", "head")
+            except UsageError as err:
+                raise UsageError(f"{type(iv).__name__} at {iv.site}: {err}") from None
         return s
 
     @contextlib.contextmanager

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
+
 import pytest
 import torch
 from PIL import Image
@@ -111,6 +114,10 @@ def test_recipe_file__bad_yaml_fields_and_numbers_are_one_line(tmp_path, capsys,
     ("{kind: head_scale, heads: [0], factor: 0.0, mask: {image: MASK}}", "cannot be read as an image"),
     ("{kind: head_scale, heads: [0], factor: 0.0, mask: {patches: [0], grid: [3, 3]}}", "3x3 grid applied at a 16x16 site"),
     ("{kind: head_edit, site: nowhere.attn2, heads: [0], scale: 0.0}", "unknown site 'nowhere.attn2'"),
+    ("{kind: head_edit, site: HEADSITE, heads: [99], scale: 0.0}", "head index 99 out of range for 4 heads (valid: 0..3)"),
+    ("{kind: head_edit, site: HEADSITE, heads: [0.5], scale: 0.0}", "head indices must be integers"),
+    ("{kind: head_edit, site: HEADSITE, heads: [0], tokens: [500], scale: 0.0}", "token index 500 out of range"),
+    ("{kind: scale, site: HEADSITE, stage: heads, heads: [7], factor: 2.0}", "Scale at HEADSITE: head index 7 out of range"),
     ("{kind: feature_edit, sae: SAE, features: [0], op: inject, strength: .nan}", "strength must be a finite number"),
     ("{kind: feature_edit, sae: NARROW, features: [0]}", "this SAE takes width 32 but site 'up_blocks.2.attentions.0' of this model has width 64"),
     ("{kind: feature_edit, sae: NANSAE, features: [0]}", "has non-finite weights (NaN or inf) in encoder.weight"),
@@ -124,13 +131,14 @@ def test_recipe__checked_against_the_model_before_any_image_or_file(tmp_path, ca
     with torch.no_grad():
         nan_sae.encoder.weight[0, 0] = float("nan")
     (tmp_path / "mask.png").write_text("not an image")
-    intervention = (intervention.replace("MASK", str(tmp_path / "mask.png")).replace("NARROW", str(narrow.save_pretrained(tmp_path / "narrow")))
+    message = message.replace("HEADSITE", SITE + ".transformer_blocks.0.attn2")
+    intervention = (intervention.replace("HEADSITE", SITE + ".transformer_blocks.0.attn2").replace("MASK", str(tmp_path / "mask.png")).replace("NARROW", str(narrow.save_pretrained(tmp_path / "narrow")))
                     .replace("NANSAE", str(nan_sae.save_pretrained(tmp_path / "nan"))).replace("SAE", str(small_sae)))
 
     def no_drawing(*a, **k):
         raise AssertionError("an image was drawn before the recipe was checked")
 
-    monkeypatch.setattr("activations.generate.sample", no_drawing)
+    monkeypatch.setattr(importlib.import_module("activations.generate"), "sample", no_drawing)
     rc, err = steer_cli(GOOD + f"interventions: [{intervention}]\n", tmp_path, capsys, random_toy_pipe, monkeypatch)
     assert rc == 2 and err.startswith("diffatlas steer: error: ") and "\n" not in err, err
     assert message in err, err
@@ -146,7 +154,7 @@ def test_recipe__a_word_token_not_in_the_prompt_is_refused_before_drawing(random
     table = head_table(random_toy_pipe.unet)
     votes = torch.randint(0, 5, (2, 2, len(table)), generator=torch.Generator().manual_seed(0))
     folder = HRV(ConceptList(("color", "shape"), (("red",), ("circle",))), votes, table, [999, 499]).save(tmp_path / "hrv")
-    monkeypatch.setattr("activations.generate.sample", lambda *a, **k: pytest.fail("drawn before the check"))
+    monkeypatch.setattr(importlib.import_module("activations.generate"), "sample", lambda *a, **k: pytest.fail("drawn before the check"))
     recipe = Recipe(prompts=["a red circle"], seeds=[0], steps=2, interventions=[HRVEdit(hrv=str(folder), concept="color", token="green")])
     with pytest.raises(ValueError, match="token 'green' is not in the prompt 'a red circle'"):
         run_recipe_(recipe, random_toy_pipe)
