@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,9 +143,9 @@ def read_records(out: Path) -> dict[str, dict]:
 def write_records(out: Path, records: dict[str, dict]) -> None:
     """Rewrite generations.jsonl with one record per file; a rerun into the same folder replaces
     the records of the files it overwrote. Atomic: a crash leaves the old file or the new one."""
-    tmp = out / f".{RECORDS}.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in records.values()))
-    os.replace(tmp, out / RECORDS)
+    from common.files import write_atomic
+
+    write_atomic(out / RECORDS, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in records.values())))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,7 @@ from activations.store import (
 )
 from activations.timesteps import BRANCHES, Steps, check_branch, select_steps
 from common.errors import UsageError
+from common.files import write_atomic
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -176,10 +177,7 @@ class Harvester:
                     f"{len(lines)} requested); refusing to mix them. Use another output folder."
                 )
             return
-        tmp = path.with_name(f"prompts.jsonl.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: tmp.write_text("".join(lines)))
 
     def _saved_config(self) -> str:
         import yaml
@@ -273,15 +271,15 @@ class Harvester:
             if (folder / f"{image}.png").exists():
                 # written by an earlier run of the same config (store.json says so): written once
                 continue
-            _save_atomic(folder / f"{image}.png", lambda p: pil.save(p, format="PNG"))
+            write_atomic(folder / f"{image}.png", lambda p: pil.save(p, format="PNG"))
             truth = self.prompts.ground_truth(rec["prompt"])
             if truth is not None:  # a prompt source that knows its ground truth: keep it beside the image
-                _save_atomic(folder / f"{image}.json", lambda p: p.write_text(json.dumps({**rec, **truth})))
+                write_atomic(folder / f"{image}.json", lambda p: p.write_text(json.dumps({**rec, **truth})))
             rendered = self.prompts.truth_image(rec["prompt"])
             if rendered is not None:
                 from PIL import Image
 
-                _save_atomic(folder / f"{image}.truth.png", lambda p: Image.fromarray(rendered).save(p, format="PNG"))
+                write_atomic(folder / f"{image}.truth.png", lambda p: Image.fromarray(rendered).save(p, format="PNG"))
 
 
 def numerics(unet, config: HarvestConfig) -> dict:
@@ -307,12 +305,6 @@ def _threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _save_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class _SiteObserver:

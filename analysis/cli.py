@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from common.errors import UsageError
+from common.files import out_folder
 
 SUBCOMMANDS = {
     "hrv": "build head relevance vectors during generation (Park et al., ICLR 2025, Section 3)",
@@ -41,6 +42,7 @@ def run_hrv(argv: list[str]) -> int:
     # bad input raises (UsageError, checked counts included); the diffatlas dispatcher prints it
     cfg = parse(HRVConfig, argv, "diffatlas analyze hrv", HRVConfig.__doc__, positional=("config",))
     load_concepts(cfg.concepts)  # a bad list fails before the model loads
+    out_folder(cfg.out)
     pipe = load_model(cfg, cfg.model)
     hrv = build_hrv(cfg, pipe)
     out = Path(cfg.out)
@@ -77,6 +79,7 @@ def run_weaken(argv: list[str]) -> int:
     from common.config import parse, save_config
 
     cfg = parse(WeakenConfig, argv, "diffatlas analyze weaken", WeakenConfig.__doc__, positional=("config",))
+    out_folder(cfg.out)
     hrv = HRV.load(cfg.hrv)
     model = cfg.model or hrv.meta.get("model", "toy")
     pipe = load_model(cfg, model)
@@ -104,6 +107,7 @@ def run_features(argv: list[str]) -> int:
     cfg = parse(FeaturesConfig, argv, "diffatlas analyze features", FeaturesConfig.__doc__, positional=("sae", "store"))
     if not cfg.sae or not cfg.store:
         raise UsageError("give the SAE folder and the store: diffatlas analyze features <sae> <store> [--hrv DIR] [--out DIR]")
+    out_folder(cfg.out)
     report = build_report(cfg)
     out = Path(cfg.out)
     save_config(cfg, out / "features_config.yaml")

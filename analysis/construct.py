@@ -1,7 +1,7 @@
 """``diffatlas analyze hrv``: generate images and count HRV votes in the same pass, resumably.
 
 Jobs are (prompt, seed) pairs in a fixed order. After every batch the votes and the number of
-finished jobs are written together, atomically (one safetensors file replaced with os.replace), so
+finished jobs are written together, atomically (one safetensors file replaced, common.files.write_atomic), so
 an interrupted run resumes after the last finished batch and never counts a job twice. The words
 sampled for a job depend only on (word_seed, job id) (see VoteCounter), so the resumed result
 equals the uninterrupted one.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -68,10 +67,11 @@ def progress_key(cfg: HRVConfig, concepts) -> dict:
 def _save_progress(path: Path, counter: VoteCounter, done: int, key: dict) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_suffix(".tmp")
+    from common.files import write_atomic
+
     meta = {"done": str(done), "step_t": json.dumps(counter.step_t), "config": json.dumps(key, sort_keys=True)}
-    save_file({"votes": counter.votes.contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)  # votes and the finished count change together or not at all
+    # votes and the finished count change together or not at all
+    write_atomic(path, lambda tmp: save_file({"votes": counter.votes.contiguous()}, str(tmp), metadata=meta))
 
 
 def _read_progress(path: Path, key: dict) -> tuple[torch.Tensor, list, int] | None:

@@ -9,6 +9,8 @@ input.
 
 from __future__ import annotations
 
+import errno
+
 
 class ReportedError(Exception):
     """Base of errors the command line reports as one line although they are not bad values
@@ -46,7 +48,24 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+# What the machine refused rather than what the code got wrong: a full disk or quota, a read-only
+# or unwritable place, a folder where a file should be. Reported as one line naming the file.
+_PLACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR,
+                           errno.ENOTDIR, errno.EEXIST})
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Does the dispatcher report ``err`` as one line? ``user_error_types``, or an OSError about a
+    named file that the machine refused (``_PLACE_ERRNOS``); any other exception is a bug of ours."""
+    if isinstance(err, user_error_types()):
+        return True
+    return isinstance(err, OSError) and err.errno in _PLACE_ERRNOS and err.filename is not None
+
+
 def one_line(err: BaseException) -> str:
-    """The error's message on one line (a KeyError's str() would add quotes around it)."""
+    """The error's message on one line (a KeyError's str() would add quotes around it; an OSError's
+    its errno)."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.strerror}: {err.filename}"
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     return " ".join(text.split()) or type(err).__name__

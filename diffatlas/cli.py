@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"diffatlas: unknown command {name!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    from common.errors import one_line, user_error_types
+    from common.errors import is_user_error, one_line
     from common.quiet import quiet_libraries
 
     quiet_libraries()
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         # Bad input is the user's to fix: the message alone. Anything else is a bug of ours and
         # keeps its traceback, so a stray ValueError is never mistaken for bad input.
-        if debug or not isinstance(err, user_error_types()):
+        if debug or not is_user_error(err):
             raise
         print(f"diffatlas {where}: error: {one_line(err)}", file=sys.stderr)
         return 2

@@ -67,7 +67,7 @@ def numerics_record(pipe) -> dict:
 def _writing(path: Path, write) -> Path:
     """Write ``path`` atomically; a failure (read-only folder, full disk) is one line naming it."""
     from common.errors import ReportedError
-    from steering.recipe import write_atomic
+    from common.files import write_atomic
 
     try:
         return write_atomic(path, write)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import yaml
 from activations.intervention import Intervention, load_interventions
 from common.config import MAX_STEPS
 from common.errors import UsageError
+from common.files import write_atomic
 
 MAX_MAGNITUDE = 1e6  # the largest |number| a recipe takes (guidance, strengths, factors): beyond it float32 overflows
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
@@ -292,18 +292,6 @@ def draw(recipe: Recipe, pipe, expanded: list[Intervention], *, before: bool = T
     with intervene(pipe, *expanded):
         steered = sample(pipe, recipe.prompts, recipe.seeds, **args).images
     return plain, steered
-
-
-def write_atomic(path: Path, write) -> Path:
-    """``write(tmp)`` into a temporary file beside ``path``, then rename it to ``path``: a reader
-    (or a full disk) never leaves a partial file under the real name."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def before_after_grid(before, after, scale: int = 1):

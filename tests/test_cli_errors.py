@@ -241,3 +241,38 @@ def test_sampling_defaults__steps_0_is_not_the_model_default(random_toy_pipe):
     from analysis.construct import sampling_defaults
 
     assert sampling_defaults(random_toy_pipe, 0, None)[0] == 0  # a check refuses it; it is never swapped for 25
+
+
+@pytest.mark.parametrize("sub", [["hrv"], ["weaken", "--hrv", "nowhere"], ["features", "nowhere", "nowhere"]])
+@pytest.mark.parametrize("place, says", [("file", "is a file, not a folder; give a new or empty folder"),
+                                         ("file/sub", "cannot be written: Not a directory")])
+def test_analyze_out__a_file_or_a_place_that_cannot_be_written_is_one_line_before_any_work(monkeypatch, capsys, tmp_path,
+                                                                                            sub, place, says):
+    import analysis.construct
+
+    monkeypatch.setattr(analysis.construct, "load_model", lambda *a: pytest.fail("the model loaded before --out was checked"))
+    (tmp_path / "file").write_text("")
+    out = str(tmp_path / place)
+    assert main(["analyze", *sub, "--out", out]) == 2
+    assert capsys.readouterr().err == f"diffatlas analyze {sub[0]}: error: --out {out!r} {says}\n"
+
+
+def test_dispatcher__a_full_disk_is_one_line_naming_the_file_other_os_errors_keep_their_traceback(monkeypatch, capsys,
+                                                                                                    tmp_path):
+    import errno
+
+    import analysis.construct
+
+    def full_disk(cfg, name):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "hrv.safetensors"))
+
+    monkeypatch.setattr(analysis.construct, "load_model", full_disk)
+    assert main(["analyze", "hrv", "--wandb", "false", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"diffatlas analyze hrv: error: No space left on device: {tmp_path / 'hrv.safetensors'}\n"
+
+    def broken_device(cfg, name):
+        raise OSError(errno.EIO, "Input/output error")  # not the place's refusal: a traceback
+
+    monkeypatch.setattr(analysis.construct, "load_model", broken_device)
+    with pytest.raises(OSError):
+        main(["analyze", "hrv", "--wandb", "false", "--out", str(tmp_path / "o")])

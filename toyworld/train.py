@@ -472,12 +472,14 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from common.config import parse
-    from common.errors import one_line, user_error_types
+    from common.errors import is_user_error, one_line
 
     prog = "python -m toyworld.train"
     try:
         train(parse(TrainConfig, argv, prog, __doc__.split("\n\n")[0]))
-    except user_error_types() as err:
+    except Exception as err:
+        if not is_user_error(err):
+            raise
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
