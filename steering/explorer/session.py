@@ -440,9 +440,9 @@ class Explorer:
 
     def encode(self, prompt: str) -> torch.Tensor:
         """The prompt's text embeddings [tokens, C] (what the cross-attention reads), as steering encodes them."""
-        from steering.heads import encode_text
+        from activations.text import encode_prompts
 
-        return encode_text(self.pipe, prompt).float().cpu()
+        return encode_prompts(self.pipe, [prompt])[0].float().cpu()
 
     def edit(self, spec: EditSpec) -> dict:
         """Draw the edited image through its recipe: {edit id, image (PNG base64), diff, recipe}."""
