@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from activations.timesteps import parse_branch, parse_when
+from common.config import MAX_SEED
 from common.errors import UnknownNameError, UsageError
-from steering.recipe import MAX_SEED, Recipe, check_number, run_recipe
+from steering.recipe import Recipe, check_number, run_recipe
 
 OPS = ("scale", "swap", "sae")
 SAE_MODES = {"inject": "add", "scale": "scale", "ablate": "ablate"}  # the page's word -> FeatureEdit's op
