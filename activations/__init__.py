@@ -11,6 +11,7 @@ Public API (imported lazily, so that ``import activations.store`` never pays for
   ``parse_when``; ``Patches``, ``Box``, ``Quadrant``, ``MaskImage``
 * hooks:      ``intervene``, ``Tap``, ``attach``
 * evaluation: ``evaluate`` (the denoising loss under interventions)
+* text:       ``encode_prompts`` (prompts to the embeddings the cross-attention reads)
 * sampling:   ``generate``, ``sample``, ``generators`` (one CPU generator per image)
 * tracing:    ``trace``, ``Trace``
 * harvesting: ``Harvester``, ``HarvestConfig``
@@ -56,6 +57,7 @@ _EXPORTS = {
     "MaskImage": "activations.masks",
     "intervene": "activations.hooks",
     "evaluate": "activations.evaluate",
+    "encode_prompts": "activations.text",
     "generate": "activations.generate",
     "sample": "activations.generate",
     "generators": "activations.generate",

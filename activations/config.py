@@ -109,7 +109,7 @@ class HarvestConfig:
 
         check_counts(self, positive=("num_inference_steps", "batch_size", "images_per_shard", "images_per_prompt",
                                      "threads", "positions", "prompts.num_prompts"),
-                     non_negative=("seed",), numbers={"guidance_scale": 0.0}, at_most={"num_inference_steps": MAX_STEPS})
+                     seeds=("seed",), numbers={"guidance_scale": 0.0}, at_most={"num_inference_steps": MAX_STEPS})
 
     def content_dict(self) -> dict:
         """The fields that decide what is stored (hashed into the manifest)."""

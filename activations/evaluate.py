@@ -25,6 +25,7 @@ from torch import Tensor
 
 from activations.hooks import intervene
 from activations.intervention import Intervention
+from activations.text import encode_prompts
 
 
 def _targets(sched, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -76,7 +77,7 @@ def evaluate(
     for lo in range(0, len(pixels), batch_size):
         img = pixels[lo : lo + batch_size].to(device=device, dtype=vae.dtype)
         x0 = vae.encode(img).latent_dist.mean * scaling
-        emb, _ = pipe.encode_prompt(list(texts[lo : lo + batch_size]), device, 1, False)
+        emb = encode_prompts(pipe, texts[lo : lo + batch_size]).to(device)
         for t in timesteps:
             noise = torch.randn(x0.shape, generator=gen).to(device=device, dtype=x0.dtype)
             tt = torch.full((x0.shape[0],), int(t), device=device, dtype=torch.long)

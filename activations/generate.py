@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from common.config import save_config
+from common.config import check_counts, save_config
 from common.errors import UsageError
 
 
@@ -54,11 +54,9 @@ def check_numbers(cfg: GenerateConfig) -> None:
         raise UsageError(f"--guidance must be >= 0 (or null for the model's default), got {cfg.guidance}")
     if cfg.batch_size < 1:
         raise UsageError(f"--batch_size must be >= 1, got {cfg.batch_size}")
-    negative = [s for s in cfg.seeds if s < 0]
-    if negative:
-        raise UsageError(f"--seeds must be >= 0, got {negative[0]}")
     if not cfg.seeds:
         raise UsageError("--seeds is empty; give at least one seed, e.g. --seeds '[0]'")
+    check_counts(cfg, seeds=("seeds",))  # 0..MAX_SEED, the range of the noise generators
 
 
 def generators(seeds) -> list[torch.Generator]:

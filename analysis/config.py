@@ -71,7 +71,7 @@ class HRVConfig:
         from common.config import MAX_STEPS, check_counts
 
         check_counts(self, positive=("steps", "batch_size", "prompts.num_prompts"),
-                     non_negative=("prompt_seed", "word_seed", "seeds"), numbers={"guidance": 0.0},
+                     seeds=("prompt_seed", "word_seed", "seeds"), numbers={"guidance": 0.0},
                      at_most={"steps": MAX_STEPS})
 
 
@@ -120,5 +120,5 @@ class WeakenConfig:
         """Refuse counts out of range in one line naming the option, before any work."""
         from common.config import MAX_STEPS, check_counts
 
-        check_counts(self, positive=("images_per_point", "steps", "batch_size"), non_negative=("seed",),
+        check_counts(self, positive=("images_per_point", "steps", "batch_size"), seeds=("seed",),
                      at_least={"points": 5}, numbers={"guidance": 0.0, "factor": None}, at_most={"steps": MAX_STEPS})

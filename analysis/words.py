@@ -1,7 +1,7 @@
 """Concept words encoded once: the text-encoder states of every word's semantic tokens.
 
-Each word is encoded the way the pipeline encodes a prompt (``pipe.encode_prompt``: SD's one text
-encoder, SDXL's two encoders' penultimate states concatenated), then only its own tokens are kept
+Each word is encoded the way the pipeline encodes a prompt (``activations.text.encode_prompts``: SD's
+one text encoder, SDXL's two encoders' penultimate states concatenated), then only its own tokens are kept
 (Park et al., ICLR 2025, Section 3). The words of concept c share ``L_c`` slots (the most tokens of
 any of its words); a shorter word leaves slots masked, so a batch of rows with different sampled
 words is one dense tensor.
@@ -16,6 +16,7 @@ import dataclasses
 
 import torch
 
+from activations.text import encode_prompts
 from analysis.concepts import ConceptList, word_token_positions
 from common.errors import UsageError
 
@@ -53,13 +54,6 @@ def _tokenizer(pipe):
     if tok is None:
         raise UsageError("the pipeline has no tokenizer; HRVs need one to find each word's tokens")
     return tok
-
-
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """Prompt embeddings [b, T, C] exactly as the pipeline feeds them to the U-Net's cross-attention."""
-    out = pipe.encode_prompt(prompt=prompts, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-    return out[0]
 
 
 def semantic_token_mask(pipe, prompts: list[str], length: int) -> torch.Tensor:

@@ -34,16 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from toyworld.vocab import OBJECT_ATTRIBUTES as OBJECT_ATTRS  # noqa: E402
-
+from toyworld.vocab import OBJECT_ATTRIBUTES as OBJECT_ATTRS
 
 
 def main() -> None:

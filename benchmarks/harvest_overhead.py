@@ -45,14 +45,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from activations.config import HarvestConfig, PromptSource  # noqa: E402
-from activations.harvest import harvest  # noqa: E402
-from activations.sites import list_sites  # noqa: E402
+from activations.config import HarvestConfig, PromptSource
+from activations.harvest import harvest
+from activations.sites import list_sites
 
 
 def load(model: str, device: str):

@@ -18,16 +18,13 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from activations.config import PromptSource  # noqa: E402
-from activations.generate import generators  # noqa: E402
-from analysis.config import HRVConfig  # noqa: E402
-from analysis.construct import build_hrv, load_model, prompt_texts, sampling_defaults  # noqa: E402
+from activations.config import PromptSource
+from activations.generate import generators
+from analysis.config import HRVConfig
+from analysis.construct import build_hrv, load_model, prompt_texts, sampling_defaults
 
 
 def plain(pipe, texts: list[str], seeds: list[int], steps: int, guidance: float, batch: int) -> None:

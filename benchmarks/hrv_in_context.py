@@ -24,13 +24,9 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def value_positions(pipe, prompt: str, scene, attributes: list[str]) -> dict[str, list[int]]:

@@ -25,13 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from activations.config import PromptSource  # noqa: E402
-from analysis.config import HRVConfig  # noqa: E402
-from analysis.construct import build_hrv, load_model  # noqa: E402
-from analysis.toy import ToyOracleScorer  # noqa: E402
-from analysis.weakening import save_results, summary, run_weakening  # noqa: E402
+from activations.config import PromptSource
+from analysis.config import HRVConfig
+from analysis.construct import build_hrv, load_model
+from analysis.toy import ToyOracleScorer
+from analysis.weakening import save_results, summary, run_weakening
 
 
 def hrv_folder(args) -> str:

@@ -25,8 +25,6 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 def harvest_toy(out: Path, args, pipe):
     from activations.config import HarvestConfig, PromptSource

@@ -43,8 +43,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 def _timed_iter(batches, warmup: int, marks: dict):
     for i, b in enumerate(batches):

@@ -44,15 +44,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+import torch
+from tqdm import tqdm
 
 WINDOWS = ("early", "middle", "late")
 OPPOSITE = {"top left": "bottom right", "top right": "bottom left", "bottom left": "top right", "bottom right": "top left"}

@@ -23,24 +23,21 @@ Writes sample grids and per-image results beside the JSON; the last line of outp
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from activations.generate import generate  # noqa: E402
-from activations.pipeline import load_pipeline, model_defaults  # noqa: E402
-from common.config import check_counts, parse, save_config  # noqa: E402
-from toyworld.grid import labelled_grid  # noqa: E402
-from toyworld.oracle import CHECKS, REPORTED, check_image, foreground, read_background, read_scene  # noqa: E402
-from toyworld.prompts import Named, scene_to_prompt  # noqa: E402
-from toyworld.render import render  # noqa: E402
-from toyworld.scene import Scene, sample_scene  # noqa: E402
-from toyworld.vocab import ATTRIBUTES, OBJECT_ATTRIBUTES  # noqa: E402
+from activations.generate import generate
+from activations.pipeline import load_pipeline, model_defaults
+from common.config import check_counts, parse, save_config
+from toyworld.grid import labelled_grid
+from toyworld.oracle import CHECKS, REPORTED, check_image, foreground, read_background, read_scene
+from toyworld.prompts import Named, scene_to_prompt
+from toyworld.render import render
+from toyworld.scene import Scene, sample_scene
+from toyworld.vocab import ATTRIBUTES, OBJECT_ATTRIBUTES
 
 
 @dataclass

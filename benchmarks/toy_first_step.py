@@ -29,23 +29,19 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from activations.generate import generators  # noqa: E402
-from activations.pipeline import load_pipeline, model_defaults  # noqa: E402
-from common.config import check_counts, parse  # noqa: E402
-from toyworld.oracle import REPORTED, check_image, read_positions  # noqa: E402
-from toyworld.prompts import Named, scene_to_prompt  # noqa: E402
-from toyworld.scene import Obj, Scene, sample_scene  # noqa: E402
-from toyworld.train import to_images  # noqa: E402
-from toyworld.vocab import ATTRIBUTES, OBJECT_ATTRIBUTES  # noqa: E402
+from activations.generate import generators
+from activations.pipeline import load_pipeline, model_defaults
+from common.config import check_counts, parse
+from toyworld.oracle import REPORTED, check_image, read_positions
+from toyworld.prompts import Named, scene_to_prompt
+from toyworld.scene import Obj, Scene, sample_scene
+from toyworld.train import to_images
+from toyworld.vocab import ATTRIBUTES, OBJECT_ATTRIBUTES
 
 BASE = Scene((Obj(shape="circle", color="red", position="top left", size="small", texture="plain"),), "gray", "day")
 

@@ -39,13 +39,11 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from steering_eval import build_saes  # noqa: E402  (the same harvest-and-train as the steering cells)
+# a sibling script, importable because Python puts a script's own folder first on sys.path
+from steering_eval import build_saes  # the same harvest-and-train as the steering cells
 
 SHOWN = 4  # prompts of each set in the before/after figure
 

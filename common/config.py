@@ -77,25 +77,30 @@ MAX_STEPS = 1000
 """The most denoising steps any command accepts: the schedulers of every supported model are trained
 on 1000 timesteps, so a run of more steps has no timestep of its own to take."""
 
+MAX_SEED = 2**63 - 1
+"""The largest seed any command accepts: torch.Generator.manual_seed's range (every image's noise
+comes from one, see activations.generate.generators), so a larger seed fails mid-run, after the
+model has loaded."""
+
 
 def check_counts(cfg, prog: str | None = None, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
                  at_least: dict[str, int] | None = None, numbers: dict[str, float | None] | None = None,
-                 at_most: dict[str, int] | None = None) -> None:
+                 at_most: dict[str, int] | None = None, seeds: tuple[str, ...] = ()) -> None:
     """Refuse a count or number option out of range in one line naming it, before any work.
 
     ``positive`` / ``non_negative`` / ``at_least`` ({name: floor}): integers >= 1 / >= 0 / >= floor;
-    ``numbers`` ({name: floor or None}): finite numbers (NaN and inf refused) >= floor; ``at_most``
-    ({name: ceiling}): an upper bound of any of them. A name may be dotted (``prompts.num_prompts``);
-    None (an optional option left at "the default") passes; a list (``seeds``) must be non-empty
-    with every element in range. The message is ``--<name> must be ...``; raised as ``UsageError``
-    (the dispatcher prints it) or, given ``prog`` (a standalone script without the dispatcher), as
-    ``SystemExit("<prog>: error: ...")``."""
+    ``seeds``: integers in 0..MAX_SEED; ``numbers`` ({name: floor or None}): finite numbers (NaN and
+    inf refused) >= floor; ``at_most`` ({name: ceiling}): an upper bound of any of them. A name may be
+    dotted (``prompts.num_prompts``); None (an optional option left at "the default") passes; a list
+    (``seeds``) must be non-empty with every element in range. The message is ``--<name> must be
+    ...``; raised as ``UsageError`` (the dispatcher prints it) or, given ``prog`` (a standalone script
+    without the dispatcher), as ``SystemExit("<prog>: error: ...")``."""
     import math
 
     from common.errors import UsageError
 
-    at_most = at_most or {}
-    checks = [(n, 1, True) for n in positive] + [(n, 0, True) for n in non_negative]
+    at_most = {**{n: MAX_SEED for n in seeds}, **(at_most or {})}
+    checks = [(n, 1, True) for n in positive] + [(n, 0, True) for n in (*non_negative, *seeds)]
     checks += [(n, floor, True) for n, floor in (at_least or {}).items()]
     checks += [(n, floor, False) for n, floor in (numbers or {}).items()]
     for name, floor, integer in checks:

@@ -3,14 +3,16 @@
 1. generate toy images from prompts the model never saw in training, and let the pixel oracle
    check each one (a labelled grid PNG);
 2. harvest a small toy set: a block site at every sampling step, into a resumable store;
-3. train a small TopK SAE on that site with Lightning and print its metrics and the W&B run;
+3. train a small TopK SAE on that site's early steps with Lightning and print its metrics and the
+   W&B run;
 4. build head relevance vectors of the seven toy attributes on a few prompts and print each
    attribute's top heads and where the heatmap is;
 5. what the SAE's features mean: statistics, top images with heatmaps, heads, HRV concepts and
    toy ground truth, logged as one W&B run and written as a static HTML report;
 6. steer: captions that leave the position unsaid (the noise decides where the object goes, as in
    Tinaz et al.'s prompts), and a spatial edit of the SAE's object features in one quadrant at
-   early steps, written as a recipe; prints how many objects moved there, and a before/after grid.
+   the steps the SAE was trained on, written as a recipe; prints how many objects moved there,
+   and a before/after grid.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class DemoConfig:
     """Block site harvested and given an SAE (8x8 tokens per image in the toy model)."""
     sae_epochs: int = 2
     """Epochs of SAE training over the demo harvest."""
+    sae_window: str = "early"
+    """Sampling steps the SAE is trained on (early: where the noise decides the layout, which the
+    steering step edits; its features are read and edited on these steps only)."""
     hrv_prompts: int = 16
     """Toy prompts the demo's head relevance vectors are built from."""
     features: int = 16
@@ -96,11 +101,11 @@ def step_harvest(cfg: DemoConfig, pipe) -> Path:
 def step_sae(cfg: DemoConfig, pipe, store: Path) -> Path:
     from sae import train_quick
 
-    folder, metrics = train_quick(str(store), site=cfg.site, out=str(Path(cfg.out) / "sae"), epochs=cfg.sae_epochs,
-                                  pipeline=pipe, seed=cfg.seed)
+    folder, metrics = train_quick(str(store), site=cfg.site, window=cfg.sae_window, out=str(Path(cfg.out) / "sae"),
+                                  epochs=cfg.sae_epochs, pipeline=pipe, seed=cfg.seed)
     headline = ("metrics/fvu", "metrics/l0", "sparsity/dead_fraction_val", "metrics/fraction_recovered")
     shown = {k.split("/")[-1]: round(float(metrics[k]), 4) for k in headline if k in metrics}
-    print(f"[3] trained a TopK SAE on {cfg.site}: {shown}\n    SAE: {folder.resolve()}")
+    print(f"[3] trained a TopK SAE on {cfg.site}, {cfg.sae_window} steps: {shown}\n    SAE: {folder.resolve()}")
     if "wandb_dir" in metrics:
         print(f"    W&B run (offline unless WANDB_MODE is set): {metrics['wandb_dir']}\n"
               f"    upload it with: wandb sync {metrics['wandb_dir']}")
@@ -148,7 +153,8 @@ def step_steer(cfg: DemoConfig, pipe, store: Path, sae_folder: Path) -> Path:
     from toyworld.scene import sample_scene
 
     sae = SparseCoder.from_pretrained(sae_folder)
-    feats = object_features(str(store), cfg.site, sae, n=4, window="early")
+    # the SAE's own window, from its saved placement: its features are chosen and edited where it was trained
+    feats = object_features(str(store), cfg.site, sae, n=4, window=sae.placement.window)
     target = cfg.steer_quadrant
     rng = np.random.default_rng(cfg.seed + 7)
     scenes = [sample_scene(rng, num_objects=1, split="train") for _ in range(cfg.steer_images)]
@@ -156,7 +162,7 @@ def step_steer(cfg: DemoConfig, pipe, store: Path, sae_folder: Path) -> Path:
     prompts = [scene_to_prompt(s, named=Named.all_but(s, "position")) for s in scenes]
     recipe = Recipe(model="toy", prompts=prompts, seeds=list(range(len(scenes))),
                     interventions=[FeatureEdit(sae=str(sae_folder), features=[f for f, _ in feats], op="spatial",
-                                               strength=cfg.steer_strength, region={"quadrant": target}, when="early")])
+                                               strength=cfg.steer_strength, region={"quadrant": target})])
     out = Path(cfg.out) / "steer"
     recipe.save(out / "recipe.yaml")
     before, after = run_recipe(recipe, pipe)
@@ -169,7 +175,8 @@ def step_steer(cfg: DemoConfig, pipe, store: Path, sae_folder: Path) -> Path:
     elsewhere = [k for k, image in enumerate(before) if not there(image)]
     moved = sum(there(after[k]) for k in elsewhere)
     print(f"[6] steered {len(after)} images of captions without a position: object features {[f for f, _ in feats]} "
-          f"(correlation with the object's mask {[c for _, c in feats]}) set in the {target} quadrant at early steps; "
+          f"(correlation with the object's mask {[c for _, c in feats]}) set in the {target} quadrant at "
+          f"{sae.placement.window_label} steps (the SAE's window); "
           f"moved there: {moved} of the {len(elsewhere)} objects the noise had put elsewhere "
           f"({len(before) - len(elsewhere)} were there already)\n"
           f"    recipe: {(out / 'recipe.yaml').resolve()} (rerun: diffatlas steer {out / 'recipe.yaml'})\n"
@@ -181,11 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     from activations.pipeline import load_pipeline
     from common.config import parse, save_config
     from activations.masks import QUADRANTS
+    from activations.timesteps import parse_when
     from common.errors import UsageError
 
     cfg = parse(DemoConfig, argv, "diffatlas demo", __doc__.split("\n\n")[0])
     if cfg.steer_quadrant not in QUADRANTS:
         raise UsageError(f"--steer_quadrant {cfg.steer_quadrant!r} is not a quadrant; valid: {', '.join(QUADRANTS)}")
+    try:  # a bad window: one line naming the valid ones, before any work
+        parse_when(cfg.sae_window)
+    except UsageError as err:
+        raise UsageError(f"--sae_window: {err}") from None
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     save_config(cfg, Path(cfg.out) / "demo_config.yaml")
     pipe = load_pipeline("toy", device=cfg.device)  # a missing toy model: one line from the dispatcher

@@ -18,6 +18,7 @@ import torch
 from activations.edits import HeadEdit, SwapKV
 from activations.intervention import register_intervention
 from activations.sites import heads_by_site
+from activations.text import encode_prompts
 from common.errors import UsageError
 from steering.base import Composite
 
@@ -67,17 +68,6 @@ class EncodePrompt(Composite):
             raise UsageError("EncodePrompt needs prompt= (the text to encode through the heads)")
 
     def expand(self, pipe, prompts):
-        ehs = encode_text(self.pipeline(pipe), self.prompt)
+        ehs = encode_prompts(self.pipeline(pipe), [self.prompt])[0]
         return [SwapKV(site=site, heads=local, encoder_hidden_states=ehs, **self.gate())
                 for site, local in heads_by_site(pipe, self.heads).items()]
-
-
-@torch.no_grad()
-def encode_text(pipe, prompt: str) -> torch.Tensor:
-    """The pipeline's text embeddings of ``prompt`` [T, C] (as it encodes its own prompts)."""
-    device = pipe.text_encoder.device
-    if hasattr(pipe, "encode_prompt"):  # the pipeline's own path (attention masks, clip skip ...)
-        return pipe.encode_prompt(prompt, device, 1, False)[0][0]
-    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(device))[0][0]

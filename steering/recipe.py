@@ -26,12 +26,11 @@ import torch
 import yaml
 
 from activations.intervention import Intervention, load_interventions
-from common.config import MAX_STEPS
+from common.config import MAX_SEED, MAX_STEPS
 from common.errors import UsageError
 from common.files import write_atomic
 
 MAX_MAGNITUDE = 1e6  # the largest |number| a recipe takes (guidance, strengths, factors): beyond it float32 overflows
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
 FIELDS = ("model", "prompts", "seeds", "steps", "guidance", "interventions")
 
 

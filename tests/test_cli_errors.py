@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -210,15 +212,15 @@ def yaml_dump(data) -> str:
     (["hrv", "--guidance", "-1"], "--guidance must be a finite number >= 0, got -1.0"),
     (["hrv", "--batch_size", "0"], "--batch_size must be an integer >= 1, got 0"),
     (["hrv", "--prompts.num_prompts", "0"], "--prompts.num_prompts must be an integer >= 1, got 0"),
-    (["hrv", "--seeds", "[0, -1]"], "--seeds must be an integer >= 0, got -1"),
+    (["hrv", "--seeds", "[0, -1]"], "--seeds must be an integer >= 0 and <= 9223372036854775807, got -1"),
     (["hrv", "--seeds", "[]"], "--seeds must be a non-empty list, got []"),
-    (["hrv", "--prompt_seed", "-1"], "--prompt_seed must be an integer >= 0, got -1"),
-    (["hrv", "--word_seed", "-1"], "--word_seed must be an integer >= 0, got -1"),
+    (["hrv", "--prompt_seed", "-1"], "--prompt_seed must be an integer >= 0 and <= 9223372036854775807, got -1"),
+    (["hrv", "--word_seed", "-1"], "--word_seed must be an integer >= 0 and <= 9223372036854775807, got -1"),
     (["weaken", "--steps", "0"], "--steps must be an integer >= 1 and <= 1000, got 0"),
     (["weaken", "--images_per_point", "0"], "--images_per_point must be an integer >= 1, got 0"),
     (["weaken", "--points", "4"], "--points must be an integer >= 5, got 4"),
     (["weaken", "--batch_size", "0"], "--batch_size must be an integer >= 1, got 0"),
-    (["weaken", "--seed", "-1"], "--seed must be an integer >= 0, got -1"),
+    (["weaken", "--seed", "-1"], "--seed must be an integer >= 0 and <= 9223372036854775807, got -1"),
     (["weaken", "{guidance: .inf}"], "--guidance must be a finite number >= 0, got inf"),
     (["weaken", "{factor: .nan}"], "--factor must be a finite number, got nan"),
 ])
@@ -276,3 +278,51 @@ def test_dispatcher__a_full_disk_is_one_line_naming_the_file_other_os_errors_kee
     monkeypatch.setattr(analysis.construct, "load_model", broken_device)
     with pytest.raises(OSError):
         main(["analyze", "hrv", "--wandb", "false", "--out", str(tmp_path / "o")])
+
+
+HUGE = "99999999999999999999"  # > 2**63 - 1: torch.Generator.manual_seed fails on it, mid-run
+SEED_RANGE = "an integer >= 0 and <= 9223372036854775807"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["harvest", "configs/harvest/toy.yaml", "--seed", HUGE], f"--seed must be {SEED_RANGE}, got {HUGE}"),
+    (["harvest", "configs/harvest/toy.yaml", "--seed", "-1"], f"--seed must be {SEED_RANGE}, got -1"),
+    (["generate", "--prompts", '["a red circle"]', "--seeds", f"[0, {HUGE}]"], f"--seeds must be {SEED_RANGE}, got {HUGE}"),
+    (["generate", "--prompts", '["a red circle"]', "--seeds", "[-1]"], f"--seeds must be {SEED_RANGE}, got -1"),
+    (["analyze", "hrv", "--prompt_seed", HUGE], f"--prompt_seed must be {SEED_RANGE}, got {HUGE}"),
+    (["analyze", "hrv", "--seeds", f"[{HUGE}]"], f"--seeds must be {SEED_RANGE}, got {HUGE}"),
+    (["analyze", "weaken", "--seed", HUGE], f"--seed must be {SEED_RANGE}, got {HUGE}"),
+])
+def test_seeds__beyond_the_generators_range_or_negative_refused_in_one_line_before_loading(monkeypatch, capsys, tmp_path,
+                                                                                           argv, says):
+    import activations.generate
+    import activations.harvest
+    import activations.pipeline
+    import analysis.construct
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model loaded before the seeds were checked")
+
+    for module in (activations.pipeline, activations.harvest):
+        monkeypatch.setattr(module, "load_pipeline", load)
+    monkeypatch.setattr(analysis.construct, "load_model", load)
+    where = " ".join(argv[:2]) if argv[0] == "analyze" else argv[0]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"diffatlas {where}: error: {says}\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_seeds__a_steer_recipe_seed_beyond_the_range_is_one_line(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: toy\nprompts: [a red circle]\nseeds: [{HUGE}]\nsteps: 2\nguidance: 4.0\ninterventions: []\n")
+    _one_line_error(capsys, ["steer", str(recipe), "--out", str(tmp_path / "o")],
+                    f"seed 0 must be an integer in 0..9223372036854775807, got {HUGE}")
+
+
+def test_seeds__one_bound_for_every_command():
+    import steering.explorer.session as session
+    import steering.recipe as recipe
+    from common.config import MAX_SEED
+
+    assert MAX_SEED == 2**63 - 1 and session.LIMITS["seed"] is MAX_SEED
+    assert "MAX_SEED =" not in Path(recipe.__file__).read_text()  # imported from common.config, not redefined

@@ -389,7 +389,7 @@ def test_words_outside_the_toy_vocabulary__refused_before_anything_is_written(tm
         ({"images_per_shard": 0}, "--images_per_shard must be an integer >= 1, got 0"),
         ({"images_per_prompt": 0}, "--images_per_prompt must be an integer >= 1, got 0"),
         ({"positions": 0}, "--positions must be an integer >= 1, got 0"),
-        ({"seed": -1}, "--seed must be an integer >= 0, got -1"),
+        ({"seed": -1}, "--seed must be an integer >= 0 and <= 9223372036854775807, got -1"),
         ({"guidance_scale": -1.0}, "--guidance_scale must be a finite number >= 0, got -1.0"),
         ({"guidance_scale": float("nan")}, "--guidance_scale must be a finite number >= 0, got nan"),
         ({"threads": 0}, "--threads must be an integer >= 1, got 0"),

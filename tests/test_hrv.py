@@ -94,7 +94,7 @@ def test_word_bank_keeps_only_semantic_tokens_and_averages_multi_token_words(con
 def test_in_context_words__states_read_where_each_prompt_names_the_word(concepts_file):
     """A word's in-context states are the mean of its tokens' states in the prompts naming it, which a
     causal text encoder makes differ from the word encoded alone."""
-    from analysis.words import encode_prompts
+    from activations.text import encode_prompts
 
     pipe = build_tiny_pipeline("sd1")
     concepts = load_concepts(concepts_file)
@@ -119,7 +119,7 @@ def test_in_context_words__a_word_no_prompt_names_is_refused_naming_it(concepts_
 
 def test_sink__start_token_is_a_slot_of_every_contest_that_counts_for_no_concept(concepts_file):
     from analysis.hrv import slot_weights, weighted_strengths
-    from analysis.words import encode_prompts
+    from activations.text import encode_prompts
 
     pipe = build_tiny_pipeline("sd1")
     concepts = load_concepts(concepts_file)

@@ -101,7 +101,7 @@ GOOD_PROMPT = "a small blue striped circle at the center on a white background, 
     (["--steps", "-2"], "--steps must be >= 1 (or null for the model's default), got -2"),
     (["--steps", "0"], "--steps must be >= 1 (or null for the model's default), got 0"),
     (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
-    (["--seeds", "[0, -3]"], "--seeds must be >= 0, got -3"),
+    (["--seeds", "[0, -3]"], "--seeds must be an integer >= 0 and <= 9223372036854775807, got -3"),
     (["--guidance", "-1"], "--guidance must be >= 0 (or null for the model's default), got -1"),
     (["--prompts", '["  "]'], "prompt 0 is empty"),
 ])

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from activations.timesteps import parse_branch, parse_when
+from common.config import MAX_SEED
 from common.errors import UnknownNameError, UsageError
-from steering.recipe import MAX_SEED, Recipe, check_number, run_recipe
+from steering.recipe import Recipe, check_number, run_recipe
 
 OPS = ("scale", "swap", "sae")
 SAE_MODES = {"inject": "add", "scale": "scale", "ablate": "ablate"}  # the page's word -> FeatureEdit's op
@@ -440,9 +441,9 @@ class Explorer:
 
     def encode(self, prompt: str) -> torch.Tensor:
         """The prompt's text embeddings [tokens, C] (what the cross-attention reads), as steering encodes them."""
-        from steering.heads import encode_text
+        from activations.text import encode_prompts
 
-        return encode_text(self.pipe, prompt).float().cpu()
+        return encode_prompts(self.pipe, [prompt])[0].float().cpu()
 
     def edit(self, spec: EditSpec) -> dict:
         """Draw the edited image through its recipe: {edit id, image (PNG base64), diff, recipe}."""

@@ -1,0 +1,40 @@
+"""Prompt text to the embeddings the U-Net's cross-attention reads: the one place that calls
+the pipeline's ``encode_prompt``.
+
+Going through the pipeline's own method keeps every model's details (SD 1.x's one encoder, SDXL's
+two encoders' penultimate states concatenated, clip skip, attention masks) in diffusers, so HRV
+words, evaluation, head swaps and the explorer all read exactly what generation feeds the U-Net.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from common.errors import UsageError
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
+    """Conditional prompt embeddings [n, tokens, width] on ``pipe.device``, in the pipeline's dtype.
+
+    ``batch_size`` bounds how many prompts go through the text encoder at once (None: all).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise UsageError("encode_prompts: no prompts to encode (got an empty list)")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise UsageError(f"encode_prompts: batch_size must be a positive integer or None, got {batch_size!r}")
+    step = batch_size or len(prompts)
+    chunks = []
+    for lo in range(0, len(prompts), step):
+        # keywords, not positions: SDXL's encode_prompt takes prompt_2 second, SD's takes the device
+        out = pipe.encode_prompt(prompt=prompts[lo : lo + step], device=pipe.device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=False)
+        chunks.append(out[0])
+    if len(chunks) == 1:
+        return chunks[0]
+    return torch.cat(chunks)
