@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from common.config import check_counts, save_config
+from common.config import MAX_STEPS, check_counts, save_config
 from common.errors import UsageError
 
 
@@ -48,15 +48,11 @@ def check_prompts(model: str, prompts: list[str]) -> None:
 
 def check_numbers(cfg: GenerateConfig) -> None:
     """Refuse numbers out of range, naming the option (None means the model's default)."""
-    if cfg.steps is not None and cfg.steps < 1:
-        raise UsageError(f"--steps must be >= 1 (or null for the model's default), got {cfg.steps}")
-    if cfg.guidance is not None and cfg.guidance < 0:
-        raise UsageError(f"--guidance must be >= 0 (or null for the model's default), got {cfg.guidance}")
-    if cfg.batch_size < 1:
-        raise UsageError(f"--batch_size must be >= 1, got {cfg.batch_size}")
     if not cfg.seeds:
         raise UsageError("--seeds is empty; give at least one seed, e.g. --seeds '[0]'")
-    check_counts(cfg, seeds=("seeds",))  # 0..MAX_SEED, the range of the noise generators
+    # steps and guidance None: the model's defaults; seeds 0..MAX_SEED, the noise generators' range
+    check_counts(cfg, positive=("steps", "batch_size"), numbers={"guidance": 0.0}, at_most={"steps": MAX_STEPS},
+                 seeds=("seeds",))
 
 
 def generators(seeds) -> list[torch.Generator]:

@@ -7,6 +7,7 @@ with ``--config``, and the resolved config is saved beside the results it produc
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 import typing
@@ -43,11 +44,36 @@ def parse(cls: type[T], argv: list[str] | None, prog: str, description: str | No
         lead.append(argv.pop(0))
     argv = [x for name, value in zip(positional, lead) for x in (f"--{name}", value)] + _bare_flags(cls, argv)
     parser = build_parser(cls, prog, description)
-    values = parser.instantiate(parser.parse_args(argv))
+    try:
+        namespace = parser.parse_args(argv)
+    except argparse.ArgumentError as err:
+        raise _type_error(err) from None
+    values = parser.instantiate(namespace)
     cfg = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
     if callable(getattr(cfg, "check", None)):
         cfg.check()
     return cfg
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a text", "bool": "true or false", "NoneType": "null"}
+
+
+def _type_error(err: Exception) -> Exception:
+    """jsonargparse's multi-line type error (``Parser key "steps": ... Expected a <class 'int'> ...
+    Given value: many``) as ``--steps must be an integer or null, got 'many'``; other parse errors
+    as they are. A NaN or inf in YAML is ``.nan`` / ``.inf``, which the message says."""
+    import re
+
+    from common.errors import UsageError
+
+    text = str(err)
+    key = re.match(r'Parser key "([^"]+)":', text)
+    got = re.search(r"(?:Given value|Got value): (.*)$", text, re.S)
+    wanted = list(dict.fromkeys(re.findall(r"Expected a <class '(\w+)'>", text)))
+    if not (key and got and wanted) or any(w not in _TYPE_NAMES for w in wanted):
+        return err
+    value = got.group(1).strip()
+    return UsageError(f"--{key.group(1)} must be {' or '.join(_TYPE_NAMES[w] for w in wanted)}, got {value!r}")
 
 
 def _bare_flags(cls: type, argv: list[str]) -> list[str]:

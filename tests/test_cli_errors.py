@@ -326,3 +326,14 @@ def test_seeds__one_bound_for_every_command():
 
     assert MAX_SEED == 2**63 - 1 and session.LIMITS["seed"] is MAX_SEED
     assert "MAX_SEED =" not in Path(recipe.__file__).read_text()  # imported from common.config, not redefined
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["generate", "--prompts", '["a red circle"]', "--guidance", "nan"], "--guidance must be a number or null, got 'nan'"),
+    (["generate", "--prompts", '["a red circle"]', "--steps", "many"], "--steps must be an integer or null, got 'many'"),
+    (["analyze", "hrv", "--batch_size", "1.5"], "--batch_size must be an integer, got '1.5'"),
+])
+def test_parse__a_value_of_the_wrong_type_is_one_short_line_naming_the_option(capsys, argv, says):
+    assert main(argv) == 2
+    where = " ".join(argv[:2]) if argv[0] == "analyze" else argv[0]
+    assert capsys.readouterr().err == f"diffatlas {where}: error: {says}\n"

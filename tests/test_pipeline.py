@@ -98,11 +98,13 @@ GOOD_PROMPT = "a small blue striped circle at the center on a white background, 
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--steps", "-2"], "--steps must be >= 1 (or null for the model's default), got -2"),
-    (["--steps", "0"], "--steps must be >= 1 (or null for the model's default), got 0"),
-    (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+    (["--steps", "-2"], "--steps must be an integer >= 1 and <= 1000, got -2"),
+    (["--steps", "0"], "--steps must be an integer >= 1 and <= 1000, got 0"),
+    (["--steps", "1000000000"], "--steps must be an integer >= 1 and <= 1000, got 1000000000"),
+    (["--batch_size", "0"], "--batch_size must be an integer >= 1, got 0"),
     (["--seeds", "[0, -3]"], "--seeds must be an integer >= 0 and <= 9223372036854775807, got -3"),
-    (["--guidance", "-1"], "--guidance must be >= 0 (or null for the model's default), got -1"),
+    (["--guidance", "-1"], "--guidance must be a finite number >= 0, got -1.0"),
+    (["--guidance", ".inf"], "--guidance must be a finite number >= 0, got inf"),
     (["--prompts", '["  "]'], "prompt 0 is empty"),
 ])
 def test_bad_input__generate_numbers_out_of_range_and_empty_prompts_name_the_field(tmp_path, capsys, args, needle):
