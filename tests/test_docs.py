@@ -39,3 +39,20 @@ def test_readme_command_table_has_a_row_for_every_command_and_analyze_subcommand
 
 def test_readme_layout_promises_nothing_as_next():
     assert "(next)" not in _readme_section("Layout")
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_to_a_heading_of_the_manual_or_the_findings_finds_it():
+    docs = {p: p.read_text() for p in (ROOT / "README.md", ROOT / "docs" / "findings.md", ROOT / "steering" / "README.md")}
+    heads = {p: {_anchor(h) for h in re.findall(r"^#+ (.*)$", text, re.M)} for p, text in docs.items()}
+    broken = []
+    for p, text in docs.items():
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", text):
+            doc = (p.parent / target).resolve() if target else p
+            if doc in heads and anchor not in heads[doc]:
+                broken.append(f"{p.relative_to(ROOT)}: {target}#{anchor}")
+    assert not broken, broken
