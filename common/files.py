@@ -27,16 +27,17 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
 
 
 def out_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """The output folder ``path``, created and found writable, or a UsageError naming it and why,
-    before the command does any work (a file in its place, a read-only parent, a path under a file)."""
+    """``path`` if a command can write its results there, else a UsageError naming it and why (a
+    file in its place, a file or a read-only folder above it), before the command does any work.
+    Creates nothing, so a run refused later for other input leaves no folder behind."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {str(path)!r} is a file, not a folder; give a new or empty folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"{flag} {str(path)!r} cannot be written: {err.strerror or err}") from None
+    above = path
+    while not above.exists():  # the nearest existing folder, where the first mkdir will happen
+        above = above.parent
+    if not above.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} cannot be made: {str(above)!r} is a file")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {str(path)!r} cannot be written: {str(above)!r} is not writable")
     return path

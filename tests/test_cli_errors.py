@@ -247,7 +247,7 @@ def test_sampling_defaults__steps_0_is_not_the_model_default(random_toy_pipe):
 
 @pytest.mark.parametrize("sub", [["hrv"], ["weaken", "--hrv", "nowhere"], ["features", "nowhere", "nowhere"]])
 @pytest.mark.parametrize("place, says", [("file", "is a file, not a folder; give a new or empty folder"),
-                                         ("file/sub", "cannot be written: Not a directory")])
+                                         ("file/sub", "cannot be made: 'FILE' is a file")])
 def test_analyze_out__a_file_or_a_place_that_cannot_be_written_is_one_line_before_any_work(monkeypatch, capsys, tmp_path,
                                                                                             sub, place, says):
     import analysis.construct
@@ -256,6 +256,7 @@ def test_analyze_out__a_file_or_a_place_that_cannot_be_written_is_one_line_befor
     (tmp_path / "file").write_text("")
     out = str(tmp_path / place)
     assert main(["analyze", *sub, "--out", out]) == 2
+    says = says.replace("FILE", str(tmp_path / "file"))
     assert capsys.readouterr().err == f"diffatlas analyze {sub[0]}: error: --out {out!r} {says}\n"
 
 
