@@ -7,6 +7,8 @@ from common.errors import UsageError
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids, start and end tokens included, unpadded (what recipes, HRV edits and
+    the explorer index tokens by)."""
     return list(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length)["input_ids"])
 
 

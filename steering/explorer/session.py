@@ -200,9 +200,10 @@ class Explorer:
 
     def tokens(self, prompt: str) -> list[str]:
         """The prompt's tokens as the pipeline's tokenizer splits it (start and end tokens included)."""
+        from steering.tokens import prompt_ids
+
         tok = self.pipe.tokenizer
-        ids = tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids
-        return [t.replace("</w>", "") for t in tok.convert_ids_to_tokens(ids)]
+        return [t.replace("</w>", "") for t in tok.convert_ids_to_tokens(prompt_ids(tok, prompt))]
 
     def check_prompt(self, prompt: str) -> None:
         """The check of ``diffatlas generate`` and of recipes: no empty prompt, no unknown word."""
