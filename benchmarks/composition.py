@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.files import claim_folder
 from toyworld.vocab import OBJECT_ATTRIBUTES as OBJECT_ATTRS
 
 
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench/composition")
     args = ap.parse_args()
+    claim_folder(args.out, {"benchmark": Path(__file__).stem, **vars(args)}, prog=Path(__file__).name)  # another run's folder: refused
 
     from activations.config import HarvestConfig, PromptSource
     from activations.harvest import harvest

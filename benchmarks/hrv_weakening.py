@@ -30,6 +30,7 @@ from analysis.config import HRVConfig
 from analysis.construct import build_hrv, load_model
 from analysis.toy import ToyOracleScorer
 from analysis.weakening import save_results, summary, run_weakening
+from common.files import claim_folder
 
 
 def hrv_folder(args) -> str:
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/hrv_weakening")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    claim_folder(args.out, {"benchmark": Path(__file__).stem, **vars(args)}, prog=Path(__file__).name)  # another run's folder: refused
 
     t0 = time.perf_counter()
     out = Path(args.out)

@@ -25,6 +25,8 @@ import time
 import warnings
 from pathlib import Path
 
+from common.files import claim_folder
+
 
 def harvest_toy(out: Path, args, pipe):
     from activations.config import HarvestConfig, PromptSource
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="use the toy architecture with random weights (when the trained toy weights are absent; "
                         "figures are then only a smoke test)")
     args = p.parse_args(argv)
+    claim_folder(args.out, {"benchmark": Path(__file__).stem, **vars(args)}, prog=Path(__file__).name)  # another run's folder: refused
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)

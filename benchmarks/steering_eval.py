@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.files import claim_folder
+
 WINDOWS = ("early", "middle", "late")
 OPPOSITE = {"top left": "bottom right", "top right": "bottom left", "bottom left": "top right", "bottom right": "top left"}
 QUADS = tuple(OPPOSITE)
@@ -413,6 +415,7 @@ def examples_figure(examples: dict, results: dict, path: Path) -> Path:
 
 def main() -> None:
     args = parse_args()
+    claim_folder(args.out, {"benchmark": Path(__file__).stem, **vars(args)}, prog=Path(__file__).name)  # another run's folder: refused
     from activations.pipeline import load_pipeline, model_defaults
     from sae.sparse_coder import SparseCoder
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from common.files import claim_folder
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="outputs/bench/steering_overhead")
     args = ap.parse_args()
+    claim_folder(args.out, {"benchmark": Path(__file__).stem, **vars(args)}, prog=Path(__file__).name)  # another run's folder: refused
 
     from activations.generate import sample
     from activations.pipeline import load_pipeline, model_defaults

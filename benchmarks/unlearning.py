@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.files import claim_folder
+
 # a sibling script, importable because Python puts a script's own folder first on sys.path
 from steering_eval import build_saes  # the same harvest-and-train as the steering cells
 
@@ -214,6 +216,7 @@ def measures(ua_reads, ira_reads, attribute: str, others: list[str]) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    claim_folder(args.out, {"benchmark": Path(__file__).stem, **vars(args)}, prog=Path(__file__).name)  # another run's folder: refused
     from activations.pipeline import load_pipeline, model_defaults
     from sae.sparse_coder import SparseCoder
     from steering import FeatureEdit, Recipe, run_recipe

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = sorted((ROOT / "benchmarks").glob("*.py"))
 
@@ -91,3 +93,31 @@ def test_toy_fidelity__tiny_run_writes_its_grids_and_results(tmp_path):
 def test_steering_overhead__tiny_run_reports_idle_and_active_ratios(tmp_path):
     last = _run("steering_overhead.py", "--prompts", "1", "--steps", "1", "--repeats", "1", "--out", str(tmp_path))
     assert last["idle"] > 0 and last["active"] > 0
+
+
+def test_claim_folder__a_rerun_of_the_same_settings_is_claimed_another_run_or_foreign_files_refused(tmp_path):
+    from common.errors import UsageError
+    from common.files import claim_folder
+
+    out = tmp_path / "out"
+    claim_folder(out, {"steps": 2})
+    (out / "result.json").write_text("{}")
+    claim_folder(out, {"steps": 2})  # the same run again: resumes or replaces its own files
+    with pytest.raises(UsageError, match="holds another run's settings"):
+        claim_folder(out, {"steps": 3})
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.png").write_text("")
+    with pytest.raises(UsageError, match=r"holds files of something else \(x.png\)"):
+        claim_folder(tmp_path / "other", {"steps": 2})
+    with pytest.raises(SystemExit, match="^bench.py: error: --out .* is a file"):
+        claim_folder(out / "result.json", {"steps": 2}, prog="bench.py")
+
+
+def test_benchmark__another_runs_out_folder_is_refused_in_one_line_before_any_work(tmp_path):
+    (tmp_path / "run_args.json").write_text("{}")  # a run of other settings
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hrv_weakening.py"), "--out", str(tmp_path)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert out.stderr.startswith("hrv_weakening.py: error: --out") and "another run's settings" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_args.json"]
