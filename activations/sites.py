@@ -222,8 +222,6 @@ def denoiser_for(spec: str):
     except ValueError as err:
         from pathlib import Path
 
-        from diffusers import ConfigMixin
-
         local = Path(spec).exists()
         if not local and spec.count("/") != 1:  # neither a folder nor a hub id: do not go online
             raise
@@ -232,10 +230,11 @@ def denoiser_for(spec: str):
         subs = [None] if local and (Path(spec) / "config.json").exists() else list(dict.fromkeys(a.denoiser for a in archs.values()))
         if local:
             subs = [s for s in subs if s is None or (Path(spec) / s).is_dir()] or subs
+        reader = next(iter(archs.values())).denoiser_cls()  # any model class reads a model's config.json
         problem = None
         for sub in subs:
             try:
-                config = ConfigMixin.load_config(spec, subfolder=sub)
+                config = reader.load_config(spec, subfolder=sub)
             except Exception as e:  # noqa: BLE001 - the last reason is reported below
                 problem = e
                 continue

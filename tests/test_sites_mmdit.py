@@ -196,3 +196,14 @@ def test_full_mmdit_head_counts_grids_and_sizes(name, blocks, heads, head_dim, t
 def test_full_sd35_large_normalises_q_and_k():
     attn = build_denoiser("sd-3.5-large", device="meta").transformer_blocks[0].attn
     assert type(attn.norm_q).__name__ == "RMSNorm" and type(attn.norm_k).__name__ == "RMSNorm"
+
+
+def test_sites_command_reads_the_denoiser_class_of_a_pipeline_folder(tmp_path, capsys):
+    from activations.models import build_tiny_unet
+
+    build_tiny_transformer("flux").save_config(tmp_path / "flux" / "transformer")
+    build_tiny_unet("sd1").save_config(tmp_path / "sd1" / "unet")
+    assert main([str(tmp_path / "flux")]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("9 block sites, 5 joint attention modules, 10 heads")
+    assert main([str(tmp_path / "sd1")]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("7 block sites, 7 cross-attention modules, 14 heads")
