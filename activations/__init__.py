@@ -2,7 +2,7 @@
 
 Public API (imported lazily, so that ``import activations.store`` never pays for diffusers):
 
-* models:     ``load_pipeline`` (from .pipeline), ``build_unet``, ``model_config``
+* models:     ``load_pipeline`` (from .pipeline), ``build_denoiser``, ``build_unet``, ``model_config``
 * sites:      ``Site``, ``list_sites``, ``head_table``, ``resolve_sites``
 * the Intervention protocol: ``Intervention``, ``Call``, ``register_intervention``,
   ``save_interventions``, ``load_interventions``; built-in kinds ``HeadEdit``, ``SwapKV``,
@@ -24,6 +24,7 @@ from common.lazy import lazy_exports
 
 _EXPORTS = {
     "load_pipeline": "activations.pipeline",
+    "build_denoiser": "activations.models",
     "build_unet": "activations.models",
     "model_config": "activations.models",
     "MODEL_CONFIGS": "activations.models",

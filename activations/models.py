@@ -1,9 +1,12 @@
-"""Model architectures without weights: the shipped configs (configs/models/) and tiny in-process pipelines.
+"""Model architectures without weights: the shipped configs (configs/models/) and tiny in-process models.
 
-``build_unet(name)`` instantiates a U-Net of a known family with random weights: for structural
-tests (``device="meta"`` builds one without allocating memory) and for speed measurements.
+``build_denoiser(name)`` instantiates the denoiser of a known model (a U-Net, or an MMDiT
+transformer of SD3 / SD3.5 / FLUX.1) with random weights, of the class its family declares
+(``activations.families``): for structural tests (``device="meta"`` builds one without allocating
+memory) and for speed measurements; ``build_unet`` is the same for U-Net models only.
 ``build_tiny_pipeline(family)`` builds a complete, tiny, randomly initialised pipeline of each
-family (SD 1.x, SD 2.x, SDXL) in-process, so that tests exercise every family's quirks offline.
+U-Net family (SD 1.x, SD 2.x, SDXL) in-process, so that tests exercise every family's quirks
+offline; ``build_tiny_transformer(family)`` builds a tiny MMDiT (sd3, flux) denoiser alone.
 Real weights are ``activations.pipeline.load_pipeline``'s job.
 """
 
@@ -15,10 +18,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from activations import families
 from common import bundled, plugins
 from common.errors import UsageError
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = tuple(families.FAMILIES)  # every model family: sd1, sd2, sdxl, sd3, flux
+UNET_FAMILIES = families.ARCHITECTURES["unet"].families
+MMDIT_FAMILIES = tuple(f for f in FAMILIES if f not in UNET_FAMILIES)
 
 
 def _available() -> dict:
@@ -57,11 +63,14 @@ def model_config(name: str | Path) -> dict:
     return yaml.safe_load(available[stem].read_text())
 
 
-def build_unet(name: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None, seed: int = 0):
-    """A UNet2DConditionModel of a known architecture with random weights.
+def build_denoiser(name: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                   seed: int = 0):
+    """The denoiser of a known architecture (a U-Net or an MMDiT transformer) with random weights.
 
-    ``name``: a config of configs/models/ (see ``model_config``) or a registered model name
-    (``"toy"``: the bundled toy model's architecture, see ``common.plugins``). ``device="meta"`` gives the structure without allocating weights.
+    ``name``: a config of configs/models/ (see ``model_config``; its ``family`` decides the class and
+    the config key, ``unet`` or ``transformer``) or a registered model name (``"toy"``: the bundled
+    toy model's architecture, see ``common.plugins``). ``device="meta"`` gives the structure without
+    allocating weights.
     """
     plugin = plugins.model_plugin(str(name))
     if plugin is not None and plugin.build_unet is not None:  # a registered model (e.g. toy)
@@ -71,20 +80,31 @@ def build_unet(name: str | Path, *, device: str | torch.device | None = None, dt
         if device not in (None, "meta"):
             unet = unet.to(device)
         return unet.eval().requires_grad_(False)
-    from diffusers import UNet2DConditionModel
-
     cfg = model_config(name)
+    arch = families.for_family(cfg.get("family", ""))
+    cls = arch.denoiser_cls()
     torch.manual_seed(seed)
     if str(device) == "meta":
         with torch.device("meta"):
-            unet = UNet2DConditionModel(**cfg["unet"])
+            model = cls(**cfg[arch.denoiser])
     else:
-        unet = UNet2DConditionModel(**cfg["unet"])
+        model = cls(**cfg[arch.denoiser])
         if dtype is not None:
-            unet = unet.to(dtype=dtype)
+            model = model.to(dtype=dtype)
         if device is not None:
-            unet = unet.to(device)
-    return unet.eval().requires_grad_(False)
+            model = model.to(device)
+    return model.eval().requires_grad_(False)
+
+
+def build_unet(name: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None, seed: int = 0):
+    """A UNet2DConditionModel of a known architecture with random weights (``build_denoiser`` for
+    U-Net models; an MMDiT model is a UsageError naming the U-Net models)."""
+    if plugins.model_plugin(str(name)) is None:
+        family = model_config(name).get("family", "")
+        if family not in UNET_FAMILIES:
+            unets = [n for n, p in _available().items() if yaml.safe_load(p.read_text()).get("family") in UNET_FAMILIES]
+            raise UsageError(f"{name!r} is a {family} model without a U-Net (use build_denoiser); U-Net models: {', '.join(unets)}")
+    return build_denoiser(name, device=device, dtype=dtype, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +180,7 @@ def tiny_unet_config(family: str) -> dict:
             "addition_time_embed_dim": 8,
             "projection_class_embeddings_input_dim": 32 + 6 * 8,
         }
-    raise UsageError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}")
+    raise UsageError(f"unknown U-Net family {family!r}; valid families: {', '.join(UNET_FAMILIES)}")
 
 
 def build_tiny_unet(family: str, seed: int = 0):
@@ -218,3 +238,24 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_transformer_config(family: str) -> dict:
+    """A tiny MMDiT config of ``family`` (sd3, flux): 2 heads of dim 8, a 4 x 4 token grid, and the
+    family's structural quirks (SD3: the last block ``context_pre_only``; FLUX: double then single
+    blocks, guidance embedding)."""
+    common = dict(num_attention_heads=2, attention_head_dim=8, joint_attention_dim=32, pooled_projection_dim=32)
+    if family == "sd3":
+        return {**common, "sample_size": 8, "patch_size": 2, "in_channels": 4, "out_channels": 4, "num_layers": 3,
+                "caption_projection_dim": 16, "pos_embed_max_size": 8}
+    if family == "flux":
+        # 4 latent channels packed 2 x 2 (FluxPipeline) -> 16 input channels; RoPE axes sum to the head dim
+        return {**common, "patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 3,
+                "guidance_embeds": True, "axes_dims_rope": (2, 2, 4)}
+    raise UsageError(f"unknown MMDiT family {family!r}; valid families: {', '.join(MMDIT_FAMILIES)}")
+
+
+def build_tiny_transformer(family: str = "sd3", seed: int = 0):
+    """A tiny MMDiT denoiser of ``family`` (sd3, flux) with random weights, of the class its family declares."""
+    torch.manual_seed(seed)
+    return families.for_family(family).denoiser_cls()(**tiny_transformer_config(family)).eval()

@@ -1,14 +1,34 @@
-"""Sites: the named places of a U-Net that we read and edit.
+"""Sites: the named places of a denoiser that we read and edit.
+
+U-Nets (SD 1.x, SD 2.x, SDXL):
 
 * block site: a ``Transformer2DModel`` (e.g. ``mid_block.attentions.0``); its value is the
   residual update Δ = output − input, ``[batch, H*W, C]``.
 * head site: a cross-attention module ``...transformer_blocks.N.attn2``; its value is the per-head
   output before ``to_out``, ``[batch, H*W, heads * head_dim]`` (heads concatenated).
 
-The global head index orders all cross-attention heads by module in forward order (down blocks,
-mid block, up blocks, each block's attentions and transformer layers in order) and by head inside
-each module. Note that ``named_modules()`` lists ``up_blocks`` before ``mid_block`` (diffusers
-registers them in that order), so the order is built explicitly here.
+MMDiTs (SD3 / SD3.5: ``SD3Transformer2DModel``; FLUX.1: ``FluxTransformer2DModel``):
+
+* block site: a transformer block (``transformer_blocks.{i}``, FLUX's
+  ``single_transformer_blocks.{j}``); its value is the image tokens' residual update,
+  ``[batch, H*W, inner_dim]`` on the token grid (the latent after patchifying: H/2 x W/2).
+* text-stream block site ``<block>.context``: the text tokens' residual update of a block whose
+  text output a later block reads, ``[batch, T, inner_dim]``; its resolution is ``(1, T)``, T
+  the text length of the pipeline's default call (SD3 77 + 256, FLUX 512). SD3's last block
+  (``context_pre_only``) and FLUX's last single block have none (see ``activations.families``).
+* head site: the joint attention module ``<block>.attn`` (image and text tokens attend to each
+  other); its value is the image queries' per-head output, ``[batch, H*W, heads * head_dim]``.
+  Its ``probs`` will be the image-query x text-key slice of the joint softmax, normalised over ALL
+  keys (text and image), so a row sums to the share of attention that goes to the text, not to 1:
+  the slice is comparable with a U-Net's cross-attention map only up to that share. (Definition
+  only: the processors and harvesting of MMDiT sites are not built yet.)
+
+Which blocks and attention modules a denoiser has is declared per architecture in
+``activations.families``; this module builds the same ``Site``s from every one.
+
+The global head index orders all head sites' heads by module in forward order (a U-Net's down
+blocks, mid block, up blocks, each block's attentions and transformer layers in order; an
+MMDiT's transformer blocks, then FLUX's single blocks) and by head inside each module.
 """
 
 from __future__ import annotations
@@ -19,6 +39,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Literal, Optional, get_args
 
+from activations.families import architecture_of, denoiser_of, pair
 from common.errors import UnknownNameError, UsageError
 
 SiteKind = Literal["block", "head"]
@@ -28,8 +49,8 @@ SITE_GROUPS = ("all", "blocks", "heads")
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-    """One site. For a block site, heads/head_dim/first_head describe the cross-attention heads
-    inside it; for a head site, its own."""
+    """One site. For a block site, heads/head_dim/first_head describe the attention heads inside
+    it (a text-stream site: those of its block); for a head site, its own."""
 
     name: str
     kind: str  # "block" | "head"
@@ -49,30 +70,6 @@ class Site:
         return range(self.first_head, self.first_head + self.heads)
 
 
-def _pair(size) -> tuple[int, int]:
-    if isinstance(size, (tuple, list)):
-        return int(size[0]), int(size[1])
-    return int(size), int(size)
-
-
-def _ordered_blocks(unet, sample_size=None) -> list[tuple[str, object, tuple[int, int]]]:
-    """(prefix, block, resolution) for down blocks, mid block and up blocks, in forward order."""
-    h, w = _pair(unet.config.sample_size if sample_size is None else sample_size)
-    out, down_sizes = [], []
-    for k, block in enumerate(unet.down_blocks):
-        down_sizes.append((h, w))
-        out.append((f"down_blocks.{k}", block, (h, w)))
-        if getattr(block, "downsamplers", None):
-            h, w = (h + 1) // 2, (w + 1) // 2  # stride-2 conv with padding 1 rounds up
-    if unet.mid_block is not None:
-        out.append(("mid_block", unet.mid_block, (h, w)))
-    # up block k works at the resolution of the mirrored down block (skip connections match)
-    n = len(unet.up_blocks)
-    for k, block in enumerate(unet.up_blocks):
-        out.append((f"up_blocks.{k}", block, down_sizes[n - 1 - k] if n == len(down_sizes) else (h, w)))
-    return out
-
-
 def num_downsamplings(unet) -> int:
     return sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
 
@@ -85,7 +82,7 @@ def latent_size(pipe, height: int | None = None, width: int | None = None) -> tu
     """
     unet = pipe.unet
     factor = int(getattr(pipe, "vae_scale_factor", 8))
-    default = _pair(getattr(pipe, "default_sample_size", None) or unet.config.sample_size)
+    default = pair(getattr(pipe, "default_sample_size", None) or unet.config.sample_size)
     step = factor * 2 ** num_downsamplings(unet)
     size = []
     for name, value, dflt in (("height", height, default[0]), ("width", width, default[1])):
@@ -102,50 +99,36 @@ def latent_size(pipe, height: int | None = None, width: int | None = None) -> tu
     return size[0], size[1]
 
 
-def list_sites(unet, sample_size=None) -> list[Site]:
-    """All block sites and head sites of ``unet`` in forward order (each block then its heads).
+def list_sites(model, sample_size=None, *, text_tokens: int | None = None) -> list[Site]:
+    """All block sites and head sites of a denoiser (or of the pipeline holding it), in forward
+    order: each block, then its text-stream site if it has one, then its heads.
 
-    ``sample_size``: the latent size (H, W) or H of the run, which decides each site's
-    resolution; None: the U-Net's default sample size.
+    ``sample_size``: the latent size (H, W) or H of the run, which decides each site's resolution;
+    None: the model's default. ``text_tokens``: the text length of an MMDiT run (its text-stream
+    sites are ``(1, T)``); None: its pipeline's default.
     """
+    denoiser = denoiser_of(model)
     sites: list[Site] = []
     next_head = 0
-    for prefix, block, res in _ordered_blocks(unet, sample_size):
-        for a, transformer in enumerate(getattr(block, "attentions", None) or []):
-            block_name = f"{prefix}.attentions.{a}"
-            heads_here: list[Site] = []
-            for b, tblock in enumerate(getattr(transformer, "transformer_blocks", None) or []):
-                attn = getattr(tblock, "attn2", None)
-                if attn is None:
-                    continue
-                inner = attn.to_q.out_features
-                heads_here.append(
-                    Site(
-                        name=f"{block_name}.transformer_blocks.{b}.attn2",
-                        kind="head",
-                        resolution=res,
-                        width=inner,
-                        heads=attn.heads,
-                        head_dim=inner // attn.heads,
-                        first_head=next_head,
-                        block=block_name,
-                    )
-                )
-                next_head += attn.heads
-            channels = transformer.config.in_channels if hasattr(transformer, "config") else heads_here[0].width
-            sites.append(
-                Site(
-                    name=block_name,
-                    kind="block",
-                    resolution=res,
-                    width=int(channels),
-                    heads=sum(s.heads for s in heads_here),
-                    head_dim=heads_here[0].head_dim if heads_here else 0,
-                    first_head=heads_here[0].first_head if heads_here else next_head,
-                    block=block_name,
-                )
+    for block in architecture_of(denoiser).blocks(denoiser, sample_size, text_tokens):
+        heads_here: list[Site] = []
+        for name, attn in block.attentions:
+            inner = attn.to_q.out_features
+            heads_here.append(
+                Site(name=name, kind="head", resolution=block.resolution, width=inner, heads=attn.heads,
+                     head_dim=inner // attn.heads, first_head=next_head, block=block.name)
             )
-            sites += heads_here
+            next_head += attn.heads
+        heads = dict(
+            heads=sum(s.heads for s in heads_here),
+            head_dim=heads_here[0].head_dim if heads_here else 0,
+            first_head=heads_here[0].first_head if heads_here else next_head,
+        )
+        sites.append(Site(name=block.name, kind="block", resolution=block.resolution, width=block.width, block=block.name, **heads))
+        if block.context is not None:
+            sites.append(Site(name=block.context, kind="block", resolution=(1, block.text_tokens), width=block.width,
+                              block=block.context, **heads))
+        sites += heads_here
     return sites
 
 
@@ -160,8 +143,8 @@ def head_table(unet_or_sites) -> list[tuple[str, int]]:
 
 
 def head_sites(model) -> list[Site]:
-    """The cross-attention head sites of a pipeline, a U-Net or a list of sites, in global head order."""
-    sites = model if isinstance(model, list) else list_sites(getattr(model, "unet", model))
+    """The head sites of a pipeline, a denoiser or a list of sites, in global head order."""
+    sites = model if isinstance(model, list) else list_sites(model)
     return [s for s in sites if s.kind == "head"]
 
 
@@ -224,38 +207,51 @@ def resolve_sites(unet_or_sites, names: str | Iterable[str]) -> list[Site]:
 # diffatlas sites
 
 
-def unet_for(spec: str):
-    """A U-Net (weights not needed) for a model spec: a config name of configs/models/, a YAML
+def denoiser_for(spec: str):
+    """A denoiser (weights not needed) for a model spec: a config name of configs/models/, a YAML
     path, a registered model name ("toy"), or a local diffusers pipeline folder / hub id (config
-    only, weights on meta)."""
-    from activations.models import build_unet, model_config
+    only, weights on meta). Its class is the one its family declares (``activations.families``)."""
+    from activations.families import ARCHITECTURES
+    from activations.models import build_denoiser, model_config
     from common import plugins
 
     if plugins.model_plugin(spec) is not None:
-        return build_unet(spec)
+        return build_denoiser(spec)
     try:
         model_config(spec)
     except ValueError as err:
         from pathlib import Path
 
-        from diffusers import UNet2DConditionModel
-
         local = Path(spec).exists()
         if not local and spec.count("/") != 1:  # neither a folder nor a hub id: do not go online
             raise
-        try:
-            sub = "unet" if not local or (Path(spec) / "unet").is_dir() else None
-            config = UNet2DConditionModel.load_config(spec, subfolder=sub)
-        except Exception as e:
-            raise UsageError(f"{err} Also not a diffusers pipeline folder or reachable hub id: {spec!r} ({e})") from None
-        import torch
+        archs = {a.denoiser_class: a for a in ARCHITECTURES.values()}
+        # a denoiser folder itself, else the pipeline's unet/ or transformer/ subfolder
+        subs = [None] if local and (Path(spec) / "config.json").exists() else list(dict.fromkeys(a.denoiser for a in archs.values()))
+        if local:
+            subs = [s for s in subs if s is None or (Path(spec) / s).is_dir()] or subs
+        reader = next(iter(archs.values())).denoiser_cls()  # any model class reads a model's config.json
+        problem = None
+        for sub in subs:
+            try:
+                config = reader.load_config(spec, subfolder=sub)
+            except Exception as e:  # noqa: BLE001 - the last reason is reported below
+                problem = e
+                continue
+            arch = archs.get(config.get("_class_name"))
+            if arch is None:
+                raise UsageError(f"{spec!r} holds a {config.get('_class_name')!r}, not a known denoiser; known: {', '.join(archs)}") from None
+            import torch
 
-        with torch.device("meta"):
-            return UNet2DConditionModel.from_config(config)
-    return build_unet(spec, device="meta")
+            with torch.device("meta"):
+                return arch.denoiser_cls().from_config(config)
+        raise UsageError(f"{err} Also not a diffusers pipeline folder or reachable hub id: {spec!r} ({problem})") from None
+    return build_denoiser(spec, device="meta")
 
 
-def format_table(sites: Sequence[Site]) -> str:
+def format_table(sites: Sequence[Site], attention: str = "cross-attention") -> str:
+    """The sites as a table; ``attention`` names the head modules in the last line (an
+    architecture's ``attention``: cross-attention, joint attention)."""
     rows = [("site", "kind", "H x W", "width", "heads", "head_dim", "first_head")]
     rows += [
         (s.name, s.kind, f"{s.resolution[0]}x{s.resolution[1]}", str(s.width), str(s.heads), str(s.head_dim), str(s.first_head))
@@ -266,17 +262,18 @@ def format_table(sites: Sequence[Site]) -> str:
     n_heads = sum(s.heads for s in sites if s.kind == "head")
     n_mod = sum(1 for s in sites if s.kind == "head")
     n_blocks = sum(1 for s in sites if s.kind == "block")
-    lines.append(f"{n_blocks} block sites, {n_mod} cross-attention modules, {n_heads} heads")
+    lines.append(f"{n_blocks} block sites, {n_mod} {attention} modules, {n_heads} heads")
     return "\n".join(lines)
 
 
 @dataclasses.dataclass
 class SitesConfig:
-    """List a model's block sites and cross-attention head sites."""
+    """List a model's block sites and attention head sites (U-Nets: cross-attention; SD3 / FLUX:
+    joint attention, the text stream's block sites as <block>.context)."""
 
     model: str = ""
-    """config name (sd-1.4, sd-1.5, sd-2.1, sdxl-base), a YAML path, 'toy', or a pipeline folder; may
-    also be given as the first argument"""
+    """config name (sd-1.4, sd-1.5, sd-2.1, sdxl-base, sd-3-medium, sd-3.5-large, flux-1-dev), a YAML
+    path, 'toy', or a pipeline folder; may also be given as the first argument"""
     json: bool = False
     """print JSON (one object per site) instead of a table"""
     kind: Optional[SiteKind] = None
@@ -289,12 +286,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse(SitesConfig, argv, "diffatlas sites", SitesConfig.__doc__, positional=("model",))
     if not args.model:
-        raise UsageError("give a model: diffatlas sites <model> (sd-1.4, sd-1.5, sd-2.1, sdxl-base, toy, a YAML path or a pipeline folder)")
-    sites = list_sites(unet_for(args.model))
+        from activations.models import MODEL_CONFIGS
+
+        raise UsageError(f"give a model: diffatlas sites <model> ({', '.join(MODEL_CONFIGS)}, toy, a YAML path or a pipeline folder)")
+    denoiser = denoiser_for(args.model)
+    sites = list_sites(denoiser)
     if args.kind:
         sites = [s for s in sites if s.kind == args.kind]
     if args.json:
         print(json.dumps([dataclasses.asdict(s) for s in sites], indent=1))
     else:
-        print(format_table(sites))
+        print(format_table(sites, architecture_of(denoiser).attention))
     return 0

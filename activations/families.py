@@ -1,0 +1,207 @@
+"""Model families: the one place that knows how each kind of denoiser is laid out.
+
+An ``Architecture`` says, for one kind of denoiser, its attribute on a diffusers pipeline and its
+key in a model YAML (``unet`` or ``transformer``), its diffusers class, which ``family:`` values of
+``configs/models/*.yaml`` it serves, what its head sites are, and how to walk its blocks in forward
+order (``Architecture.blocks`` -> ``Block``). ``activations.sites`` turns blocks into ``Site``s the
+same way for every architecture; no client asks which class a denoiser is.
+
+==========  ==========================  ===========================================================
+name        denoiser (families)         blocks, in forward order
+==========  ==========================  ===========================================================
+unet        ``UNet2DConditionModel``    every ``Transformer2DModel`` of the down, mid and up
+            (sd1, sd2, sdxl)            blocks; head sites: their ``transformer_blocks.N.attn2``
+sd3         ``SD3Transformer2DModel``   ``transformer_blocks.{i}`` (``JointTransformerBlock``);
+            (sd3)                       head site ``.attn``, text stream ``.context``
+flux        ``FluxTransformer2DModel``  ``transformer_blocks.{i}`` (double stream), then
+            (flux)                      ``single_transformer_blocks.{j}`` (one stream over the
+                                        text and image tokens); head site ``.attn`` of each
+==========  ==========================  ===========================================================
+
+MMDiT token grids: SD3 patchifies the latent with ``patch_size`` (2): a 128 x 128 latent is a
+64 x 64 token grid. FLUX's transformer has ``patch_size`` 1, but ``FluxPipeline`` packs 2 x 2
+latent cells into one token (``_pack_latents``; 16 channels x 4 = ``in_channels`` 64) before the
+transformer sees them, so its grid is the latent halved too. FLUX's config has no sample size; its
+default latent is ``FluxPipeline.default_sample_size`` (128, i.e. 1024 px).
+
+The text stream: an MMDiT block's text-token output is a site (``<block>.context``) where a later
+block reads it. SD3's last block is ``context_pre_only`` (it returns no text at all); FLUX's single
+blocks update the text tokens together with the image tokens (one residual over the concatenated
+sequence), and the model reads them in the next single block, except after the last one, whose
+text output ``FluxTransformer2DModel`` drops (only image tokens reach ``norm_out``): it gets no
+context site, since nothing written there could reach the image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from common.errors import UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One block of a denoiser, as sites see it.
+
+    ``attentions``: (module path, attention module) of the heads that read the text, in forward
+    order. ``context``: the name of the block's text-stream site, None where it has none;
+    ``text_tokens``: that site's length.
+    """
+
+    name: str
+    resolution: tuple[int, int]
+    width: int
+    attentions: tuple[tuple[str, object], ...]
+    context: str | None = None
+    text_tokens: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    name: str
+    denoiser: str  # the pipeline attribute and the model-YAML key: "unet" | "transformer"
+    denoiser_class: str  # the diffusers class name
+    families: tuple[str, ...]  # the ``family:`` values of configs/models/*.yaml it serves
+    attention: str  # what its head modules are, for tables: "cross-attention" | "joint attention"
+    walk: Callable  # (denoiser, latent (H, W), text_tokens | None) -> list[Block]
+    default_latent: Callable  # denoiser -> latent (H, W) when the run does not say
+    default_text_tokens: int = 0  # text length of the pipeline's default call (0: no text stream)
+
+    def blocks(self, denoiser, latent_size=None, text_tokens: int | None = None) -> list[Block]:
+        latent = self.default_latent(denoiser) if latent_size is None else pair(latent_size)
+        return self.walk(denoiser, latent, text_tokens or self.default_text_tokens)
+
+    def denoiser_cls(self):
+        import diffusers
+
+        return getattr(diffusers, self.denoiser_class)
+
+
+def pair(size) -> tuple[int, int]:
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
+# -- U-Nets -----------------------------------------------------------------------------------
+
+
+def unet_levels(unet, latent: tuple[int, int]) -> list[tuple[str, object, tuple[int, int]]]:
+    """(prefix, block, resolution) for down blocks, mid block and up blocks, in forward order.
+
+    ``named_modules()`` lists ``up_blocks`` before ``mid_block`` (diffusers registers them in that
+    order), so the order is built explicitly here."""
+    h, w = latent
+    out, down_sizes = [], []
+    for k, block in enumerate(unet.down_blocks):
+        down_sizes.append((h, w))
+        out.append((f"down_blocks.{k}", block, (h, w)))
+        if getattr(block, "downsamplers", None):
+            h, w = (h + 1) // 2, (w + 1) // 2  # stride-2 conv with padding 1 rounds up
+    if unet.mid_block is not None:
+        out.append(("mid_block", unet.mid_block, (h, w)))
+    # up block k works at the resolution of the mirrored down block (skip connections match)
+    n = len(unet.up_blocks)
+    for k, block in enumerate(unet.up_blocks):
+        out.append((f"up_blocks.{k}", block, down_sizes[n - 1 - k] if n == len(down_sizes) else (h, w)))
+    return out
+
+
+def _unet_blocks(unet, latent, text_tokens) -> list[Block]:
+    blocks = []
+    for prefix, level, res in unet_levels(unet, latent):
+        for a, transformer in enumerate(getattr(level, "attentions", None) or []):
+            name = f"{prefix}.attentions.{a}"
+            attns = tuple(
+                (f"{name}.transformer_blocks.{b}.attn2", tblock.attn2)
+                for b, tblock in enumerate(getattr(transformer, "transformer_blocks", None) or [])
+                if getattr(tblock, "attn2", None) is not None
+            )
+            width = transformer.config.in_channels if hasattr(transformer, "config") else attns[0][1].to_q.out_features
+            blocks.append(Block(name, res, int(width), attns))
+    return blocks
+
+
+# -- MMDiTs -----------------------------------------------------------------------------------
+
+
+def _grid(latent, patch: int) -> tuple[int, int]:
+    return latent[0] // patch, latent[1] // patch
+
+
+def _sd3_blocks(model, latent, text_tokens) -> list[Block]:
+    grid, width = _grid(latent, model.config.patch_size), model.inner_dim
+    # attn2 of SD3.5-medium's dual-attention blocks attends over image tokens only: not a head site
+    return [
+        Block(f"transformer_blocks.{i}", grid, width, ((f"transformer_blocks.{i}.attn", block.attn),),
+              None if block.context_pre_only else f"transformer_blocks.{i}.context", text_tokens)
+        for i, block in enumerate(model.transformer_blocks)
+    ]
+
+
+FLUX_PACKING = 2  # FluxPipeline._pack_latents: 2 x 2 latent cells per token
+
+
+def _flux_blocks(model, latent, text_tokens) -> list[Block]:
+    grid, width = _grid(latent, FLUX_PACKING * model.config.patch_size), model.inner_dim
+    out = [
+        Block(f"transformer_blocks.{i}", grid, width, ((f"transformer_blocks.{i}.attn", block.attn),),
+              f"transformer_blocks.{i}.context", text_tokens)
+        for i, block in enumerate(model.transformer_blocks)
+    ]
+    last = len(model.single_transformer_blocks) - 1
+    out += [
+        Block(f"single_transformer_blocks.{j}", grid, width, ((f"single_transformer_blocks.{j}.attn", block.attn),),
+              f"single_transformer_blocks.{j}.context" if j < last else None, text_tokens)
+        for j, block in enumerate(model.single_transformer_blocks)
+    ]
+    return out
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in (
+        Architecture("unet", "unet", "UNet2DConditionModel", ("sd1", "sd2", "sdxl"), "cross-attention", _unet_blocks,
+                     lambda unet: pair(unet.config.sample_size)),
+        # StableDiffusion3Pipeline: 77 CLIP tokens + 256 T5 tokens (max_sequence_length) by default
+        Architecture("sd3", "transformer", "SD3Transformer2DModel", ("sd3",), "joint attention", _sd3_blocks,
+                     lambda model: pair(model.config.sample_size), default_text_tokens=77 + 256),
+        # FluxPipeline: 512 T5 tokens (max_sequence_length) by default; default_sample_size 128
+        Architecture("flux", "transformer", "FluxTransformer2DModel", ("flux",), "joint attention", _flux_blocks,
+                     lambda model: (128, 128), default_text_tokens=512),
+    )
+}
+
+FAMILIES: dict[str, Architecture] = {f: a for a in ARCHITECTURES.values() for f in a.families}
+
+
+def for_family(family: str) -> Architecture:
+    """The architecture of a ``family:`` value (sd1, sd2, sdxl, sd3, flux)."""
+    if family not in FAMILIES:
+        raise UsageError(f"unknown model family {family!r}; valid families: {', '.join(FAMILIES)}")
+    return FAMILIES[family]
+
+
+def _match(obj) -> Architecture | None:
+    names = {cls.__name__ for cls in type(obj).__mro__}
+    return next((a for a in ARCHITECTURES.values() if a.denoiser_class in names), None)
+
+
+def architecture_of(model) -> Architecture:
+    """The architecture of a denoiser or of a pipeline that holds one."""
+    return _match(denoiser_of(model))
+
+
+def denoiser_of(model):
+    """The denoiser of a pipeline (its ``unet`` or ``transformer``), or ``model`` itself if it is one.
+
+    Anything else is a UsageError naming its class and the denoisers known."""
+    if _match(model) is not None:
+        return model
+    for arch in ARCHITECTURES.values():
+        inner = getattr(model, arch.denoiser, None)
+        if inner is not None and _match(inner) is not None:
+            return inner
+    known = ", ".join(f"{a.denoiser_class} ({a.name})" for a in ARCHITECTURES.values())
+    raise UsageError(f"{type(model).__name__} is neither a known denoiser nor a pipeline holding one; known denoisers: {known}")
