@@ -41,6 +41,8 @@ def _aliases() -> dict[str, str]:
         out[stem.replace("-", "").replace(".", "")] = stem
         out[stem.replace("-", "")] = stem
     out["sdxl"] = "sdxl-base"
+    out["sd3"] = "sd-3-medium"  # the family names, for the model people mean by them
+    out["flux"] = "flux-1-dev"
     return out
 
 

@@ -57,6 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         if rest and rest[0] in getattr(module, "SUBCOMMANDS", {}):  # diffatlas analyze hrv: error: ...
             where = f"{name} {rest[0]}"
         return int(getattr(module, func_name)(rest) or 0)
+    except BrokenPipeError:
+        # the reader went away (``diffatlas sites sd-1.4 | head``): stop quietly, as Unix tools do;
+        # stdout goes to devnull so that the interpreter's final flush does not fail again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (tests)
+            pass
+        return 141
     except KeyboardInterrupt as stop:
         # Ctrl-C is one line for every command: no traceback of wherever it landed. A command may
         # add a note saying what was kept (harvest: the finished shards a rerun resumes).

@@ -338,3 +338,14 @@ def test_parse__a_value_of_the_wrong_type_is_one_short_line_naming_the_option(ca
     assert main(argv) == 2
     where = " ".join(argv[:2]) if argv[0] == "analyze" else argv[0]
     assert capsys.readouterr().err == f"diffatlas {where}: error: {says}\n"
+
+
+def test_output_piped_into_a_reader_that_stops__ends_quietly_without_a_traceback(monkeypatch, capsys):
+    import activations.sites
+
+    def reader_gone(argv):  # what print() raises once `| head` has exited
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(activations.sites, "main", reader_gone)
+    assert main(["sites", "sd-1.4"]) == 141
+    assert capsys.readouterr().err == ""

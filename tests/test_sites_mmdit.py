@@ -142,6 +142,7 @@ def test_mmdit_configs_by_name_and_hub_id_and_their_denoiser_class():
     assert model_config("stabilityai/stable-diffusion-3-medium-diffusers")["name"] == "sd-3-medium"
     assert model_config("sd-3.5-large")["family"] == "sd3"
     assert model_config("black-forest-labs/FLUX.1-dev")["family"] == "flux"
+    assert model_config("sd3")["name"] == "sd-3-medium" and model_config("flux")["name"] == "flux-1-dev"  # family names
     assert type(build_denoiser("flux-1-dev", device="meta")).__name__ == "FluxTransformer2DModel"
     with pytest.raises(UsageError, match=r"'sd-3-medium' is a sd3 model without a U-Net .* U-Net models: .*sd-1.4"):
         build_unet("sd-3-medium", device="meta")
