@@ -87,7 +87,7 @@ def run_weaken(argv: list[str]) -> int:
     steps, guidance = sampling_defaults(pipe, cfg.steps, cfg.guidance)
     results = run_weakening(hrv, pipe, scorer, cfg.concepts, images_per_point=cfg.images_per_point,
                             points=cfg.points, seed=cfg.seed, steps=steps, guidance=guidance, factor=cfg.factor,
-                            batch_size=cfg.batch_size, progress=cfg.progress)
+                            tokens=cfg.tokens, batch_size=cfg.batch_size, progress=cfg.progress)
     head = summary(results, cfg.images_per_point)
     js, png = save_results(results, cfg.out, scorer.ylabel, {"summary": head, "model": model, "steps": steps, "guidance": guidance})
     save_config(cfg, Path(cfg.out) / "weaken_config.yaml")

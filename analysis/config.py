@@ -104,7 +104,11 @@ class WeakenConfig:
     guidance: Optional[float] = None
     """classifier-free guidance scale (None: the model's default)"""
     factor: float = -2.0
-    """multiplier of a weakened head's attention probabilities on the semantic tokens (the paper: -2)"""
+    """multiplier of a weakened head's attention probabilities on the weakened tokens (the paper: -2)"""
+    tokens: Literal["semantic", "all_but_start"] = "semantic"
+    """which tokens a weakened head's attention is multiplied on: semantic (the prompt's own words,
+    Park et al.) or all_but_start (the words, the end token and the padding: a causal text encoder's
+    later tokens have read every word, so they may carry a concept too)"""
     batch_size: int = 40
     """images per pipeline call"""
     out: str = "runs/weaken/toy"

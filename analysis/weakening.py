@@ -2,7 +2,9 @@
 carry a concept?
 
 A weakened head's attention probabilities on the prompt's semantic tokens are multiplied by −2 at
-every timestep (start, end and padding tokens untouched; no renormalisation). Heads are added one
+every timestep (start, end and padding tokens untouched; no renormalisation). ``tokens=
+"all_but_start"`` weakens the end and padding tokens too (not the paper's: an option to ask whether
+they carry a concept; the start token, every head's sink, is never touched). Heads are added one
 after another in MoRHF order (most relevant first), LeRHF order (least relevant first) and a seeded
 random order (the baseline the paper's reviewers asked for); at each head count the concept is
 scored on fresh images. If the HRV ranks heads well, the concept vanishes fastest under MoRHF:
@@ -45,11 +47,21 @@ def head_orders(hrv: HRV, concept: str, seed: int) -> dict[str, list[int]]:
     }
 
 
-def token_scales(pipe, prompts: list[str], factor: float = -2.0) -> torch.Tensor:
-    """[b, T]: ``factor`` on each prompt's semantic tokens, 1 on start, end and padding tokens."""
+WEAKENED_TOKENS = ("semantic", "all_but_start")
+
+
+def token_scales(pipe, prompts: list[str], factor: float = -2.0, tokens: str = "semantic") -> torch.Tensor:
+    """[b, T]: ``factor`` on the weakened tokens (``semantic``: each prompt's own words;
+    ``all_but_start``: every token after the start token), 1 on the others."""
+    if tokens not in WEAKENED_TOKENS:
+        raise UsageError(f"tokens={tokens!r}: valid: {', '.join(WEAKENED_TOKENS)}")
     T = _text_length(pipe)
-    semantic_bT = semantic_token_mask(pipe, prompts, T)
-    return torch.where(semantic_bT, torch.tensor(float(factor)), torch.tensor(1.0)).to(pipe.device, pipe.unet.dtype)
+    if tokens == "semantic":
+        weakened_bT = semantic_token_mask(pipe, prompts, T)
+    else:
+        weakened_bT = torch.ones(len(prompts), T, dtype=torch.bool)
+        weakened_bT[:, 0] = False
+    return torch.where(weakened_bT, torch.tensor(float(factor)), torch.tensor(1.0)).to(pipe.device, pipe.unet.dtype)
 
 
 def _text_length(pipe) -> int:
@@ -58,13 +70,13 @@ def _text_length(pipe) -> int:
 
 
 def generate_weakened(pipe, prompts: list[str], seeds: list[int], heads: list[int], steps: int, guidance: float,
-                      factor: float = -2.0, batch_size: int = 40) -> list[np.ndarray]:
+                      factor: float = -2.0, batch_size: int = 40, tokens: str = "semantic") -> list[np.ndarray]:
     """Images (uint8 [H, W, 3]) for ``prompts`` with ``heads`` weakened; one generator per image."""
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         noise = generators(seeds[start:start + batch_size])  # CPU noise: the same images on any device
-        scale_bT = token_scales(pipe, chunk, factor)
+        scale_bT = token_scales(pipe, chunk, factor, tokens)
         with torch.no_grad(), weaken_heads(pipe, heads, scale_bT):
             out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=noise,
                        output_type="np").images
@@ -80,7 +92,7 @@ def normalised_area(fractions: list[float], scores: list[float]) -> float:
 
 def run_weakening(hrv: HRV, pipe, scorer, concepts: list[str] | None = None, *, images_per_point: int = 40,
                   points: int = 6, seed: int = 0, steps: int = 25, guidance: float = 4.0, factor: float = -2.0,
-                  batch_size: int = 40, progress: bool = True) -> dict:
+                  batch_size: int = 40, progress: bool = True, tokens: str = "semantic") -> dict:
     """Survival curves per concept and order; ``scorer`` gives prompts and scores (analysis.toy /
     analysis.clip_score). Returns {concept: {order: {"counts", "fractions", "scores", "area"}},
     plus "area_between" (A_LeRHF − A_MoRHF) and "area_vs_random" (A_random − A_MoRHF)}."""
@@ -90,6 +102,8 @@ def run_weakening(hrv: HRV, pipe, scorer, concepts: list[str] | None = None, *, 
         raise UsageError(f"points={points}: score at least 5 head counts between none and all heads (Section 4's curves)")
     if images_per_point < 1:
         raise UsageError(f"images_per_point={images_per_point}: need at least 1 image per point")
+    if tokens not in WEAKENED_TOKENS:
+        raise UsageError(f"tokens={tokens!r}: valid: {', '.join(WEAKENED_TOKENS)}")
     hrv.check_model(pipe)
     concepts = list(concepts or hrv.concepts.names)
     for c in concepts:
@@ -111,7 +125,8 @@ def run_weakening(hrv: HRV, pipe, scorer, concepts: list[str] | None = None, *, 
             for k in counts:
                 key = (frozenset(heads[:k]), tuple(prompts))  # 0 and all heads are shared by all orders
                 if key not in cache:
-                    cache[key] = generate_weakened(pipe, prompts, seeds, heads[:k], steps, guidance, factor, batch_size)
+                    cache[key] = generate_weakened(pipe, prompts, seeds, heads[:k], steps, guidance, factor, batch_size,
+                                                   tokens)
                 scores.append(float(np.mean(scorer.score(concept, cache[key], targets))))
                 bar.update(1)
             fractions = [k / H for k in counts]

@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="HRV concept words read where the HRV prompts name them, or encoded alone (Park et al.)")
     p.add_argument("--hrv-sink", action=argparse.BooleanOptionalAction, default=True,
                     help="the start token joins every HRV contest, for no concept")
+    p.add_argument("--weaken-tokens", default="semantic", choices=["semantic", "all_but_start"],
+                   help="tokens whose attention a weakened head loses: the prompt's words (Park et al.), or also "
+                        "the end and padding tokens")
     p.add_argument("--images", type=int, default=40, help="images per point")
     p.add_argument("--points", type=int, default=6, help="head counts strictly between 0 and all heads")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (HRVs and weakening)")
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     concepts = [c for c in args.concepts.split(",") if c] or None
     scorer = ToyOracleScorer()
     results = run_weakening(hrv, pipe, scorer, concepts, images_per_point=args.images, points=args.points,
-                            seed=args.seed + 1, steps=args.steps, guidance=args.guidance, batch_size=args.images)
+                            seed=args.seed + 1, steps=args.steps, guidance=args.guidance, batch_size=args.images,
+                            tokens=args.weaken_tokens)
     head = summary(results, args.images)
     seconds = time.perf_counter() - t0
     save_results(results, out, scorer.ylabel, {"summary": head, "steps": args.steps, "seconds": seconds})

@@ -16,6 +16,7 @@ from analysis.concepts import ConceptList
 from analysis.hrv import HRV
 from analysis.mechanism import head_sites, weaken_heads
 from analysis.weakening import head_counts, head_orders, normalised_area, run_weakening, token_scales
+from common.errors import UsageError
 
 CONCEPTS = ConceptList(("color", "animal"), (("red", "blue"), ("cat", "dog")))
 
@@ -62,6 +63,16 @@ def test_weakening_multiplies_only_semantic_tokens_of_the_chosen_heads_by_minus_
     ratio = edited[cond, 0] / plain[cond, 0]  # [b, N, T]
     expected = scale_bT[:, None, :].expand_as(ratio)
     assert torch.allclose(ratio, expected, atol=1e-5)
+
+
+def test_weakening_all_but_start__multiplies_end_and_padding_too_never_the_start_token():
+    pipe = build_tiny_pipeline("sd1")
+    prompts = ["a red cat", "the big blue dog on the left"]
+    scale_bT = token_scales(pipe, prompts, -2.0, tokens="all_but_start")
+    T = scale_bT.shape[1]
+    assert scale_bT.tolist() == [[1.0] + [-2.0] * (T - 1)] * 2
+    with pytest.raises(UsageError, match="tokens='padding': valid: semantic, all_but_start"):
+        token_scales(pipe, prompts, -2.0, tokens="padding")
 
 
 def test_head_counts_hold_zero_all_heads_and_at_least_five_between():
