@@ -204,3 +204,21 @@ def test_key_edits_reach_the_image_queries_only_and_swap_kv_is_refused():
 def test_install_refuses_a_unet():
     with pytest.raises(UsageError, match="no joint attention"):
         install_joint_processors(build_tiny_unet("sd1"))
+
+
+def test_idle__sd35_layout_with_qk_norms_and_a_dual_attention_block_equals_diffusers():
+    # SD3.5: RMSNorm on q, k and the text's q, k; attn2 (image-only self-attention) keeps diffusers' processor
+    from diffusers import SD3Transformer2DModel
+
+    from activations.models import tiny_transformer_config
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**{**tiny_transformer_config("sd3"), "qk_norm": "rms_norm", "dual_attention_layers": (0,)}).eval()
+    assert model.transformer_blocks[0].attn.norm_added_q is not None
+    ref = forward(model, "sd3")
+    with install_joint_processors(model) as installed:
+        assert "transformer_blocks.0.attn2" not in installed.processors
+        assert (forward(model, "sd3") - ref).abs().max() <= 1e-5
+        for proc in installed.processors.values():
+            proc.interventions.append(HeadEdit(stage="probs", scale=1.0))
+        assert (forward(model, "sd3") - ref).abs().max() <= 1e-5
