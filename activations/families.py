@@ -67,6 +67,14 @@ class Architecture:
     walk: Callable  # (denoiser, latent (H, W), text_tokens | None) -> list[Block]
     default_latent: Callable  # denoiser -> latent (H, W) when the run does not say
     default_text_tokens: int = 0  # text length of the pipeline's default call (0: no text stream)
+    # how ``activations.hooks`` drives it (no hook asks which class a denoiser is):
+    processor: str = "cross"  # the head processor: "cross" (processor.HeadProcessor) | "joint" (joint_processor)
+    blocks_io: str = "map"  # block sites' I/O: "map" (a Transformer2DModel: [b, c, h, w] in, .sample / [0] out)
+    #                         | "streams" (an MMDiT block: image tokens hidden_states and text tokens
+    #                           encoder_hidden_states in, (text, image) out)
+    timestep_scale: float = 1.0  # the denoiser's ``timestep`` argument x this = the scheduler's timestep
+    batched_cfg: bool = True  # guidance batches [uncond; cond] into one call when the pipeline guides
+    latent_of: Callable | None = None  # the denoiser call's bound arguments -> latent (H, W) or None
 
     def blocks(self, denoiser, latent_size=None, text_tokens: int | None = None) -> list[Block]:
         latent = self.default_latent(denoiser) if latent_size is None else pair(latent_size)
@@ -108,6 +116,11 @@ def unet_levels(unet, latent: tuple[int, int]) -> list[tuple[str, object, tuple[
     return out
 
 
+def _unet_latent(arguments) -> tuple[int, int] | None:
+    sample = arguments.get("sample")
+    return None if sample is None else tuple(sample.shape[-2:])
+
+
 def _unet_blocks(unet, latent, text_tokens) -> list[Block]:
     blocks = []
     for prefix, level, res in unet_levels(unet, latent):
@@ -140,6 +153,11 @@ def _sd3_blocks(model, latent, text_tokens) -> list[Block]:
     ]
 
 
+def _sd3_latent(arguments) -> tuple[int, int] | None:
+    x = arguments.get("hidden_states")  # the latent itself, [b, c, H, W]: the model patchifies it
+    return None if x is None else tuple(x.shape[-2:])
+
+
 FLUX_PACKING = 2  # FluxPipeline._pack_latents: 2 x 2 latent cells per token
 
 
@@ -159,17 +177,31 @@ def _flux_blocks(model, latent, text_tokens) -> list[Block]:
     return out
 
 
+def _flux_latent(arguments) -> tuple[int, int] | None:
+    # the packed tokens carry no grid; FluxPipeline's img_ids hold each token's (0, row, col)
+    ids = arguments.get("img_ids")
+    if ids is None:
+        return None
+    ids = ids.reshape(-1, ids.shape[-1])
+    rows, cols = int(ids[:, 1].max().item()) + 1, int(ids[:, 2].max().item()) + 1
+    return rows * FLUX_PACKING, cols * FLUX_PACKING
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
         Architecture("unet", "unet", "UNet2DConditionModel", ("sd1", "sd2", "sdxl"), "cross-attention", _unet_blocks,
-                     lambda unet: pair(unet.config.sample_size)),
+                     lambda unet: pair(unet.config.sample_size), latent_of=_unet_latent),
         # StableDiffusion3Pipeline: 77 CLIP tokens + 256 T5 tokens (max_sequence_length) by default
         Architecture("sd3", "transformer", "SD3Transformer2DModel", ("sd3",), "joint attention", _sd3_blocks,
-                     lambda model: pair(model.config.sample_size), default_text_tokens=77 + 256),
-        # FluxPipeline: 512 T5 tokens (max_sequence_length) by default; default_sample_size 128
+                     lambda model: pair(model.config.sample_size), default_text_tokens=77 + 256,
+                     processor="joint", blocks_io="streams", latent_of=_sd3_latent),
+        # FluxPipeline: 512 T5 tokens (max_sequence_length) by default; default_sample_size 128; it
+        # calls the transformer with timestep / 1000 (the model multiplies by 1000 inside) and, FLUX.1
+        # being guidance-distilled, with no uncond half in the batch
         Architecture("flux", "transformer", "FluxTransformer2DModel", ("flux",), "joint attention", _flux_blocks,
-                     lambda model: (128, 128), default_text_tokens=512),
+                     lambda model: (128, 128), default_text_tokens=512,
+                     processor="joint", blocks_io="streams", timestep_scale=1000.0, batched_cfg=False, latent_of=_flux_latent),
     )
 }
 
