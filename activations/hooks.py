@@ -1,7 +1,9 @@
-"""The one mechanism that reads and edits a U-Net: a Tap.
+"""The one mechanism that reads and edits a denoiser (a U-Net, or an SD3 / FLUX transformer): a Tap.
 
-A Tap installs our HeadProcessor on every cross-attention module and, on demand, forward hooks on
-the Transformer2DModel block sites; it tracks the denoising step (step, t, tau), the guidance
+A Tap installs our head processor on every head site (a U-Net's cross-attention: HeadProcessor; an
+MMDiT's joint attention: JointHeadProcessor, as ``activations.families`` declares) and, on demand,
+forward hooks on the block sites (a U-Net's Transformer2DModels; an MMDiT's transformer blocks,
+image stream and ``.context`` text stream); it tracks the denoising step (step, t, tau), the guidance
 layout of the batch, the image index of each row and the latent size, so that every intervention
 (``activations.intervention``) gets the same call context at block and head sites. Harvesting,
 tracing, HRVs, feature analysis, steering and the explorer are all clients.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -29,6 +32,8 @@ from einops import rearrange
 
 from activations.edits import Apply, Observe, Observer, index_mask
 from activations.intervention import BLOCK_STAGES, Call, Intervention, resolve_all, run_stage
+from activations.families import architecture_of, denoiser_of
+from activations.joint_processor import install_joint_processors
 from activations.processor import HeadProcessor
 from activations.sites import Site, list_sites, resolve_sites
 from activations.timesteps import branch_codes, check_branch
@@ -85,7 +90,7 @@ class RunState:
 
 
 def _level(site: Site, sample_size) -> int:
-    """How many halvings of the latent give this site's map (from the default sample size)."""
+    """How many halvings of the latent give this site's map (from the default latent size)."""
     h = sample_size[0] if isinstance(sample_size, (tuple, list)) else int(sample_size)
     level = 0
     while h > site.resolution[0]:
@@ -94,13 +99,22 @@ def _level(site: Site, sample_size) -> int:
 
 
 class Tap:
-    """Our processors and hooks on one U-Net, and the interventions attached to them. Create with
-    ``attach``; attach interventions with ``tap.add(...)`` (a context manager)."""
+    """Our processors and hooks on one denoiser (a U-Net or an MMDiT transformer), and the
+    interventions attached to them. Create with ``attach``; attach interventions with
+    ``tap.add(...)`` (a context manager).
+
+    How it drives the denoiser comes from its ``activations.families.Architecture``: which head
+    processor (``processor``), what a block's inputs and outputs are (``blocks_io``), the units of
+    its timestep argument (``timestep_scale``) and whether guidance shares one batch
+    (``batched_cfg``). MMDiTs: ``state.t`` is in the scheduler's units (FLUX's pipeline passes
+    t / 1000: the Tap multiplies it back), rounded down to an integer as U-Net timesteps are, so
+    ``tau = t / num_train_timesteps`` is the flow-matching sigma to within 0.001."""
 
     def __init__(self, unet, pipe=None):
-        self.unet = unet
+        self.unet = self.denoiser = denoiser_of(unet)
+        self.arch = architecture_of(self.denoiser)
         self.pipe = pipe
-        self.sites: list[Site] = list_sites(unet)
+        self.sites: list[Site] = list_sites(self.denoiser)
         self.site_by_name = {s.name: s for s in self.sites}
         sched = getattr(pipe, "scheduler", None)
         self.state = RunState(num_train_timesteps=int(getattr(getattr(sched, "config", None), "num_train_timesteps", 1000) or 1000))
@@ -111,11 +125,22 @@ class Tap:
         self.block_interventions: dict[str, list[Intervention]] = {}
         self.refcount = 0
         self._sched = None
+        self._joint = None
+        self._signature = inspect.signature(self.denoiser.forward)
 
     # -- install / remove --------------------------------------------------------------------
     def install(self) -> None:
-        sample_size = self.unet.config.sample_size
-        for s in self.sites:
+        sample_size = self.arch.default_latent(self.denoiser)
+        if self.arch.processor == "joint":
+            # the joint processors' installer also tells FLUX's single-stream modules their text length
+            self._joint = install_joint_processors(self.denoiser, self.state)
+            for s in self.sites:
+                if s.kind == "head":
+                    self.processors[s.name] = self._joint.processors[s.name]
+                    self.processors[s.name].level = _level(s, sample_size)
+        elif self.arch.processor != "cross":
+            raise UsageError(f"{self.arch.name}: unknown processor {self.arch.processor!r} in its Architecture; valid: cross, joint")
+        for s in self.sites if self.arch.processor == "cross" else ():
             if s.kind != "head":
                 continue
             attn = self.unet.get_submodule(s.name)
@@ -144,6 +169,12 @@ class Tap:
 
     def remove(self) -> None:
         errors = []
+        if self._joint is not None:
+            try:
+                self._joint.remove()
+            except Exception as e:
+                errors.append(e)
+            self._joint = None
         for name, proc in self._originals.items():
             try:
                 self.unet.get_submodule(name).set_processor(proc)
@@ -173,12 +204,27 @@ class Tap:
             st.generation += 1
         else:
             st.step += 1
-        t = args[1] if len(args) > 1 else kwargs.get("timestep")
-        st.t = int(torch.as_tensor(t).flatten()[0].item()) if t is not None else None
-        st.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) if self.pipe is not None else False
-        sample = args[0] if args else kwargs.get("sample")
-        if sample is not None:
-            st.latent = tuple(sample.shape[-2:])
+        arguments = self._signature.bind_partial(*args, **kwargs).arguments
+        t = arguments.get("timestep")
+        scale = self.arch.timestep_scale
+        if t is None:
+            t_new = None
+        elif scale == 1:
+            t_new = int(torch.as_tensor(t).flatten()[0].item())
+        else:  # e.g. FLUX: the pipeline passes t / 1000; undo it in float64, rounding off float32 noise
+            t_new = int(round(float(torch.as_tensor(t).flatten()[0].double().item()) * scale, 3))
+        if not self.arch.batched_cfg and self.pipe is not None and st.step and t_new is not None and t_new == st.t:
+            # FluxPipeline's true CFG calls the transformer twice per step (cond, then uncond)
+            raise UsageError(f"{self.arch.name}: two denoiser calls at one timestep (t={t_new}: FluxPipeline's true CFG, "
+                             "true_cfg_scale > 1 with a negative prompt) are not supported yet; valid: true_cfg_scale=1")
+        st.t = t_new
+        if self.arch.batched_cfg:
+            st.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) if self.pipe is not None else False
+        else:
+            st.cfg = False
+        latent = self.arch.latent_of(arguments) if self.arch.latent_of is not None else None
+        if latent is not None:
+            st.latent = tuple(latent)
         st.inputs = (args, kwargs)
 
     # -- attaching interventions -------------------------------------------------------------
@@ -251,9 +297,16 @@ class Tap:
     # -- block sites -------------------------------------------------------------------------
     def _ensure_block_hook(self, site: str) -> None:
         if site not in self._block_handles:
-            module = self.unet.get_submodule(site)
+            if self.arch.blocks_io == "streams":
+                # an MMDiT block: its image site and its text-stream site (<block>.context) hook the same module
+                text = site.endswith(_CONTEXT)
+                module = self.denoiser.get_submodule(site[: -len(_CONTEXT)] if text else site)
+                on_block = functools.partial(self._on_stream_block, site, text)
+            else:
+                module = self.denoiser.get_submodule(site)
+                on_block = functools.partial(self._on_block, site)
             self._block_handles[site] = module.register_forward_hook(
-                lambda m, args, kwargs, output, _s=site: self._on_block(_s, m, args, kwargs, output), with_kwargs=True
+                lambda m, args, kwargs, output, _f=on_block: _f(m, args, kwargs, output), with_kwargs=True
             )
 
     def _maybe_drop_block_hook(self, site: str) -> None:
@@ -279,13 +332,47 @@ class Tap:
         return output
 
 
+    def _on_stream_block(self, site: str, text: bool, module, args, kwargs, output):
+        """An MMDiT block's hook: Δ of the image tokens (output − input, ``[b, N, C]`` on the token
+        grid) or, at ``<block>.context``, of the text tokens (``[b, T, C]``, grid ``(1, T)``). The
+        block takes ``hidden_states`` (image) and ``encoder_hidden_states`` (text), as keywords from
+        the diffusers models, positionally under gradient checkpointing, and returns (text, image)."""
+        active = [iv for iv in self.block_interventions.get(site, []) if iv.active(self.state)]
+        if not active:
+            return None
+        if text:
+            x = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+        else:
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        index = 0 if text else 1
+        y = output[index]
+        delta = y - x
+        n = delta.shape[1]
+        grid = (1, n) if text else self.state.grid(_level(self.site_by_name[site], self.arch.default_latent(self.denoiser)))
+        if grid is None or grid[0] * grid[1] != n:
+            side = int(round(n**0.5))
+            grid = (side, n // side) if side * (n // side) == n else (n, 1)
+        call = Call(site, "block", self.state, self.state.branch_codes(delta.shape[0], delta.device), grid, module, delta=delta)
+        new = run_stage(active, delta, call)
+        if new is delta:
+            return None
+        out = list(output)
+        out[index] = x + new.to(x.dtype)
+        return tuple(out)
+
+
+_CONTEXT = ".context"  # the suffix of a text-stream site (activations.sites)
+
+
 # --------------------------------------------------------------------------------------------
 # entry points
 
 
 @contextlib.contextmanager
 def attach(unet, pipe=None) -> Iterator[Tap]:
-    """Install (or reuse) the Tap of ``unet``; restores the original processors on the last exit."""
+    """Install (or reuse) the Tap of a denoiser (``unet``: a U-Net or an MMDiT transformer, or a
+    pipeline holding one); restores the original processors on the last exit."""
+    unet = denoiser_of(unet)
     tap = getattr(unet, _TAP_ATTR, None)
     if tap is None:
         tap = Tap(unet, pipe)
@@ -304,13 +391,9 @@ def attach(unet, pipe=None) -> Iterator[Tap]:
             tap.remove()
 
 
-def _unet_of(model):
-    return getattr(model, "unet", model)
-
-
 @contextlib.contextmanager
 def intervene(model, *interventions: Intervention, prompts: Sequence[str] | None = None) -> Iterator[Tap]:
-    """Apply ``interventions`` to ``model`` (a pipeline or a U-Net) inside the block::
+    """Apply ``interventions`` to ``model`` (a pipeline, a U-Net or an MMDiT transformer) inside the block::
 
         with intervene(pipe, HeadEdit(site=s, heads=[3], tokens=[2], scale=-2.0, when="early")):
             pipe(prompt)
@@ -320,6 +403,6 @@ def intervene(model, *interventions: Intervention, prompts: Sequence[str] | None
     one per image, for edits that name a token by its word. The original processors and hooks come
     back when the block exits, also after an exception.
     """
-    unet = _unet_of(model)
-    with attach(unet, model if model is not unet else None) as tap, tap.add(*interventions, prompts=prompts):
+    denoiser = denoiser_of(model)
+    with attach(denoiser, model if model is not denoiser else None) as tap, tap.add(*interventions, prompts=prompts):
         yield tap
