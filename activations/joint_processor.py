@@ -29,9 +29,9 @@ SDPA over the joint sequence; observers of ``probs`` get the softmax computed be
 path, whose output is left as it is; edits of q, k, v recompute the image rows with SDPA; edits of
 ``probs`` take the explicit path (within float rounding, <= 1e-5 in float32, of the fused one).
 
-Not here yet: ``SwapKV`` (``Call.project``) at joint sites, attention masks together with
-interventions, and the wiring into ``activations.hooks`` (``attach`` / ``intervene`` still take
-U-Nets only); ``install_joint_processors`` installs the processors on a transformer by hand.
+Not here yet: ``SwapKV`` (``Call.project``) at joint sites and attention masks together with
+interventions. ``activations.hooks`` (``attach`` / ``intervene``) installs these processors through
+``install_joint_processors``, which can also be called by hand.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ MMDiTs (SD3 / SD3.5: ``SD3Transformer2DModel``; FLUX.1: ``FluxTransformer2DModel
   Its ``probs`` will be the image-query x text-key slice of the joint softmax, normalised over ALL
   keys (text and image), so a row sums to the share of attention that goes to the text, not to 1:
   the slice is comparable with a U-Net's cross-attention map only up to that share. The processor
-  that computes it is ``activations.joint_processor``; hooks and harvesting of MMDiT sites are not
-  built yet.
+  that computes it is ``activations.joint_processor``; ``activations.hooks`` attaches to MMDiT
+  sites; harvesting them is not built yet.
 
 Which blocks and attention modules a denoiser has is declared per architecture in
 ``activations.families``; this module builds the same ``Site``s from every one.
