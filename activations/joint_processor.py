@@ -42,7 +42,7 @@ from einops import rearrange
 
 from activations.families import architecture_of, denoiser_of
 from activations.intervention import Call, Intervention, run_stage
-from activations.timesteps import branch_codes
+from activations.processor import HeadProcessor
 from common.errors import UsageError
 
 
@@ -88,37 +88,19 @@ def _projections(attn, hidden_states, encoder_hidden_states, flux: bool):
     return (q, k, v), text
 
 
-class JointHeadProcessor:
+class JointHeadProcessor(HeadProcessor):
     """Attention processor of one joint attention module; holds its interventions.
 
     ``text_tokens``: the text length of a FLUX single-stream module, whose input is the joint
     sequence already concatenated (``install_joint_processors`` sets it before each call of the
-    block); the other modules read it from their ``encoder_hidden_states``. ``state`` and ``level``
-    as for ``HeadProcessor`` (``level``: halvings of the latent that give the token grid).
+    block); the other modules read it from their ``encoder_hidden_states``. ``state``, ``level``
+    (halvings of the latent that give the token grid), the branch codes and the grid are
+    ``HeadProcessor``'s; only the call differs.
     """
 
     def __init__(self, site: str, state=None, level: int = 1, text_tokens: int | None = None):
-        self.site = site
-        self.state = state
-        self.level = level
+        super().__init__(site, state, level)
         self.text_tokens = text_tokens
-        self.interventions: list[Intervention] = []
-
-    @property
-    def idle(self) -> bool:
-        return not self.interventions
-
-    def _codes(self, b: int, device) -> torch.Tensor:
-        cfg = bool(self.state.cfg) if self.state is not None else False
-        return branch_codes(b, cfg, device)
-
-    def _grid(self, n: int) -> tuple[int, int]:
-        if self.state is not None:
-            grid = self.state.grid(self.level)
-            if grid is not None and grid[0] * grid[1] == n:
-                return grid
-        side = int(round(n**0.5))
-        return (side, n // side) if side * (n // side) == n else (n, 1)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, *args, **kwargs):
         active = [iv for iv in self.interventions if self.state is None or iv.active(self.state)]
