@@ -65,3 +65,13 @@ def feature_analysis(tmp_path_factory, random_toy_pipe):
     cfg = FeaturesConfig(sae=str(root / "sae"), store=str(root / "store"), hrv=str(root / "hrv"), out=str(root / "analysis"),
                          features=16, examples=1, images=1, wandb=False, html=False, progress=False)
     return root / "sae", root / "analysis", build_report(cfg, pipe=random_toy_pipe)
+
+
+@pytest.fixture(params=["sd3", "flux"])
+def mmdit(request):
+    """(family, a tiny transformer of it, its output on the shared inputs: tests/mmdit_helpers.py)."""
+    from activations.models import build_tiny_transformer
+    from mmdit_helpers import forward
+
+    model = build_tiny_transformer(request.param)
+    return request.param, model, forward(model, request.param)

@@ -14,22 +14,15 @@ from activations.hooks import attach, intervene
 from activations.joint_processor import JointHeadProcessor, install_joint_processors
 from activations.models import build_tiny_transformer
 from common.errors import UsageError
-from test_joint_processor import forward
+from mmdit_helpers import forward
 
 # SD3: a middle block; FLUX: a double-stream block and a single-stream block
 BLOCKS = {"sd3": ["transformer_blocks.1"], "flux": ["transformer_blocks.1", "single_transformer_blocks.0"]}
 EDIT = dict(site="transformer_blocks.0.attn", stage="probs", heads=[0], tokens=[1], scale=0.0)
 
 
-@pytest.fixture(params=["sd3", "flux"])
-def setup(request):
-    family = request.param
-    model = build_tiny_transformer(family)
-    return family, model, forward(model, family)
-
-
-def test_intervene_idle_equals_plain_forward_and_restores_diffusers_processors(setup):
-    family, model, ref = setup
+def test_intervene_idle_equals_plain_forward_and_restores_diffusers_processors(mmdit):
+    family, model, ref = mmdit
     originals = {name: type(m.processor) for name, m in model.named_modules() if name.endswith(".attn")}
     with intervene(model):
         assert all(isinstance(model.get_submodule(s).processor, JointHeadProcessor) for s in originals)
@@ -39,8 +32,8 @@ def test_intervene_idle_equals_plain_forward_and_restores_diffusers_processors(s
     assert torch.equal(forward(model, family), ref)
 
 
-def test_probs_head_edit_through_intervene_equals_the_processor_edit_by_hand(setup):
-    family, model, ref = setup
+def test_probs_head_edit_through_intervene_equals_the_processor_edit_by_hand(mmdit):
+    family, model, ref = mmdit
     with intervene(model, HeadEdit(**EDIT)):
         edited = forward(model, family)
     with install_joint_processors(model) as installed:

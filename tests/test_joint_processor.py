@@ -13,47 +13,15 @@ from activations.joint_processor import JointHeadProcessor, install_joint_proces
 from activations.models import build_tiny_transformer, build_tiny_unet
 from common.errors import UsageError
 
-B, TEXT, LATENT = 2, 5, 8  # two images, 5 text tokens, an 8 x 8 latent: a 4 x 4 token grid
-N = (LATENT // 2) ** 2
+from mmdit_helpers import B, N, TEXT, forward
+
 # a FLUX double-stream and a single-stream module, and SD3's first and last (context_pre_only) block
 SITES = {"sd3": ["transformer_blocks.0.attn", "transformer_blocks.2.attn"],
          "flux": ["transformer_blocks.1.attn", "single_transformer_blocks.0.attn"]}
 
 
-def inputs(family: str, model) -> dict:
-    """One transformer call as the pipelines make it (FLUX: packed latents, img_ids / txt_ids as
-    ``FluxPipeline._prepare_latent_image_ids`` and ``encode_prompt`` build them)."""
-    g = torch.Generator().manual_seed(1)
-    cfg = model.config
-    text = torch.randn(B, TEXT, cfg.joint_attention_dim, generator=g)
-    pooled = torch.randn(B, cfg.pooled_projection_dim, generator=g)
-    t = torch.tensor([700.0, 300.0])
-    if family == "sd3":
-        x = torch.randn(B, cfg.in_channels, LATENT, LATENT, generator=g)
-        return dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t)
-    side = LATENT // 2
-    img_ids = torch.zeros(side, side, 3)
-    img_ids[..., 1] += torch.arange(side)[:, None]
-    img_ids[..., 2] += torch.arange(side)[None, :]
-    return dict(hidden_states=torch.randn(B, side * side, cfg.in_channels, generator=g), encoder_hidden_states=text,
-                pooled_projections=pooled, timestep=t / 1000, img_ids=img_ids.reshape(-1, 3),
-                txt_ids=torch.zeros(TEXT, 3), guidance=torch.full([B], 3.5))
-
-
-def forward(model, family):
-    with torch.no_grad():
-        return model(**inputs(family, model)).sample
-
-
-@pytest.fixture(params=["sd3", "flux"])
-def setup(request):
-    family = request.param
-    model = build_tiny_transformer(family)
-    return family, model, forward(model, family)
-
-
-def test_idle__full_forward_equals_diffusers_processors_and_remove_restores_them(setup):
-    family, model, ref = setup
+def test_idle__full_forward_equals_diffusers_processors_and_remove_restores_them(mmdit):
+    family, model, ref = mmdit
     originals = {name: type(m.processor) for name, m in model.named_modules() if name.endswith(".attn")}
     with install_joint_processors(model) as installed:
         assert sorted(installed.processors) == sorted(originals)
@@ -128,12 +96,17 @@ def test_observers_see_image_queries_text_keys_and_the_text_slice_of_the_joint_s
         torch.testing.assert_close(seen["out"], full @ v, atol=1e-5, rtol=1e-5)
 
 
-def test_probs_edit_by_one__explicit_path_within_1e5_of_idle(setup):
-    family, model, ref = setup
+def forward_with_every_processor(model, family, make):
+    """The transformer's output with a fresh ``make()`` intervention on every joint attention."""
     with install_joint_processors(model) as installed:
         for proc in installed.processors.values():
-            proc.interventions.append(HeadEdit(stage="probs", scale=1.0))
-        out = forward(model, family)
+            proc.interventions.append(make())
+        return forward(model, family)
+
+
+def test_probs_edit_by_one__explicit_path_within_1e5_of_idle(mmdit):
+    family, model, ref = mmdit
+    out = forward_with_every_processor(model, family, lambda: HeadEdit(stage="probs", scale=1.0))
     assert (out - ref).abs().max() <= 1e-5
 
 
@@ -167,12 +140,9 @@ def test_zeroing_text_probs_leaves_the_image_its_image_attention_and_the_text_st
     assert torch.equal(txt_v, idle_txt)
 
 
-def test_zeroing_all_text_probs_changes_the_transformer_output(setup):
-    family, model, ref = setup
-    with install_joint_processors(model) as installed:
-        for proc in installed.processors.values():
-            proc.interventions.append(HeadEdit(stage="probs", value=0.0))
-        out = forward(model, family)
+def test_zeroing_all_text_probs_changes_the_transformer_output(mmdit):
+    family, model, ref = mmdit
+    out = forward_with_every_processor(model, family, lambda: HeadEdit(stage="probs", value=0.0))
     assert (out - ref).abs().max() > 1e-3
 
 
