@@ -34,7 +34,7 @@ from activations.edits import Apply, Observe, Observer, index_mask
 from activations.intervention import BLOCK_STAGES, Call, Intervention, resolve_all, run_stage
 from activations.families import architecture_of, denoiser_of
 from activations.joint_processor import install_joint_processors
-from activations.processor import HeadProcessor
+from activations.processor import HeadProcessor, token_grid
 from activations.sites import Site, list_sites, resolve_sites
 from activations.timesteps import branch_codes, check_branch
 from common.errors import UnknownNameError, UsageError
@@ -301,7 +301,8 @@ class Tap:
                 # an MMDiT block: its image site and its text-stream site (<block>.context) hook the same module
                 text = site.endswith(_CONTEXT)
                 module = self.denoiser.get_submodule(site[: -len(_CONTEXT)] if text else site)
-                on_block = functools.partial(self._on_stream_block, site, text)
+                level = _level(self.site_by_name[site], self.arch.default_latent(self.denoiser))  # once, not per call
+                on_block = functools.partial(self._on_stream_block, site, text, level)
             else:
                 module = self.denoiser.get_submodule(site)
                 on_block = functools.partial(self._on_block, site)
@@ -332,7 +333,7 @@ class Tap:
         return output
 
 
-    def _on_stream_block(self, site: str, text: bool, module, args, kwargs, output):
+    def _on_stream_block(self, site: str, text: bool, level: int, module, args, kwargs, output):
         """An MMDiT block's hook: Δ of the image tokens (output − input, ``[b, N, C]`` on the token
         grid) or, at ``<block>.context``, of the text tokens (``[b, T, C]``, grid ``(1, T)``). The
         block takes ``hidden_states`` (image) and ``encoder_hidden_states`` (text), as keywords from
@@ -348,10 +349,7 @@ class Tap:
         y = output[index]
         delta = y - x
         n = delta.shape[1]
-        grid = (1, n) if text else self.state.grid(_level(self.site_by_name[site], self.arch.default_latent(self.denoiser)))
-        if grid is None or grid[0] * grid[1] != n:
-            side = int(round(n**0.5))
-            grid = (side, n // side) if side * (n // side) == n else (n, 1)
+        grid = (1, n) if text else token_grid(self.state.grid(level), n)
         call = Call(site, "block", self.state, self.state.branch_codes(delta.shape[0], delta.device), grid, module, delta=delta)
         new = run_stage(active, delta, call)
         if new is delta:

@@ -38,6 +38,15 @@ def _explicit_attention(attn, q, k, mask):
     return scores.softmax(dim=-1)
 
 
+def token_grid(known: tuple[int, int] | None, n: int) -> tuple[int, int]:
+    """The (H, W) grid of ``n`` patches: ``known`` (the run's grid at this site) when it holds n,
+    else the squarest exact factorisation (a call made outside a tracked run), else (n, 1)."""
+    if known is not None and known[0] * known[1] == n:
+        return known
+    side = int(round(n**0.5))
+    return (side, n // side) if side * (n // side) == n else (n, 1)
+
+
 class HeadProcessor:
     """Attention processor of one cross-attention module; holds its interventions.
 
@@ -60,12 +69,7 @@ class HeadProcessor:
         return branch_codes(b, cfg, device)
 
     def _grid(self, n: int) -> tuple[int, int]:
-        if self.state is not None:
-            grid = self.state.grid(self.level)
-            if grid is not None and grid[0] * grid[1] == n:
-                return grid
-        side = int(round(n**0.5))
-        return (side, n // side) if side * (n // side) == n else (n, 1)
+        return token_grid(self.state.grid(self.level) if self.state is not None else None, n)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         active = [iv for iv in self.interventions if self.state is None or iv.active(self.state)]
