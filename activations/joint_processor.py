@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from activations.families import architecture_of, denoiser_of
-from activations.intervention import Call, Intervention, run_stage
+from activations.intervention import Call, run_stage
 from activations.processor import HeadProcessor
 from common.errors import UsageError
 
@@ -103,10 +103,7 @@ class JointHeadProcessor(HeadProcessor):
         self.text_tokens = text_tokens
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, *args, **kwargs):
-        active = [iv for iv in self.interventions if self.state is None or iv.active(self.state)]
-        by_stage: dict[str, list[Intervention]] = {}
-        for iv in active:
-            by_stage.setdefault(iv.stage, []).append(iv)
+        active, by_stage = self._active()
         flux = _is_flux(attn)
         single = flux and encoder_hidden_states is None
         if encoder_hidden_states is None and not single:
@@ -214,7 +211,7 @@ def install_joint_processors(model, state=None) -> JointProcessors:
     get a forward pre-hook that tells their processor the text length of each call."""
     denoiser = denoiser_of(model)
     arch = architecture_of(denoiser)
-    if arch.attention != "joint attention":
+    if arch.processor != "joint":
         raise UsageError(f"{type(denoiser).__name__} has no joint attention ({arch.attention}); use activations.hooks for U-Nets")
     processors, restore, handles = {}, [], []
     for block in arch.blocks(denoiser):

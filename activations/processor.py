@@ -68,14 +68,19 @@ class HeadProcessor:
         cfg = bool(self.state.cfg) if self.state is not None else False
         return branch_codes(b, cfg, device)
 
-    def _grid(self, n: int) -> tuple[int, int]:
-        return token_grid(self.state.grid(self.level) if self.state is not None else None, n)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def _active(self) -> tuple[list[Intervention], dict[str, list[Intervention]]]:
+        """The interventions whose gate is open at this call, and the same grouped by stage."""
         active = [iv for iv in self.interventions if self.state is None or iv.active(self.state)]
         by_stage: dict[str, list[Intervention]] = {}
         for iv in active:
             by_stage.setdefault(iv.stage, []).append(iv)
+        return active, by_stage
+
+    def _grid(self, n: int) -> tuple[int, int]:
+        return token_grid(self.state.grid(self.level) if self.state is not None else None, n)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        active, by_stage = self._active()
 
         residual = hidden_states
         if attn.spatial_norm is not None:
