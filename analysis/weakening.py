@@ -50,11 +50,15 @@ def head_orders(hrv: HRV, concept: str, seed: int) -> dict[str, list[int]]:
 WEAKENED_TOKENS = ("semantic", "all_but_start")
 
 
+def check_tokens(tokens: str) -> None:
+    if tokens not in WEAKENED_TOKENS:
+        raise UsageError(f"tokens={tokens!r}: valid: {', '.join(WEAKENED_TOKENS)}")
+
+
 def token_scales(pipe, prompts: list[str], factor: float = -2.0, tokens: str = "semantic") -> torch.Tensor:
     """[b, T]: ``factor`` on the weakened tokens (``semantic``: each prompt's own words;
     ``all_but_start``: every token after the start token), 1 on the others."""
-    if tokens not in WEAKENED_TOKENS:
-        raise UsageError(f"tokens={tokens!r}: valid: {', '.join(WEAKENED_TOKENS)}")
+    check_tokens(tokens)
     T = _text_length(pipe)
     if tokens == "semantic":
         weakened_bT = semantic_token_mask(pipe, prompts, T)
@@ -102,8 +106,7 @@ def run_weakening(hrv: HRV, pipe, scorer, concepts: list[str] | None = None, *, 
         raise UsageError(f"points={points}: score at least 5 head counts between none and all heads (Section 4's curves)")
     if images_per_point < 1:
         raise UsageError(f"images_per_point={images_per_point}: need at least 1 image per point")
-    if tokens not in WEAKENED_TOKENS:
-        raise UsageError(f"tokens={tokens!r}: valid: {', '.join(WEAKENED_TOKENS)}")
+    check_tokens(tokens)
     hrv.check_model(pipe)
     concepts = list(concepts or hrv.concepts.names)
     for c in concepts:

@@ -61,7 +61,7 @@ _TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a text", "bool"
 def _type_error(err: Exception) -> Exception:
     """jsonargparse's multi-line type error (``Parser key "steps": ... Expected a <class 'int'> ...
     Given value: many``) as ``--steps must be an integer or null, got 'many'``; other parse errors
-    as they are. A NaN or inf in YAML is ``.nan`` / ``.inf``, which the message says."""
+    as they are."""
     import re
 
     from common.errors import UsageError
@@ -70,6 +70,10 @@ def _type_error(err: Exception) -> Exception:
     key = re.match(r'Parser key "([^"]+)":', text)
     got = re.search(r"(?:Given value|Got value): (.*)$", text, re.S)
     wanted = list(dict.fromkeys(re.findall(r"Expected a <class '(\w+)'>", text)))
+    choices = re.search(r"Expected a typing\.Literal\[(.*?)\]", text)
+    if key and got and choices:  # a Literal option: name the valid choices
+        valid = ", ".join(c.strip().strip("'\"") for c in choices.group(1).split(","))
+        return UsageError(f"--{key.group(1)} must be one of {valid}, got {got.group(1).strip()!r}")
     if not (key and got and wanted) or any(w not in _TYPE_NAMES for w in wanted):
         return err
     value = got.group(1).strip()

@@ -333,6 +333,7 @@ def test_seeds__one_bound_for_every_command():
     (["generate", "--prompts", '["a red circle"]', "--guidance", "nan"], "--guidance must be a number or null, got 'nan'"),
     (["generate", "--prompts", '["a red circle"]', "--steps", "many"], "--steps must be an integer or null, got 'many'"),
     (["analyze", "hrv", "--batch_size", "1.5"], "--batch_size must be an integer, got '1.5'"),
+    (["analyze", "weaken", "--tokens", "bogus"], "--tokens must be one of semantic, all_but_start, got 'bogus'"),
 ])
 def test_parse__a_value_of_the_wrong_type_is_one_short_line_naming_the_option(capsys, argv, says):
     assert main(argv) == 2
