@@ -67,6 +67,9 @@ class Architecture:
     walk: Callable  # (denoiser, latent (H, W), text_tokens | None) -> list[Block]
     default_latent: Callable  # denoiser -> latent (H, W) when the run does not say
     default_text_tokens: int = 0  # text length of the pipeline's default call (0: no text stream)
+    text_tokens_of: Callable | None = None  # (pipeline, max_sequence_length) -> text length of its calls
+    latent_multiple: Callable = lambda denoiser: 1  # denoiser -> what every latent side must be a multiple of
+    schedule_args: Callable | None = None  # (scheduler, steps, image tokens) -> the pipeline's extra set_timesteps arguments
     # how ``activations.hooks`` drives it (no hook asks which class a denoiser is):
     processor: str = "cross"  # the head processor: "cross" (processor.HeadProcessor) | "joint" (joint_processor)
     blocks_io: str = "map"  # block sites' I/O: "map" (a Transformer2DModel: [b, c, h, w] in, .sample / [0] out)
@@ -114,6 +117,10 @@ def unet_levels(unet, latent: tuple[int, int]) -> list[tuple[str, object, tuple[
     for k, block in enumerate(unet.up_blocks):
         out.append((f"up_blocks.{k}", block, down_sizes[n - 1 - k] if n == len(down_sizes) else (h, w)))
     return out
+
+
+def num_downsamplings(unet) -> int:
+    return sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
 
 
 def _unet_latent(arguments) -> tuple[int, int] | None:
@@ -187,20 +194,50 @@ def _flux_latent(arguments) -> tuple[int, int] | None:
     return rows * FLUX_PACKING, cols * FLUX_PACKING
 
 
+def _shift(scheduler, tokens: int, max_shift: float, module: str) -> float:
+    # the resolution-dependent shift mu of Esser et al. (2024), as the pipeline computes it
+    import importlib
+
+    calculate_shift = importlib.import_module(f"diffusers.pipelines.{module}").calculate_shift
+    cfg = scheduler.config
+    return calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                           cfg.get("base_shift", 0.5), cfg.get("max_shift", max_shift))
+
+
+def _sd3_schedule(scheduler, steps: int, tokens: int) -> dict:
+    # StableDiffusion3Pipeline: the scheduler's own sigmas; mu only where it shifts dynamically
+    if scheduler.config.get("use_dynamic_shifting", None):
+        return {"mu": _shift(scheduler, tokens, 1.16, "stable_diffusion_3.pipeline_stable_diffusion_3")}
+    return {}
+
+
+def _flux_schedule(scheduler, steps: int, tokens: int) -> dict:
+    # FluxPipeline: sigmas linspace(1, 1/steps) (none where the scheduler makes flow sigmas itself), and mu
+    import numpy as np
+
+    sigmas = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
+    return {"sigmas": sigmas, "mu": _shift(scheduler, tokens, 1.15, "flux.pipeline_flux")}
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
+        # every U-Net level halves the latent, and the skip connections only match when each halving is exact
         Architecture("unet", "unet", "UNet2DConditionModel", ("sd1", "sd2", "sdxl"), "cross-attention", _unet_blocks,
-                     lambda unet: pair(unet.config.sample_size), latent_of=_unet_latent),
+                     lambda unet: pair(unet.config.sample_size), latent_of=_unet_latent,
+                     latent_multiple=lambda unet: 2 ** num_downsamplings(unet)),
         # StableDiffusion3Pipeline: 77 CLIP tokens + 256 T5 tokens (max_sequence_length) by default
         Architecture("sd3", "transformer", "SD3Transformer2DModel", ("sd3",), "joint attention", _sd3_blocks,
                      lambda model: pair(model.config.sample_size), default_text_tokens=77 + 256,
+                     text_tokens_of=lambda pipe, n: pipe.tokenizer_max_length + n,
+                     latent_multiple=lambda model: model.config.patch_size, schedule_args=_sd3_schedule,
                      processor="joint", blocks_io="streams", latent_of=_sd3_latent),
         # FluxPipeline: 512 T5 tokens (max_sequence_length) by default; default_sample_size 128; it
         # calls the transformer with timestep / 1000 (the model multiplies by 1000 inside) and, FLUX.1
         # being guidance-distilled, with no uncond half in the batch
         Architecture("flux", "transformer", "FluxTransformer2DModel", ("flux",), "joint attention", _flux_blocks,
-                     lambda model: (128, 128), default_text_tokens=512,
+                     lambda model: (128, 128), default_text_tokens=512, text_tokens_of=lambda pipe, n: n,
+                     latent_multiple=lambda model: FLUX_PACKING * model.config.patch_size, schedule_args=_flux_schedule,
                      processor="joint", blocks_io="streams", timestep_scale=1000.0, batched_cfg=False, latent_of=_flux_latent),
     )
 }

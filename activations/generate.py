@@ -71,8 +71,30 @@ def generators(seeds) -> list[torch.Generator]:
 def sample(pipe, prompts, seeds, *, steps: int, guidance: float, height: int | None = None, width: int | None = None,
            output_type: str = "pil"):
     """One pipeline call for ``prompts`` with one seed each (see ``generators``): the pipeline's output."""
+    from activations.pipeline import call_options
+
     return pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, generator=generators(seeds),
-                height=height, width=width, output_type=output_type)
+                height=height, width=width, output_type=output_type, **call_options(pipe))
+
+
+def schedule(pipe, steps: int, latent: tuple[int, int] | None = None) -> list[int]:
+    """The timesteps, in scheduler units as integers, of a ``sample`` call of ``steps`` steps at
+    ``latent`` (H, W; None: the pipeline's default size), set the way the pipeline sets them, on a
+    copy of ``pipe.scheduler`` (which is left as it is). The one place that asks: FLUX's pipeline
+    passes its own sigmas and a shift that depends on the image's token count
+    (``Architecture.schedule_args``), so a bare ``set_timesteps(steps)`` gives other timesteps."""
+    from activations.families import architecture_of, denoiser_of
+    from activations.sites import latent_size
+
+    arch = architecture_of(pipe)
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    kwargs = {}
+    if arch.schedule_args is not None:
+        h, w = latent or latent_size(pipe)
+        multiple = int(arch.latent_multiple(denoiser_of(pipe)))
+        kwargs = arch.schedule_args(sched, steps, (h // multiple) * (w // multiple))
+    sched.set_timesteps(steps, **kwargs)
+    return [int(t) for t in sched.timesteps]
 
 
 def generate(pipe, jobs: list[tuple[str, int]], steps: int, guidance: float, batch_size: int = 16,

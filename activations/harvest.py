@@ -28,7 +28,8 @@ import torch
 from einops import rearrange
 
 from activations.config import HarvestConfig, parse_args
-from activations.generate import sample
+from activations.generate import sample, schedule
+from activations.families import architecture_of, denoiser_of
 from activations.hooks import attach
 from activations.pipeline import load_pipeline, model_fingerprint, set_scheduler
 from activations.intervention import Call
@@ -116,23 +117,26 @@ class Harvester:
         self.pipe = pipe if pipe is not None else load_pipeline(config.model, device=device, dtype=DTYPES[config.dtype])
         self.pipe.set_progress_bar_config(disable=True)
         set_scheduler(self.pipe, config.scheduler)
+        if config.branch != "cond" and not architecture_of(self.pipe).batched_cfg:
+            # a guidance-distilled model (FLUX.1) has cond rows only: "both" would store them twice
+            raise UsageError(f"branch {config.branch!r} does not exist for {architecture_of(self.pipe).name} models "
+                             "(guidance-distilled: no uncond rows); valid branches: cond")
         if config.branch != "cond" and config.guidance_scale <= 1:
             raise UsageError(f"branch {config.branch!r} needs classifier-free guidance (guidance_scale > 1, got {config.guidance_scale})")
-        sched = self.pipe.scheduler
-        sched.set_timesteps(config.num_inference_steps)
-        self.schedule = [int(t) for t in sched.timesteps]
-        self.num_train_timesteps = int(sched.config.num_train_timesteps)
+        # the grid of every site comes from this run's latent size, not the model's default
+        self.latent = latent_size(self.pipe, config.height, config.width)
+        self.schedule = schedule(self.pipe, config.num_inference_steps, self.latent)
+        self.num_train_timesteps = int(self.pipe.scheduler.config.num_train_timesteps)
         self.steps = select_steps(config.timesteps, self.schedule, self.num_train_timesteps)
         if not self.steps:
             raise UsageError(f"timesteps {config.timesteps!r} select no step of the schedule {self.schedule}")
-        # the grid of every site comes from this run's latent size, not the model's default
-        self.latent = latent_size(self.pipe, config.height, config.width)
-        self.sites: list[Site] = resolve_sites(list_sites(self.pipe.unet, self.latent), config.sites)
+        self.sites: list[Site] = resolve_sites(list_sites(self.pipe, self.latent), config.sites)
         self.branches = BRANCHES if config.branch == "both" else (config.branch,)
         self.num_images = len(self.prompts) * config.images_per_prompt
         self.num_shards = -(-self.num_images // config.images_per_shard)
         self.root = Path(config.out)
-        self.record = store_record(config.content_dict(), model_fingerprint(self.pipe.unet), numerics(self.pipe.unet, config))
+        denoiser = denoiser_of(self.pipe)
+        self.record = store_record(config.content_dict(), model_fingerprint(denoiser), numerics(denoiser, config))
         self.header = {
             "model": config.model,
             "model_revision": self.record["model_revision"],
@@ -230,7 +234,7 @@ class Harvester:
         buffers = {s.name: _ShardBuffer() for s in self.sites}
         steps = Steps(self.steps)
         # one Tap for the whole shard: installing processors per batch would cost time for nothing
-        with attach(self.pipe.unet, self.pipe) as tap:
+        with attach(denoiser_of(self.pipe), self.pipe) as tap:
             for b0 in range(images.start, images.stop, cfg.batch_size):
                 batch = list(range(b0, min(b0 + cfg.batch_size, images.stop)))
                 records = [self.image_record(i) for i in batch]

@@ -228,10 +228,25 @@ class Tap:
         st.inputs = (args, kwargs)
 
     # -- attaching interventions -------------------------------------------------------------
+    def check_branch(self, branch) -> str:
+        """``branch``'s name if this denoiser's batches can have it. ``cond`` is the prompt's rows,
+        ``uncond`` the empty prompt's rows of a guided batch, ``both`` every row. A
+        guidance-distilled family (FLUX.1: ``Architecture.batched_cfg`` False) has only cond rows,
+        so ``uncond`` is refused and ``both`` equals ``cond``."""
+        name = check_branch(branch)
+        if name == "uncond" and not self.arch.batched_cfg:
+            raise UsageError(f"branch 'uncond' does not exist for {self.arch.name} models ({self.arch.denoiser_class} is "
+                             "guidance-distilled: no uncond rows in its batches); valid branches: cond, both")
+        return name
+
     def _check_site(self, iv: Intervention) -> Site:
         if iv.site is None:
             raise UsageError(f"{type(iv).__name__} has no site; set site= to one of: {', '.join(self.site_by_name)}")
         s = resolve_sites(self.sites, [iv.site])[0]  # raises the helpful error for unknown names
+        try:
+            self.check_branch(iv.branch)
+        except UsageError as err:
+            raise UsageError(f"{type(iv).__name__} at {iv.site}: {err}") from None
         if iv.stage in BLOCK_STAGES and s.kind != "block":
             raise UnknownNameError(f"site {iv.site!r} is a head site; stage {iv.stage!r} needs a block site such as {s.block!r}")
         if iv.stage not in BLOCK_STAGES and s.kind != "head":

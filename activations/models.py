@@ -192,13 +192,11 @@ def build_tiny_unet(family: str, seed: int = 0):
     return UNet2DConditionModel(**tiny_unet_config(family)).eval()
 
 
-def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
-    """A complete tiny pipeline of ``family`` with random weights (8x8 latents, 16x16 images)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+def _tiny_vae(seed: int, **extra):
+    from diffusers import AutoencoderKL
 
-    unet = build_tiny_unet(family, seed)
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
+    torch.manual_seed(seed)
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -207,7 +205,30 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
         latent_channels=4,
         norm_num_groups=8,
         sample_size=16,
+        **extra,
     ).eval()
+
+
+def _tiny_t5(width: int, vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=2 * width, num_layers=1, num_heads=2,
+                   relative_attention_num_buckets=8, pad_token_id=1, eos_token_id=1)
+    return T5EncoderModel(cfg).eval()
+
+
+def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
+    """A complete tiny pipeline of ``family`` with random weights (8x8 latents, 16x16 images).
+
+    MMDiTs keep their text layout: SD3 = two CLIP encoders (16 tokens, 16 + 16 channels) then a T5
+    (``max_sequence_length`` tokens, 256 by default); FLUX = a CLIP's pooled output and a T5's
+    tokens (512 by default). Both VAEs carry ``shift_factor`` as SD3's and FLUX's do."""
+    if family in MMDIT_FAMILIES:
+        return _build_tiny_mmdit_pipeline(family, seed)
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    unet = build_tiny_unet(family, seed)
+    vae = _tiny_vae(seed + 1)
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
     )
@@ -238,6 +259,37 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
             feature_extractor=None,
             requires_safety_checker=False,
         )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _build_tiny_mmdit_pipeline(family: str, seed: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    transformer = build_tiny_transformer(family, seed)
+    vae = _tiny_vae(seed + 1, shift_factor=0.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0 if family == "sd3" else 1.0)
+    max_length = 16
+    torch.manual_seed(seed + 2)
+    width = transformer.config.joint_attention_dim
+    if family == "sd3":
+        half = width // 2  # CLIP-L and CLIP-G's states are concatenated on channels, then padded to T5's width
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=scheduler, vae=vae,
+            text_encoder=_tiny_text_encoder(half, len(tiny_tokenizer(max_length)), max_length, with_projection=True),
+            tokenizer=tiny_tokenizer(max_length),
+            text_encoder_2=_tiny_text_encoder(half, len(tiny_tokenizer(max_length)), max_length, with_projection=True),
+            tokenizer_2=tiny_tokenizer(max_length),
+            text_encoder_3=_tiny_t5(width, len(tiny_tokenizer(max_length))), tokenizer_3=tiny_tokenizer(512),
+        )
+    else:
+        pipe = FluxPipeline(
+            transformer=transformer, scheduler=scheduler, vae=vae,
+            text_encoder=_tiny_text_encoder(transformer.config.pooled_projection_dim, len(tiny_tokenizer(max_length)), max_length),
+            tokenizer=tiny_tokenizer(max_length),
+            text_encoder_2=_tiny_t5(width, len(tiny_tokenizer(max_length))), tokenizer_2=tiny_tokenizer(512),
+        )
+        pipe.default_sample_size = 8  # FluxPipeline fixes 128 (1024 px); the tiny VAE makes 16 px images of 8 x 8 latents
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -96,14 +96,34 @@ def load_pipeline(name_or_path: str | os.PathLike = "toy", device: str | torch.d
     return pipe.to(device)
 
 
-def model_defaults(pipe) -> dict:
-    """Sampling defaults a model ships with (the toy's diffatlas.json), else SD's usual ones."""
+def _shipped(pipe) -> dict:
+    """The diffatlas.json a model folder ships with (the toy models'), or {}."""
     folder = Path(getattr(pipe, "config", {}).get("_name_or_path", "") or "")
     meta = folder / "diffatlas.json"
-    if meta.exists():
-        data = json.loads(meta.read_text())
+    return json.loads(meta.read_text()) if meta.exists() else {}
+
+
+def model_defaults(pipe) -> dict:
+    """Sampling defaults a model ships with (the toy's diffatlas.json), else SD's usual ones."""
+    data = _shipped(pipe)
+    if data:
         return {"guidance_scale": data["guidance_scale"], "num_inference_steps": data["num_inference_steps"]}
     return {"guidance_scale": 7.5, "num_inference_steps": 50}
+
+
+def call_options(pipe) -> dict:
+    """Keyword arguments every call of ``pipe`` (generation and ``encode_prompt``) takes, beyond
+    prompts, steps and guidance: ``max_sequence_length`` where the pipeline has one (SD3, FLUX),
+    from the model's diffatlas.json ``"call"`` (the toy MMDiT: 0, no T5 tokens), else the
+    pipeline's own default (SD3 256, FLUX 512). The one place that decides an MMDiT's text length."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    options = {}
+    if "max_sequence_length" in params:
+        options["max_sequence_length"] = params["max_sequence_length"].default
+    options.update(_shipped(pipe).get("call", {}))
+    return options
 
 
 def model_fingerprint(unet) -> str:

@@ -71,20 +71,18 @@ class Site:
         return range(self.first_head, self.first_head + self.heads)
 
 
-def num_downsamplings(unet) -> int:
-    return sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
-
-
 def latent_size(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
     """The latent (H, W) of a pipeline call at ``height`` x ``width`` pixels (None: the default).
 
-    A size the model cannot take is a ValueError naming it and the valid sizes: every U-Net level
-    halves the latent, and the skip connections only match when each halving is exact.
+    A size the model cannot take is a UsageError naming it and the valid sizes: a multiple of the
+    VAE factor times the denoiser's latent multiple (``Architecture.latent_multiple``: a U-Net's
+    halvings, an MMDiT's patch).
     """
-    unet = pipe.unet
+    denoiser = denoiser_of(pipe)
     factor = int(getattr(pipe, "vae_scale_factor", 8))
-    default = pair(getattr(pipe, "default_sample_size", None) or unet.config.sample_size)
-    step = factor * 2 ** num_downsamplings(unet)
+    default = pair(getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size)
+    multiple = int(architecture_of(denoiser).latent_multiple(denoiser))
+    step = factor * multiple
     size = []
     for name, value, dflt in (("height", height, default[0]), ("width", width, default[1])):
         if value is None:
@@ -93,11 +91,22 @@ def latent_size(pipe, height: int | None = None, width: int | None = None) -> tu
         if not isinstance(value, int) or isinstance(value, bool) or value < step or value % step:
             raise UsageError(
                 f"{name} must be a positive multiple of {step} pixels for this model (VAE factor {factor} x "
-                f"2^{num_downsamplings(unet)} U-Net downsamplings), got {value!r}; valid sizes: "
+                f"latent multiple {multiple}), got {value!r}; valid sizes: "
                 f"{', '.join(str(step * k) for k in range(1, 5))}, ... (default {dflt * factor})"
             )
         size.append(value // factor)
     return size[0], size[1]
+
+
+def text_length(pipe) -> int | None:
+    """The text length of ``pipe``'s calls for an MMDiT (its text-stream sites' length), None for a
+    U-Net (its cross-attention reads the text but has no text-stream site)."""
+    from activations.pipeline import call_options
+
+    arch = architecture_of(pipe)
+    if arch.text_tokens_of is None:
+        return None
+    return int(arch.text_tokens_of(pipe, call_options(pipe)["max_sequence_length"]))
 
 
 def list_sites(model, sample_size=None, *, text_tokens: int | None = None) -> list[Site]:
@@ -105,10 +114,14 @@ def list_sites(model, sample_size=None, *, text_tokens: int | None = None) -> li
     order: each block, then its text-stream site if it has one, then its heads.
 
     ``sample_size``: the latent size (H, W) or H of the run, which decides each site's resolution;
-    None: the model's default. ``text_tokens``: the text length of an MMDiT run (its text-stream
-    sites are ``(1, T)``); None: its pipeline's default.
+    None: the default of ``model``'s pipeline call if it is a pipeline, else the denoiser's. ``text_tokens``: the text length of an MMDiT run (its text-stream
+    sites are ``(1, T)``); None: the length of ``model``'s calls if it is a pipeline, else the
+    family's default (``Architecture.default_text_tokens``).
     """
     denoiser = denoiser_of(model)
+    if model is not denoiser:  # a pipeline: the latent and text length of its own default call
+        sample_size = latent_size(model) if sample_size is None else sample_size
+        text_tokens = text_length(model) if text_tokens is None else text_tokens
     sites: list[Site] = []
     next_head = 0
     for block in architecture_of(denoiser).blocks(denoiser, sample_size, text_tokens):

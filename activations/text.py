@@ -1,17 +1,20 @@
-"""Prompt text to the embeddings the U-Net's cross-attention reads: the one place that calls
-the pipeline's ``encode_prompt``.
+"""Prompt text to the embeddings the denoiser reads (a U-Net's cross-attention keys and values,
+an MMDiT's text stream): the one place that calls the pipeline's ``encode_prompt``.
 
 Going through the pipeline's own method keeps every model's details (SD 1.x's one encoder, SDXL's
-two encoders' penultimate states concatenated, clip skip, attention masks) in diffusers, so HRV
+two encoders' penultimate states concatenated, SD3's CLIP and T5 tokens one after the other,
+clip skip, attention masks) in diffusers, so HRV
 words, evaluation, head swaps and the explorer all read exactly what generation feeds the U-Net.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 
+from activations.pipeline import call_options
 from common.errors import UsageError
 
 
@@ -29,11 +32,17 @@ def encode_prompts(pipe, prompts: Sequence[str], batch_size: int | None = None) 
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise UsageError(f"encode_prompts: batch_size must be a positive integer or None, got {batch_size!r}")
     step = batch_size or len(prompts)
+    # keywords, not positions: SDXL's encode_prompt takes prompt_2 second, SD's takes the device.
+    # What each pipeline's method accepts decides the rest: SD3 needs prompt_2 / prompt_3 (None:
+    # the same prompt for every encoder) and FLUX has no guidance switch (no uncond branch)
+    params = inspect.signature(pipe.encode_prompt).parameters
+    extra = {k: v for k, v in call_options(pipe).items() if k in params}
+    extra.update({k: None for k in ("prompt_2", "prompt_3") if k in params})
+    if "do_classifier_free_guidance" in params:
+        extra["do_classifier_free_guidance"] = False
     chunks = []
     for lo in range(0, len(prompts), step):
-        # keywords, not positions: SDXL's encode_prompt takes prompt_2 second, SD's takes the device
-        out = pipe.encode_prompt(prompt=prompts[lo : lo + step], device=pipe.device, num_images_per_prompt=1,
-                                 do_classifier_free_guidance=False)
+        out = pipe.encode_prompt(prompt=prompts[lo : lo + step], device=pipe.device, num_images_per_prompt=1, **extra)
         chunks.append(out[0])
     if len(chunks) == 1:
         return chunks[0]

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from einops import rearrange
 
+from activations.families import denoiser_of
 from activations.hooks import attach
 from activations.intervention import Call
 from activations.sites import resolve_sites
@@ -159,7 +160,8 @@ def trace(
     "both"; attention / head_outputs: what to keep for head sites.
     """
     check_branch(branch)
-    with attach(pipe.unet, pipe) as tap:
+    with attach(denoiser_of(pipe), pipe) as tap:
+        tap.check_branch(branch)
         chosen = resolve_sites(tap.sites, sites)
         tr = Trace(pipe, chosen, timesteps, branch, attention, head_outputs)
         needs = {"probs"} if attention else set()

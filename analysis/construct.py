@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from activations.generate import generators
+from activations.generate import generators, schedule
 from analysis.concepts import load_concepts
 from analysis.config import HRVConfig
 from analysis.hrv import HRV, VoteCounter
@@ -117,8 +117,7 @@ def build_hrv(cfg: HRVConfig, pipe=None, max_batches: int | None = None) -> HRV 
     bank = encode_words(pipe, concepts, contexts=texts if cfg.words == "in_context" else None,
                         sink=cfg.sink)  # every word once, before generating anything
     sites = head_sites(pipe)
-    pipe.scheduler.set_timesteps(steps)
-    calls = len(pipe.scheduler.timesteps)  # U-Net calls per generation (some schedulers add some)
+    calls = len(schedule(pipe, steps))  # denoiser calls per generation (some schedulers add some)
     jobs = [(p, s) for p in range(len(texts)) for s in cfg.seeds]
     named = named_words(pipe, concepts, texts)[[p for p, _ in jobs]] if cfg.choose == "named" else None
     counter = VoteCounter(bank, sites, seed=cfg.word_seed, steps_hint=calls, named_jC=named)

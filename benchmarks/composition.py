@@ -59,6 +59,7 @@ def main() -> None:
     from activations.config import HarvestConfig, PromptSource
     from activations.harvest import harvest
     from activations.pipeline import load_pipeline, model_defaults
+    from activations.generate import schedule
     from activations.store import ActivationStore
     from analysis.toy_truth import concept_values, feature_truth, scene_of
     from sae import SAE, train_quick
@@ -69,8 +70,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     d = model_defaults(pipe)
     steps = d["num_inference_steps"]
-    pipe.scheduler.set_timesteps(steps)
-    taus = pipe.scheduler.timesteps.float().numpy() / pipe.scheduler.config.num_train_timesteps
+    taus = np.array(schedule(pipe, steps), dtype=np.float64) / pipe.scheduler.config.num_train_timesteps
     mid = int(np.argmin(np.abs(taus - 0.5)))
     store_root = out / "store"
     harvest(HarvestConfig(model="toy", out=str(store_root), sites=list(args.sites), seed=args.seed,

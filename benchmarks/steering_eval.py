@@ -175,6 +175,7 @@ def site_rows(pipe, prompts, seeds, steps, guidance, site, window):
 
 
 def pick_features(args, pipe, sae, steps, guidance):
+    from activations.generate import schedule
     from activations.timesteps import Window
     from toyworld.render import patch_coverage, render
 
@@ -187,8 +188,7 @@ def pick_features(args, pipe, sae, steps, guidance):
     with torch.no_grad():
         z = [sae.encode(r.reshape(-1, r.shape[-1])).to_dense().reshape(r.shape[0], r.shape[1], -1) for r in rows]
     # the steps of the early window (the one rule: activations.timesteps), in the order they ran
-    pipe.scheduler.set_timesteps(steps)
-    early = Window("early").select([int(t) for t in pipe.scheduler.timesteps], pipe.scheduler.config.num_train_timesteps)
+    early = Window("early").select(schedule(pipe, steps), pipe.scheduler.config.num_train_timesteps)
     cover = [torch.from_numpy(patch_coverage(render(s).masks, grid)[0].reshape(-1)) for s in sel]
     a = torch.cat([zi[early].reshape(-1, zi.shape[-1]) for zi in z])
     m = torch.cat([c.repeat(zi[early].shape[0]) for c, zi in zip(cover, z)])

@@ -261,9 +261,9 @@ def _check_mask(mask, grid: tuple[int, int], what: str) -> None:
 def schedule(pipe, steps: int) -> tuple[list[int], int]:
     """The scheduler timesteps of a ``steps``-step run and the scheduler's training timesteps
     (from a copy of the pipeline's scheduler, which is left as it is)."""
-    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    sched.set_timesteps(steps)
-    return [int(t) for t in sched.timesteps], int(sched.config.num_train_timesteps)
+    from activations.generate import schedule as pipeline_schedule
+
+    return pipeline_schedule(pipe, steps), int(pipe.scheduler.config.num_train_timesteps)
 
 
 def run_recipe(recipe: "Recipe | dict | str | Path", pipe=None, *, before: bool = True, output_type: str = "pil"):

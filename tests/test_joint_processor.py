@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers.models.embeddings import apply_rotary_emb
 
 from activations.edits import Ablate, HeadEdit, Observe, Scale, SwapKV
 from activations.joint_processor import JointHeadProcessor, install_joint_processors
 from activations.models import build_tiny_transformer, build_tiny_unet
 from common.errors import UsageError
 
-from mmdit_helpers import B, N, TEXT, forward
+from mmdit_helpers import B, N, TEXT, by_hand, capture_inputs, forward
 
 # a FLUX double-stream and a single-stream module, and SD3's first and last (context_pre_only) block
 SITES = {"sd3": ["transformer_blocks.0.attn", "transformer_blocks.2.attn"],
@@ -30,42 +29,6 @@ def test_idle__full_forward_equals_diffusers_processors_and_remove_restores_them
     assert (out - ref).abs().max() <= 1e-5
     assert {name: type(model.get_submodule(name).processor) for name in originals} == originals
     assert torch.equal(forward(model, family), ref)
-
-
-def capture_inputs(module):
-    seen = {}
-
-    def hook(mod, args, kwargs):
-        seen["x"] = kwargs.get("hidden_states", args[0] if args else None)
-        seen["ctx"] = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        seen["rope"] = kwargs.get("image_rotary_emb")
-
-    return seen, module.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def by_hand(attn, x, ctx, rope, flux: bool):
-    """q, k, v of the joint sequence [b, h, S, d] and the (text, image) slices, written out."""
-    h = attn.heads
-
-    def heads(t):
-        return t.reshape(t.shape[0], t.shape[1], h, -1)
-
-    def norm(f, t):
-        return t if f is None else f(t)
-
-    q, k, v = heads(attn.to_q(x)), heads(attn.to_k(x)), heads(attn.to_v(x))
-    q, k = norm(attn.norm_q, q), norm(attn.norm_k, k)
-    if ctx is not None:
-        tq, tk, tv = heads(attn.add_q_proj(ctx)), heads(attn.add_k_proj(ctx)), heads(attn.add_v_proj(ctx))
-        tq, tk = norm(attn.norm_added_q, tq), norm(attn.norm_added_k, tk)
-        cat = (lambda t, i: torch.cat([t, i], 1)) if flux else (lambda t, i: torch.cat([i, t], 1))
-        q, k, v = cat(tq, q), cat(tk, k), cat(tv, v)
-    if rope is not None:
-        q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    seq = q.shape[2]
-    txt, img = (slice(0, TEXT), slice(TEXT, seq)) if flux else (slice(seq - TEXT, seq), slice(0, seq - TEXT))
-    return q, k, v, txt, img
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
