@@ -103,12 +103,15 @@ class HeadEdit(Intervention):
             raise ValueError("HeadEdit(stage='heads') acts on heads x patches; tokens must be None")
 
     def check(self, model) -> None:
-        # the probs' token axis is the padded prompt (model_max_length tokens); a bare U-Net has no
-        # tokenizer, and then the first call checks the tokens (the heads are checked on attaching)
-        tokenizer = getattr(model, "tokenizer", None)
-        if self.tokens is not None and tokenizer is not None:
+        # the probs' token axis is the pipeline's text (activations.sites.text_length: a U-Net's
+        # padded prompt, an MMDiT's joint text); a bare denoiser has no tokenizer, and then the first
+        # call checks the tokens (the heads are checked on attaching)
+        from activations.text import text_length
+
+        length = text_length(model) if self.tokens is not None and getattr(model, "tokenizer", None) is not None else None
+        if length is not None:
             try:
-                index_mask(self.tokens, int(tokenizer.model_max_length), "cpu", "token")
+                index_mask(self.tokens, length, "cpu", "token")
             except UsageError as err:
                 raise UsageError(f"HeadEdit at {self.site}: {err}") from None
 

@@ -67,7 +67,9 @@ class Architecture:
     walk: Callable  # (denoiser, latent (H, W), text_tokens | None) -> list[Block]
     default_latent: Callable  # denoiser -> latent (H, W) when the run does not say
     default_text_tokens: int = 0  # text length of the pipeline's default call (0: no text stream)
-    text_tokens_of: Callable | None = None  # (pipeline, max_sequence_length) -> text length of its calls
+    text_segments: Callable | None = None  # (pipeline, max_sequence_length) -> the text's segments,
+    #   [(tokenizer attribute or None, length)] in sequence order: whose tokens sit where in the text the
+    #   denoiser reads (None: tokens that carry no words, e.g. SD3's zeros where it has no T5)
     latent_multiple: Callable = lambda denoiser: 1  # denoiser -> what every latent side must be a multiple of
     schedule_args: Callable | None = None  # (scheduler, steps, image tokens) -> the pipeline's extra set_timesteps arguments
     # how ``activations.hooks`` drives it (no hook asks which class a denoiser is):
@@ -194,6 +196,13 @@ def _flux_latent(arguments) -> tuple[int, int] | None:
     return rows * FLUX_PACKING, cols * FLUX_PACKING
 
 
+def _sd3_text(pipe, n: int) -> list:
+    # CLIP-L and CLIP-G side by side on channels (the same positions), then n T5 tokens: zeros when
+    # the pipeline has no T5 (StableDiffusion3Pipeline._get_t5_prompt_embeds)
+    t5 = "tokenizer_3" if getattr(pipe, "text_encoder_3", None) is not None else None
+    return [("tokenizer", int(pipe.tokenizer_max_length)), (t5, int(n))]
+
+
 def _shift(scheduler, tokens: int, max_shift: float, module: str) -> float:
     # the resolution-dependent shift mu of Esser et al. (2024), as the pipeline computes it
     import importlib
@@ -225,18 +234,21 @@ ARCHITECTURES: dict[str, Architecture] = {
         # every U-Net level halves the latent, and the skip connections only match when each halving is exact
         Architecture("unet", "unet", "UNet2DConditionModel", ("sd1", "sd2", "sdxl"), "cross-attention", _unet_blocks,
                      lambda unet: pair(unet.config.sample_size), latent_of=_unet_latent,
+                     # the padded prompt (SDXL: its two encoders' states side by side, the same positions)
+                     text_segments=lambda pipe, n: [("tokenizer", int(pipe.tokenizer.model_max_length))],
                      latent_multiple=lambda unet: 2 ** num_downsamplings(unet)),
         # StableDiffusion3Pipeline: 77 CLIP tokens + 256 T5 tokens (max_sequence_length) by default
         Architecture("sd3", "transformer", "SD3Transformer2DModel", ("sd3",), "joint attention", _sd3_blocks,
                      lambda model: pair(model.config.sample_size), default_text_tokens=77 + 256,
-                     text_tokens_of=lambda pipe, n: pipe.tokenizer_max_length + n,
+                     text_segments=_sd3_text,
                      latent_multiple=lambda model: model.config.patch_size, schedule_args=_sd3_schedule,
                      processor="joint", blocks_io="streams", latent_of=_sd3_latent),
         # FluxPipeline: 512 T5 tokens (max_sequence_length) by default; default_sample_size 128; it
         # calls the transformer with timestep / 1000 (the model multiplies by 1000 inside) and, FLUX.1
         # being guidance-distilled, with no uncond half in the batch
         Architecture("flux", "transformer", "FluxTransformer2DModel", ("flux",), "joint attention", _flux_blocks,
-                     lambda model: (128, 128), default_text_tokens=512, text_tokens_of=lambda pipe, n: n,
+                     lambda model: (128, 128), default_text_tokens=512,
+                     text_segments=lambda pipe, n: [("tokenizer_2", n)],  # T5 tokens only; CLIP gives the pooled vector
                      latent_multiple=lambda model: FLUX_PACKING * model.config.patch_size, schedule_args=_flux_schedule,
                      processor="joint", blocks_io="streams", timestep_scale=1000.0, batched_cfg=False, latent_of=_flux_latent),
     )

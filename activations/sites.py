@@ -41,6 +41,7 @@ from collections.abc import Iterable, Sequence
 from typing import Literal, Optional, get_args
 
 from activations.families import architecture_of, denoiser_of, pair
+from activations.text import text_length
 from common.errors import UnknownNameError, UsageError
 
 SiteKind = Literal["block", "head"]
@@ -80,8 +81,9 @@ def latent_size(pipe, height: int | None = None, width: int | None = None) -> tu
     """
     denoiser = denoiser_of(pipe)
     factor = int(getattr(pipe, "vae_scale_factor", 8))
-    default = pair(getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size)
-    multiple = int(architecture_of(denoiser).latent_multiple(denoiser))
+    arch = architecture_of(denoiser)
+    default = pair(getattr(pipe, "default_sample_size", None) or arch.default_latent(denoiser))
+    multiple = int(arch.latent_multiple(denoiser))
     step = factor * multiple
     size = []
     for name, value, dflt in (("height", height, default[0]), ("width", width, default[1])):
@@ -96,17 +98,6 @@ def latent_size(pipe, height: int | None = None, width: int | None = None) -> tu
             )
         size.append(value // factor)
     return size[0], size[1]
-
-
-def text_length(pipe) -> int | None:
-    """The text length of ``pipe``'s calls for an MMDiT (its text-stream sites' length), None for a
-    U-Net (its cross-attention reads the text but has no text-stream site)."""
-    from activations.pipeline import call_options
-
-    arch = architecture_of(pipe)
-    if arch.text_tokens_of is None:
-        return None
-    return int(arch.text_tokens_of(pipe, call_options(pipe)["max_sequence_length"]))
 
 
 def list_sites(model, sample_size=None, *, text_tokens: int | None = None) -> list[Site]:

@@ -15,9 +15,9 @@ from activations.harvest import harvest
 from activations.hooks import intervene
 from activations.joint_processor import JointHeadProcessor
 from activations.models import build_tiny_pipeline
-from activations.sites import latent_size, list_sites, text_length
+from activations.sites import latent_size, list_sites
 from activations.store import ActivationStore
-from activations.text import encode_prompts
+from activations.text import encode_prompts, semantic_mask, text_layout, text_length, word_positions
 from activations.timesteps import WINDOWS, select_steps
 from activations.trace import trace
 from common.errors import UsageError
@@ -146,3 +146,43 @@ def test_windows_gate_flow_matching_steps_by_sigma(mmdit_pipe):
         # tau = t / 1000 is the step's sigma, to the 0.001 that integer timesteps keep
         expected = [k for k, sigma in enumerate(sigmas) if lo - 1e-3 <= sigma < hi or (hi == 1.0 and sigma == 1.0)]
         assert chosen == expected and chosen, (window, sigmas)
+
+
+def test_a_token_index_is_checked_against_the_joint_text_length(mmdit_pipe):
+    family, pipe = mmdit_pipe
+    last = text_length(pipe) - 1  # SD3: past the 16 CLIP tokens, inside the T5 ones; FLUX: T5 only
+    with intervene(pipe, HeadEdit(site=SITES[family][2], stage="probs", tokens=[last], scale=0.0)):
+        pass
+    with pytest.raises(UsageError, match=f"HeadEdit at {SITES[family][2]}: .*token"):
+        with intervene(pipe, HeadEdit(site=SITES[family][2], stage="probs", tokens=[last + 1], scale=0.0)):
+            pass
+
+
+def test_harvest_cli_on_a_saved_mmdit_folder(tmp_path, mmdit_pipe):
+    from harvest_helpers import run_cli, write_yaml
+
+    family, pipe = mmdit_pipe
+    pipe.save_pretrained(tmp_path / "model")
+    cfg = write_yaml(tmp_path / "h.yaml", {"model": str(tmp_path / "model"), "out": str(tmp_path / "store"),
+                                          "sites": SITES[family], "prompts": {"kind": "list", "texts": PROMPTS},
+                                          "num_inference_steps": 2, "guidance_scale": 4.0, "timesteps": "all",
+                                          "height": 16, "width": 16, "batch_size": 2, "images_per_shard": 2})
+    done = run_cli(["harvest", str(cfg)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    store = ActivationStore(tmp_path / "store", verify=True)
+    assert sorted(store.sites) == sorted(SITES[family]) and store.site(SITES[family][2]).grid == (4, 4)
+    sites = run_cli(["sites", str(tmp_path / "model")])
+    assert sites.returncode == 0 and f"{SITES[family][1]} " in sites.stdout
+
+
+def test_the_text_layout_says_whose_tokens_sit_where(mmdit_pipe):
+    family, pipe = mmdit_pipe
+    layout = text_layout(pipe)
+    tok = [getattr(pipe, name) for name in {"sd3": ["tokenizer", "tokenizer_3"], "flux": ["tokenizer_2"]}[family]]
+    assert [s.tokenizer for s in layout] == tok and [s.start for s in layout] == ([0, 16] if family == "sd3" else [0])
+    # "red" is the 3rd token after the start token: once per segment that has a tokenizer
+    assert word_positions(pipe, "a big red cat", "red") == ([3, 16 + 3] if family == "sd3" else [3])
+    mask = semantic_mask(pipe, ["a big red cat"])
+    assert mask.shape == (1, text_length(pipe)) and mask.sum() == 4 * len(layout)
+    with pytest.raises(UsageError, match="token 'dog' is not in the prompt 'a big red cat'"):
+        word_positions(pipe, "a big red cat", "dog")
