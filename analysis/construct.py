@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from activations.generate import generators, schedule
+from activations.generate import sample, schedule
 from analysis.concepts import load_concepts
 from analysis.config import HRVConfig
 from analysis.hrv import HRV, VoteCounter
@@ -114,8 +114,8 @@ def build_hrv(cfg: HRVConfig, pipe=None, max_batches: int | None = None) -> HRV 
         check_prompts(cfg.model, texts)  # a model with a fixed vocabulary (the toy one) refuses other words
     pipe = pipe if pipe is not None else load_model(cfg, cfg.model)
     steps, guidance = sampling_defaults(pipe, cfg.steps, cfg.guidance)
-    bank = encode_words(pipe, concepts, contexts=texts if cfg.words == "in_context" else None,
-                        sink=cfg.sink)  # every word once, before generating anything
+    bank = encode_words(pipe, concepts, contexts=texts if cfg.words == "in_context" else None, sink=cfg.sink,
+                        steps=steps, guidance=guidance)  # every word once, before generating anything
     sites = head_sites(pipe)
     calls = len(schedule(pipe, steps))  # denoiser calls per generation (some schedulers add some)
     jobs = [(p, s) for p in range(len(texts)) for s in cfg.seeds]
@@ -136,10 +136,9 @@ def build_hrv(cfg: HRVConfig, pipe=None, max_batches: int | None = None) -> HRV 
                 break
             chunk = list(range(start, min(start + cfg.batch_size, len(jobs))))
             counter.begin_batch(chunk, calls)
-            noise = generators([jobs[j][1] for j in chunk])  # CPU noise: the same images on any device
             with torch.no_grad():
-                pipe(prompt=[texts[jobs[j][0]] for j in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                     generator=noise, output_type="latent")
+                sample(pipe, [texts[jobs[j][0]] for j in chunk], [jobs[j][1] for j in chunk], steps=steps,
+                       guidance=guidance, output_type="latent")
             counter.end_batch()
             done = chunk[-1] + 1
             _save_progress(progress_path, counter, done, key)
@@ -151,7 +150,7 @@ def build_hrv(cfg: HRVConfig, pipe=None, max_batches: int | None = None) -> HRV 
     hrv = HRV(
         concepts=concepts,
         votes=counter.votes,
-        head_table=head_table(pipe.unet),
+        head_table=head_table(pipe),
         step_t=counter.step_t,
         num_train_timesteps=int(pipe.scheduler.config.get("num_train_timesteps", 1000)),
         meta={

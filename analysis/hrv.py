@@ -175,10 +175,10 @@ class HRV:
 
     def check_model(self, pipe_or_unet) -> None:
         """Raise a ValueError when the model's head count or head table differs from this HRV's."""
+        from activations.families import denoiser_of
         from activations.sites import head_table
 
-        unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-        table = head_table(unet)
+        table = head_table(denoiser_of(pipe_or_unet))
         model = self.meta.get("model", "?")
         if len(table) != len(self.head_table):
             raise UsageError(
@@ -256,7 +256,14 @@ class VoteCounter:
             self.step_t += [None] * extra.shape[0]
 
     def keys(self, call) -> torch.Tensor:
-        """Keys [heads, T_all, d] of all concept words through this module, projected once."""
+        """Keys [heads, T_all, d] of all concept words at this module: a U-Net's projected once, an
+        MMDiT's read through the text stream for this step (``words.encode_words``)."""
+        if self.bank.stream_keys is not None:  # an MMDiT: the words' keys at this site and step
+            k_ShTd = self._keys.get(call.site)
+            if k_ShTd is None:
+                k_ShTd = self.bank.stream_keys[call.site].to(device=call.q_cond.device, dtype=call.q_cond.dtype)
+                self._keys[call.site] = k_ShTd
+            return k_ShTd[min(int(call.step or 0), k_ShTd.shape[0] - 1)]
         k = self._keys.get(call.site)
         if k is None:
             k = call.project_keys(self.bank.embeds_TC.to(device=call.q_cond.device, dtype=call.q_cond.dtype))

@@ -1,11 +1,13 @@
-"""Where the HRV half of ``analysis`` touches the U-Net, through the Intervention protocol.
+"""Where the HRV half of ``analysis`` touches the denoiser, through the Intervention protocol.
 
-Two small functions, so that a change of mechanism for HRVs and weakening is a change here only:
+Three small functions, so that a change of mechanism for HRVs and weakening is a change here only:
 
 * ``observe_queries(pipe, on_call)``: at every cross-attention call, hand the conditional-branch
   queries and this module's key projection to ``on_call`` (HRV voting, Section 3 of Park et al.);
 * ``weaken_heads(pipe, heads, token_scale)``: multiply chosen heads' attention probabilities by a
-  per-prompt, per-token factor at every step (ordered weakening, Section 4).
+  per-prompt, per-token factor at every step (ordered weakening, Section 4);
+* ``stream_keys(pipe, prompts, rows, ...)``: an MMDiT's text keys of chosen tokens at every site
+  and step, read by drawing the prompts (its concept words' keys: ``analysis.words``).
 
 The feature half's head attribution (``feature_heads.py``) is the one other module that runs the
 U-Net under interventions (``Observe`` and ``Apply`` reruns of a feature's top examples); the rest
@@ -52,13 +54,46 @@ def observe_queries(pipe, on_call: Callable[[QueryCall], None]) -> Iterator[None
             site=call.site,
             q_cond=q,
             project_keys=lambda ehs_TC, _call=call: _call.project(ehs_TC)[0][0],
-            scale=float(call.attn.scale),
+            scale=float(getattr(call.attn, "scale", None) or call.q.shape[-1] ** -0.5),  # FLUX's attention keeps no scale
             step=call.state.step,
             t=call.state.t,
         ))
 
     with intervene(pipe, *(Observe(site=site.name, stage="q", fn=observer) for site in head_sites(pipe))):
         yield
+
+
+def stream_keys(pipe, prompts: Sequence[str], rows: Sequence[Sequence[int]], steps: int, guidance: float,
+                batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """The text keys an MMDiT's heads compute for chosen tokens of ``prompts``, at every step.
+
+    Each prompt is drawn once (seed = its index, ``steps`` and ``guidance`` as the caller's
+    generations) and, at every joint-attention site and step, the keys of its conditional text
+    tokens ``rows[p]`` (indices into the text, ``activations.text.text_layout``) are kept:
+    ``{site: [steps, heads, sum(len(r) for r in rows), d]}``, prompt after prompt. In an MMDiT the
+    text is a stream that every block changes, reading the image, so a token's key at a block is
+    only defined by running the tokens through the model; this runs them through with the image
+    they draw themselves.
+    """
+    from activations.generate import sample
+
+    sites = [s.name for s in head_sites(pipe)]
+    kept: dict[str, list[list[torch.Tensor]]] = {site: [[] for _ in range(steps)] for site in sites}
+    chunk_rows: list[Sequence[int]] = []
+
+    def observer(call) -> None:
+        cond = call.rows("cond")
+        k_bhTd = call.k if cond is None else call.k[cond]
+        step = min(int(call.state.step or 0), steps - 1)
+        kept[call.site][step] += [k_bhTd[b][:, list(r)].float().cpu() for b, r in enumerate(chunk_rows)]
+
+    observers = [Observe(site=site, stage="k", fn=observer) for site in sites]
+    for lo in range(0, len(prompts), batch_size):
+        chunk_rows[:] = list(rows[lo: lo + batch_size])
+        with torch.no_grad(), intervene(pipe, *observers):
+            sample(pipe, list(prompts[lo: lo + batch_size]), list(range(lo, lo + len(chunk_rows))), steps=steps,
+                   guidance=guidance, output_type="latent")
+    return {site: torch.stack([torch.cat(per_step, 1) for per_step in by_step]) for site, by_step in kept.items()}
 
 
 @contextlib.contextmanager

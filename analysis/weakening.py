@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from activations.generate import generators
+from activations.families import denoiser_of
+from activations.generate import sample
+from activations.text import semantic_mask, text_length
 from analysis.hrv import HRV
 from analysis.mechanism import weaken_heads
-from analysis.words import semantic_token_mask
 from common.errors import UsageError
 
 ORDERS = ("MoRHF", "LeRHF", "random")
@@ -59,18 +60,12 @@ def token_scales(pipe, prompts: list[str], factor: float = -2.0, tokens: str = "
     """[b, T]: ``factor`` on the weakened tokens (``semantic``: each prompt's own words;
     ``all_but_start``: every token after the start token), 1 on the others."""
     check_tokens(tokens)
-    T = _text_length(pipe)
     if tokens == "semantic":
-        weakened_bT = semantic_token_mask(pipe, prompts, T)
+        weakened_bT = semantic_mask(pipe, prompts)
     else:
-        weakened_bT = torch.ones(len(prompts), T, dtype=torch.bool)
+        weakened_bT = torch.ones(len(prompts), text_length(pipe), dtype=torch.bool)
         weakened_bT[:, 0] = False
-    return torch.where(weakened_bT, torch.tensor(float(factor)), torch.tensor(1.0)).to(pipe.device, pipe.unet.dtype)
-
-
-def _text_length(pipe) -> int:
-    tok = getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
-    return int(tok.model_max_length)
+    return torch.where(weakened_bT, torch.tensor(float(factor)), torch.tensor(1.0)).to(pipe.device, denoiser_of(pipe).dtype)
 
 
 def generate_weakened(pipe, prompts: list[str], seeds: list[int], heads: list[int], steps: int, guidance: float,
@@ -79,11 +74,9 @@ def generate_weakened(pipe, prompts: list[str], seeds: list[int], heads: list[in
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        noise = generators(seeds[start:start + batch_size])  # CPU noise: the same images on any device
         scale_bT = token_scales(pipe, chunk, factor, tokens)
         with torch.no_grad(), weaken_heads(pipe, heads, scale_bT):
-            out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=noise,
-                       output_type="np").images
+            out = sample(pipe, chunk, seeds[start:start + batch_size], steps=steps, guidance=guidance, output_type="np").images
         images += [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in out]
     return images
 

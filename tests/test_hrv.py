@@ -9,12 +9,13 @@ import torch
 
 from activations.config import PromptSource
 from activations.models import build_tiny_pipeline
-from activations.sites import head_table
+from activations.sites import head_sites, head_table
 from analysis.concepts import ConceptList, load_concepts, word_token_positions
 from analysis.config import HRVConfig
 from analysis.construct import build_hrv
 from analysis.hrv import HRV, concept_strengths, head_votes, normalise_rows
 from analysis.words import encode_words
+from common.errors import UsageError
 
 TINY_CONCEPTS = """concepts:
   color: [red, green, blue]
@@ -38,12 +39,14 @@ def tiny_config(tmp_path, concepts_file, **kw) -> HRVConfig:
     return HRVConfig(**base)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
-def test_hrv_on_tiny_pipelines_rows_have_l1_norm_H_and_each_head_votes_once_per_image_and_step(family, tmp_path, concepts_file):
+@pytest.mark.parametrize("family, words", [("sd1", "alone"), ("sd2", "alone"), ("sdxl", "alone"), ("sd3", "alone"),
+                                           ("flux", "alone"), ("sd3", "in_context")])
+def test_hrv_on_tiny_pipelines_rows_have_l1_norm_H_and_each_head_votes_once_per_image_and_step(family, words, tmp_path, concepts_file):
     pipe = build_tiny_pipeline(family)
-    hrv = build_hrv(tiny_config(tmp_path, concepts_file), pipe)
-    H = len(head_table(pipe.unet))
-    images = len(TINY_PROMPTS) * 2
+    texts = TINY_PROMPTS + ["a dog on the bottom right"]  # in context, every word needs a prompt that names it
+    hrv = build_hrv(tiny_config(tmp_path, concepts_file, words=words, prompts=PromptSource(kind="list", texts=texts)), pipe)
+    H = len(head_table(pipe))
+    images = len(texts) * 2
     assert hrv.hrv.shape == (3, H) and hrv.hrv.dtype == torch.float32
     assert torch.allclose(hrv.hrv.abs().sum(1), torch.full((3,), float(H)))
     assert hrv.votes.dtype == torch.int64 and hrv.votes.shape == (3, 3, H)
@@ -295,3 +298,52 @@ def test_sdxl_full_structure_gives_1300_heads_and_a_heatmap(tmp_path):
     res = {s.name: s.resolution for s in list_sites(unet) if s.kind == "head"}
     png = hrv_heatmap(hrv.hrv.numpy(), ["a", "b", "c"], table, res, tmp_path / "h.png")
     assert png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_mmdit_word_keys_are_the_keys_its_heads_compute_for_the_word_drawn_alone(family, concepts_file):
+    """The text changes from block to block in an MMDiT: a word's keys at a site and step are the
+    text keys of its own tokens while the word alone is drawn (written out by hand here)."""
+    from activations.generate import sample
+    from activations.text import semantic_mask
+    from mmdit_helpers import by_hand, capture_inputs
+
+    pipe = build_tiny_pipeline(family)
+    concepts = load_concepts(concepts_file)
+    bank = encode_words(pipe, concepts, sink=True, steps=2, guidance=5.0)
+    site = {"sd3": "transformer_blocks.1.attn", "flux": "single_transformer_blocks.0.attn"}[family]
+    rows = [semantic_mask(pipe, [w])[0].nonzero().flatten().tolist() for ws in concepts.words for w in ws]
+    attn = pipe.transformer.get_submodule(site)
+    k_ShTd = bank.stream_keys[site]
+    assert k_ShTd.shape == (2, attn.heads, sum(map(len, rows)) + 1, pipe.transformer.config.attention_head_dim) and bank.num_rows == k_ShTd.shape[2]
+    assert bank.embeds_TC is None and set(bank.stream_keys) == {s.name for s in head_sites(pipe)}
+    seen = []
+    grabbed, handle = capture_inputs(attn)
+    hook = attn.register_forward_hook(lambda *_: seen.append(dict(grabbed)))
+    word = 3  # "top left" (after red, green, blue): two tokens in every segment
+    assert len(rows[word]) == {"sd3": 4, "flux": 2}[family]  # SD3: in the CLIP and in the T5 tokens
+    with torch.no_grad():
+        sample(pipe, ["top left"], [word], steps=2, guidance=5.0, output_type="latent")  # the bank draws word w with seed w
+    handle.remove(), hook.remove()
+    start = sum(map(len, rows[:word]))
+    for step, inputs in enumerate(seen):
+        _, k, _, txt, _ = by_hand(attn, inputs["x"], inputs["ctx"], inputs["rope"], family == "flux", len(semantic_mask(pipe, [""])[0]))
+        expected = k[-1][:, txt][:, rows[word]]  # the cond row (SD3 batches [uncond; cond])
+        torch.testing.assert_close(k_ShTd[step][:, start: start + len(rows[word])], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mmdit_words_need_the_runs_steps_and_guidance(concepts_file):
+    with pytest.raises(UsageError, match="needs the run's steps and guidance"):
+        encode_words(build_tiny_pipeline("flux"), load_concepts(concepts_file))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_weakening_scales_the_prompt_words_in_every_text_segment(family):
+    from activations.text import text_length, word_positions
+    from analysis.weakening import token_scales
+
+    pipe = build_tiny_pipeline(family)
+    scale_bT = token_scales(pipe, ["a red cat"], factor=-2.0)
+    assert scale_bT.shape == (1, text_length(pipe))
+    words = sorted(word_positions(pipe, "a red cat", "a") + word_positions(pipe, "a red cat", "red") + word_positions(pipe, "a red cat", "cat"))
+    assert (scale_bT[0] == -2.0).nonzero().flatten().tolist() == words
