@@ -72,16 +72,15 @@ def evaluate(
     arch, denoiser = architecture_of(pipe), denoiser_of(pipe)
     if arch.denoise is None:
         raise UsageError(f"evaluate: the {arch.name} architecture declares no denoiser call (Architecture.denoise)")
-    n_train = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
-    bad = [t for t in timesteps if not 0 <= int(t) < n_train]
+    noised = arch.objective(pipe.scheduler)
+    bad = [t for t in timesteps if not 0 <= int(t) <= noised.max_timestep]
     if bad:
-        raise UsageError(f"evaluate: timestep {bad[0]!r} is out of range; valid timesteps: 0 to {n_train - 1}")
+        raise UsageError(f"evaluate: timestep {bad[0]!r} is out of range; valid timesteps: 0 to {noised.max_timestep}")
     pixels, texts = _images(pipe, store, images, prompts, seeds)
     if guidance is None:
         from activations.pipeline import model_defaults
 
         guidance = model_defaults(pipe)["guidance_scale"]
-    noised = arch.objective(pipe.scheduler)
     vae = pipe.vae
     device, dtype = denoiser.device, denoiser.dtype
     gen = torch.Generator().manual_seed(seed)

@@ -50,6 +50,7 @@ from common.errors import UsageError
 
 
 # -- training objectives: scheduler -> (x0, noise, t) -> (x_t, target) ------------------------
+# (the function returned carries ``max_timestep``, the largest timestep it noises to)
 
 
 def ddpm_objective(scheduler) -> Callable:
@@ -71,6 +72,7 @@ def ddpm_objective(scheduler) -> Callable:
             return x_t, noise
         return x_t, (sched.get_velocity(x0, noise, t) if kind == "v_prediction" else x0)
 
+    noised.max_timestep = int(sched.config.num_train_timesteps) - 1  # DDPM's alphas are indexed 0 .. N - 1
     return noised
 
 
@@ -84,6 +86,7 @@ def flow_matching_objective(scheduler) -> Callable:
         sigma = (t.double() / n_train).to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
         return (1 - sigma) * x0 + sigma * noise, noise - x0
 
+    noised.max_timestep = int(n_train)  # sigma = 1, pure noise: where every flow-matching schedule starts
     return noised
 
 

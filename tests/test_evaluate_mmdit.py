@@ -120,7 +120,7 @@ def test_flux_refuses_an_uncond_intervention_in_one_line():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(timesteps=[]), "at least one timestep, got none"),
-    (dict(timesteps=[1000]), "timestep 1000 is out of range; valid timesteps: 0 to 999"),
+    (dict(timesteps=[1001]), "timestep 1001 is out of range; valid timesteps: 0 to 1000"),
     (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
     (dict(prompts=["one"]), "one prompt per image, got 1 for 2"),
 ])
@@ -143,6 +143,11 @@ def test_full_conditioning_is_the_pipelines_tuple_joined_over_batches(mmdit):
 
 
 # -- U-Nets: DDPM as before, and SDXL's added conditioning ------------------------------------
+
+
+def test_unet_timesteps_stop_below_the_training_steps():
+    with pytest.raises(UsageError, match="timestep 1000 is out of range; valid timesteps: 0 to 999"):
+        evaluate(build_tiny_pipeline("sd1"), [], images=pixels(2, 32), prompts=PROMPTS, timesteps=[1000])
 
 
 def test_unet_loss_is_ddpm_epsilon_as_before():
