@@ -30,6 +30,15 @@ blocks update the text tokens together with the image tokens (one residual over 
 sequence), and the model reads them in the next single block, except after the last one, whose
 text output ``FluxTransformer2DModel`` drops (only image tokens reach ``norm_out``): it gets no
 context site, since nothing written there could reach the image.
+
+Training view (``activations.evaluate``): ``Architecture.objective`` is the loss a family was trained
+with, built from the pipeline's scheduler: the U-Nets' DDPM noising with an epsilon / v / sample
+target, the MMDiTs' flow matching (Esser et al., 2024: sigma = t / num_train_timesteps,
+x_t = (1 - sigma) x0 + sigma noise, target noise - x0). ``Architecture.denoise`` is one conditional
+denoiser call as the family's pipeline makes it (SDXL's pooled text and size ids, SD3's pooled
+projections, FLUX's packed latents, token ids, timestep / 1000 and guidance embedding), in and out
+in the latent layout [b, c, H, W]; it reads the pipeline's own ``encode_prompt`` tuple
+(``activations.text.encode_prompts(..., full=True)``).
 """
 
 from __future__ import annotations
@@ -38,6 +47,47 @@ import dataclasses
 from collections.abc import Callable
 
 from common.errors import UsageError
+
+
+# -- training objectives: scheduler -> (x0, noise, t) -> (x_t, target) ------------------------
+# (the function returned carries ``max_timestep``, the largest timestep it noises to)
+
+
+def ddpm_objective(scheduler) -> Callable:
+    """DDPM noising (the U-Nets' training): x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, target after
+    the scheduler's ``prediction_type`` (epsilon, v_prediction, sample). The schedule is the
+    training-time one of ``scheduler``'s config: samplers such as DPM-Solver keep no
+    ``get_velocity``, and their ``add_noise`` follows their inference steps."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(scheduler.config)
+    kind = getattr(sched.config, "prediction_type", "epsilon")
+    valid = ("epsilon", "v_prediction", "sample")
+    if kind not in valid:
+        raise UsageError(f"unknown prediction_type {kind!r} in the scheduler config; valid: {', '.join(valid)}")
+
+    def noised(x0, noise, t):
+        x_t = sched.add_noise(x0, noise, t)
+        if kind == "epsilon":
+            return x_t, noise
+        return x_t, (sched.get_velocity(x0, noise, t) if kind == "v_prediction" else x0)
+
+    noised.max_timestep = int(sched.config.num_train_timesteps) - 1  # DDPM's alphas are indexed 0 .. N - 1
+    return noised
+
+
+def flow_matching_objective(scheduler) -> Callable:
+    """Rectified flow (Esser et al., 2024; SD3, FLUX): sigma = t / num_train_timesteps,
+    x_t = (1 - sigma) x0 + sigma noise, target (velocity) noise - x0; what
+    ``FlowMatchEulerDiscreteScheduler.scale_noise`` does at the timestep t = sigma x 1000."""
+    n_train = float(scheduler.config.get("num_train_timesteps", 1000))
+
+    def noised(x0, noise, t):
+        sigma = (t.double() / n_train).to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+        return (1 - sigma) * x0 + sigma * noise, noise - x0
+
+    noised.max_timestep = int(n_train)  # sigma = 1, pure noise: where every flow-matching schedule starts
+    return noised
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +131,10 @@ class Architecture:
     timestep_scale: float = 1.0  # the denoiser's ``timestep`` argument x this = the scheduler's timestep
     batched_cfg: bool = True  # guidance batches [uncond; cond] into one call when the pipeline guides
     latent_of: Callable | None = None  # the denoiser call's bound arguments -> latent (H, W) or None
+    # the training view (activations.evaluate):
+    objective: Callable = ddpm_objective  # the pipeline's scheduler -> (x0, noise, t) -> (x_t, target)
+    denoise: Callable | None = None  # (pipeline, x_t [b, c, H, W], t [b] in scheduler units, the
+    #                                   pipeline's encode_prompt tuple, guidance) -> prediction [b, c, H, W]
 
     def blocks(self, denoiser, latent_size=None, text_tokens: int | None = None) -> list[Block]:
         latent = self.default_latent(denoiser) if latent_size is None else pair(latent_size)
@@ -131,6 +185,18 @@ def _unet_latent(arguments) -> tuple[int, int] | None:
     return None if sample is None else tuple(sample.shape[-2:])
 
 
+def _unet_denoise(pipe, x_t, t, cond, guidance):
+    # encode_prompt: SD 1.x / 2.x (embeds, negative); SDXL (embeds, negative, pooled, negative pooled)
+    unet = pipe.unet
+    kwargs = {}
+    if unet.config.get("addition_embed_type") == "text_time":  # SDXL: pooled text and size ids
+        pooled = cond[2].to(device=x_t.device, dtype=x_t.dtype)
+        size = (x_t.shape[-2] * pipe.vae_scale_factor, x_t.shape[-1] * pipe.vae_scale_factor)
+        ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=x_t.dtype, text_encoder_projection_dim=int(pooled.shape[-1]))
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids.to(x_t.device).repeat(x_t.shape[0], 1)}
+    return unet(x_t, t, encoder_hidden_states=cond[0].to(device=x_t.device, dtype=x_t.dtype), **kwargs).sample
+
+
 def _unet_blocks(unet, latent, text_tokens) -> list[Block]:
     blocks = []
     for prefix, level, res in unet_levels(unet, latent):
@@ -168,7 +234,33 @@ def _sd3_latent(arguments) -> tuple[int, int] | None:
     return None if x is None else tuple(x.shape[-2:])
 
 
+def _sd3_denoise(pipe, x_t, t, cond, guidance):
+    # encode_prompt: (embeds, negative, pooled, negative pooled); the model patchifies the latent itself
+    embeds, _, pooled, _ = cond
+    return pipe.transformer(hidden_states=x_t, timestep=t.float(), encoder_hidden_states=embeds.to(device=x_t.device, dtype=x_t.dtype),
+                            pooled_projections=pooled.to(device=x_t.device, dtype=x_t.dtype), return_dict=False)[0]
+
+
 FLUX_PACKING = 2  # FluxPipeline._pack_latents: 2 x 2 latent cells per token
+FLUX_TIMESTEP_SCALE = 1000.0  # FluxPipeline passes timestep / 1000; the model multiplies by 1000 inside
+
+
+def _flux_denoise(pipe, x_t, t, cond, guidance):
+    # encode_prompt: (embeds, pooled, text ids); FluxPipeline packs the latent, gives every token its
+    # (0, row, col) id and, for a guidance-distilled model (FLUX.1-dev), embeds the guidance scale
+    import torch
+
+    embeds, pooled, text_ids = cond
+    b, c, h, w = x_t.shape
+    model, scale = pipe.transformer, pipe.vae_scale_factor
+    packed = pipe._pack_latents(x_t, b, c, h, w)
+    img_ids = pipe._prepare_latent_image_ids(b, h // FLUX_PACKING, w // FLUX_PACKING, x_t.device, x_t.dtype)
+    g = torch.full((b,), float(guidance), device=x_t.device, dtype=torch.float32) if model.config.get("guidance_embeds") else None
+    out = model(hidden_states=packed, timestep=t.float() / FLUX_TIMESTEP_SCALE, guidance=g,
+                pooled_projections=pooled.to(device=x_t.device, dtype=x_t.dtype),
+                encoder_hidden_states=embeds.to(device=x_t.device, dtype=x_t.dtype),
+                txt_ids=text_ids.to(device=x_t.device, dtype=x_t.dtype), img_ids=img_ids, return_dict=False)[0]
+    return pipe._unpack_latents(out, h * scale, w * scale, scale)
 
 
 def _flux_blocks(model, latent, text_tokens) -> list[Block]:
@@ -237,13 +329,14 @@ ARCHITECTURES: dict[str, Architecture] = {
                      lambda unet: pair(unet.config.sample_size), latent_of=_unet_latent,
                      # the padded prompt (SDXL: its two encoders' states side by side, the same positions)
                      text_segments=lambda pipe, n: [("tokenizer", int(pipe.tokenizer.model_max_length))],
-                     latent_multiple=lambda unet: 2 ** num_downsamplings(unet)),
+                     latent_multiple=lambda unet: 2 ** num_downsamplings(unet), denoise=_unet_denoise),
         # StableDiffusion3Pipeline: 77 CLIP tokens + 256 T5 tokens (max_sequence_length) by default
         Architecture("sd3", "transformer", "SD3Transformer2DModel", ("sd3",), "joint attention", _sd3_blocks,
                      lambda model: pair(model.config.sample_size), default_text_tokens=77 + 256,
                      text_segments=_sd3_text,
                      latent_multiple=lambda model: model.config.patch_size, schedule_args=_sd3_schedule,
-                     processor="joint", blocks_io="streams", text_stream=True, latent_of=_sd3_latent),
+                     processor="joint", blocks_io="streams", text_stream=True, latent_of=_sd3_latent,
+                     objective=flow_matching_objective, denoise=_sd3_denoise),
         # FluxPipeline: 512 T5 tokens (max_sequence_length) by default; default_sample_size 128; it
         # calls the transformer with timestep / 1000 (the model multiplies by 1000 inside) and, FLUX.1
         # being guidance-distilled, with no uncond half in the batch
@@ -251,7 +344,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                      lambda model: (128, 128), default_text_tokens=512,
                      text_segments=lambda pipe, n: [("tokenizer_2", n)],  # T5 tokens only; CLIP gives the pooled vector
                      latent_multiple=lambda model: FLUX_PACKING * model.config.patch_size, schedule_args=_flux_schedule,
-                     processor="joint", blocks_io="streams", text_stream=True, timestep_scale=1000.0, batched_cfg=False, latent_of=_flux_latent),
+                     processor="joint", blocks_io="streams", text_stream=True, timestep_scale=FLUX_TIMESTEP_SCALE,
+                     batched_cfg=False, latent_of=_flux_latent, objective=flow_matching_objective, denoise=_flux_denoise),
     )
 }
 

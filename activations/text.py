@@ -21,10 +21,14 @@ from common.errors import UsageError
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
+def encode_prompts(pipe, prompts: Sequence[str], batch_size: int | None = None, *, full: bool = False):
     """Conditional prompt embeddings [n, tokens, width] on ``pipe.device``, in the pipeline's dtype.
 
     ``batch_size`` bounds how many prompts go through the text encoder at once (None: all).
+    ``full``: the whole tuple the pipeline's ``encode_prompt`` returns instead, i.e. everything its
+    denoiser call reads (SD 1.x / 2.x: embeds, None; SDXL and SD3: embeds, None, pooled, None;
+    FLUX: embeds, pooled, text ids), which ``Architecture.denoise`` interprets. Per-prompt tensors
+    are concatenated over the batches; the others (FLUX's text ids [tokens, 3]) come from the first.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -45,10 +49,21 @@ def encode_prompts(pipe, prompts: Sequence[str], batch_size: int | None = None) 
     chunks = []
     for lo in range(0, len(prompts), step):
         out = pipe.encode_prompt(prompt=prompts[lo : lo + step], device=pipe.device, num_images_per_prompt=1, **extra)
-        chunks.append(out[0])
+        chunks.append((len(prompts[lo : lo + step]), tuple(out) if full else out[0]))
+    if not full:
+        return chunks[0][1] if len(chunks) == 1 else torch.cat([c for _, c in chunks])
     if len(chunks) == 1:
-        return chunks[0]
-    return torch.cat(chunks)
+        return chunks[0][1]
+    return tuple(_join([c[k] for _, c in chunks], [n for n, _ in chunks]) for k in range(len(chunks[0][1])))
+
+
+def _join(parts: list, sizes: list[int]):
+    """One element of ``encode_prompt``'s tuple over batches of ``sizes`` prompts: the batches'
+    tensors concatenated where every one has a row per prompt, else the first batch's."""
+    first = parts[0]
+    if torch.is_tensor(first) and all(torch.is_tensor(p) and p.shape[0] == n for p, n in zip(parts, sizes)):
+        return torch.cat(parts)
+    return first
 
 
 @dataclasses.dataclass(frozen=True)

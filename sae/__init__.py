@@ -1,4 +1,4 @@
-"""sae: sparse autoencoders on U-Net activations.
+"""sae: sparse autoencoders on denoiser (U-Net and MMDiT) activations.
 
 Public API (imported lazily, so that ``import sae`` does not pay for Lightning):
 

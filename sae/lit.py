@@ -450,9 +450,10 @@ class LitSAE(pl.LightningModule):
     def _pipeline(self, model: str):
         if self._pipe is None:
             from activations import load_pipeline
+            from activations.families import denoiser_of
 
             self._pipe = load_pipeline(model)
-            self._pipe.unet.requires_grad_(False)
+            denoiser_of(self._pipe).requires_grad_(False)
         return self._pipe
 
     # ----------------------------------------------------------------------------- export

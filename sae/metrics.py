@@ -5,9 +5,9 @@ FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over an evaluation set (1 - ex
 accumulated in float64 so that many batches (and ranks) add up exactly.
 
 Loss recovered (the language-model metric of SAELens / Gao et al. 2024, transposed to diffusion):
-the U-Net's denoising loss (``activations.evaluate``) on noised latents of real images, with the
-site's value replaced by (a) the SAE reconstruction, (b) zeros (zero ablation) and (c) its mean
-over the data (mean ablation):
+the denoiser's training loss (``activations.evaluate``: DDPM for U-Nets, flow matching for SD3
+and FLUX) on noised latents of real images, with the site's value replaced by (a) the SAE
+reconstruction, (b) zeros (zero ablation) and (c) its mean over the data (mean ablation):
     fraction_recovered = (L_ablated - L_sae) / (L_ablated - L_clean)
 1 means the reconstruction is as good as the real activations, 0 as bad as the ablation.
 """
