@@ -121,6 +121,8 @@ class Architecture:
     #   [(tokenizer attribute or None, length)] in sequence order: whose tokens sit where in the text the
     #   denoiser reads (None: tokens that carry no words, e.g. SD3's zeros where it has no T5)
     latent_multiple: Callable = lambda denoiser: 1  # denoiser -> what every latent side must be a multiple of
+    direct_head_write: bool = True  # a block's heads write into its Δ through fixed weights (U-Net: to_out, proj_out);
+    #                                  an MMDiT block gates them by the timestep (AdaLN), so only attribution patching applies
     text_stream: bool = False  # the text is a stream that every block changes (MMDiT), not one fixed input (U-Net)
     schedule_args: Callable | None = None  # (scheduler, steps, image tokens) -> the pipeline's extra set_timesteps arguments
     # how ``activations.hooks`` drives it (no hook asks which class a denoiser is):
@@ -335,7 +337,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                      lambda model: pair(model.config.sample_size), default_text_tokens=77 + 256,
                      text_segments=_sd3_text,
                      latent_multiple=lambda model: model.config.patch_size, schedule_args=_sd3_schedule,
-                     processor="joint", blocks_io="streams", text_stream=True, latent_of=_sd3_latent,
+                     processor="joint", blocks_io="streams", text_stream=True, direct_head_write=False, latent_of=_sd3_latent,
                      objective=flow_matching_objective, denoise=_sd3_denoise),
         # FluxPipeline: 512 T5 tokens (max_sequence_length) by default; default_sample_size 128; it
         # calls the transformer with timestep / 1000 (the model multiplies by 1000 inside) and, FLUX.1
@@ -344,7 +346,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                      lambda model: (128, 128), default_text_tokens=512,
                      text_segments=lambda pipe, n: [("tokenizer_2", n)],  # T5 tokens only; CLIP gives the pooled vector
                      latent_multiple=lambda model: FLUX_PACKING * model.config.patch_size, schedule_args=_flux_schedule,
-                     processor="joint", blocks_io="streams", text_stream=True, timestep_scale=FLUX_TIMESTEP_SCALE,
+                     processor="joint", blocks_io="streams", text_stream=True, direct_head_write=False, timestep_scale=FLUX_TIMESTEP_SCALE,
                      batched_cfg=False, latent_of=_flux_latent, objective=flow_matching_objective, denoise=_flux_denoise),
     )
 }

@@ -25,7 +25,7 @@ def hrv_outputs(hrv, pipe, out: Path, wandb: bool) -> dict:
     from activations.sites import list_sites
     from analysis.plots import hrv_heatmap, log_images
 
-    resolutions = {s.name: s.resolution for s in list_sites(pipe.unet) if s.kind == "head"}
+    resolutions = {s.name: s.resolution for s in list_sites(pipe) if s.kind == "head"}
     png = hrv_heatmap(hrv.hrv.numpy(), list(hrv.concepts.names), hrv.head_table, resolutions, out / "hrv_heatmap.png")
     info = {"heatmap": png}
     if wandb:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from activations.families import architecture_of, denoiser_of
 from common.errors import UsageError
 
 ATTRIBUTION_METHODS = ("direct", "total")
@@ -80,7 +81,7 @@ class _Reruns:
         self.pipe = pipe
         self.cfg = _harvest_config(store)
         self.block = sae.placement.site or stats.info["site"]
-        self.sites = list_sites(pipe.unet)
+        self.sites = list_sites(pipe)
         self.table = head_table(self.sites)
         self.todo = _examples_by_image(stats, sae.num_latents, features, examples)
         self.prompts = {int(r["image"]): r for r in store.prompts()}
@@ -144,14 +145,18 @@ def block_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
     if not heads:
         raise UsageError(f"no cross-attention heads inside {block!r}; block sites with heads: "
                          f"{', '.join(sorted({s.block for s in run.sites if s.kind == 'head'}))}")
+    if not architecture_of(pipe).direct_head_write:
+        raise UsageError(f"the direct head attribution folds a block's output projection into its heads' writes, which "
+                         f"{architecture_of(pipe).name} blocks gate by the timestep; valid methods here: total")
+    denoiser = denoiser_of(pipe)
     enc = sae.encoder.weight.detach().float()  # [m, c]
-    block_mod = pipe.unet.get_submodule(block)
+    block_mod = denoiser.get_submodule(block)
     proj = getattr(block_mod, "proj_out", None)
     w_proj = proj.weight.detach().float().reshape(proj.weight.shape[0], -1) if proj is not None else None  # [c, inner]
     # per head site: W_proj · W_o folded once, [heads, c, d]
     folded = {}
     for s in heads:
-        w_o = pipe.unet.get_submodule(s.name).to_out[0].weight.detach().float()  # [inner, heads*d]
+        w_o = denoiser.get_submodule(s.name).to_out[0].weight.detach().float()  # [inner, heads*d]
         full = w_proj @ w_o if w_proj is not None else w_o
         folded[s.name] = full.reshape(full.shape[0], s.heads, s.head_dim).permute(1, 0, 2)  # [heads, c, d]
     for batch in run.batches(batch_size, progress, f"feature->heads {block}"):
@@ -219,6 +224,7 @@ def total_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
     run = _Reruns(sae, pipe, store_root, stats, features, examples)
     block, todo = run.block, run.todo
     heads = [s for s in run.sites if s.kind == "head"]
+    denoiser = denoiser_of(pipe)
     for batch in run.batches(batch_size, progress, f"feature->heads (total) {block}"):
         kept: dict[tuple[int, int, int], tuple] = {}  # (image, step, branch code) -> that row's U-Net inputs
 
@@ -244,8 +250,8 @@ def total_head_attribution(sae, pipe, store_root: str | Path, stats, features: l
             seen = {}
             taps = [Apply(site=s.name, stage="heads", fn=make_leaf) for s in heads]
             taps.append(Observe(site=block, stage="block", fn=lambda call: seen.update(delta=call.delta)))
-            with torch.enable_grad(), intervene(pipe.unet, *taps):  # the U-Net alone: one batch row, no guidance halves
-                pipe.unet(*args, **kwargs)
+            with torch.enable_grad(), intervene(denoiser, *taps):  # the denoiser alone: one batch row, no guidance halves
+                denoiser(*args, **kwargs)
                 names = list(leaves)
                 for (f, s, n, b, _) in todo[im]:
                     if s != step or b != code:
@@ -273,7 +279,7 @@ def feature_head_attribution(sae, pipe, store_root, stats, method: str = "direct
     from activations.sites import head_table, list_sites
 
     if sae.placement.stage == "heads":
-        sites = list_sites(pipe.unet)
+        sites = list_sites(pipe)
         site = next((s for s in sites if s.name == sae.placement.site and s.kind == "head"), None)
         if site is None:
             raise UsageError(f"SAE site {sae.placement.site!r} is not a head site of this model")

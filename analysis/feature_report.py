@@ -107,6 +107,7 @@ def build_report(cfg: FeaturesConfig, pipe=None) -> dict:
     # feature -> heads (and HRV concepts)
     hrv = None
     if cfg.examples > 0 and model is not None and record:
+        from activations.families import denoiser_of
         from activations.pipeline import load_pipeline, model_fingerprint
         from analysis.feature_heads import feature_head_attribution, top_heads
         from safetensors.torch import save_file
@@ -114,7 +115,7 @@ def build_report(cfg: FeaturesConfig, pipe=None) -> dict:
         if pipe is None:
             pipe = load_pipeline(model, device=cfg.device)
             pipe.set_progress_bar_config(disable=True)
-        sae.check_model(model_fingerprint(pipe.unet), f"model {model!r}")
+        sae.check_model(model_fingerprint(denoiser_of(pipe)), f"model {model!r}")
         res = feature_head_attribution(sae, pipe, store.root, stats, method=cfg.attribution, features=feats,
                                        examples=cfg.examples, progress=cfg.progress)
         att = res["attribution"]
@@ -150,7 +151,7 @@ def build_report(cfg: FeaturesConfig, pipe=None) -> dict:
         from activations.sites import list_sites
         from analysis.plots import hrv_heatmap
 
-        res = {s.name: s.resolution for s in list_sites(pipe.unet) if s.kind == "head"}
+        res = {s.name: s.resolution for s in list_sites(pipe) if s.kind == "head"}
         png = hrv_heatmap(hrv.hrv.numpy(), list(hrv.concepts.names), hrv.head_table, res, out / "hrv_heatmap.png")
         extra["hrv_heatmap"] = str(Path(png).relative_to(out))
     if cfg.weaken:
