@@ -105,6 +105,7 @@ class Block:
     attentions: tuple[tuple[str, object], ...]
     context: str | None = None
     text_tokens: int = 0
+    single_stream: bool = False  # its attention reads the text and image tokens already joined (FLUX's single blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +124,7 @@ class Architecture:
     latent_multiple: Callable = lambda denoiser: 1  # denoiser -> what every latent side must be a multiple of
     direct_head_write: bool = True  # a block's heads write into its Δ through fixed weights (U-Net: to_out, proj_out);
     #                                  an MMDiT block gates them by the timestep (AdaLN), so only attribution patching applies
+    text_first: bool = False  # the joint sequence puts the text tokens before the image tokens (FLUX), not after (SD3)
     text_stream: bool = False  # the text is a stream that every block changes (MMDiT), not one fixed input (U-Net)
     schedule_args: Callable | None = None  # (scheduler, steps, image tokens) -> the pipeline's extra set_timesteps arguments
     # how ``activations.hooks`` drives it (no hook asks which class a denoiser is):
@@ -275,7 +277,7 @@ def _flux_blocks(model, latent, text_tokens) -> list[Block]:
     last = len(model.single_transformer_blocks) - 1
     out += [
         Block(f"single_transformer_blocks.{j}", grid, width, ((f"single_transformer_blocks.{j}.attn", block.attn),),
-              f"single_transformer_blocks.{j}.context" if j < last else None, text_tokens)
+              f"single_transformer_blocks.{j}.context" if j < last else None, text_tokens, single_stream=True)
         for j, block in enumerate(model.single_transformer_blocks)
     ]
     return out
@@ -346,7 +348,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                      lambda model: (128, 128), default_text_tokens=512,
                      text_segments=lambda pipe, n: [("tokenizer_2", n)],  # T5 tokens only; CLIP gives the pooled vector
                      latent_multiple=lambda model: FLUX_PACKING * model.config.patch_size, schedule_args=_flux_schedule,
-                     processor="joint", blocks_io="streams", text_stream=True, direct_head_write=False, timestep_scale=FLUX_TIMESTEP_SCALE,
+                     processor="joint", blocks_io="streams", text_stream=True, direct_head_write=False, text_first=True,
+                     timestep_scale=FLUX_TIMESTEP_SCALE,
                      batched_cfg=False, latent_of=_flux_latent, objective=flow_matching_objective, denoise=_flux_denoise),
     )
 }

@@ -11,7 +11,7 @@ tracing, HRVs, feature analysis, steering and the explorer are all clients.
     with intervene(pipe, HeadEdit(site=s, heads=[3], tokens=[2], scale=-2.0, when="early")):
         pipe(prompt)
 
-    with attach(pipe.unet, pipe) as tap, tap.add(Observe(site="mid_block.attentions.0", fn=print)):
+    with attach(pipe, pipe) as tap, tap.add(Observe(site="mid_block.attentions.0", fn=print)):
         pipe(prompt)
 
 Taps nest: attaching twice to the same U-Net returns the same Tap (reference counted) and the
@@ -110,8 +110,8 @@ class Tap:
     t / 1000: the Tap multiplies it back), rounded down to an integer as U-Net timesteps are, so
     ``tau = t / num_train_timesteps`` is the flow-matching sigma to within 0.001."""
 
-    def __init__(self, unet, pipe=None):
-        self.unet = self.denoiser = denoiser_of(unet)
+    def __init__(self, denoiser, pipe=None):
+        self.denoiser = denoiser_of(denoiser)
         self.arch = architecture_of(self.denoiser)
         self.pipe = pipe
         self.sites: list[Site] = list_sites(self.denoiser)
@@ -143,12 +143,12 @@ class Tap:
         for s in self.sites if self.arch.processor == "cross" else ():
             if s.kind != "head":
                 continue
-            attn = self.unet.get_submodule(s.name)
+            attn = self.denoiser.get_submodule(s.name)
             self._originals[s.name] = attn.processor
             proc = HeadProcessor(s.name, self.state, level=_level(s, sample_size))
             self.processors[s.name] = proc
             attn.set_processor(proc)
-        self._handles.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
+        self._handles.append(self.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True))
         self._hook_scheduler()
     def _hook_scheduler(self) -> None:
         # a pipeline sets its scheduler's timesteps once per generation, right before denoising:
@@ -177,7 +177,7 @@ class Tap:
             self._joint = None
         for name, proc in self._originals.items():
             try:
-                self.unet.get_submodule(name).set_processor(proc)
+                self.denoiser.get_submodule(name).set_processor(proc)
             except Exception as e:  # keep restoring the others
                 errors.append(e)
         if self._sched is not None:
@@ -192,10 +192,10 @@ class Tap:
 
     # -- step tracking -----------------------------------------------------------------------
     def reset(self) -> None:
-        """Mark the next U-Net call as step 0 of a new generation."""
+        """Mark the next denoiser call as step 0 of a new generation."""
         self.state.new_generation = True
 
-    def _on_unet_call(self, module, args, kwargs) -> None:
+    def _on_denoiser_call(self, module, args, kwargs) -> None:
         st = self.state
         schedule = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
         n_steps = len(schedule) if schedule is not None else 0
@@ -264,7 +264,7 @@ class Tap:
         """Attach interventions for the duration of the block (in the given order), each resolved
         against the model first (``Intervention.resolve``: checked, and expanded when it spans
         sites), so that a bad one fails here and not in the middle of a generation."""
-        interventions = resolve_all(self.pipe if self.pipe is not None else self.unet, interventions, prompts)
+        interventions = resolve_all(self.pipe if self.pipe is not None else self.denoiser, interventions, prompts)
         for iv in interventions:
             self._check_site(iv)
         added: list[Intervention] = []
@@ -382,15 +382,15 @@ _CONTEXT = ".context"  # the suffix of a text-stream site (activations.sites)
 
 
 @contextlib.contextmanager
-def attach(unet, pipe=None) -> Iterator[Tap]:
-    """Install (or reuse) the Tap of a denoiser (``unet``: a U-Net or an MMDiT transformer, or a
+def attach(model, pipe=None) -> Iterator[Tap]:
+    """Install (or reuse) the Tap of a denoiser (``model``: a U-Net or an MMDiT transformer, or a
     pipeline holding one); restores the original processors on the last exit."""
-    unet = denoiser_of(unet)
-    tap = getattr(unet, _TAP_ATTR, None)
+    denoiser = denoiser_of(model)
+    tap = getattr(denoiser, _TAP_ATTR, None)
     if tap is None:
-        tap = Tap(unet, pipe)
+        tap = Tap(denoiser, pipe)
         tap.install()
-        object.__setattr__(unet, _TAP_ATTR, tap)
+        object.__setattr__(denoiser, _TAP_ATTR, tap)
     elif pipe is not None and tap.pipe is None:
         tap.pipe = pipe
         tap._hook_scheduler()
@@ -400,7 +400,7 @@ def attach(unet, pipe=None) -> Iterator[Tap]:
     finally:
         tap.refcount -= 1
         if tap.refcount == 0:
-            object.__delattr__(unet, _TAP_ATTR)
+            object.__delattr__(denoiser, _TAP_ATTR)
             tap.remove()
 
 

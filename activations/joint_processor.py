@@ -54,18 +54,14 @@ class JointCall(Call):
         raise UsageError(f"{self.site}: projecting other text embeddings (SwapKV) is not supported at joint attention sites yet")
 
 
-def _is_flux(attn) -> bool:
-    return any(cls.__name__ == "FluxAttention" for cls in type(attn).__mro__)
-
-
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1))  # [b, s, h*d] -> [b, s, h, d]
 
 
-def _projections(attn, hidden_states, encoder_hidden_states, flux: bool):
+def _projections(attn, hidden_states, encoder_hidden_states):
     """(q, k, v) of the image (or joint) stream and of the text stream (None when there is none),
     each [b, s, h, d] after the q/k norms, as diffusers' processors compute them."""
-    if flux and getattr(attn, "fused_projections", False):
+    if getattr(attn, "fused_projections", False):
         q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         text = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1) if encoder_hidden_states is not None and hasattr(attn, "to_added_qkv") else None
     else:
@@ -98,20 +94,22 @@ class JointHeadProcessor(HeadProcessor):
     ``HeadProcessor``'s; only the call differs.
     """
 
-    def __init__(self, site: str, state=None, level: int = 1, text_tokens: int | None = None):
+    def __init__(self, site: str, state=None, level: int = 1, text_tokens: int | None = None, *, text_first: bool = False,
+                 single_stream: bool = False):
         super().__init__(site, state, level)
         self.text_tokens = text_tokens
+        self.text_first = text_first  # the family's order of the joint sequence (Architecture.text_first)
+        self.single_stream = single_stream  # the module reads text and image joined (Block.single_stream)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, *args, **kwargs):
         active, by_stage = self._active()
-        flux = _is_flux(attn)
-        single = flux and encoder_hidden_states is None
+        single, text_first = self.single_stream, self.text_first
         if encoder_hidden_states is None and not single:
             raise ValueError(f"{self.site}: joint attention without text tokens (encoder_hidden_states) is not a head site")
         if active and attention_mask is not None:
             raise UsageError(f"{self.site}: interventions together with an attention mask are not supported at joint attention sites yet")
 
-        (q, k, v), text = _projections(attn, hidden_states, encoder_hidden_states, flux)
+        (q, k, v), text = _projections(attn, hidden_states, encoder_hidden_states)
         if single:
             if self.text_tokens is None:
                 raise ValueError(f"{self.site}: a single-stream block's text length is unknown; install with install_joint_processors")
@@ -120,7 +118,7 @@ class JointHeadProcessor(HeadProcessor):
             n_text = encoder_hidden_states.shape[1]
             if text is not None:
                 # SD3 puts the image tokens first, FLUX the text tokens
-                first, second = (text, (q, k, v)) if flux else ((q, k, v), text)
+                first, second = (text, (q, k, v)) if text_first else ((q, k, v), text)
                 q, k, v = (torch.cat([a, b], dim=1) for a, b in zip(first, second))
         if image_rotary_emb is not None:
             from diffusers.models.embeddings import apply_rotary_emb
@@ -129,7 +127,7 @@ class JointHeadProcessor(HeadProcessor):
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [b, h, S, d]
         seq = q.shape[2]
-        txt, img = (slice(0, n_text), slice(n_text, seq)) if flux else (slice(seq - n_text, seq), slice(0, seq - n_text))
+        txt, img = (slice(0, n_text), slice(n_text, seq)) if text_first else (slice(seq - n_text, seq), slice(0, seq - n_text))
 
         joint = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
         out_img = joint[:, :, img]
@@ -146,7 +144,7 @@ class JointHeadProcessor(HeadProcessor):
             q_img, k2, v2 = call.q, k, v
             if edited:
                 # the image queries see the edited text keys/values; the text queries the originals
-                pair = (lambda t, i: (t, i)) if flux else (lambda t, i: (i, t))
+                pair = (lambda t, i: (t, i)) if text_first else (lambda t, i: (i, t))
                 k2 = torch.cat(pair(call.k, k[:, :, img]), dim=2)
                 v2 = torch.cat(pair(call.v, v[:, :, img]), dim=2)
             if any("probs" in iv.needs for iv in active):
@@ -216,11 +214,11 @@ def install_joint_processors(model, state=None) -> JointProcessors:
     processors, restore, handles = {}, [], []
     for block in arch.blocks(denoiser):
         for name, attn in block.attentions:
-            proc = JointHeadProcessor(name, state)
+            proc = JointHeadProcessor(name, state, text_first=arch.text_first, single_stream=block.single_stream)
             restore.append((attn, attn.processor))
             attn.set_processor(proc)
             processors[name] = proc
-            if block.name.startswith("single_transformer_blocks."):
+            if block.single_stream:
                 handles.append(denoiser.get_submodule(block.name).register_forward_pre_hook(_text_length_hook(proc), with_kwargs=True))
     return JointProcessors(processors, restore, handles)
 

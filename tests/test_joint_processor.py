@@ -80,7 +80,7 @@ def run_module(family, site, *interventions):
     grabbed, handle = capture_inputs(attn)
     forward(model, family)
     handle.remove()
-    proc = JointHeadProcessor(site, text_tokens=TEXT)
+    proc = JointHeadProcessor(site, text_tokens=TEXT, text_first=family == "flux", single_stream=site.startswith("single"))
     proc.interventions.extend(interventions)
     attn.set_processor(proc)
     with torch.no_grad():
