@@ -103,12 +103,16 @@ class HeadEdit(Intervention):
             raise ValueError("HeadEdit(stage='heads') acts on heads x patches; tokens must be None")
 
     def check(self, model) -> None:
-        # the probs' token axis is the padded prompt (model_max_length tokens); a bare U-Net has no
+        # the probs' token axis is the text sequence: a U-Net's padded prompt (model_max_length
+        # tokens), an MMDiT's joint text (activations.sites.text_length); a bare denoiser has no
         # tokenizer, and then the first call checks the tokens (the heads are checked on attaching)
+        from activations.sites import text_length
+
         tokenizer = getattr(model, "tokenizer", None)
         if self.tokens is not None and tokenizer is not None:
+            n = text_length(model) or int(tokenizer.model_max_length)
             try:
-                index_mask(self.tokens, int(tokenizer.model_max_length), "cpu", "token")
+                index_mask(self.tokens, n, "cpu", "token")
             except UsageError as err:
                 raise UsageError(f"HeadEdit at {self.site}: {err}") from None
 
@@ -121,6 +125,18 @@ class HeadEdit(Intervention):
             y = torch.as_tensor(self.value, dtype=x.dtype, device=x.device).expand_as(x)
         sel = _head_token_mask(x, self.stage, self.heads, self.tokens)
         return y if sel is None else torch.where(sel, y, x)
+
+
+def check_swap(model, what: str) -> None:
+    """Refuse a swap of keys and values (``SwapKV``, ``steering.EncodePrompt``) on a family whose
+    head processor cannot project other text (joint attention: ``JointCall.project``)."""
+    from activations.families import ARCHITECTURES, architecture_of
+
+    arch = architecture_of(model)
+    if arch.processor != "cross":
+        valid = ", ".join(f for a in ARCHITECTURES.values() if a.processor == "cross" for f in a.families)
+        raise UsageError(f"{what}: reading another prompt's keys and values is not supported on {arch.name} models "
+                         f"({arch.attention}) yet; valid families: {valid}")
 
 
 @register_intervention("swap_kv")
@@ -139,6 +155,9 @@ class SwapKV(Intervention):
         if self.encoder_hidden_states is None:
             raise ValueError("SwapKV needs encoder_hidden_states (the other prompt's text embeddings)")
         self.encoder_hidden_states = torch.as_tensor(self.encoder_hidden_states)
+
+    def check(self, model) -> None:
+        check_swap(model, f"{type(self).__name__} at {self.site}")
 
     def apply(self, x, call):
         k2, v2 = call.project(self.encoder_hidden_states.to(device=x.device, dtype=call.q.dtype))

@@ -69,6 +69,9 @@ class Architecture:
     default_text_tokens: int = 0  # text length of the pipeline's default call (0: no text stream)
     text_tokens_of: Callable | None = None  # (pipeline, max_sequence_length) -> text length of its calls
     latent_multiple: Callable = lambda denoiser: 1  # denoiser -> what every latent side must be a multiple of
+    # (pipeline, max_sequence_length) -> ((tokenizer attribute, offset, length), ...): where each
+    # tokenizer's tokens sit in the text sequence the denoiser reads (steering.tokens finds words by it)
+    text_segments: Callable = lambda pipe, n: (("tokenizer", 0, int(pipe.tokenizer.model_max_length)),)
     schedule_args: Callable | None = None  # (scheduler, steps, image tokens) -> the pipeline's extra set_timesteps arguments
     # how ``activations.hooks`` drives it (no hook asks which class a denoiser is):
     processor: str = "cross"  # the head processor: "cross" (processor.HeadProcessor) | "joint" (joint_processor)
@@ -230,6 +233,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("sd3", "transformer", "SD3Transformer2DModel", ("sd3",), "joint attention", _sd3_blocks,
                      lambda model: pair(model.config.sample_size), default_text_tokens=77 + 256,
                      text_tokens_of=lambda pipe, n: pipe.tokenizer_max_length + n,
+                     # CLIP-L / CLIP-G share positions (concatenated on channels), then the T5 tokens
+                     text_segments=lambda pipe, n: (("tokenizer", 0, pipe.tokenizer_max_length),
+                                                    ("tokenizer_3", pipe.tokenizer_max_length, n)),
                      latent_multiple=lambda model: model.config.patch_size, schedule_args=_sd3_schedule,
                      processor="joint", blocks_io="streams", latent_of=_sd3_latent),
         # FluxPipeline: 512 T5 tokens (max_sequence_length) by default; default_sample_size 128; it
@@ -237,6 +243,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         # being guidance-distilled, with no uncond half in the batch
         Architecture("flux", "transformer", "FluxTransformer2DModel", ("flux",), "joint attention", _flux_blocks,
                      lambda model: (128, 128), default_text_tokens=512, text_tokens_of=lambda pipe, n: n,
+                     text_segments=lambda pipe, n: (("tokenizer_2", 0, n),),  # T5 only (CLIP gives the pooled vector)
                      latent_multiple=lambda model: FLUX_PACKING * model.config.patch_size, schedule_args=_flux_schedule,
                      processor="joint", blocks_io="streams", timestep_scale=1000.0, batched_cfg=False, latent_of=_flux_latent),
     )

@@ -38,6 +38,7 @@ def check_sae_fits(sae, pipe, site: str | None = None, stage: str | None = None,
     recorded fingerprint, else the model name ``model`` when given), a site the model lacks, or
     another width; each message names the value and the valid choices. The one check of
     ``SAESplice``, ``steering.FeatureEdit`` and the explorer."""
+    from activations.families import denoiser_of
     from activations.pipeline import model_fingerprint
     from activations.sites import list_sites
 
@@ -47,15 +48,15 @@ def check_sae_fits(sae, pipe, site: str | None = None, stage: str | None = None,
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise UsageError(f"this SAE{where} has non-finite weights (NaN or inf) in {name}; retrain it or give another SAE")
     of_model = f"model {model!r}" if model else "this model"
-    unet = getattr(pipe, "unet", pipe)  # a pipeline or its U-Net
-    sae.check_model(model_fingerprint(unet), of_model)
+    denoiser = denoiser_of(pipe)  # a pipeline or its denoiser (a U-Net or an MMDiT transformer)
+    sae.check_model(model_fingerprint(denoiser), of_model)
     if p.model_revision is None and model and p.model and p.model != model:
         raise UsageError(f"this SAE{where} was trained on model {p.model!r}, not {model!r}; use model {p.model!r} "
                          f"or an SAE trained on {model!r}")
     site = site or p.site
     stage = stage or p.stage or "block"
     kind = "block" if stage == "block" else "head"
-    sites = {s.name: s for s in list_sites(unet) if s.kind == kind}
+    sites = {s.name: s for s in list_sites(pipe) if s.kind == kind}
     if site not in sites:
         raise UsageError(f"this SAE's site {site!r} is not a {kind} site of {of_model}; valid sites: {', '.join(sites)}")
     width = sites[site].width  # a head site's width is heads x head_dim, the per-head outputs concatenated
