@@ -146,6 +146,36 @@ def test_a_word_indexes_each_part_of_the_family_text_sequence(mmdit):
         word_positions(pipe, "a red cat", "green")
 
 
+def test_an_hrv_edit_by_word_rescales_exactly_the_word_positions_of_the_joint_text(tmp_path, mmdit):
+    from analysis.concepts import ConceptList
+    from analysis.hrv import HRV
+    from activations.sites import head_table
+    from steering import HRVEdit
+
+    family, pipe = mmdit
+    table = head_table(pipe)
+    votes = torch.randint(1, 5, (2, 2, len(table)), generator=torch.Generator().manual_seed(0))
+    hrv = HRV(concepts=ConceptList(("color", "shape"), (("red", "blue"), ("cat", "dog"))), votes=votes, head_table=table,
+              step_t=[900, 100], meta={"model": f"tiny-{family}"})
+    folder = hrv.save(tmp_path / "hrv")
+    site = "transformer_blocks.1.attn"
+    seen = {}
+
+    def keep(which):
+        return lambda x, call: seen.setdefault(which, x.clone())
+
+    spies = [Observe(site=site, stage="probs", fn=keep("before"), sees="before"), Observe(site=site, stage="probs", fn=keep("after"))]
+    recipe = Recipe(model=f"tiny-{family}", prompts=["a red cat"], seeds=[0], steps=2, guidance=4.0,
+                    interventions=[HRVEdit(hrv=str(folder), concept="color", token="red", branch="both")])
+    recipe = Recipe.load(recipe.save(tmp_path / "r.yaml"))  # the word travels through YAML
+    with steer(pipe, *recipe.interventions, *spies, prompts=recipe.prompts):
+        latents_ = sample(pipe, recipe.prompts, recipe.seeds, steps=2, guidance=4.0, output_type="latent").images
+    changed = (seen["after"] != seen["before"]).flatten(0, -2).any(0).nonzero().flatten().tolist()
+    assert changed == word_positions(pipe, "a red cat", "red") == {"sd3": [2, 18], "flux": [2]}[family]
+    assert seen["before"].shape[-1] == text_length(pipe)
+    assert latents_.isfinite().all()
+
+
 def test_token_indices_are_checked_against_the_joint_text_length(mmdit):
     family, pipe = mmdit
     n = text_length(pipe)  # SD3 16 + 256, FLUX 512: beyond the CLIP tokenizer's 16
