@@ -103,7 +103,7 @@ class HeadEdit(Intervention):
             raise ValueError("HeadEdit(stage='heads') acts on heads x patches; tokens must be None")
 
     def check(self, model) -> None:
-        # the probs' token axis is the pipeline's text (activations.sites.text_length: a U-Net's
+        # the probs' token axis is the pipeline's text (activations.text.text_length: a U-Net's
         # padded prompt, an MMDiT's joint text); a bare denoiser has no tokenizer, and then the first
         # call checks the tokens (the heads are checked on attaching)
         from activations.text import text_length
@@ -126,6 +126,18 @@ class HeadEdit(Intervention):
         return y if sel is None else torch.where(sel, y, x)
 
 
+def check_swap(model, what: str) -> None:
+    """Refuse a swap of keys and values (``SwapKV``, ``steering.EncodePrompt``) on a family whose
+    head processor cannot project other text (joint attention: ``JointCall.project``)."""
+    from activations.families import ARCHITECTURES, architecture_of
+
+    arch = architecture_of(model)
+    if arch.processor != "cross":
+        valid = ", ".join(f for a in ARCHITECTURES.values() if a.processor == "cross" for f in a.families)
+        raise UsageError(f"{what}: reading another prompt's keys and values is not supported on {arch.name} models "
+                         f"({arch.attention}) yet; valid families: {valid}")
+
+
 @register_intervention("swap_kv")
 @dataclasses.dataclass(kw_only=True, eq=False)
 class SwapKV(Intervention):
@@ -142,6 +154,9 @@ class SwapKV(Intervention):
         if self.encoder_hidden_states is None:
             raise ValueError("SwapKV needs encoder_hidden_states (the other prompt's text embeddings)")
         self.encoder_hidden_states = torch.as_tensor(self.encoder_hidden_states)
+
+    def check(self, model) -> None:
+        check_swap(model, f"{type(self).__name__} at {self.site}")
 
     def apply(self, x, call):
         k2, v2 = call.project(self.encoder_hidden_states.to(device=x.device, dtype=call.q.dtype))

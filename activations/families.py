@@ -24,6 +24,11 @@ latent cells into one token (``_pack_latents``; 16 channels x 4 = ``in_channels`
 transformer sees them, so its grid is the latent halved too. FLUX's config has no sample size; its
 default latent is ``FluxPipeline.default_sample_size`` (128, i.e. 1024 px).
 
+Text layout (``Architecture.text_segments``, read through ``activations.text.text_layout``, where
+every client finds a word): a U-Net reads one tokenizer's tokens (SDXL's two encoders share the
+positions); SD3 reads ``[CLIP tokens (tokenizer_max_length), T5 tokens (max_sequence_length)]``;
+FLUX reads T5 tokens only (``tokenizer_2``; its CLIP tokenizer feeds the pooled vector).
+
 The text stream: an MMDiT block's text-token output is a site (``<block>.context``) where a later
 block reads it. SD3's last block is ``context_pre_only`` (it returns no text at all); FLUX's single
 blocks update the text tokens together with the image tokens (one residual over the concatenated

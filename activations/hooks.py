@@ -251,7 +251,7 @@ class Tap:
             raise UnknownNameError(f"site {iv.site!r} is a head site; stage {iv.stage!r} needs a block site such as {s.block!r}")
         if iv.stage not in BLOCK_STAGES and s.kind != "head":
             heads = [x.name for x in self.sites if x.kind == "head" and x.block == s.name]
-            raise UnknownNameError(f"site {iv.site!r} is a block site; stage {iv.stage!r} needs an attn2 site such as {heads[0] if heads else '...attn2'!r}")
+            raise UnknownNameError(f"site {iv.site!r} is a block site; stage {iv.stage!r} needs a head site such as {heads[0] if heads else '...attn'!r}")
         if s.kind == "head" and getattr(iv, "heads", None) is not None:  # module-local heads of this site
             try:
                 index_mask(iv.heads, s.heads, "cpu", "head")

@@ -48,7 +48,7 @@ def check_sae_fits(sae, pipe, site: str | None = None, stage: str | None = None,
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise UsageError(f"this SAE{where} has non-finite weights (NaN or inf) in {name}; retrain it or give another SAE")
     of_model = f"model {model!r}" if model else "this model"
-    denoiser = denoiser_of(pipe)  # a pipeline or its denoiser (U-Net or MMDiT)
+    denoiser = denoiser_of(pipe)  # a pipeline or its denoiser (a U-Net or an MMDiT transformer)
     sae.check_model(model_fingerprint(denoiser), of_model)
     if p.model_revision is None and model and p.model and p.model != model:
         raise UsageError(f"this SAE{where} was trained on model {p.model!r}, not {model!r}; use model {p.model!r} "
@@ -56,7 +56,7 @@ def check_sae_fits(sae, pipe, site: str | None = None, stage: str | None = None,
     site = site or p.site
     stage = stage or p.stage or "block"
     kind = "block" if stage == "block" else "head"
-    sites = {s.name: s for s in list_sites(denoiser) if s.kind == kind}
+    sites = {s.name: s for s in list_sites(pipe) if s.kind == kind}
     if site not in sites:
         raise UsageError(f"this SAE's site {site!r} is not a {kind} site of {of_model}; valid sites: {', '.join(sites)}")
     width = sites[site].width  # a head site's width is heads x head_dim, the per-head outputs concatenated

@@ -31,9 +31,11 @@ class Composite(Intervention):
         return resolve_all(model, self.expand(model, prompts), prompts)
 
     def pipeline(self, model):
-        """``model`` when it is a pipeline; a bare U-Net is refused (this edit needs the tokenizer or
-        the text encoder)."""
-        if getattr(model, "unet", None) is None or getattr(model, "tokenizer", None) is None:
+        """``model`` when it is a pipeline; a bare denoiser (U-Net or MMDiT transformer) is refused
+        (this edit needs the tokenizer or the text encoder)."""
+        from activations.families import denoiser_of
+
+        if denoiser_of(model) is model or getattr(model, "tokenizer", None) is None:
             raise ValueError(f"{type(self).__name__} needs the pipeline (its tokenizer and text encoder), "
                              f"got a {type(model).__name__}: attach it with intervene(pipe, ...) or steer(pipe, ...)")
         return model

@@ -57,11 +57,13 @@ def numerics_record(pipe) -> dict:
 
     import torch
 
+    from activations.families import denoiser_of
     from activations.harvest import numerics
     from activations.pipeline import model_fingerprint
 
-    return {"model_revision": model_fingerprint(pipe.unet),
-            "numerics": numerics(pipe.unet, SimpleNamespace(threads=torch.get_num_threads()))}
+    denoiser = denoiser_of(pipe)  # a U-Net or an MMDiT transformer
+    return {"model_revision": model_fingerprint(denoiser),
+            "numerics": numerics(denoiser, SimpleNamespace(threads=torch.get_num_threads()))}
 
 
 def _writing(path: Path, write) -> Path:

@@ -67,6 +67,11 @@ class EncodePrompt(Composite):
         if not isinstance(self.prompt, str) or not self.prompt:
             raise UsageError("EncodePrompt needs prompt= (the text to encode through the heads)")
 
+    def check(self, model) -> None:
+        from activations.edits import check_swap
+
+        check_swap(model, type(self).__name__)
+
     def expand(self, pipe, prompts):
         ehs = encode_prompts(self.pipeline(pipe), [self.prompt])[0]
         return [SwapKV(site=site, heads=local, encoder_hidden_states=ehs, **self.gate())

@@ -11,8 +11,9 @@ across heads (the same factors and total weight, without the HRV's choice of hea
     HRVEdit(hrv="runs/hrv/toy", concept="color", token="red")                 # strengthening
     HRVEdit(hrv="runs/hrv/toy", concept="color", undesired="shape", token="red")  # adjusting
 
-``token`` is a word, found in each prompt with the pipeline's tokenizer when ``steer`` is given
-the prompts, or a token index.
+``token`` is a word, found in each prompt with the pipeline's tokenizers when ``steer`` is given
+the prompts (``steering.tokens.word_positions``: on SD3 both its CLIP and its T5 tokens, on FLUX
+its T5 tokens), or a token index of the text sequence.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class HRVEdit(Composite):
         if isinstance(self.token, str) and not prompts:
             raise UsageError(f"token {self.token!r} is a word: give the prompts (steer(..., prompts=[...]) or "
                              f"intervene(..., prompts=[...])) so it can be found in each prompt")
-        tokens = resolve_tokens(pipe.tokenizer, prompts or [""], self.token)
+        tokens = resolve_tokens(pipe, prompts or [""], self.token)  # positions in the family's text sequence
         factor_h = self.factors()
         edits = []
         for site in head_sites(pipe):

@@ -223,7 +223,7 @@ class Recipe:
         stages, masks on their sites' grids, and their steps inside this run's schedule. Returns the
         expanded per-site interventions that ``run_recipe`` attaches."""
         from activations.hooks import intervene
-        from activations.sites import latent_size, list_sites
+        from activations.sites import list_sites
         from steering.steer import expand
 
         steps, _ = self.settings(pipe)
@@ -240,7 +240,7 @@ class Recipe:
         expanded = expand(pipe, self.interventions, self.prompts)
         with intervene(pipe, *expanded):  # attaching checks every site and stage; nothing runs
             pass
-        sites = {s.name: s for s in list_sites(pipe.unet, latent_size(pipe))}
+        sites = {s.name: s for s in list_sites(pipe)}  # at the pipeline call's latent and text length
         for iv in expanded:
             for field in ("mask", "region"):
                 mask = getattr(iv, field, None)

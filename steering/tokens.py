@@ -1,42 +1,56 @@
-"""Where a word sits in a prompt, with the pipeline's own tokenizer (token indices of the text
-encoder's output, start token included)."""
+"""Where a word sits in a prompt: token indices of the text sequence the denoiser reads.
+
+The layout of that text is declared per family and read through ``activations.text.text_layout``
+(U-Nets: one tokenizer's tokens, start token at 0; SD3: the CLIP tokens, then the T5 tokens, so a
+word has a position in each and a word edit acts on both; FLUX: T5 tokens only, and a real T5
+tokenizer has no start token, so the first word is token 0). ``word_positions`` is
+``activations.text.word_positions``. A token given as an index is used as is, checked against the
+whole text length (``activations.text.text_length``: the joint text of an MMDiT).
+"""
 
 from __future__ import annotations
 
+from activations.text import text_layout, text_length, word_positions
 from common.errors import UsageError
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The prompt's token ids, start and end tokens included, unpadded (what recipes, HRV edits and
-    the explorer index tokens by)."""
-    return list(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length)["input_ids"])
+def _written(pipe) -> list:
+    """The segments of ``pipe``'s text that a tokenizer writes, in order."""
+    return [seg for seg in text_layout(pipe) if seg.tokenizer is not None]
 
 
-def token_positions(tokenizer, prompt: str, word: str) -> list[int]:
-    """Token indices of ``word``'s tokens in ``prompt`` (its first occurrence).
-
-    A word of several tokens gives all of them. Raises a ValueError naming the word and the
-    prompt's words when the word is not in the prompt.
-    """
-    ids = prompt_ids(tokenizer, prompt)
-    sub = list(tokenizer(word, add_special_tokens=False)["input_ids"])
-    if sub:
-        for start in range(len(ids) - len(sub) + 1):
-            if ids[start:start + len(sub)] == sub:
-                return list(range(start, start + len(sub)))
-    words = [w for w in tokenizer.convert_ids_to_tokens(ids) if w not in tokenizer.all_special_tokens]
-    raise UsageError(f"token {word!r} is not in the prompt {prompt!r}; its tokens: {', '.join(words)}")
+def _ids(seg, prompt: str) -> list[int]:
+    return list(seg.tokenizer(prompt, truncation=True, max_length=seg.length)["input_ids"])
 
 
-def resolve_tokens(tokenizer, prompts, token) -> list[list[int]]:
-    """Per prompt, the token indices of ``token`` (a word, or a token index used as is)."""
+def shown_tokens(pipe, prompt: str) -> list[str]:
+    """The prompt's tokens in the first segment (it starts at 0: token k is text position k),
+    special tokens included."""
+    seg = _written(pipe)[0]
+    return [t.replace("</w>", "") for t in seg.tokenizer.convert_ids_to_tokens(_ids(seg, prompt))]
+
+
+def word_indices(pipe, prompt: str, shown_only: bool = False) -> list[int]:
+    """Text positions of the prompt's word tokens (no start, end or padding token) in every segment
+    (only the first, which ``shown_tokens`` lists, with ``shown_only``)."""
+    out = []
+    for seg in _written(pipe)[: 1 if shown_only else None]:
+        tok = seg.tokenizer
+        special = {int(i) for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None}
+        out += [seg.start + k for k, i in enumerate(_ids(seg, prompt)) if i not in special]
+    return out
+
+
+def resolve_tokens(pipe, prompts, token) -> list[list[int]]:
+    """Per prompt, the text positions of ``token`` (a word, found by ``word_positions``, or a token
+    index used as is, checked against the text length)."""
     if isinstance(token, int) and not isinstance(token, bool):
-        out = []
-        for p in prompts:
-            n = len(prompt_ids(tokenizer, p))
-            if not 0 <= token < tokenizer.model_max_length:
-                raise UsageError(f"token index {token} out of range (valid: 0..{tokenizer.model_max_length - 1}; "
-                                 f"the prompt {p!r} has {n} tokens)")
-            out.append([token])
-        return out
-    return [token_positions(tokenizer, p, str(token)) for p in prompts]
+        n = text_length(pipe)
+        if not 0 <= token < n:
+            counts = "; ".join(f"the prompt {p!r} has {len(word_indices(pipe, p, shown_only=True))} word tokens" for p in prompts[:3])
+            raise UsageError(f"token index {token} out of range for this model's text of {n} tokens (valid: 0..{n - 1}; {counts})")
+        return [[token] for _ in prompts]
+    return [word_positions(pipe, p, str(token)) for p in prompts]
+
+
+__all__ = ["resolve_tokens", "shown_tokens", "word_indices", "word_positions"]

@@ -1,8 +1,10 @@
-"""The explorer's model side: generations with every cross-attention head's maps, and edits.
+"""The explorer's model side: generations with every head's attention maps, and edits.
 
-Everything here reads or writes the U-Net through the Intervention protocol only:
+Everything here reads or writes the denoiser (a U-Net or an MMDiT transformer) through the
+Intervention protocol only:
 
-* a generation attaches one ``Observe`` at stage ``probs`` per attn2 site, which copies the
+* a generation attaches one ``Observe`` at stage ``probs`` per head site (a U-Net's cross-attention
+  ``attn2``, an MMDiT's joint attention ``attn``: its image-query x text-key slice), which copies the
   conditional rows' attention probabilities [heads, patches, prompt tokens] of every step to the
   CPU as float16 while the image is drawn; views (the head grid, one head, a hovered patch) are
   then slices of that cache, never recomputed (Patch Explorer, Grabe et al. 2025, computes its
@@ -77,7 +79,8 @@ class Generation:
     maps: dict[str, torch.Tensor]
     edits: dict[str, dict] = dataclasses.field(default_factory=dict)  # edit id -> {"recipe", "image"}
     sae_acts: torch.Tensor | None = None  # with an SAE: its site's value, float16 [steps, H*W, width]
-    keys: int = 0  # text tokens each head's softmax ran over (padding included): uniform attention is 1 / keys
+    keys: int = 0  # keys each head's softmax ran over (padding included): uniform attention is 1 / keys
+    words: list[int] = dataclasses.field(default_factory=list)  # indices of ``tokens`` that are words (no start / end token)
 
 
 @dataclasses.dataclass
@@ -139,12 +142,16 @@ class Explorer:
     SAE, optionally its feature analysis read back (``labels``: ``analysis.feature_report.FeatureLabels``)."""
 
     def __init__(self, pipe, model: str = "toy", sae=None, hrv=None, keep: int = 8, labels=None):
+        from activations.families import architecture_of
         from activations.sites import head_table, list_sites
 
         self.pipe, self.model, self.keep = pipe, model, keep
         pipe.set_progress_bar_config(disable=True)
-        self.sites = [s for s in list_sites(pipe.unet, self._latent_size()) if s.kind == "head"]
+        self.all_sites = {s.name: s for s in list_sites(pipe)}  # at the pipeline call's latent and text length
+        self.sites = [s for s in self.all_sites.values() if s.kind == "head"]
         self.head_table = head_table(self.sites)
+        # joint attention normalises a row over the image keys too (activations.joint_processor)
+        self._image_keys = architecture_of(pipe).processor == "joint"
         self.sae, self.hrv, self.labels = sae, hrv, labels
         if sae is not None:
             self.check_sae(sae)
@@ -159,15 +166,14 @@ class Explorer:
         self._lock = threading.Lock()  # one pipeline call at a time
 
     # -- model facts ----------------------------------------------------------------------
-    def _latent_size(self) -> tuple[int, int]:
-        from activations.sites import latent_size
-
-        return latent_size(self.pipe)
-
     @property
     def select_grid(self) -> tuple[int, int]:
         """The finest head grid: the page selects patches on it."""
         return max((s.resolution for s in self.sites), key=lambda r: r[0] * r[1])
+
+    def site_grid(self, site: str) -> tuple[int, int]:
+        """The grid of a site's values (an MMDiT text-stream site: (1, text length))."""
+        return self.all_sites[site].resolution if site in self.all_sites else self.select_grid
 
     def defaults(self) -> dict:
         from activations.pipeline import model_defaults
@@ -199,11 +205,12 @@ class Explorer:
         check_sae_fits(sae, self.pipe, model=self.model)
 
     def tokens(self, prompt: str) -> list[str]:
-        """The prompt's tokens as the pipeline's tokenizer splits it (start and end tokens included)."""
-        from steering.tokens import prompt_ids
+        """The prompt's tokens as the tokenizer of the text sequence's first part splits it (start
+        and end tokens included; token k is text position k): a U-Net's and SD3's CLIP tokens,
+        FLUX's T5 tokens (``steering.tokens``)."""
+        from steering.tokens import shown_tokens
 
-        tok = self.pipe.tokenizer
-        return [t.replace("</w>", "") for t in tok.convert_ids_to_tokens(prompt_ids(tok, prompt))]
+        return shown_tokens(self.pipe, prompt)
 
     def check_prompt(self, prompt: str) -> None:
         """The check of ``diffatlas generate`` and of recipes: no empty prompt, no unknown word."""
@@ -240,7 +247,8 @@ class Explorer:
                 rows = call.rows("cond")
                 row = x[rows[0]] if rows is not None else x[0]
                 store.append(row[:, :, :n_tok].to(torch.float16).cpu())
-                keys[:] = [x.shape[-1]]  # the padded prompt length: the same at every site and step
+                # the keys of the softmax: the text (padding included), and the image tokens in joint attention
+                keys[:] = [x.shape[-1] + (x.shape[-2] if self._image_keys else 0)]
 
             return keep
 
@@ -259,8 +267,10 @@ class Explorer:
             with intervene(self.pipe, *observers):
                 images = sample(self.pipe, [prompt], [int(seed)], steps=steps, guidance=guidance).images
         maps = {name: torch.stack(v) if v else torch.zeros(0) for name, v in per_site.items()}
+        from steering.tokens import word_indices
+
         gen = Generation(id=f"g{next(self._ids)}", prompt=prompt, seed=int(seed), steps=steps, guidance=guidance,
-                         tokens=tokens, image=np.asarray(images[0].convert("RGB")), maps=maps,
+                         tokens=tokens, words=word_indices(self.pipe, prompt, shown_only=True), image=np.asarray(images[0].convert("RGB")), maps=maps,
                          sae_acts=torch.stack(sae_rows) if sae_rows else None, keys=keys[0] if keys else 0)
         self.generations[gen.id] = gen
         while len(self.generations) > self.keep:
@@ -330,13 +340,13 @@ class Explorer:
             i, j = min(int(y * h), h - 1), min(int(x * w), w - 1)
             values.append(gen.maps[s.name][int(step), :, i * w + j, :].float())
         v = torch.cat(values)  # [num_heads, tokens]
-        content = v[:, 1:-1] if v.shape[1] > 2 else v  # the start / end tokens soak up attention; rank the words
-        off = 1 if v.shape[1] > 2 else 0
+        words = gen.words or list(range(v.shape[1]))  # the start / end tokens soak up attention; rank the words
+        content = v[:, words]
         threshold = ABOVE_UNIFORM / gen.keys
         flat = content.flatten()
         best = torch.topk(flat, min(top, flat.numel()))
-        pairs = [{"head": int(i) // content.shape[1], "token": int(i) % content.shape[1] + off,
-                  "word": gen.tokens[int(i) % content.shape[1] + off], "value": round(float(val), 4)}
+        pairs = [{"head": int(i) // content.shape[1], "token": words[int(i) % content.shape[1]],
+                  "word": gen.tokens[words[int(i) % content.shape[1]]], "value": round(float(val), 4)}
                  for val, i in zip(best.values, best.indices) if val >= threshold]
         out = {"pairs": pairs, "uniform": round(1.0 / gen.keys, 4), "threshold": round(threshold, 4)}
         if token is not None:
@@ -360,7 +370,7 @@ class Explorer:
         if not (0 <= y <= 1 and 0 <= x <= 1):
             raise UsageError(f"patch position must be fractions in [0, 1], got y={y}, x={x}")
         site = self.sae.placement.site
-        h, w = next((s.resolution for s in self.sites if s.name == site or s.block == site), self.select_grid)
+        h, w = self.site_grid(site)
         with torch.no_grad():
             z = self.sae.encode(gen.sae_acts[int(step)].float().to(self.sae.dtype)).to_dense().float()  # [n, m]
         p = min(int(y * h), h - 1) * w + min(int(x * w), w - 1)
@@ -392,7 +402,7 @@ class Explorer:
         return Patches(np.flatnonzero(coarse), grid=(h, w))
 
     def interventions(self, spec: EditSpec) -> list:
-        """The interventions of one edit (one per attn2 site with chosen heads, or one SAE splice)."""
+        """The interventions of one edit (one per head site with chosen heads, or one SAE splice)."""
         from activations.sites import heads_by_site
 
         gen = self.get(spec.gen)
@@ -414,8 +424,11 @@ class Explorer:
         if spec.op == "scale":
             from activations.edits import HeadEdit
 
-            tokens = list(range(1, len(gen.tokens) - 1)) if spec.tokens is None else spec.tokens
-            for t in tokens:
+            from steering.tokens import word_indices
+
+            # the prompt's words in every part of the text (SD3: its CLIP and its T5 tokens)
+            tokens = word_indices(self.pipe, gen.prompt) if spec.tokens is None else spec.tokens
+            for t in spec.tokens or ():
                 self._check_view(gen, 0, t)
             if not tokens:
                 raise UsageError("no tokens to scale: the prompt has no words")
@@ -435,7 +448,7 @@ class Explorer:
         from steering.features import FeatureEdit
 
         site = self.sae.placement.site
-        grid = next((s.resolution for s in self.sites if s.name == site or s.block == site), self.select_grid)
+        grid = self.site_grid(site)
         # through the SAE with its error term, as a recipe's FeatureEdit; the page's inject adds a fixed amount
         return FeatureEdit(sae=self.sae, features=[spec.feature], op=SAE_MODES[spec.mode], strength=spec.value,
                            via="splice", mask=self._mask_for(spec, grid), when=when, branch=branch)
