@@ -130,3 +130,11 @@ def test_main__a_missing_vae_folder_is_one_line_before_any_work(tmp_path, capsys
     assert not work.exists()
     assert main(["--mmdit.drop_prob", "1.5", "--work_dir", str(work)]) == 2
     assert "mmdit.drop_prob must be a probability in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_shipped_config__parses_and_describes_the_default_model():
+    from common.config import parse
+
+    cfg = parse(MMDiTTrainConfig, ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "toyworld" / "train_mmdit.yaml")], "t")
+    assert cfg.model == ToyMMDiTConfig() and cfg.out == "toyworld/weights_mmdit" and cfg.vae_from == "toyworld/weights"
+    assert cfg.mmdit.steps > 0 and cfg.num_inference_steps == 25
