@@ -138,3 +138,15 @@ def test_shipped_config__parses_and_describes_the_default_model():
     cfg = parse(MMDiTTrainConfig, ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "toyworld" / "train_mmdit.yaml")], "t")
     assert cfg.model == ToyMMDiTConfig() and cfg.out == "toyworld/weights_mmdit" and cfg.vae_from == "toyworld/weights"
     assert cfg.mmdit.steps > 0 and cfg.num_inference_steps == 25
+
+
+def test_train__init_from_continues_from_an_exported_folder(tmp_path):
+    from safetensors.torch import load_file
+
+    first = train(tiny_config(tmp_path / "a"))
+    out = train(tiny_config(tmp_path / "b", steps=1, lr=1e-9, init_from=str(first)))
+    for part in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors"):
+        before, after = load_file(first / part), load_file(out / part)
+        assert all(torch.allclose(after[k].float(), before[k].float(), atol=1e-3) for k in before)
+    with pytest.raises(FileNotFoundError, match="holds no MMDiT"):
+        train(tiny_config(tmp_path / "c", init_from=str(TOY)))  # a U-Net folder

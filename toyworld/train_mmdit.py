@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from common.errors import UsageError
-from toyworld.model_mmdit import CALL, ToyMMDiTConfig, build_mmdit_pipeline, encode_text
+from toyworld.model_mmdit import CALL, ToyMMDiTConfig, build_mmdit_pipeline, encode_text, load_mmdit_pipeline
 from toyworld.train import (DenoiserStage, ExportEMA, LatentPrompts, LitDenoiser, _trainer, latent_scaling, run_cli,
                             save_pipeline, training_latents)
 
@@ -122,7 +122,7 @@ def train(cfg: MMDiTTrainConfig) -> Path:
     check(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+    from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(Path(cfg.vae_from) / "vae", torch_dtype=torch.float32)
     if vae.config.latent_channels != cfg.model.latent_channels:
@@ -141,7 +141,7 @@ def train(cfg: MMDiTTrainConfig) -> Path:
 
     pipe = build_mmdit_pipeline(cfg.model, seed=cfg.seed, vae=vae)
     if cfg.mmdit.init_from:
-        start = StableDiffusion3Pipeline.from_pretrained(cfg.mmdit.init_from, torch_dtype=torch.float32)
+        start = load_mmdit_pipeline(cfg.mmdit.init_from, torch_dtype=torch.float32)
         for name in ("transformer", "text_encoder", "text_encoder_2"):
             getattr(pipe, name).load_state_dict(getattr(start, name).state_dict())
         del start
