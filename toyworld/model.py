@@ -20,8 +20,8 @@ from toyworld.vocab import IMAGE_SIZE
 
 
 @dataclass
-class ToyModelConfig:
-    """Architecture of the bundled model (saved with the weights as the diffusers configs)."""
+class TextEncoderConfig:
+    """Architecture of a toy CLIP text encoder (the U-Net model has one, the MMDiT two)."""
 
     text_width: int = 128
     """Width of the text transformer; also the U-Net's cross_attention_dim."""
@@ -33,6 +33,12 @@ class ToyModelConfig:
     """Std of the text encoder's initial token embeddings (CLIP initialises them at 0.02). At
     0.02 a word adds little to its own output next to its context: "left" and "right" in the same
     prompt start 2.5 apart (token norm 11); at 0.1, 7.3 apart."""
+
+
+@dataclass
+class ToyModelConfig(TextEncoderConfig):
+    """Architecture of the bundled model (saved with the weights as the diffusers configs)."""
+
     unet_channels: tuple[int, ...] = (32, 64, 64, 64)
     """U-Net channels per level, from the 16x16 latent down by halves (16, 8, 4, 2 for four
     levels). The 2x2 level is where the four quadrants are single cells, so its cross-attention can
@@ -49,8 +55,11 @@ class ToyModelConfig:
     small objects' shapes (the oracle read 69% of shapes right on such reconstructions), so 8."""
 
 
-def build_text_encoder(cfg: ToyModelConfig, vocab_size: int, bos: int, eos: int, pad: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_text_encoder(cfg: TextEncoderConfig, vocab_size: int, bos: int, eos: int, pad: int,
+                       with_projection: bool = False):
+    """A CLIPTextModel (SD 1.x), or with ``with_projection`` a CLIPTextModelWithProjection (SD3's
+    two CLIP encoders: its pooled output is the projected end-of-text token)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=vocab_size,
@@ -64,7 +73,7 @@ def build_text_encoder(cfg: ToyModelConfig, vocab_size: int, bos: int, eos: int,
         eos_token_id=eos,
         pad_token_id=pad,
     )
-    model = CLIPTextModel(config)
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
     torch.nn.init.normal_(model.get_input_embeddings().weight, std=cfg.token_embedding_std)
     return model
 

@@ -66,17 +66,20 @@ class VAEStage:
 
 
 @dataclass
-class UNetStage:
+class DenoiserStage:
+    """What the text-encoder + denoiser stage of any toy model (U-Net or MMDiT) is trained with."""
+
     steps: int = 3500
-    """Optimiser steps for text encoder + U-Net."""
+    """Optimiser steps for text encoder + denoiser."""
     batch_size: int = 64
     """Latents per step."""
     lr: float = 6e-4
     """AdamW peak learning rate, after a linear warm-up, then cosine decay to 10%."""
     text_lr_scale: float = 0.1
-    """The text encoder's learning rate relative to ``lr``. At the full rate it learned, within
-    the first 1,000 steps (before the U-Net could use position words), to give "left" and "right"
-    outputs 0.4 apart (token norm 11), and the model then drew left-right mirror images."""
+    """The text encoders' learning rate relative to ``lr``. At the full rate the U-Net model's
+    learned, within the first 1,000 steps (before the U-Net could use position words), to give
+    "left" and "right" outputs 0.4 apart (token norm 11), and the model then drew left-right
+    mirror images."""
     warmup_steps: int = 200
     """Linear warm-up steps."""
     num_scenes: int = 20000
@@ -92,21 +95,33 @@ class UNetStage:
     short_prob: float = SHORT_PROB
     """Share of one-object captions that are short: one or two attributes ("striped", "a red
     circle", "at night")."""
-    min_snr_gamma: float = 5.0
-    """γ of min-SNR loss weighting (Hang et al., 2023); ε-prediction schedules only (the bundled
-    model predicts v, unweighted)."""
     ema_decay: float = 0.999
     """EMA decay of the weights that get saved."""
-    grounding_weight: float = 0.0
-    """Weight of the token-grounding loss on the cross-attention maps (toyworld/grounding.py,
-    TokenCompose's L_token); 0 trains on the denoising loss alone."""
     export_every: int = 500
     """Write the EMA pipeline to ``out`` every this many steps, so an interrupted run keeps a model."""
     max_minutes: float | None = None
     """Stop the stage after this many minutes even if ``steps`` are not done (None: no limit)."""
     init_from: str | None = None
-    """Warm start: a toy pipeline folder (e.g. toyworld/weights) whose text encoder and U-Net this
-    stage continues from, instead of random weights (the VAE must be the one it was trained with)."""
+    """Warm start: a toy pipeline folder of the same kind (e.g. toyworld/weights) whose text
+    encoder(s) and denoiser this stage continues from, instead of random weights (the VAE must be
+    the one it was trained with)."""
+
+    def check(self, prefix: str) -> None:
+        """Refuse caption rates that are not probabilities (NaN included), naming the option."""
+        for name in ("uncond_prob", "drop_prob", "short_prob"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:  # NaN fails too
+                raise UsageError(f"{prefix}.{name} must be a probability in [0, 1], got {value}")
+
+
+@dataclass
+class UNetStage(DenoiserStage):
+    min_snr_gamma: float = 5.0
+    """γ of min-SNR loss weighting (Hang et al., 2023); ε-prediction schedules only (the bundled
+    model predicts v, unweighted)."""
+    grounding_weight: float = 0.0
+    """Weight of the token-grounding loss on the cross-attention maps (toyworld/grounding.py,
+    TokenCompose's L_token); 0 trains on the denoising loss alone."""
 
 
 @dataclass
@@ -212,7 +227,7 @@ class LatentPrompts(IterableDataset):
     prompt for every draw (see toyworld/grounding.py for owners and masks)."""
 
     def __init__(self, latents: torch.Tensor, masks: torch.Tensor, scenes: list[Scene], seed: int,
-                 stage: UNetStage, num_tokens: int):
+                 stage: DenoiserStage, num_tokens: int):
         self.latents, self.masks, self.scenes = latents, masks, scenes
         self.seed, self.stage, self.num_tokens = seed, stage, num_tokens
 
@@ -229,18 +244,50 @@ class LatentPrompts(IterableDataset):
             yield self.latents[k], prompt, token_owners(prompt, self.num_tokens), self.masks[k]
 
 
-class LitToyDiffusion(L.LightningModule):
-    def __init__(self, pipe, stage: UNetStage):
+class LitDenoiser(L.LightningModule):
+    """What training any toy denoiser shares: ``denoiser`` (attribute name -> module) learns at
+    ``stage.lr``, ``text`` (the text encoders) at ``stage.lr * stage.text_lr_scale``, both after a
+    linear warm-up then cosine decay, and ``self.ema`` keeps an exponential moving average of all of
+    them under the same names (what gets exported)."""
+
+    def __init__(self, stage: DenoiserStage, denoiser: dict[str, torch.nn.Module], text: dict[str, torch.nn.Module]):
         super().__init__()
-        self.unet, self.text_encoder, self.tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
         self.stage = stage
+        self._denoiser_names, self._text_names = list(denoiser), list(text)
+        for name, module in {**denoiser, **text}.items():
+            setattr(self, name, module)
+        self.ema = copy.deepcopy(torch.nn.ModuleDict({**denoiser, **text}))
+        self.ema.requires_grad_(False)
+
+    def on_train_batch_end(self, *_):
+        decay = min(self.stage.ema_decay, (1 + self.global_step) / (10 + self.global_step))
+        with torch.no_grad():
+            for name in (*self._denoiser_names, *self._text_names):
+                for ema_p, p in zip(self.ema[name].parameters(), getattr(self, name).parameters()):
+                    ema_p.lerp_(p, 1 - decay)
+
+    def configure_optimizers(self):
+        def params(names):
+            return [p for name in names for p in getattr(self, name).parameters()]
+
+        groups = [{"params": params(self._denoiser_names), "lr": self.stage.lr},
+                  {"params": params(self._text_names), "lr": self.stage.lr * self.stage.text_lr_scale}]
+        opt = torch.optim.AdamW(groups, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: cosine_lr(s, self.stage.steps, self.stage.warmup_steps)
+        )
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+
+class LitToyDiffusion(LitDenoiser):
+    def __init__(self, pipe, stage: UNetStage):
+        super().__init__(stage, {"unet": pipe.unet}, {"text_encoder": pipe.text_encoder})
+        self.tokenizer = pipe.tokenizer
         from diffusers import DDPMScheduler
 
         self.noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
         alphas = self.noise_schedule.alphas_cumprod
         self.register_buffer("snr", alphas / (1 - alphas), persistent=False)
-        self.ema = copy.deepcopy(torch.nn.ModuleDict({"unet": self.unet, "text_encoder": self.text_encoder}))
-        self.ema.requires_grad_(False)
         self._recording = contextlib.ExitStack()
         self.attention_maps: list[torch.Tensor] | None = None
 
@@ -278,22 +325,6 @@ class LitToyDiffusion(L.LightningModule):
             loss = loss + self.stage.grounding_weight * logs["unet/grounding"]
         self.log_dict(logs, prog_bar=True)
         return loss
-
-    def on_train_batch_end(self, *_):
-        decay = min(self.stage.ema_decay, (1 + self.global_step) / (10 + self.global_step))
-        with torch.no_grad():
-            for name, live in (("unet", self.unet), ("text_encoder", self.text_encoder)):
-                for ema_p, p in zip(self.ema[name].parameters(), live.parameters()):
-                    ema_p.lerp_(p, 1 - decay)
-
-    def configure_optimizers(self):
-        groups = [{"params": list(self.unet.parameters()), "lr": self.stage.lr},
-                  {"params": list(self.text_encoder.parameters()), "lr": self.stage.lr * self.stage.text_lr_scale}]
-        opt = torch.optim.AdamW(groups, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: cosine_lr(s, self.stage.steps, self.stage.warmup_steps)
-        )
-        return [opt], [{"scheduler": sched, "interval": "step"}]
 
 
 class StepLog(L.Callback):
@@ -354,14 +385,45 @@ def encode_scenes(vae, scenes: list[Scene], batch_size: int = 256) -> tuple[torc
     return torch.cat(latents), torch.stack(masks)
 
 
+def training_latents(vae, seed: int, stage: DenoiserStage, work_dir: Path) -> tuple[list[Scene], torch.Tensor, torch.Tensor]:
+    """The stage's fixed training scenes (``stage.num_scenes`` drawn with ``seed``) with their VAE
+    posterior means (unscaled) and object masks, cached in ``work_dir`` (see ``encode_scenes``)."""
+    rng = np.random.default_rng(seed + 2)
+    scenes = [sample_scene(rng, two_object_prob=stage.two_object_prob) for _ in range(stage.num_scenes)]
+    # the cache is keyed by what draws the scenes, so a run with another seed never reuses them
+    key = f"s{seed}_p{stage.two_object_prob:g}_{stage.num_scenes}"
+    latents_path, masks_path = work_dir / f"latents_{key}.pt", work_dir / f"masks_{key}.pt"
+    if latents_path.exists() and masks_path.exists():
+        latents, masks = torch.load(latents_path), torch.load(masks_path)
+    else:
+        latents, masks = encode_scenes(vae, scenes)
+        torch.save(masks, masks_path)
+        torch.save(latents, latents_path)
+    return scenes, latents, masks
+
+
+def latent_scaling(latents: torch.Tensor) -> float:
+    """SD's convention: the factor that scales the training latents to unit variance (stored in
+    the VAE config as ``scaling_factor``)."""
+    return float(1.0 / latents.flatten().std())
+
+
+def save_pipeline(pipe, out: Path, meta: dict) -> None:
+    """Save ``pipe`` in float16 as a standard diffusers folder with ``meta`` as its diffatlas.json,
+    written aside and then swapped in, so ``out`` always holds a whole model."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    (tmp / "diffatlas.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run both stages and write the float16 diffusers folder to ``cfg.out``."""
     if cfg.stage not in STAGES:
         raise UsageError(f"unknown stage {cfg.stage!r}; valid stages: {', '.join(STAGES)}")
-    for name in ("uncond_prob", "drop_prob", "short_prob"):
-        value = getattr(cfg.unet, name)
-        if not 0 <= value <= 1:  # NaN fails too
-            raise UsageError(f"unet.{name} must be a probability in [0, 1], got {value}")
+    cfg.unet.check("unet")
     if cfg.vae_from and not (Path(cfg.vae_from) / "vae" / "config.json").exists():
         raise FileNotFoundError(f"vae_from {cfg.vae_from!r} holds no VAE (no vae/config.json); "
                                 "give a toy pipeline folder such as toyworld/weights")
@@ -409,19 +471,8 @@ def train(cfg: TrainConfig) -> Path:
 
     # Stage 3: latents and object masks of fixed training scenes, then text encoder + U-Net.
     L.seed_everything(cfg.seed)
-    rng = np.random.default_rng(cfg.seed + 2)
-    scenes = [sample_scene(rng, two_object_prob=cfg.unet.two_object_prob) for _ in range(cfg.unet.num_scenes)]
-    # the cache is keyed by what draws the scenes, so a run with another seed never reuses them
-    key = f"s{cfg.seed}_p{cfg.unet.two_object_prob:g}_{cfg.unet.num_scenes}"
-    latents_path, masks_path = work_dir / f"latents_{key}.pt", work_dir / f"masks_{key}.pt"
-    if latents_path.exists() and masks_path.exists():
-        latents, masks = torch.load(latents_path), torch.load(masks_path)
-    else:
-        latents, masks = encode_scenes(vae, scenes)
-        torch.save(masks, masks_path)
-        torch.save(latents, latents_path)
-    # SD's convention: scale latents to unit variance and store the factor in the VAE config.
-    scaling_factor = float(1.0 / latents.flatten().std())
+    scenes, latents, masks = training_latents(vae, cfg.seed, cfg.unet, work_dir)
+    scaling_factor = latent_scaling(latents)
     vae.register_to_config(scaling_factor=scaling_factor)
     latents = latents * scaling_factor
 
@@ -443,9 +494,6 @@ def train(cfg: TrainConfig) -> Path:
         snapshot = build_pipeline(cfg.model, seed=cfg.seed, vae=final_vae)
         snapshot.unet.load_state_dict(module.ema["unet"].state_dict())
         snapshot.text_encoder.load_state_dict(module.ema["text_encoder"].state_dict())
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        snapshot.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
         meta = {
             "name": "toy",
             "guidance_scale": cfg.guidance_scale,
@@ -454,9 +502,7 @@ def train(cfg: TrainConfig) -> Path:
             "train_seconds": round(time.time() - started, 1),
             "train_config": asdict(cfg),
         }
-        (tmp / "diffatlas.json").write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        save_pipeline(snapshot, out, meta)
         print(f"wrote the toy pipeline ({module.global_step} steps, {meta['train_seconds']:.0f} s) to {out}", flush=True)
 
     num_tokens = pipe.tokenizer.model_max_length
@@ -468,21 +514,26 @@ def train(cfg: TrainConfig) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_cli(config: type, run, prog: str, description: str, argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (and any ``--config`` YAML) into ``config`` and ``run`` it; bad input is one
+    line, ``<prog>: error: <message>``, exit code 2."""
     import sys
 
     from common.config import parse
     from common.errors import is_user_error, one_line
 
-    prog = "python -m toyworld.train"
     try:
-        train(parse(TrainConfig, argv, prog, __doc__.split("\n\n")[0]))
+        run(parse(config, argv, prog, description))
     except Exception as err:
         if not is_user_error(err):
             raise
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(TrainConfig, train, "python -m toyworld.train", __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":
