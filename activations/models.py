@@ -75,8 +75,8 @@ def build_denoiser(name: str | Path, *, device: str | torch.device | None = None
     allocating weights.
     """
     plugin = plugins.model_plugin(str(name))
-    if plugin is not None and plugin.build_unet is not None:  # a registered model (e.g. toy)
-        unet = plugin.build_unet(seed=seed)
+    if plugin is not None and plugin.build_denoiser is not None:  # a registered model (e.g. toy, toy-mmdit)
+        unet = plugin.build_denoiser(seed=seed)
         if dtype is not None:
             unet = unet.to(dtype=dtype)
         if device not in (None, "meta"):

@@ -92,8 +92,19 @@ def load_pipeline(name_or_path: str | os.PathLike = "toy", device: str | torch.d
                 raise _not_found(source, "not in the local cache and the hub cannot be reached") from cached_error
             pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     else:
-        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(source, **absent_components(source), **kwargs)
     return pipe.to(device)
+
+
+def absent_components(folder: str | os.PathLike) -> dict:
+    """{name: None} for each component a saved pipeline lists as ``[null, null]`` (e.g. an SD3
+    folder without T5): diffusers loads such a folder only when they are passed explicitly."""
+    index = Path(folder) / "model_index.json"
+    if not index.exists():
+        return {}
+    listed = json.loads(index.read_text())
+    return {name: None for name, value in listed.items()
+            if not name.startswith("_") and isinstance(value, list) and value == [None, None]}
 
 
 def _shipped(pipe) -> dict:

@@ -41,13 +41,13 @@ _loaded: set[str] = set()
 class ModelPlugin:
     """A named model.
 
-    load(device, dtype) -> pipeline; build_unet(seed) -> a U-Net of the architecture with random
+    load(device, dtype) -> pipeline; build_denoiser(seed) -> its denoiser (a U-Net or an MMDiT) with random
     weights (for ``diffatlas sites`` and structural tests); check_prompt(text) raises ValueError
     for prompts the model cannot read (a closed vocabulary), naming the bad words.
     """
 
     load: Callable[..., Any]
-    build_unet: Callable[..., Any] | None = None
+    build_denoiser: Callable[..., Any] | None = None
     check_prompt: Callable[[str], Any] | None = None
     description: str = ""
     truth: Callable[[], "WorldTruth"] | None = None

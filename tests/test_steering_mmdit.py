@@ -14,7 +14,8 @@ from activations.generate import sample, schedule
 from activations.hooks import intervene
 from activations.joint_processor import JointHeadProcessor
 from activations.models import build_tiny_pipeline
-from activations.sites import list_sites, text_length
+from activations.sites import list_sites
+from activations.text import text_length
 from activations.timesteps import select_steps
 from common.errors import UsageError
 from sae.config import Placement, SparseCoderConfig

@@ -4,6 +4,8 @@
   architecture with random weights (``diffatlas sites toy``), and its closed vocabulary (prompts
   with other words or impossible scenes are refused before anything runs), and its ground truth
   for the analyses (``truth``: the pixel-oracle scorer, patch labels, object coverage);
+* model ``toy-mmdit``: the same world drawn by an SD3-shaped MMDiT (``toyworld/weights_mmdit``,
+  trained by ``python -m toyworld.train_mmdit``), with the same vocabulary and ground truth;
 * prompt source ``toyworld``: sampled scenes written as prompts, a pure function of (seed, index),
   with each scene's ground truth (attributes and a clean render) saved beside its image.
 """
@@ -13,26 +15,44 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from common.errors import UsageError
 from common.plugins import ModelPlugin, PromptSourcePlugin
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
+WEIGHTS_MMDIT = Path(__file__).resolve().parent / "weights_mmdit"
+
+
+def _load(folder: Path, train: str, device=None, dtype=None):
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(f"the bundled model is missing at {folder}; retrain it with "
+                                f"`python -m {train}`")
+    from activations.pipeline import load_pipeline
+
+    return load_pipeline(folder, device=device, dtype=dtype)
 
 
 def load(device=None, dtype=None):
-    if not (WEIGHTS / "model_index.json").exists():
-        raise FileNotFoundError(f"the bundled toy model is missing at {WEIGHTS}; retrain it with "
-                                "`python -m toyworld.train --config configs/toyworld/train.yaml`")
-    from activations.pipeline import load_pipeline
+    return _load(WEIGHTS, "toyworld.train --config configs/toyworld/train.yaml", device, dtype)
 
-    return load_pipeline(WEIGHTS, device=device, dtype=dtype)
+
+def load_mmdit(device=None, dtype=None):
+    return _load(WEIGHTS_MMDIT, "toyworld.train_mmdit --config configs/toyworld/train_mmdit.yaml", device, dtype)
 
 
 def build_unet(seed: int = 0):
     from toyworld.model import build_pipeline
 
     return build_pipeline(seed=seed).unet
+
+
+def build_mmdit(seed: int = 0):
+    """The toy MMDiT's transformer with random weights, in the architecture of its training config."""
+    from toyworld.model_mmdit import ToyMMDiTConfig, build_transformer
+
+    torch.manual_seed(seed)
+    return build_transformer(ToyMMDiTConfig())
 
 
 def check_prompt(text: str) -> str:
@@ -50,8 +70,10 @@ def truth():
     return ToyTruth()
 
 
-MODEL = ModelPlugin(load=load, build_unet=build_unet, check_prompt=check_prompt, truth=truth,
+MODEL = ModelPlugin(load=load, build_denoiser=build_unet, check_prompt=check_prompt, truth=truth,
                     description="the bundled toy text-to-image model (toyworld/weights)")
+MODEL_MMDIT = ModelPlugin(load=load_mmdit, build_denoiser=build_mmdit, check_prompt=check_prompt, truth=truth,
+                          description="the bundled toy MMDiT, an SD3-shaped transformer on the same world (toyworld/weights_mmdit)")
 
 
 class ToyPrompts(PromptSourcePlugin):
