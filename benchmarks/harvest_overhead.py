@@ -1,6 +1,7 @@
 """Harvest overhead and memory: plain generation vs harvesting to disk, same prompts/seeds/steps.
 
     python benchmarks/harvest_overhead.py                     # toy model, CPU defaults (see below for time)
+    python benchmarks/harvest_overhead.py --model toy-mmdit                   # the toy MMDiT
     python benchmarks/harvest_overhead.py --model sd-1.4-random --device cuda --prompts 128
 
 Time: plain generation and a harvest of two block sites plus every head site's per-head outputs
@@ -105,9 +106,9 @@ def _sd14_shell(device: str):
 
 
 def harvest_config(pipe, out: str, n: int, steps: int, batch: int) -> HarvestConfig:
-    sites = list_sites(pipe.unet)
-    blocks = [s.name for s in sites if s.kind == "block"]
-    two_blocks = [blocks[len(blocks) // 2 - 1], blocks[len(blocks) // 2]]  # the mid block and its neighbour
+    sites = list_sites(pipe)
+    blocks = [s.name for s in sites if s.kind == "block" and s.resolution[0] > 1]  # image blocks, not text streams
+    two_blocks = [blocks[len(blocks) // 2 - 1], blocks[len(blocks) // 2]]  # the middle block and its neighbour
     return HarvestConfig(
         model="benchmark",
         out=out,
@@ -126,16 +127,13 @@ def harvest_config(pipe, out: str, n: int, steps: int, batch: int) -> HarvestCon
 
 
 def plain(pipe, cfg: HarvestConfig):
+    from activations.generate import sample
+
     texts = cfg.prompts.texts
     for b0 in range(0, len(texts), cfg.batch_size):
         chunk = texts[b0 : b0 + cfg.batch_size]
-        pipe(
-            chunk,
-            num_inference_steps=cfg.num_inference_steps,
-            guidance_scale=cfg.guidance_scale,
-            generator=[torch.Generator("cpu").manual_seed(cfg.seed + b0 + i) for i in range(len(chunk))],
-            output_type="latent",
-        )
+        sample(pipe, chunk, [cfg.seed + b0 + i for i in range(len(chunk))], steps=cfg.num_inference_steps,
+               guidance=cfg.guidance_scale, output_type="latent")
 
 
 def _sync(device: str):
@@ -202,7 +200,7 @@ def child_rss(args) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="toy", help="toy | sd-1.4-random | a load_pipeline name")
+    p.add_argument("--model", default="toy", help="toy | toy-mmdit | sd-1.4-random | a load_pipeline name")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--prompts", type=int, default=128, help="prompts of the timing runs")
     p.add_argument("--steps", type=int, default=4,

@@ -2,6 +2,7 @@
 
     python benchmarks/steering_overhead.py                    # toy model, CPU
     python benchmarks/steering_overhead.py --prompts 16 --steps 10 --repeats 7
+    python benchmarks/steering_overhead.py --model toy-mmdit --site transformer_blocks.4
 
 Three variants of the same batch (prompts, seeds, steps, guidance):
 * plain:  no steering;
@@ -34,7 +35,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--site", default="up_blocks.2.attentions.0")
+    ap.add_argument("--model", default="toy", help="a model name or folder (toy, toy-mmdit, ...)")
+    ap.add_argument("--site", default="up_blocks.2.attentions.0", help="the edited block site (toy-mmdit: e.g. transformer_blocks.4)")
     ap.add_argument("--sae", default=None, help="an SAE folder for --site (default: a random TopK SAE)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="outputs/bench/steering_overhead")
@@ -49,10 +51,10 @@ def main() -> None:
     from steering import FeatureEdit, steer
 
     torch.manual_seed(0)
-    pipe = load_pipeline("toy", device=args.device)
+    pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     if args.sae is None:
-        width = resolve_sites(list_sites(pipe.unet), [args.site])[0].width
+        width = resolve_sites(list_sites(pipe), [args.site])[0].width
         sae = get_architecture("topk")(SparseCoderConfig(expansion_factor=8, k=16), width)
         sae.placement = Placement(site=args.site)
         folder = sae.save_pretrained(Path(args.out) / "random_sae")
@@ -85,7 +87,7 @@ def main() -> None:
     active_ratio = [a / p for a, p in zip(times["active"], times["plain"])]
     print(json.dumps({"seconds": {n: [round(t, 3) for t in ts] for n, ts in times.items()},
                       "idle_ratios": [round(x, 4) for x in idle_ratio], "active_ratios": [round(x, 4) for x in active_ratio]}))
-    print(json.dumps({"prompts": args.prompts, "steps": args.steps, "repeats": args.repeats, "site": args.site,
+    print(json.dumps({"model": args.model, "prompts": args.prompts, "steps": args.steps, "repeats": args.repeats, "site": args.site,
                       "plain_median_s": round(statistics.median(times["plain"]), 3),
                       "idle": round(statistics.median(idle_ratio), 4), "active": round(statistics.median(active_ratio), 4)}))
 
