@@ -55,7 +55,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path | str:
         return path
     if path.exists() or name.startswith((".", "/", "~")) or not HUB_ID.match(name):
         raise ModelNotFoundError(
-            f"model {name!r} is neither {' or '.join(repr(n) for n in plugins.names(plugins.MODELS)) or 'a registered model'}, "
+            f"model {name!r} is neither a registered model ({', '.join(plugins.names(plugins.MODELS)) or 'none'}), "
             f"nor a diffusers folder, nor a hub id like 'org/name' (registered models come from common.plugins)"
         )
     return name

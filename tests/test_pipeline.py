@@ -62,7 +62,7 @@ def test_load_pipeline__hub_id_offline_fails_at_once_with_a_local_path_hint(monk
 
 @pytest.mark.parametrize("name", ["./no/such/folder", "not a model id"])
 def test_load_pipeline__unknown_name_says_what_is_valid(name):
-    with pytest.raises(ModelNotFoundError, match="neither 'toy', nor a diffusers folder, nor a hub id"):
+    with pytest.raises(ModelNotFoundError, match=r"neither a registered model \(toy, toy-mmdit\), nor a diffusers folder, nor a hub id"):
         load_pipeline(name, device="cpu")
 
 

@@ -165,7 +165,7 @@ def test_sites_command_lists_mmdit_sites_with_token_grid_width_and_global_heads(
 def test_load_pipeline_of_an_mmdit_config_name_fails_at_once_in_one_line():
     from activations.pipeline import ModelNotFoundError, load_pipeline
 
-    with pytest.raises(ModelNotFoundError, match="neither 'toy', nor a diffusers folder, nor a hub id") as err:
+    with pytest.raises(ModelNotFoundError, match=r"neither a registered model \(toy, toy-mmdit\), nor a diffusers folder, nor a hub id") as err:
         load_pipeline("sd-3-medium", device="cpu")
     assert "\n" not in str(err.value)
 
