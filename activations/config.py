@@ -42,8 +42,32 @@ class PromptSource:
 
 
 @dataclass
+class ImageSource:
+    """Real images to read instead of generating (``kind: none`` generates from ``prompts``)."""
+
+    kind: Literal["none", "folder", "dataset", "renders"] = "none"
+    """none: generate images from `prompts`; folder: the images in `path` (png, jpg, jpeg, webp,
+    by file name), captioned by `captions`; dataset: a `datasets` dataset's `column` of images,
+    captioned by `caption_column`; renders: the true renders of the `prompts` source's scenes
+    (e.g. toyworld), captioned by their prompts"""
+    path: Optional[str] = None
+    """folder: the image folder; dataset: a dataset name or local folder"""
+    captions: Optional[str] = None
+    """folder: a JSONL file of {"file": <name>, "text": <caption>} lines, one per image (None: every
+    image gets the empty caption)"""
+    split: str = "train"
+    """dataset: the split to read"""
+    column: str = "image"
+    """dataset: the column holding the images"""
+    caption_column: Optional[str] = None
+    """dataset: the column holding the captions (None: the empty caption)"""
+    num_images: Optional[int] = None
+    """how many images to read (the first N; default all; renders: all of the `prompts` source)"""
+
+
+@dataclass
 class HarvestConfig:
-    """Harvest U-Net activations of a text-to-image pipeline into an activation store."""
+    """Harvest a text-to-image pipeline's activations (generating images, or reading real ones) into an activation store."""
 
     model: str = "toy"
     """the pipeline: 'toy' (the bundled model), a local diffusers folder or a hub id"""
@@ -55,6 +79,10 @@ class HarvestConfig:
     'blocks', 'heads', 'all' (see `diffatlas sites <model>`)"""
     prompts: PromptSource = field(default_factory=PromptSource)
     """the prompt set"""
+    images: ImageSource = field(default_factory=ImageSource)
+    """real images to read instead of generating: each is VAE-encoded, noised to the selected
+    timesteps with the noise of seed + image, and passed once through the denoiser per timestep
+    with its caption (cond branch only)"""
     images_per_prompt: int = 1
     """images per prompt (image id = prompt index * images_per_prompt + r)"""
     seed: int = 0
@@ -108,7 +136,7 @@ class HarvestConfig:
         from common.config import MAX_STEPS, check_counts
 
         check_counts(self, positive=("num_inference_steps", "batch_size", "images_per_shard", "images_per_prompt",
-                                     "threads", "positions", "prompts.num_prompts"),
+                                     "threads", "positions", "prompts.num_prompts", "images.num_images"),
                      seeds=("seed",), numbers={"guidance_scale": 0.0}, at_most={"num_inference_steps": MAX_STEPS})
 
     def content_dict(self) -> dict:

@@ -28,9 +28,10 @@ import torch
 from einops import rearrange
 
 from activations.config import HarvestConfig, parse_args
-from activations.generate import sample, schedule
+from activations.generate import generators, sample, schedule
 from activations.families import architecture_of, denoiser_of
 from activations.hooks import attach
+from activations.images import ImageSet
 from activations.pipeline import load_pipeline, model_fingerprint, set_scheduler
 from activations.intervention import Call
 from activations.prompts import PromptSet, check_prompts
@@ -112,8 +113,17 @@ class Harvester:
         self.rank, self.world_size = rank, world_size
         config.check()
         check_branch(config.branch)
-        self.prompts = PromptSet(config.prompts, config.seed)
-        check_prompts(config.model, (self.prompts.text(i) for i in range(len(self.prompts))))
+        reading = config.images.kind != "none"  # real images instead of generations
+        self.prompts = PromptSet(config.prompts, config.seed) if config.images.kind in ("none", "renders") else None
+        self.images = ImageSet(config.images, self.prompts) if reading else None
+        texts = self.images if reading else self.prompts
+        check_prompts(config.model, (texts.text(i) for i in range(len(texts)) if texts.text(i)))
+        if reading and config.images_per_prompt != 1:
+            raise UsageError(f"images_per_prompt={config.images_per_prompt} with images.kind {config.images.kind!r}: each real "
+                             "image is read once (valid: 1)")
+        if reading and config.branch != "cond":
+            raise UsageError(f"branch {config.branch!r} with images.kind {config.images.kind!r}: a real image is passed "
+                             "with its caption only (valid branches: cond)")
         self.pipe = pipe if pipe is not None else load_pipeline(config.model, device=device, dtype=DTYPES[config.dtype])
         self.pipe.set_progress_bar_config(disable=True)
         set_scheduler(self.pipe, config.scheduler)
@@ -132,7 +142,9 @@ class Harvester:
             raise UsageError(f"timesteps {config.timesteps!r} select no step of the schedule {self.schedule}")
         self.sites: list[Site] = resolve_sites(list_sites(self.pipe, self.latent), config.sites)
         self.branches = BRANCHES if config.branch == "both" else (config.branch,)
-        self.num_images = len(self.prompts) * config.images_per_prompt
+        if reading:  # every image readable and of the run's size, before anything is written
+            self.images.check(tuple(x * int(getattr(self.pipe, "vae_scale_factor", 8)) for x in self.latent))
+        self.num_images = len(self.images) if reading else len(self.prompts) * config.images_per_prompt
         self.num_shards = -(-self.num_images // config.images_per_shard)
         self.root = Path(config.out)
         denoiser = denoiser_of(self.pipe)
@@ -162,6 +174,9 @@ class Harvester:
         return writers
 
     def image_record(self, image: int) -> dict:
+        if self.images is not None:  # a real image: its hash, and the seed of the noise it was read with
+            return {"image": image, "prompt": image, "text": self.images.text(image), "seed": self.config.seed + image,
+                    "sha256": self.images.sha256(image), "source": self.images.name(image)}
         p = image // self.config.images_per_prompt
         return {"image": image, "prompt": p, "text": self.prompts.text(p), "seed": self.config.seed + image}
 
@@ -229,7 +244,61 @@ class Harvester:
         elapsed = time.perf_counter() - t0
         return {"shards": len(todo), "skipped": len(mine) - len(todo), "images": n_todo, "seconds": elapsed, "rows": dict(rows_written)}
 
+    def _observers(self, tap, stack, batch: list[int], records: list[dict], buffers, steps) -> list:
+        observers = []
+        positions = _Positions(self.config.seed, batch, self.config.positions)
+        for s in self.sites:
+            obs = _SiteObserver(s, records, positions, self.branches, buffers[s.name], self.num_train_timesteps)
+            observers.append(obs)
+            if s.kind == "block":
+                stack.enter_context(tap.observe_block(s.name, obs.on_block, steps=steps))
+            else:
+                stack.enter_context(tap.observe_heads(s.name, obs.on_heads, needs=("out",), steps=steps))
+        return observers
+
+    def _read_images(self, images: range, bar) -> dict[str, _ShardBuffer]:
+        """Each real image VAE-encoded, noised to every selected step's timestep with the noise of
+        seed + image (drawn once, the same at every step) and passed once through the denoiser
+        with its caption: the denoiser's training view (``Architecture.objective``, ``denoise``)."""
+        from activations.evaluate import vae_latents
+        from activations.text import encode_prompts
+
+        cfg, pipe = self.config, self.pipe
+        arch, denoiser = architecture_of(pipe), denoiser_of(pipe)
+        noised = arch.objective(pipe.scheduler)
+        buffers = {s.name: _ShardBuffer() for s in self.sites}
+        steps = Steps(self.steps)
+        with attach(denoiser, pipe) as tap, torch.no_grad():
+            for b0 in range(images.start, images.stop, cfg.batch_size):
+                batch = list(range(b0, min(b0 + cfg.batch_size, images.stop)))
+                records = [self.image_record(i) for i in batch]
+                pixels = torch.stack([torch.from_numpy(self.images.pixels(i).copy()) for i in batch]).permute(0, 3, 1, 2)
+                pixels = (pixels.float() / 127.5 - 1.0).to(device=denoiser.device, dtype=pipe.vae.dtype)
+                x0 = vae_latents(pipe.vae, pixels).to(denoiser.dtype)
+                noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators([r["seed"] for r in records])])
+                noise = noise.to(device=x0.device, dtype=x0.dtype)
+                cond = encode_prompts(pipe, [r["text"] for r in records], full=True)
+                with contextlib.ExitStack() as stack:
+                    observers = self._observers(tap, stack, batch, records, buffers, steps)
+                    tap.reset()
+                    tap.set_images(batch)
+                    for step in self.steps:
+                        t = torch.full((len(batch),), self.schedule[step], device=x0.device, dtype=torch.long)
+                        x_t, _ = noised(x0, noise, t)
+                        tap.next_call(step, cfg=False)
+                        arch.denoise(pipe, x_t.to(denoiser.dtype), t, cond, cfg.guidance_scale)
+                for obs in observers:
+                    obs.flush()
+                if cfg.save_images:
+                    from PIL import Image
+
+                    self._save_images(batch, records, [Image.fromarray(self.images.pixels(i)) for i in batch])
+                bar.update(len(batch))
+        return buffers
+
     def _generate(self, images: range, bar) -> dict[str, _ShardBuffer]:
+        if self.images is not None:
+            return self._read_images(images, bar)
         cfg = self.config
         buffers = {s.name: _ShardBuffer() for s in self.sites}
         steps = Steps(self.steps)
@@ -238,16 +307,8 @@ class Harvester:
             for b0 in range(images.start, images.stop, cfg.batch_size):
                 batch = list(range(b0, min(b0 + cfg.batch_size, images.stop)))
                 records = [self.image_record(i) for i in batch]
-                observers = []
-                positions = _Positions(cfg.seed, batch, cfg.positions)
                 with contextlib.ExitStack() as stack:
-                    for s in self.sites:
-                        obs = _SiteObserver(s, records, positions, self.branches, buffers[s.name], self.num_train_timesteps)
-                        observers.append(obs)
-                        if s.kind == "block":
-                            stack.enter_context(tap.observe_block(s.name, obs.on_block, steps=steps))
-                        else:
-                            stack.enter_context(tap.observe_heads(s.name, obs.on_heads, needs=("out",), steps=steps))
+                    observers = self._observers(tap, stack, batch, records, buffers, steps)
                     tap.reset()
                     tap.set_images(batch)
                     result = sample(
@@ -276,10 +337,10 @@ class Harvester:
                 # written by an earlier run of the same config (store.json says so): written once
                 continue
             write_atomic(folder / f"{image}.png", lambda p: pil.save(p, format="PNG"))
-            truth = self.prompts.ground_truth(rec["prompt"])
+            truth = self.prompts.ground_truth(rec["prompt"]) if self.prompts is not None else None
             if truth is not None:  # a prompt source that knows its ground truth: keep it beside the image
                 write_atomic(folder / f"{image}.json", lambda p: p.write_text(json.dumps({**rec, **truth})))
-            rendered = self.prompts.truth_image(rec["prompt"])
+            rendered = self.prompts.truth_image(rec["prompt"]) if self.prompts is not None else None
             if rendered is not None:
                 from PIL import Image
 

@@ -61,6 +61,9 @@ class RunState:
     generation: int = -1
     images: list[int] | None = None
     latent: tuple[int, int] | None = None
+    forced: tuple[int, bool] | None = None
+    """(step, cfg) of the next denoiser call, set by a client that calls the denoiser itself at
+    chosen steps (``Tap.next_call``: the harvest of real images) instead of through a pipeline"""
     inputs: tuple[tuple, dict] | None = None
     """the current U-Net call's (args, kwargs), by reference: what a client needs to run one step
     again (``analysis.feature_heads.total_head_attribution`` reruns it with gradients)"""
@@ -195,11 +198,22 @@ class Tap:
         """Mark the next denoiser call as step 0 of a new generation."""
         self.state.new_generation = True
 
+    def next_call(self, step: int, cfg: bool = False) -> None:
+        """Mark the next denoiser call as step ``step`` of the current generation, its batch guided
+        ([uncond; cond]) or not: for a client that calls the denoiser itself, at chosen steps of a
+        schedule, rather than through a pipeline (whose calls the Tap counts)."""
+        self.state.forced = (int(step), bool(cfg))
+
     def _on_denoiser_call(self, module, args, kwargs) -> None:
         st = self.state
         schedule = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
         n_steps = len(schedule) if schedule is not None else 0
-        if st.new_generation or st.step is None or (n_steps and st.step + 1 >= n_steps):
+        forced, st.forced = st.forced, None
+        if forced is not None:
+            if st.new_generation:
+                st.generation, st.new_generation = st.generation + 1, False
+            st.step = forced[0]
+        elif st.new_generation or st.step is None or (n_steps and st.step + 1 >= n_steps):
             st.step, st.new_generation = 0, False
             st.generation += 1
         else:
@@ -213,12 +227,14 @@ class Tap:
             t_new = int(torch.as_tensor(t).flatten()[0].item())
         else:  # e.g. FLUX: the pipeline passes t / 1000; undo it in float64, rounding off float32 noise
             t_new = int(round(float(torch.as_tensor(t).flatten()[0].double().item()) * scale, 3))
-        if not self.arch.batched_cfg and self.pipe is not None and st.step and t_new is not None and t_new == st.t:
+        if forced is None and not self.arch.batched_cfg and self.pipe is not None and st.step and t_new is not None and t_new == st.t:
             # FluxPipeline's true CFG calls the transformer twice per step (cond, then uncond)
             raise UsageError(f"{self.arch.name}: two denoiser calls at one timestep (t={t_new}: FluxPipeline's true CFG, "
                              "true_cfg_scale > 1 with a negative prompt) are not supported yet; valid: true_cfg_scale=1")
         st.t = t_new
-        if self.arch.batched_cfg:
+        if forced is not None:
+            st.cfg = forced[1] and self.arch.batched_cfg
+        elif self.arch.batched_cfg:
             st.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) if self.pipe is not None else False
         else:
             st.cfg = False

@@ -82,19 +82,28 @@ def check_prompts(model: str, texts) -> None:
 
 
 def _load_dataset(source: PromptSource):
-    import datasets
-
     if not source.path:
         raise UsageError("prompts.kind 'dataset' needs prompts.path (a dataset name or local folder)")
-    path = Path(source.path)
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-        ds = datasets.load_from_disk(str(path))
+    return open_dataset(source.path, source.split, [source.column], "prompts")
+
+
+def open_dataset(path: str | None, split: str, columns: list[str], what: str):
+    """The ``columns`` of a ``datasets`` dataset (a local folder saved with save_to_disk, or a name
+    for load_dataset); a missing split or column is a UsageError naming the valid ones."""
+    import datasets
+
+    if not path:
+        raise UsageError(f"{what}.kind 'dataset' needs {what}.path (a dataset name or local folder)")
+    folder = Path(path)
+    if folder.is_dir() and ((folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists() or (folder / "state.json").exists()):
+        ds = datasets.load_from_disk(str(folder))
         if isinstance(ds, datasets.DatasetDict):
-            if source.split not in ds:
-                raise UsageError(f"split {source.split!r} not in dataset {source.path!r}; valid splits: {', '.join(ds)}")
-            ds = ds[source.split]
+            if split not in ds:
+                raise UsageError(f"split {split!r} not in dataset {path!r}; valid splits: {', '.join(ds)}")
+            ds = ds[split]
     else:
-        ds = datasets.load_dataset(source.path, split=source.split)
-    if source.column not in ds.column_names:
-        raise UsageError(f"column {source.column!r} not in dataset {source.path!r}; valid columns: {', '.join(ds.column_names)}")
-    return ds.select_columns([source.column])
+        ds = datasets.load_dataset(path, split=split)
+    for column in columns:
+        if column not in ds.column_names:
+            raise UsageError(f"column {column!r} not in dataset {path!r}; valid columns: {', '.join(ds.column_names)}")
+    return ds.select_columns(columns)
