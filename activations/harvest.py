@@ -257,42 +257,24 @@ class Harvester:
         return observers
 
     def _read_images(self, images: range, bar) -> dict[str, _ShardBuffer]:
-        """Each real image VAE-encoded, noised to every selected step's timestep with the noise of
-        seed + image (drawn once, the same at every step) and passed once through the denoiser
-        with its caption: the denoiser's training view (``Architecture.objective``, ``denoise``)."""
-        from activations.evaluate import vae_latents
-        from activations.text import encode_prompts
-
-        cfg, pipe = self.config, self.pipe
-        arch, denoiser = architecture_of(pipe), denoiser_of(pipe)
-        noised = arch.objective(pipe.scheduler)
+        """Each real image read through the denoiser (``read_images``) under the sites' observers."""
+        cfg = self.config
         buffers = {s.name: _ShardBuffer() for s in self.sites}
         steps = Steps(self.steps)
-        with attach(denoiser, pipe) as tap, torch.no_grad():
+        with attach(denoiser_of(self.pipe), self.pipe) as tap:
             for b0 in range(images.start, images.stop, cfg.batch_size):
                 batch = list(range(b0, min(b0 + cfg.batch_size, images.stop)))
                 records = [self.image_record(i) for i in batch]
-                pixels = torch.stack([torch.from_numpy(self.images.pixels(i).copy()) for i in batch]).permute(0, 3, 1, 2)
-                pixels = (pixels.float() / 127.5 - 1.0).to(device=denoiser.device, dtype=pipe.vae.dtype)
-                x0 = vae_latents(pipe.vae, pixels).to(denoiser.dtype)
-                noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators([r["seed"] for r in records])])
-                noise = noise.to(device=x0.device, dtype=x0.dtype)
-                cond = encode_prompts(pipe, [r["text"] for r in records], full=True)
+                pixels = [self.images.pixels(i) for i in batch]
                 with contextlib.ExitStack() as stack:
                     observers = self._observers(tap, stack, batch, records, buffers, steps)
-                    tap.reset()
-                    tap.set_images(batch)
-                    for step in self.steps:
-                        t = torch.full((len(batch),), self.schedule[step], device=x0.device, dtype=torch.long)
-                        x_t, _ = noised(x0, noise, t)
-                        tap.next_call(step, cfg=False)
-                        arch.denoise(pipe, x_t.to(denoiser.dtype), t, cond, cfg.guidance_scale)
+                    read_images(self.pipe, pixels, records, self.steps, self.schedule, cfg.guidance_scale)
                 for obs in observers:
                     obs.flush()
                 if cfg.save_images:
                     from PIL import Image
 
-                    self._save_images(batch, records, [Image.fromarray(self.images.pixels(i)) for i in batch])
+                    self._save_images(batch, records, [Image.fromarray(p) for p in pixels])
                 bar.update(len(batch))
         return buffers
 
@@ -345,6 +327,35 @@ class Harvester:
                 from PIL import Image
 
                 write_atomic(folder / f"{image}.truth.png", lambda p: Image.fromarray(rendered).save(p, format="PNG"))
+
+
+@torch.no_grad()
+def read_images(pipe, pixels: list[np.ndarray], records: list[dict], steps: list[int], schedule: list[int],
+                guidance: float) -> None:
+    """Pass real images through the denoiser as the harvester reads them: each image (uint8
+    [H, W, 3]) VAE-encoded, noised to the timestep of every step of ``steps`` with the noise of
+    its record's ``seed`` (drawn once, the same at every step) by the family's training objective,
+    and passed once per step through the family's denoiser call with its record's ``text``, under
+    whatever is attached to the denoiser's Tap (which sees step ``steps[k]`` and no guidance).
+    ``schedule``: the run's timesteps (``generate.schedule``)."""
+    from activations.evaluate import vae_latents
+    from activations.text import encode_prompts
+
+    arch, denoiser = architecture_of(pipe), denoiser_of(pipe)
+    noised = arch.objective(pipe.scheduler)
+    x = torch.stack([torch.from_numpy(np.array(p)) for p in pixels]).permute(0, 3, 1, 2)
+    x0 = vae_latents(pipe.vae, (x.float() / 127.5 - 1.0).to(device=denoiser.device, dtype=pipe.vae.dtype)).to(denoiser.dtype)
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators([r["seed"] for r in records])])
+    noise = noise.to(device=x0.device, dtype=x0.dtype)
+    cond = encode_prompts(pipe, [r["text"] for r in records], full=True)
+    with attach(denoiser, pipe) as tap:
+        tap.reset()
+        tap.set_images([r["image"] for r in records])
+        for step in steps:
+            t = torch.full((len(records),), schedule[step], device=x0.device, dtype=torch.long)
+            x_t, _ = noised(x0, noise, t)
+            tap.next_call(step, cfg=False)
+            arch.denoise(pipe, x_t.to(denoiser.dtype), t, cond, guidance)
 
 
 def numerics(unet, config: HarvestConfig) -> dict:

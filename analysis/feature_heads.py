@@ -78,7 +78,7 @@ class _Reruns:
         from activations.store import ActivationStore
 
         store = ActivationStore(store_root)
-        self.pipe = pipe
+        self.pipe, self.store = pipe, store
         self.cfg = _harvest_config(store)
         self.block = sae.placement.site or stats.info["site"]
         self.sites = list_sites(pipe)
@@ -118,10 +118,35 @@ class _Reruns:
 
         prompts = [self.prompts[i] for i in batch]
         cfg = self.cfg
+        if (cfg.get("images") or {}).get("kind", "none") != "none":  # a store of real images: read them again
+            self._read(batch, prompts, interventions)
+            return
         with torch.no_grad(), intervene(self.pipe, *interventions):
             sample(self.pipe, [p["text"] for p in prompts], [int(p["seed"]) for p in prompts],
                    steps=int(cfg["num_inference_steps"]), guidance=float(cfg["guidance_scale"]),
                    height=cfg.get("height"), width=cfg.get("width"), output_type="latent")
+
+    def _read(self, batch: list[int], prompts: list[dict], interventions) -> None:
+        """The images of ``batch`` of a real-image store read again as the harvest read them
+        (``activations.harvest.read_images``: the store's copies, seeds, steps and schedule)."""
+        import numpy as np
+        from PIL import Image
+
+        from activations.generate import schedule
+        from activations.harvest import read_images
+        from activations.hooks import intervene
+
+        header = self.store.site(self.block).manifest
+        timesteps = schedule(self.pipe, int(self.cfg["num_inference_steps"]), tuple(header["latent_size"]))
+        pixels = []
+        for i in batch:
+            path = self.store.image_path(i)
+            if not path.exists():
+                raise UsageError(f"no copy of image {i} in {path.parent}: rerunning a real-image store needs its images "
+                                 "(harvest with save_images: true)")
+            pixels.append(np.asarray(Image.open(path).convert("RGB")))
+        with intervene(self.pipe, *interventions):
+            read_images(self.pipe, pixels, prompts, list(header["steps"]), timesteps, float(self.cfg["guidance_scale"]))
 
     def result(self) -> dict:
         c = self.count.clamp(min=1)
