@@ -46,7 +46,7 @@ def config(tmp_path, family, **kw) -> HarvestConfig:
 def by_hand(pipe, family, pixels_u8, caption, seed, t, block):
     """The block's Δ for one image at timestep t, written out: VAE mean, the family's noising by
     formula, one denoiser call, a forward hook on the block."""
-    x = torch.from_numpy(pixels_u8).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = torch.from_numpy(np.array(pixels_u8)).permute(2, 0, 1)[None].float() / 127.5 - 1
     vae = pipe.vae
     x0 = (vae.encode(x).latent_dist.mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
     noise = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed))[None]
