@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     check_sites(args.model, args.site, prog, "--site")
     if args.random_weights and args.model not in ("toy", "toy-mmdit"):
         raise SystemExit(f"{prog}: error: --random-weights builds a toy architecture: --model toy or toy-mmdit, got {args.model!r}")
-    claim_folder(args.out, run_record(__file__, args), prog=prog)  # another run's folder: refused
+    if args.out is not None:  # None: a temporary folder, nobody else's
+        claim_folder(args.out, run_record(__file__, args), prog=prog)  # another run's folder: refused
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
