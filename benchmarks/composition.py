@@ -25,9 +25,10 @@ SAE features of the first denoising step): from block-site SAE features at the f
 
 Anchor: mean IoU 0.26 at tau = 1 on SD 1.4's mid block (Tinaz et al.); goal >= 0.5 at tau = 1 for
 the best toy site. Last line JSON {"iou_scaled": {site: {"tau_1.0", "tau_0.5"}},
-"probe_auroc": {...}, "iou_vote": {...}, "iou": {site: {"tau_1.0": ..., "tau_0.5": ...}}}.
+"probe_auroc": {...}, "iou_vote": {...}, "iou": {site: {"tau_1.0": ..., "tau_0.5": ...}}, "model"}.
 
     OMP_NUM_THREADS=2 python benchmarks/composition.py [--prompts 128 --sites up_blocks.2.attentions.0 up_blocks.3.attentions.0]
+    OMP_NUM_THREADS=2 python benchmarks/composition.py --model toy-mmdit   # transformer_blocks.1, .3, .4
 """
 
 from __future__ import annotations
@@ -40,21 +41,27 @@ import numpy as np
 import torch
 
 from common.files import claim_folder
+from toyworld.benchmarks import check_sites, default_sites, run_record
 from toyworld.vocab import OBJECT_ATTRIBUTES as OBJECT_ATTRS
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="toy", help="a toy-world model: toy (U-Net) or toy-mmdit")
     ap.add_argument("--prompts", type=int, default=128)
-    ap.add_argument("--sites", nargs="+", default=["down_blocks.1.attentions.0", "up_blocks.2.attentions.0",
-                                                    "up_blocks.3.attentions.0"])
+    ap.add_argument("--sites", nargs="+", default=None,
+                    help="block sites (default: the model's, toyworld/benchmarks.py; toy: down_blocks.1.attentions.0 "
+                         "up_blocks.2.attentions.0 up_blocks.3.attentions.0)")
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--expansion", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench/composition")
     args = ap.parse_args()
-    claim_folder(args.out, {"benchmark": Path(__file__).stem, **vars(args)}, prog=Path(__file__).name)  # another run's folder: refused
+    prog = Path(__file__).name
+    args.sites = args.sites or default_sites(args.model, "blocks", prog, "--sites")
+    check_sites(args.model, args.sites, prog, "--sites")
+    claim_folder(args.out, run_record(__file__, args), prog=prog)  # another run's folder: refused
 
     from activations.config import HarvestConfig, PromptSource
     from activations.harvest import harvest
@@ -66,14 +73,14 @@ def main() -> None:
     from toyworld.render import token_labels
 
     out = Path(args.out)
-    pipe = load_pipeline("toy")
+    pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     d = model_defaults(pipe)
     steps = d["num_inference_steps"]
     taus = np.array(schedule(pipe, steps), dtype=np.float64) / pipe.scheduler.config.num_train_timesteps
     mid = int(np.argmin(np.abs(taus - 0.5)))
     store_root = out / "store"
-    harvest(HarvestConfig(model="toy", out=str(store_root), sites=list(args.sites), seed=args.seed,
+    harvest(HarvestConfig(model=args.model, out=str(store_root), sites=list(args.sites), seed=args.seed,
                           prompts=PromptSource(kind="toyworld", num_prompts=args.prompts),
                           num_inference_steps=steps, guidance_scale=d["guidance_scale"],
                           timesteps={"steps": [0, mid]}, branch="cond", batch_size=16, progress=False), pipe=pipe)
@@ -109,7 +116,7 @@ def main() -> None:
             probe[site][key] = presence_probe(fit_acts, fit_meta, acts, meta, truth)
         print(json.dumps({"site": site, "grid": list(grid), "iou": result[site], "iou_scaled": scaled[site],
                           "iou_vote": vote[site], "probe_auroc": probe[site]}), flush=True)
-    print(json.dumps({"iou_scaled": scaled, "probe_auroc": probe, "iou_vote": vote, "iou": result}))
+    print(json.dumps({"iou_scaled": scaled, "probe_auroc": probe, "iou_vote": vote, "iou": result, "model": args.model}))
 
 
 def present(meta, truth) -> np.ndarray:

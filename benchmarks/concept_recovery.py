@@ -28,14 +28,17 @@ than the site's raw channels, and do their heads' HRVs name the right attribute?
    patches (so that its label names a value, not only "an object is here");
    ``--hrv-window`` builds the HRVs from one timestep window's votes; ``--attribution total``
    attributes each feature to every head by its total effect (attribution patching) instead of
-   the direct write of its block's own heads.
+   the direct write of its block's own heads (the default on the toy U-Net; on an MMDiT, whose
+   AdaLN gates the heads' writes, ``direct`` is refused and ``total`` is the default).
 
 Goals (issue 12): sae_mean_auroc >= 0.95, sae_frac_ge_0.95 >= 0.8, above neuron_mean_auroc.
 Last line JSON {"arm", "arms": {arm: {"l0", "fvu", "fit_mean_auroc", "distinct_features", "objects": {"sae", "neuron"},
 window: {"sae", "frac_ge_0.95", "neuron"}}}, "objects_sae_mean_auroc", "objects_neuron_mean_auroc", "sae_mean_auroc", "sae_frac_ge_0.95", "neuron_mean_auroc", "hrv_agreement",
-"hrv_chance", "hrv_agreement_lift", "hrv_chance_lift", "hrv_agreement_objects", "hrv_chance_objects", "per_value": {value: {"sae", "neuron", "feature"}}}.
+"hrv_chance", "hrv_agreement_lift", "hrv_chance_lift", "hrv_agreement_objects", "hrv_chance_objects", "per_value": {value: {"sae", "neuron", "feature"}},
+"model", "site", "attribution"}.
 
     OMP_NUM_THREADS=2 python benchmarks/concept_recovery.py [--prompts 256 --every 4 --arms topk:8:8 ... --out runs/bench/concepts]
+    OMP_NUM_THREADS=2 python benchmarks/concept_recovery.py --model toy-mmdit   # transformer_blocks.4, attribution total
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import numpy as np
 import torch
 
 from common.files import claim_folder
+from toyworld.benchmarks import check_sites, default_sites, direct_attribution, run_record
 from toyworld.vocab import OBJECT_ATTRIBUTES as OBJECT_ATTRS
 
 
@@ -72,8 +76,10 @@ def hrv_folder(args) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="toy", help="a toy-world model: toy (U-Net) or toy-mmdit")
     ap.add_argument("--prompts", type=int, default=256)
-    ap.add_argument("--site", default="up_blocks.2.attentions.0")
+    ap.add_argument("--site", default=None,
+                    help="block site (default: the model's, toyworld/benchmarks.py; toy: up_blocks.2.attentions.0)")
     ap.add_argument("--every", type=int, default=4, help="harvest every N-th sampling step")
     ap.add_argument("--arms", nargs="+", default=["topk:8:8", "topk:16:4", "topk:32:2", "batchtopk:32:2"],
                     help="SAEs to train, each architecture:k:expansion")
@@ -82,15 +88,24 @@ def main() -> None:
     ap.add_argument("--hrv-words", default="alone", choices=["alone", "in_context"],
                     help="HRV concept words encoded alone (Park et al.) or read where the HRV prompts name them")
     ap.add_argument("--hrv-sink", action="store_true", help="the start token joins every HRV contest, for no concept")
-    ap.add_argument("--attribution", default="direct", choices=["direct", "total"],
-                    help="feature -> heads: the block's own heads' direct write, or every head's total effect")
+    ap.add_argument("--attribution", default=None, choices=["direct", "total"],
+                    help="feature -> heads: the block's own heads' direct write, or every head's total effect "
+                         "(default: direct where the model allows it, the U-Net toy; total on an MMDiT)")
     ap.add_argument("--hrv-window", default="all", choices=["all", "early", "middle", "late"],
                     help="HRVs from the votes of every step, or of one timestep window only")
     ap.add_argument("--examples", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench/concepts")
     args = ap.parse_args()
-    claim_folder(args.out, {"benchmark": Path(__file__).stem, **vars(args)}, prog=Path(__file__).name)  # another run's folder: refused
+    prog = Path(__file__).name
+    args.site = args.site or default_sites(args.model, "block", prog, "--site")
+    check_sites(args.model, args.site, prog, "--site")
+    direct_ok = direct_attribution(args.model)
+    if args.attribution == "direct" and not direct_ok:
+        raise SystemExit(f"{prog}: error: --attribution direct folds a block's output projection into its heads' writes, "
+                         f"which model {args.model!r} gates by the timestep (an MMDiT); use --attribution total")
+    args.attribution = args.attribution or ("direct" if direct_ok else "total")
+    claim_folder(args.out, run_record(__file__, args), prog=prog)  # another run's folder: refused
 
     from activations.config import HarvestConfig, PromptSource
     from activations.harvest import harvest
@@ -106,11 +121,11 @@ def main() -> None:
 
     out = Path(args.out)
     t0 = time.time()
-    pipe = load_pipeline("toy")
+    pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     d = model_defaults(pipe)
     store_root = out / "store"
-    harvest(HarvestConfig(model="toy", out=str(store_root), sites=[args.site], seed=args.seed,
+    harvest(HarvestConfig(model=args.model, out=str(store_root), sites=[args.site], seed=args.seed,
                           prompts=PromptSource(kind="toyworld", num_prompts=args.prompts),
                           num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"],
                           timesteps={"every": args.every}, branch="cond", batch_size=16, progress=False), pipe=pipe)
@@ -188,7 +203,7 @@ def main() -> None:
                       "harvest_s": round(t_harvest, 1)}))
 
     # HRVs and the chosen features' head attribution
-    hrv = build_hrv(HRVConfig(model="toy", concepts="toy", prompts=PromptSource(kind="toyworld", num_prompts=args.hrv_prompts),
+    hrv = build_hrv(HRVConfig(model=args.model, concepts="toy", prompts=PromptSource(kind="toyworld", num_prompts=args.hrv_prompts),
                               prompt_seed=args.seed, out=str(out / hrv_folder(args)), words=args.hrv_words, sink=args.hrv_sink, progress=False, wandb=False), pipe)
     stats = compute_feature_stats(sae, reader, progress=False, store_root=str(store_root))
     att = feature_head_attribution(sae, pipe, store_root, stats, features=sorted(set(chosen) | set(chosen_obj)), examples=args.examples, method=args.attribution,
@@ -228,7 +243,7 @@ def main() -> None:
                       "hrv_agreement": hrv_agreement, "hrv_chance": hrv_chance,
                       "hrv_agreement_lift": lift_agreement, "hrv_chance_lift": lift_chance,
                       "hrv_agreement_objects": obj_agreement, "hrv_chance_objects": obj_chance,
-                      "per_value": per_value}))
+                      "per_value": per_value, "model": args.model, "site": args.site, "attribution": args.attribution}))
 
 
 if __name__ == "__main__":

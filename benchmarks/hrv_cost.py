@@ -1,6 +1,7 @@
 """What does HRV construction cost over plain generation? (goal: ratio <= 1.25)
 
     python benchmarks/hrv_cost.py [--prompts 16] [--steps 25] [--repeats 5] [--batch 8]
+    python benchmarks/hrv_cost.py --model toy-mmdit   # the toy MMDiT: its HRVs also draw each concept word once
 
 Same toy prompts, seeds, steps and batches: plain generation (the pipeline alone, latent output)
 against HRV construction (analysis.construct.build_hrv: word encoding, the voting observers and
@@ -22,7 +23,7 @@ import time
 import torch
 
 from activations.config import PromptSource
-from activations.generate import generators
+from activations.generate import sample
 from analysis.config import HRVConfig
 from analysis.construct import build_hrv, load_model, prompt_texts, sampling_defaults
 
@@ -32,13 +33,14 @@ def plain(pipe, texts: list[str], seeds: list[int], steps: int, guidance: float,
     for start in range(0, len(jobs), batch):
         chunk = jobs[start:start + batch]
         with torch.no_grad():
-            pipe(prompt=[t for t, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                 generator=generators([s for _, s in chunk]), output_type="latent")
+            # generate.sample: the pipeline call with the model's call options (the toy MMDiT's text
+            # length), as build_hrv draws; on a U-Net the plain pipeline call
+            sample(pipe, [t for t, _ in chunk], [s for _, s in chunk], steps=steps, guidance=guidance, output_type="latent")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="toy")
+    p.add_argument("--model", default="toy", help="a model name: toy (U-Net) or toy-mmdit, ...")
     p.add_argument("--concepts", default="toy", help="concept list (configs/concepts/ name or YAML)")
     p.add_argument("--prompts", type=int, default=16, help="toy prompts (one image each)")
     p.add_argument("--steps", type=int, default=25)

@@ -12,11 +12,12 @@ largest strength; its HRV attribute is the top of its HRV column (``--hrv``, a f
 ``diffatlas analyze hrv`` or by ``concept_recovery.py``).
 
 Last line JSON {"heads", "agree", "chance", "in_context_tops": {attribute: heads}, "hrv_tops": {...},
-"per_head": {head: {"in_context", "hrv"}}}: ``agree`` is the number of heads whose two attributes
+"per_head": {head: {"in_context", "hrv"}}, "model"}: ``agree`` is the number of heads whose two attributes
 match; ``chance`` the number expected if they were independent (sum over attributes of the product
 of the two counts, over the number of heads).
 
     OMP_NUM_THREADS=2 python benchmarks/hrv_in_context.py --hrv runs/bench/concepts/hrv [--prompts 24]
+    OMP_NUM_THREADS=2 python benchmarks/hrv_in_context.py --model toy-mmdit --hrv <an HRV folder of toy-mmdit>
 """
 
 from __future__ import annotations
@@ -30,23 +31,25 @@ import torch
 
 
 def value_positions(pipe, prompt: str, scene, attributes: list[str]) -> dict[str, list[int]]:
-    """Token positions of each attribute's value in ``prompt`` (first occurrence)."""
-    from analysis.concepts import word_token_positions
-    from analysis.words import occurrences
+    """Token positions of each attribute's value in ``prompt`` (first occurrence in every text
+    segment, ``activations.text.word_positions``: on the toy models, its one tokenizer's tokens)."""
+    from activations.text import word_positions
+    from common.errors import UsageError
 
     out = {}
     for a in attributes:
         word = getattr(scene.objects[0] if hasattr(scene.objects[0], a) else scene, a)
-        pos = word_token_positions(pipe.tokenizer, word)
-        start = occurrences(pipe, [word], [pos], [prompt])[0][0]
-        if start >= 0:
-            out[a] = list(range(start, start + len(pos)))
+        try:
+            out[a] = word_positions(pipe, prompt, word)
+        except UsageError:  # not in the prompt
+            pass
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hrv", required=True, help="an HRV folder of the toy model's seven attributes")
+    ap.add_argument("--model", default="toy", help="a toy-world model: toy (U-Net) or toy-mmdit")
+    ap.add_argument("--hrv", required=True, help="an HRV folder of the model's seven toy attributes")
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--seed", type=int, default=3)
     args = ap.parse_args()
@@ -57,13 +60,17 @@ def main() -> None:
     from activations.pipeline import load_pipeline, model_defaults
     from activations.sites import list_sites
     from analysis.hrv import HRV
+    from common.errors import UsageError
     from toyworld.prompts import scene_to_prompt
     from toyworld.scene import sample_scene
     from toyworld.vocab import ATTRIBUTES
 
-    pipe = load_pipeline("toy")
+    pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    hrv = HRV.load(args.hrv, pipe=pipe)
+    try:
+        hrv = HRV.load(args.hrv, pipe=pipe)
+    except UsageError as err:  # e.g. an HRV of another model: one line
+        raise SystemExit(f"hrv_in_context.py: error: --hrv: {err}") from None
     attrs = list(ATTRIBUTES)
     if sorted(hrv.concepts.names) != sorted(attrs):
         raise SystemExit(f"the HRV's concepts {list(hrv.concepts.names)} are not the toy attributes {attrs}")
@@ -71,7 +78,7 @@ def main() -> None:
     scenes = [sample_scene(rng, num_objects=1) for _ in range(args.prompts)]
     prompts = [scene_to_prompt(s) for s in scenes]  # canonical wording: every value named once
     where = [value_positions(pipe, p, s, attrs) for p, s in zip(prompts, scenes)]
-    sites = [s for s in list_sites(pipe.unet) if s.kind == "head"]
+    sites = [s for s in list_sites(pipe) if s.kind == "head"]
     num_heads = sum(s.heads for s in sites)
     strength = torch.zeros(num_heads, len(attrs), dtype=torch.float64)
     count = torch.zeros(num_heads, len(attrs), dtype=torch.float64)
@@ -100,7 +107,8 @@ def main() -> None:
     chance = sum(ctx_top.count(a) * hrv_top.count(a) for a in attrs) / num_heads
     print(json.dumps({"heads": num_heads, "agree": agree, "chance": round(chance, 2),
                       "in_context_tops": dict(collections.Counter(ctx_top)), "hrv_tops": dict(collections.Counter(hrv_top)),
-                      "per_head": {h: {"in_context": ctx_top[h], "hrv": hrv_top[h]} for h in range(num_heads)}}))
+                      "per_head": {h: {"in_context": ctx_top[h], "hrv": hrv_top[h]} for h in range(num_heads)},
+                      "model": args.model}))
 
 
 if __name__ == "__main__":

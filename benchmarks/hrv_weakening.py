@@ -2,19 +2,20 @@
 
     python benchmarks/hrv_weakening.py [--hrv-prompts 100] [--images 40] [--points 6] [--steps 25]
     python benchmarks/hrv_weakening.py --hrv-words alone --no-hrv-sink   # Park et al.'s construction
+    python benchmarks/hrv_weakening.py --model toy-mmdit                  # the toy MMDiT (24 heads)
 
 1. HRVs of the seven toy attributes (configs/concepts/toy.yaml) from ``--hrv-prompts`` toy prompts
    (toyworld.prompts.scene_to_prompt on sampled scenes; the same pass as generation);
 2. for each attribute, heads weakened (attention on the prompt's semantic tokens x -2, every step;
    Park et al., ICLR 2025, Section 4) in MoRHF, LeRHF and a seeded random order; at 0 heads,
-   ``--points`` counts between and all 52 heads, ``--images`` one-object toy prompts are drawn (the
+   ``--points`` counts between and all 52 heads (the toy MMDiT: 24), ``--images`` one-object toy prompts are drawn (the
    same prompts and noise at every point, one pipeline call per point) and the pixel oracle says
    whether it still reads the prompt's value of the attribute.
 A = area under that survival curve over the fraction of heads weakened, in [0, 1]. Goal: for every
 attribute A_LeRHF - A_MoRHF > 0 and A_random - A_MoRHF > 0, with >= 40 images per point, in <= 30
 minutes on a 2-core CPU (7 x 3 x 6 points x 40 + 2 x 40 shared = 5,120 images at 25 steps).
 Curves: <out>/weakening_curves.png. Last line: {"concepts": {name: {"area_between", "area_vs_random"}},
-"all_positive", "images_per_point", ...}.
+"all_positive", "images_per_point", ..., "model"}.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from analysis.construct import build_hrv, load_model
 from analysis.toy import ToyOracleScorer
 from analysis.weakening import save_results, summary, run_weakening
 from common.files import claim_folder
+from toyworld.benchmarks import run_record
 
 
 def hrv_folder(args) -> str:
@@ -40,6 +42,7 @@ def hrv_folder(args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="toy", help="a toy-world model: toy (U-Net, 52 heads) or toy-mmdit (24 heads)")
     p.add_argument("--hrv-prompts", type=int, default=100, help="toy prompts for the HRVs")
     # default: the construction that agrees best with what heads read on held-out prompts
     # (hrv_in_context.py on HRVs of other prompts: in_context + sink 27 of 52 heads, alone 9; README)
@@ -59,15 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/hrv_weakening")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    claim_folder(args.out, {"benchmark": Path(__file__).stem, **vars(args)}, prog=Path(__file__).name)  # another run's folder: refused
+    claim_folder(args.out, run_record(__file__, args), prog=Path(__file__).name)  # another run's folder: refused
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    cfg = HRVConfig(model="toy", concepts="toy", prompts=PromptSource(kind="toyworld", num_prompts=args.hrv_prompts),
+    cfg = HRVConfig(model=args.model, concepts="toy", prompts=PromptSource(kind="toyworld", num_prompts=args.hrv_prompts),
                     prompt_seed=args.seed, steps=args.steps, guidance=args.guidance, batch_size=25,
                     out=str(out / hrv_folder(args)), words=args.hrv_words, sink=args.hrv_sink, device=args.device,
                     progress=False, wandb=False)
-    pipe = load_model(cfg, "toy")
+    pipe = load_model(cfg, args.model)
     hrv = build_hrv(cfg, pipe)
     t_hrv = time.perf_counter() - t0
     print(f"HRVs from {args.hrv_prompts} prompts in {t_hrv:.0f}s", file=sys.stderr)
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c:<11} {r['MoRHF']['area']:>8.3f} {r['LeRHF']['area']:>8.3f} {r['random']['area']:>8.3f} "
               f"{r['area_between']:>+12.3f} {r['area_vs_random']:>+13.3f}", file=sys.stderr)
     print(f"curves: {(out / 'weakening_curves.png').resolve()}", file=sys.stderr)
-    print(json.dumps({**head, "steps": args.steps, "hrv_prompts": args.hrv_prompts, "seconds": round(seconds, 1)}))
+    print(json.dumps({**head, "steps": args.steps, "hrv_prompts": args.hrv_prompts, "seconds": round(seconds, 1),
+                      "model": args.model}))
     return 0
 
 

@@ -5,13 +5,14 @@ Goals (issue 4): fvu <= 0.15 at l0 <= 32, dead_fraction <= 0.05, fraction_recove
 
 - fvu, l0: on held-out images (the data module splits by image), all timesteps pooled;
 - dead_fraction: latents that never fire on those held-out tokens;
-- fraction_recovered: denoising loss of the U-Net with the site's residual update replaced by the
+- fraction_recovered: denoising loss of the denoiser (U-Net or MMDiT) with the site's residual update replaced by the
   SAE reconstruction, scored against zero ablation (also printed: against mean ablation).
 
     OMP_NUM_THREADS=2 python benchmarks/sae_quality.py [--prompts 256 --site up_blocks.2.attentions.0]
+    OMP_NUM_THREADS=2 python benchmarks/sae_quality.py --model toy-mmdit     # transformer_blocks.4
 
 Prints a JSON line with every setting and metric, then the headline
-{"fvu", "l0", "dead_fraction", "fraction_recovered"} last.
+{"fvu", "l0", "dead_fraction", "fraction_recovered", "model"} last.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ import warnings
 from pathlib import Path
 
 from common.files import claim_folder
+from toyworld.benchmarks import check_sites, default_sites, run_record
 
 
 def harvest_toy(out: Path, args, pipe):
     from activations.config import HarvestConfig, PromptSource
     from activations.harvest import harvest
 
-    cfg = HarvestConfig(model="toy", out=str(out), sites=[args.site],
+    cfg = HarvestConfig(model=args.model, out=str(out), sites=[args.site],
                         prompts=PromptSource(kind="toyworld", num_prompts=args.prompts),
                         num_inference_steps=args.steps, guidance_scale=args.guidance, branch="cond",
                         batch_size=args.harvest_batch, images_per_shard=max(args.harvest_batch, 32), seed=0)
@@ -41,10 +43,12 @@ def harvest_toy(out: Path, args, pipe):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--site", default="up_blocks.2.attentions.0", help="block site to train on")
+    p.add_argument("--model", default="toy", help="a toy-world model: toy (U-Net) or toy-mmdit")
+    p.add_argument("--site", default=None,
+                   help="block site to train on (default: the model's, toyworld/benchmarks.py; toy: up_blocks.2.attentions.0)")
     p.add_argument("--prompts", type=int, default=256, help="toy-world prompts harvested (one image each)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps per image (all captured)")
-    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale of the harvest (the toy model's default)")
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale of the harvest (the toy models' default)")
     p.add_argument("--harvest-batch", type=int, default=16)
     p.add_argument("--expansion", type=int, default=8, help="latents per input dimension")
     p.add_argument("--k", type=int, default=32, help="TopK k (the goal is measured at l0 <= 32)")
@@ -54,10 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recovered-images", type=int, default=8)
     p.add_argument("--out", default=None, help="keep the harvest and the SAE here (default: a temporary folder)")
     p.add_argument("--random-weights", action="store_true",
-                   help="use the toy architecture with random weights (when the trained toy weights are absent; "
+                   help="use the model's toy architecture with random weights (when the trained weights are absent; "
                         "figures are then only a smoke test)")
     args = p.parse_args(argv)
-    claim_folder(args.out, {"benchmark": Path(__file__).stem, **vars(args)}, prog=Path(__file__).name)  # another run's folder: refused
+    prog = Path(__file__).name
+    args.site = args.site or default_sites(args.model, "block", prog, "--site")
+    check_sites(args.model, args.site, prog, "--site")
+    if args.random_weights and args.model not in ("toy", "toy-mmdit"):
+        raise SystemExit(f"{prog}: error: --random-weights builds a toy architecture: --model toy or toy-mmdit, got {args.model!r}")
+    if args.out is not None:  # None: a temporary folder, nobody else's
+        claim_folder(args.out, run_record(__file__, args), prog=prog)  # another run's folder: refused
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -68,14 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     from sae.data import ActivationDataModule
     from sae.lit import LitSAE, RecoveredConfig
 
-    if args.random_weights:
+    if args.random_weights and args.model == "toy-mmdit":
+        from toyworld.model_mmdit import build_mmdit_pipeline
+
+        pipe = build_mmdit_pipeline(seed=0)
+    elif args.random_weights:
         from toyworld.model import build_pipeline
 
         pipe = build_pipeline(seed=0)
     else:
         from activations import load_pipeline
 
-        pipe = load_pipeline("toy")
+        pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
 
     tmp = tempfile.TemporaryDirectory()
@@ -106,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer.validate(model, datamodule=dm, verbose=False)
     m = model.last_val_metrics
     detail = {
-        "site": args.site, "width": dm.width, "num_latents": model.coder.num_latents, "k": args.k,
+        "model": args.model, "site": args.site, "width": dm.width, "num_latents": model.coder.num_latents, "k": args.k,
         "train_tokens": int(model.total_tokens), "val_tokens": int(len(dm.val_ids)),
         "harvest_s": round(t_harvest, 1), "train_s": round(t_train, 1), "random_weights": args.random_weights,
         **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()},
@@ -117,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "l0": round(m["metrics/l0"], 2),
         "dead_fraction": round(m["sparsity/dead_fraction_val"], 4),
         "fraction_recovered": round(m.get("metrics/fraction_recovered", float("nan")), 4),
+        "model": args.model,
     }
     print(json.dumps(headline))
     tmp.cleanup()

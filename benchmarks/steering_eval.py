@@ -2,6 +2,7 @@
 
     python benchmarks/steering_eval.py                       # >= 100 prompts per cell (long on a CPU)
     python benchmarks/steering_eval.py --prompts 8 --steps 10  # a quick check
+    python benchmarks/steering_eval.py --model toy-mmdit       # the toy MMDiT (SAE edits at transformer_blocks.4)
 
 Cells (single-object scenes; one image per prompt, seed = prompt index):
 * spatial: move the object to a target quadrant by a spatial feature edit (Tinaz et al.: the
@@ -26,7 +27,9 @@ Cells (single-object scenes; one image per prompt, seed = prompt index):
   ``permuted``: the same factors shuffled across heads (the control: same total weight, other
   heads); ``adjusting``: 2·HRV[attribute] − HRV[undesired], with undesired the concept whose HRV
   row is closest to the attribute's.
-* head_encode: the prompt with another colour word encoded through the ``--heads`` heads the colour
+* head_encode (U-Nets only: on an MMDiT such as ``--model toy-mmdit`` it is refused, ``{"refused": why}``
+  in the JSON, since ``EncodePrompt`` cannot project another prompt's keys through joint attention
+  yet): the prompt with another colour word encoded through the ``--heads`` heads the colour
   HRV ranks highest, on the object's patches only (its rendered mask, resized to each grid),
   against as many random heads. Success: the oracle reads the other colour.
 
@@ -36,7 +39,7 @@ images: activation vs the object's coverage of the patch). Style features: the l
 standardised difference of mean activation, striped vs plain objects (on object patches) and night
 vs day pictures (all patches). The SAE (TopK at ``--site``) and the HRVs are built inside the
 benchmark unless ``--sae`` / ``--hrv`` give folders. ``<out>/steering_examples.png``: per cell, the
-first prompts unsteered and steered (best window). Last line JSON.
+first prompts unsteered and steered (best window). Last line JSON: the cells' results and "model".
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +55,7 @@ import torch
 from tqdm import tqdm
 
 from common.files import claim_folder
+from toyworld.benchmarks import check_sites, default_sites, run_record
 
 WINDOWS = ("early", "middle", "late")
 OPPOSITE = {"top left": "bottom right", "top right": "bottom left", "bottom left": "top right", "bottom right": "top left"}
@@ -61,12 +66,14 @@ EXAMPLES = 4  # prompts per cell shown in the examples figure
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="toy", help="a toy-world model: toy (U-Net) or toy-mmdit")
     ap.add_argument("--prompts", type=int, default=100, help="prompts per cell")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     ap.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's)")
     ap.add_argument("--strengthen", default="auto", choices=("auto",) + STRENGTHEN,
                     help="attribute of the HRV strengthening cell (auto: the one the base model misses most)")
-    ap.add_argument("--site", default="up_blocks.2.attentions.0")
+    ap.add_argument("--site", default=None,
+                    help="block site of the SAE edits (default: the model's, toyworld/benchmarks.py; toy: up_blocks.2.attentions.0)")
     ap.add_argument("--sae", default=None, help="SAE folder for --site (default: harvest and train one)")
     ap.add_argument("--hrv", default=None, help="HRV folder (default: build one)")
     ap.add_argument("--harvest-prompts", type=int, default=64)
@@ -82,7 +89,11 @@ def parse_args():
     ap.add_argument("--cells", default="all", choices=("all", "spatial", "style", "heads"),
                     help="all cells, or one kind only (heads: HRV strengthening and head encoding)")
     ap.add_argument("--device", default="cpu", help="torch device of the model (images are the same on any: CPU noise)")
-    return ap.parse_args()
+    args = ap.parse_args()
+    prog = Path(__file__).name
+    args.site = args.site or default_sites(args.model, "block", prog, "--site")
+    check_sites(args.model, args.site, prog, "--site")
+    return args
 
 
 # -- resources -------------------------------------------------------------------------------
@@ -96,7 +107,7 @@ def build_saes(args, pipe, steps, guidance, sites: list[str]) -> dict[str, str]:
     from sae import train_quick
 
     store = Path(args.out) / "harvest"
-    harvest(HarvestConfig(model="toy", out=str(store), sites=list(sites), seed=args.seed,
+    harvest(HarvestConfig(model=args.model, out=str(store), sites=list(sites), seed=args.seed,
                           prompts=PromptSource(kind="toyworld", num_prompts=args.harvest_prompts),
                           num_inference_steps=steps, guidance_scale=guidance, timesteps="all", branch="cond",
                           batch_size=8, progress=True), pipe=pipe)
@@ -114,7 +125,7 @@ def build_hrvs(args, pipe, steps, guidance) -> str:
     from analysis.construct import build_hrv
 
     out = Path(args.out) / "hrv"
-    build_hrv(HRVConfig(model="toy", concepts="toy", prompts=PromptSource(kind="toyworld", num_prompts=args.hrv_prompts),
+    build_hrv(HRVConfig(model=args.model, concepts="toy", prompts=PromptSource(kind="toyworld", num_prompts=args.hrv_prompts),
                         prompt_seed=args.seed, steps=steps, guidance=guidance, out=str(out), progress=True, wandb=False), pipe)
     return str(out)
 
@@ -356,6 +367,20 @@ def cell_strengthen(args, pipe, hrv_folder, steps, guidance, examples: dict) -> 
     return {**out, "undesired": undesired, "selection_base_rates": chosen}
 
 
+def head_encode_refused(model: str) -> str | None:
+    """Why ``model`` cannot run the head_encode cell (``EncodePrompt`` reads another prompt's keys
+    and values, which a joint-attention MMDiT cannot project yet), or None where it can."""
+    from activations.edits import check_swap
+    from common.errors import UsageError
+    from toyworld.benchmarks import denoiser
+
+    try:
+        check_swap(denoiser(model), "EncodePrompt")
+    except UsageError as err:
+        return str(err)
+    return None
+
+
 def cell_heads(args, pipe, hrv_folder, steps, guidance, examples):
     from analysis.hrv import HRV
     from steering import EncodePrompt
@@ -415,13 +440,13 @@ def examples_figure(examples: dict, results: dict, path: Path) -> Path:
 
 def main() -> None:
     args = parse_args()
-    claim_folder(args.out, {"benchmark": Path(__file__).stem, **vars(args)}, prog=Path(__file__).name)  # another run's folder: refused
+    claim_folder(args.out, run_record(__file__, args), prog=Path(__file__).name)  # another run's folder: refused
     from activations.pipeline import load_pipeline, model_defaults
     from sae.sparse_coder import SparseCoder
 
     torch.manual_seed(args.seed)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline("toy", device=args.device)
+    pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     d = model_defaults(pipe)
     steps = args.steps or d["num_inference_steps"]
@@ -446,14 +471,19 @@ def main() -> None:
     if "heads" in kinds:
         result["hrv_strengthen"] = cell_strengthen(args, pipe, hrv_folder, steps, guidance, examples)
         print(json.dumps({"hrv_strengthen": result["hrv_strengthen"]}), flush=True)
-        result["head_encode"] = cell_heads(args, pipe, hrv_folder, steps, guidance, examples)
-        heads_used = result["head_encode"].pop("heads")
+        refused = head_encode_refused(args.model)
+        if refused:  # an MMDiT: EncodePrompt cannot project another prompt's keys yet
+            print(f"{Path(__file__).name}: head_encode refused on model {args.model!r}: {refused}", file=sys.stderr)
+            result["head_encode"] = {"refused": refused}
+        else:
+            result["head_encode"] = cell_heads(args, pipe, hrv_folder, steps, guidance, examples)
+            heads_used = result["head_encode"].pop("heads")
     per_cell = {**result, **{t: {w: result["style"][f"{t}_{w}"] for w in WINDOWS}
                              for t in ("striped", "night") if "style" in result}}
     fig = examples_figure(examples, per_cell, Path(args.out) / "steering_examples.png")
     print(json.dumps({"settings": vars(args) | {"steps": steps, "guidance": guidance}, "heads_used": heads_used,
                       "examples": str(fig.resolve())}), flush=True)
-    print(json.dumps(result))
+    print(json.dumps({**result, "model": args.model}))
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@ what it leaves unsaid.
 
     python benchmarks/toy_fidelity.py [--one_object 300] [--two_objects 250] [--noise_captions 8]
                                       [--noise_seeds 32] [--steps 25]
+    python benchmarks/toy_fidelity.py --model toy-mmdit      # the toy MMDiT
 
 1. The caption decides: every prompt names everything and holds an object description (shape,
    colour, texture, position) that no training caption names in full. Each image is read back by
@@ -16,7 +17,7 @@ what it leaves unsaid.
    the prompts' scenes and in the generated images (the oracle's foreground).
 
 Writes sample grids and per-image results beside the JSON; the last line of output is the JSON:
-{"n", "one_object": {attribute: accuracy}, "two_objects_all_correct", "coverage", ...,
+{"model", "n", "one_object": {attribute: accuracy}, "two_objects_all_correct", "coverage", ...,
 "named_kept": {attribute: accuracy}, "noise_decides": {attribute: entropy}}.
 """
 
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         for a, ok in r["named_right"].items():
             kept[a].append(ok)
     result = {
+        "model": cfg.model,
         "n": len(rows) + len(noise_rows),
         "split": cfg.split,
         "one_object": {a: round(float(np.mean([r[a] for r in one])), 4) for a in REPORTED} if one else {},

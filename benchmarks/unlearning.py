@@ -3,6 +3,7 @@ way UnlearnCanvas scores unlearning (Zhang et al., 2024), with the pixel oracle 
 
     python benchmarks/unlearning.py                                   # 3 targets, 100 prompts per measure
     python benchmarks/unlearning.py --prompts 8 --steps 10 --targets striped   # a quick check
+    python benchmarks/unlearning.py --model toy-mmdit                 # the toy MMDiT (transformer_blocks.4)
 
 For each target value (default: striped, red, night):
 
@@ -27,7 +28,7 @@ For each target value (default: striped, red, night):
 
 Goals (SAeUron reports 95.8 / 99.1 / 99.4 for styles on UnlearnCanvas): UA ≥ 0.9, IRA ≥ 0.9,
 CRA ≥ 0.95. Writes ``<out>/unlearning_<target>.png`` (top: unsteered, bottom: steered, UA prompts
-then IRA prompts) and ``<out>/unlearning_before_after.png`` (every target's, labelled with its UA). Last line JSON: {"targets": {name: {"ua", "ira", "cra", ...}}, "ua_mean",
+then IRA prompts) and ``<out>/unlearning_before_after.png`` (every target's, labelled with its UA). Last line JSON: {"model", "targets": {name: {"ua", "ira", "cra", ...}}, "ua_mean",
 "ira_mean", "cra_mean"}.
 """
 
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 
 from common.files import claim_folder
+from toyworld.benchmarks import run_record
 
 # a sibling script, importable because Python puts a script's own folder first on sys.path
 from steering_eval import build_saes  # the same harvest-and-train as the steering cells
@@ -57,8 +59,10 @@ def parse_args(argv=None):
     ap.add_argument("--select-prompts", type=int, default=32, help="images that choose the features")
     ap.add_argument("--features", type=int, default=8, help="features removed per target and site")
     ap.add_argument("--when", default="all", help="timestep window of the edit: all, early, middle or late")
-    ap.add_argument("--sites", default="up_blocks.2.attentions.0",
-                    help="block sites edited, comma-separated, or 'all' (every attention block)")
+    ap.add_argument("--model", default="toy", help="a toy-world model: toy (U-Net) or toy-mmdit")
+    ap.add_argument("--sites", default=None,
+                    help="block sites edited, comma-separated, or 'all' (every attention block; default: the model's, "
+                         "toyworld/benchmarks.py; toy: up_blocks.2.attentions.0)")
     ap.add_argument("--op", default="ablate", choices=("ablate", "scale"),
                     help="ablate: features set to 0; scale: features multiplied by --strength")
     ap.add_argument("--strength", type=float, default=-1.0, help="--op scale: the factor β (SAeUron: negative)")
@@ -92,14 +96,15 @@ def parse_args(argv=None):
         ap.error(f"--guidance must be a finite number >= 1, got {args.guidance}")
     if not np.isfinite(args.strength):
         ap.error(f"--strength must be a finite number, got {args.strength}")
-    from activations.pipeline import load_pipeline
-    from activations.sites import list_sites
+    from toyworld.benchmarks import default_sites, image_block_sites
 
-    blocks = [s.name for s in list_sites(load_pipeline("toy", device="cpu").unet) if s.kind == "block"]
+    if args.sites is None:
+        args.sites = default_sites(args.model, "block", ap.prog, "--sites")
+    blocks = image_block_sites(args.model)  # the model's architecture, without its weights
     args.sites = blocks if args.sites == "all" else [s.strip() for s in args.sites.split(",") if s.strip()]
     for s in args.sites:
         if s not in blocks:
-            ap.error(f"--sites: {s!r} is not a block site of the toy model; valid: all, {', '.join(blocks)}")
+            ap.error(f"--sites: {s!r} is not a block site of model {args.model!r}; valid: all, {', '.join(blocks)}")
     if not args.sites:
         ap.error("--sites is empty; give a block site, e.g. up_blocks.2.attentions.0, or all")
     if args.sae is not None and len(args.sites) != 1:
@@ -216,7 +221,7 @@ def measures(ua_reads, ira_reads, attribute: str, others: list[str]) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    claim_folder(args.out, {"benchmark": Path(__file__).stem, **vars(args)}, prog=Path(__file__).name)  # another run's folder: refused
+    claim_folder(args.out, run_record(__file__, args), prog=Path(__file__).name)  # another run's folder: refused
     from activations.pipeline import load_pipeline, model_defaults
     from sae.sparse_coder import SparseCoder
     from steering import FeatureEdit, Recipe, run_recipe
@@ -226,7 +231,7 @@ def main(argv=None) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline("toy", device=args.device)
+    pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     defaults = model_defaults(pipe)
     steps = args.steps or defaults["num_inference_steps"]
@@ -244,7 +249,7 @@ def main(argv=None) -> dict:
         ua_scenes = scenes_with(args.prompts, rng, attribute, target)
         ira_scenes = scenes_with(args.prompts, rng, attribute, None, avoid=target)
         scenes = ua_scenes + ira_scenes
-        recipe = Recipe(model="toy", prompts=[scene_to_prompt(s, rng) for s in scenes],
+        recipe = Recipe(model=args.model, prompts=[scene_to_prompt(s, rng) for s in scenes],
                         seeds=[20_000 + k for k in range(len(scenes))], steps=steps, guidance=guidance,
                         interventions=[FeatureEdit(sae=folders[site], features=[f for f, _ in chosen], op=args.op,
                                                    strength=args.strength if args.op == "scale" else 1.0, when=args.when)
@@ -268,7 +273,7 @@ def main(argv=None) -> dict:
         print(json.dumps({"target": target, **results[target]}), flush=True)
 
     print(f"figure: {combined_figure(out, results).resolve()}", file=sys.stderr)
-    summary = {"targets": results, "sites": args.sites, "op": args.op,
+    summary = {"model": args.model, "targets": results, "sites": args.sites, "op": args.op,
                **({"strength": args.strength} if args.op == "scale" else {}), "when": args.when, "prompts_per_measure": args.prompts,
                "steps": steps, "guidance": guidance}
     for key in ("ua", "ira", "cra"):

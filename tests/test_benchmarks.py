@@ -121,3 +121,55 @@ def test_benchmark__another_runs_out_folder_is_refused_in_one_line_before_any_wo
     assert out.returncode == 1 and out.stderr.strip().count("\n") == 0, out.stderr
     assert out.stderr.startswith("hrv_weakening.py: error: --out") and "another run's settings" in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run_args.json"]
+
+
+# -- --model toy-mmdit: the science benchmarks on the toy MMDiT ---------------------------------
+
+MMDIT_WEIGHTS = ROOT / "toyworld" / "weights_mmdit" / "model_index.json"
+needs_mmdit = pytest.mark.skipif(
+    not MMDIT_WEIGHTS.exists(),
+    reason="the toy MMDiT's weights (toyworld/weights_mmdit) are not bundled yet; train them with "
+           "`python -m toyworld.train_mmdit --config configs/toyworld/train_mmdit.yaml`")
+
+
+def test_benchmark_sites__each_declared_site_is_an_image_block_site_of_its_model():
+    from toyworld.benchmarks import SITES, image_block_sites
+
+    for model, sites in SITES.items():
+        blocks = image_block_sites(model)  # the architecture, weights not needed
+        assert sites["block"] in blocks and set(sites["blocks"]) <= set(blocks), model
+    # the toy defaults are the ones the README's figures were measured at
+    assert SITES["toy"] == {"block": "up_blocks.2.attentions.0",
+                            "blocks": ["down_blocks.1.attentions.0", "up_blocks.2.attentions.0", "up_blocks.3.attentions.0"]}
+
+
+def test_benchmark__a_site_the_model_lacks_is_refused_in_one_line_naming_its_block_sites(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "concept_recovery.py"), "--model", "toy-mmdit",
+                          "--site", "up_blocks.2.attentions.0", "--out", str(tmp_path / "run")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    err = "\n".join(line for line in out.stderr.strip().splitlines() if not line.startswith("[transformers]"))
+    assert out.returncode == 1 and err.count("\n") == 0, out.stderr
+    assert err.startswith("concept_recovery.py: error: --site: 'up_blocks.2.attentions.0' is not a block site of model 'toy-mmdit'")
+    assert "transformer_blocks.4" in err and not (tmp_path / "run").exists()
+
+
+@needs_mmdit
+def test_hrv_cost__tiny_run_on_the_toy_mmdit_names_the_model():
+    last = _run("hrv_cost.py", "--model", "toy-mmdit", "--prompts", "4", "--steps", "2", "--repeats", "1", "--batch", "4")
+    assert last["model"] == "toy-mmdit" and last["ratio"] > 0
+
+
+@needs_mmdit
+def test_composition__tiny_run_on_the_toy_mmdit_uses_its_sites(tmp_path):
+    last = _run("composition.py", "--model", "toy-mmdit", "--prompts", "16", "--epochs", "1", "--out", str(tmp_path))
+    assert last["model"] == "toy-mmdit"
+    assert sorted(last["iou"]) == ["transformer_blocks.1", "transformer_blocks.3", "transformer_blocks.4"]
+
+
+@needs_mmdit
+def test_concept_recovery__tiny_run_on_the_toy_mmdit_attributes_by_total_effect(tmp_path):
+    last = _run("concept_recovery.py", "--model", "toy-mmdit", "--prompts", "48", "--arms", "topk:8:2", "--epochs", "1",
+                "--hrv-prompts", "4", "--examples", "2", "--out", str(tmp_path))
+    assert last["model"] == "toy-mmdit" and last["site"] == "transformer_blocks.4" and last["attribution"] == "total"
