@@ -55,7 +55,8 @@ from common.errors import UsageError
 
 
 # -- training objectives: scheduler -> (x0, noise, t) -> (x_t, target) ------------------------
-# (the function returned carries ``max_timestep``, the largest timestep it noises to)
+# (the function returned carries ``max_timestep``, the largest timestep it noises to, and ``kind``:
+# "ddpm" or "flow", which says how activations.invert runs its sampler backwards)
 
 
 def ddpm_objective(scheduler) -> Callable:
@@ -78,6 +79,7 @@ def ddpm_objective(scheduler) -> Callable:
         return x_t, (sched.get_velocity(x0, noise, t) if kind == "v_prediction" else x0)
 
     noised.max_timestep = int(sched.config.num_train_timesteps) - 1  # DDPM's alphas are indexed 0 .. N - 1
+    noised.kind = "ddpm"  # how an image is inverted to its noise (activations.invert)
     return noised
 
 
@@ -92,6 +94,7 @@ def flow_matching_objective(scheduler) -> Callable:
         return (1 - sigma) * x0 + sigma * noise, noise - x0
 
     noised.max_timestep = int(n_train)  # sigma = 1, pure noise: where every flow-matching schedule starts
+    noised.kind = "flow"
     return noised
 
 
@@ -142,6 +145,8 @@ class Architecture:
     latent_of: Callable | None = None  # the denoiser call's bound arguments -> latent (H, W) or None
     # the training view (activations.evaluate):
     objective: Callable = ddpm_objective  # the pipeline's scheduler -> (x0, noise, t) -> (x_t, target)
+    pipeline_latents: Callable | None = None  # (pipeline, latents [b, c, H, W]) -> its call's ``latents=``
+    #                                            argument (None: the same tensor; FLUX packs 2 x 2 cells per token)
     denoise: Callable | None = None  # (pipeline, x_t [b, c, H, W], t [b] in scheduler units, the
     #                                   pipeline's encode_prompt tuple, guidance) -> prediction [b, c, H, W]
 
@@ -355,7 +360,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                      latent_multiple=lambda model: FLUX_PACKING * model.config.patch_size, schedule_args=_flux_schedule,
                      processor="joint", blocks_io="streams", text_stream=True, direct_head_write=False, text_first=True,
                      timestep_scale=FLUX_TIMESTEP_SCALE,
-                     batched_cfg=False, latent_of=_flux_latent, objective=flow_matching_objective, denoise=_flux_denoise),
+                     batched_cfg=False, latent_of=_flux_latent, objective=flow_matching_objective, denoise=_flux_denoise,
+                     pipeline_latents=lambda pipe, x: pipe._pack_latents(x, *x.shape)),
     )
 }
 

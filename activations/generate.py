@@ -83,18 +83,25 @@ def schedule(pipe, steps: int, latent: tuple[int, int] | None = None) -> list[in
     copy of ``pipe.scheduler`` (which is left as it is). The one place that asks: FLUX's pipeline
     passes its own sigmas and a shift that depends on the image's token count
     (``Architecture.schedule_args``), so a bare ``set_timesteps(steps)`` gives other timesteps."""
+    return [int(t) for t in scheduler_for(pipe, steps, latent).timesteps]
+
+
+def scheduler_for(pipe, steps: int, latent: tuple[int, int] | None = None, scheduler=None):
+    """A copy of ``scheduler`` (default ``pipe.scheduler``) with the timesteps of a ``steps``-step
+    call at ``latent`` set as the pipeline sets them (see ``schedule``)."""
     from activations.families import architecture_of, denoiser_of
     from activations.sites import latent_size
 
     arch = architecture_of(pipe)
-    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    base = scheduler if scheduler is not None else pipe.scheduler
+    sched = type(base).from_config(base.config)
     kwargs = {}
     if arch.schedule_args is not None:
         h, w = latent or latent_size(pipe)
         multiple = int(arch.latent_multiple(denoiser_of(pipe)))
         kwargs = arch.schedule_args(sched, steps, (h // multiple) * (w // multiple))
     sched.set_timesteps(steps, **kwargs)
-    return [int(t) for t in sched.timesteps]
+    return sched
 
 
 def generate(pipe, jobs: list[tuple[str, int]], steps: int, guidance: float, batch_size: int = 16,

@@ -1,0 +1,130 @@
+"""Inversion: a real image and its caption to the initial noise from which the pipeline draws it
+again, so that every edit that runs during generation applies to a real picture.
+
+The sampler is run backwards with the model's own predictions, each step approximating the
+prediction at the next (noisier) point by the one at the current point:
+
+* DDPM-trained U-Nets (``Architecture.objective.kind == "ddpm"``): DDIM inversion (Song et al.,
+  2021; Mokady et al., 2023, Section 3) with ``diffusers.DDIMInverseScheduler`` built from the
+  pipeline's scheduler config (so v-prediction, zero-terminal-SNR rescaling and trailing spacing
+  carry over); the image is drawn again with ``DDIMScheduler`` (eta 0) on the mirrored timesteps,
+  which ``Inversion.sampler`` names.
+* Flow matching (SD3, FLUX): Euler inversion, x(σ_i) = x(σ_{i+1}) + (σ_i − σ_{i+1}) v(x(σ_{i+1}),
+  σ_{i+1}), on the sigmas the pipeline's own Euler sampler uses; the pipeline's scheduler draws it
+  again.
+
+Plain inversion drifts under classifier-free guidance (Mokady et al.): invert and draw again with
+the same guidance, 1 (no guidance) being the near-exact case; ``guidance`` is recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from activations.families import architecture_of, denoiser_of
+from common.errors import UsageError
+
+
+NO_CLIP = {"clip_sample": False}  # DDIM's x0 clipping to [-1, 1] would cut latents, which leave that range
+
+
+@dataclasses.dataclass
+class Inversion:
+    """The initial latents of inverted images and how to draw them again."""
+
+    latents: torch.Tensor  # [b, c, h, w]: the noise the sampler starts from
+    steps: int
+    guidance: float
+    sampler: str | None  # the diffusers scheduler class that draws them again (None: the pipeline's own)
+
+    def sample(self, pipe, prompts, **kwargs):
+        """Draw the inverted images again (with whatever is attached to the pipeline): the
+        pipeline's output (``kwargs``: e.g. ``output_type``)."""
+        from activations.pipeline import call_options
+
+        original = pipe.scheduler
+        arch, denoiser = architecture_of(pipe), denoiser_of(pipe)
+        latents = self.latents.to(device=denoiser.device, dtype=denoiser.dtype)
+        if arch.pipeline_latents is not None:
+            latents = arch.pipeline_latents(pipe, latents)
+        if self.sampler is not None:
+            import diffusers
+
+            pipe.scheduler = getattr(diffusers, self.sampler).from_config(original.config, **NO_CLIP)
+        try:
+            h, w = self.latents.shape[-2:]
+            scale = int(getattr(pipe, "vae_scale_factor", 8))
+            return pipe(prompt=list(prompts), num_inference_steps=self.steps, guidance_scale=self.guidance, latents=latents,
+                        height=h * scale, width=w * scale, **{**call_options(pipe), **kwargs})
+        finally:
+            pipe.scheduler = original
+
+
+def _predict(pipe, arch, x, t, cond, uncond, guidance: float):
+    """The model's prediction at (x, t) as the pipeline's sampler combines it: guided by
+    [uncond; cond] where the family batches guidance, else one call that embeds the scale. ``t``:
+    a DDPM timestep (int) or a flow-matching one (float, sigma x 1000, as the pipeline passes it)."""
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long if isinstance(t, int) else torch.float32)
+    out = arch.denoise(pipe, x, tt, cond, guidance)
+    if uncond is not None and guidance > 1:
+        free = arch.denoise(pipe, x, tt, uncond, guidance)
+        out = free + guidance * (out - free)
+    return out
+
+
+@torch.no_grad()
+def invert(pipe, pixels: list[np.ndarray], captions: list[str], steps: int, guidance: float = 1.0,
+           refine: int = 3) -> Inversion:
+    """The initial latents from which ``pipe`` draws ``pixels`` (uint8 [H, W, 3] each) with
+    ``captions`` in ``steps`` steps at ``guidance``.
+
+    Each backward step starts from the plain inversion step and is refined ``refine`` times by the
+    fixed point of the sampler's own forward step (Pan et al., ICCV 2023, "Effective Real Image
+    Editing with Accelerated Iterative Diffusion Inversion"): y <- y + (x - F(y)), F the sampler's
+    step from y back to the current latent x, so that drawing again lands on x. 0 gives plain
+    DDIM / Euler inversion (see docs/findings.md for the measured reconstruction)."""
+    from activations.evaluate import vae_latents
+    from activations.generate import scheduler_for
+    from activations.text import encode_prompts
+
+    if len(pixels) != len(captions) or not pixels:
+        raise UsageError(f"invert: one caption per image, got {len(captions)} for {len(pixels)} images")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise UsageError(f"invert: refine must be a whole number >= 0, got {refine!r}")
+    arch, denoiser = architecture_of(pipe), denoiser_of(pipe)
+    x = torch.stack([torch.from_numpy(np.array(p)) for p in pixels]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    latents = vae_latents(pipe.vae, x.to(device=denoiser.device, dtype=pipe.vae.dtype)).to(denoiser.dtype)
+    cond = encode_prompts(pipe, list(captions), full=True)
+    uncond = encode_prompts(pipe, [""] * len(captions), full=True) if arch.batched_cfg and guidance > 1 else None
+    kind = arch.objective(pipe.scheduler).kind
+
+    def predict(y, t):
+        return _predict(pipe, arch, y, t, cond, uncond, guidance)
+
+    if kind == "ddpm":
+        from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+        # no clipping of the predicted x0 (DDIM's default clips it to [-1, 1], which latents leave)
+        forward = DDIMScheduler.from_config(pipe.scheduler.config, **NO_CLIP)
+        forward.set_timesteps(steps)
+        inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config, **NO_CLIP)
+        inverse.set_timesteps(steps)
+        for t in inverse.timesteps.tolist():  # ascending: the forward timesteps mirrored
+            y = inverse.step(predict(latents, t), t, latents).prev_sample
+            for _ in range(refine):
+                y = y + (latents - forward.step(predict(y, t), t, y).prev_sample)
+            latents = y
+        return Inversion(latents, steps, float(guidance), "DDIMScheduler")
+    if kind == "flow":
+        sched = scheduler_for(pipe, steps, tuple(latents.shape[-2:]))
+        sigmas, timesteps = sched.sigmas.tolist(), sched.timesteps.tolist() + [0.0]  # descending, ending at 0
+        for i in range(steps - 1, -1, -1):  # the Euler step sigma_i -> sigma_{i+1}, backwards
+            y = latents + (sigmas[i] - sigmas[i + 1]) * predict(latents, timesteps[i + 1])
+            for _ in range(refine):
+                y = y + (latents - (y + (sigmas[i + 1] - sigmas[i]) * predict(y, timesteps[i])))
+            latents = y
+        return Inversion(latents, steps, float(guidance), None)
+    raise UsageError(f"invert: no inversion for a {kind!r} objective; valid: ddpm, flow")
