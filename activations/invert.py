@@ -20,6 +20,8 @@ the same guidance, 1 (no guidance) being the near-exact case; ``guidance`` is re
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -128,3 +130,124 @@ def invert(pipe, pixels: list[np.ndarray], captions: list[str], steps: int, guid
             latents = y
         return Inversion(latents, steps, float(guidance), None)
     raise UsageError(f"invert: no inversion for a {kind!r} objective; valid: ddpm, flow")
+
+
+# -- files and the command -----------------------------------------------------------------------
+
+LATENTS, RECORD = "inversion.safetensors", "inversion.json"
+
+
+def save(inversion: Inversion, folder, record: dict) -> Path:
+    """Write ``inversion`` to ``folder`` (latents and a JSON record with ``record``), each file
+    atomically."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from common.files import write_atomic
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / LATENTS, lambda p: save_file({"latents": inversion.latents.float().cpu().contiguous()}, str(p)))
+    meta = {**record, "steps": inversion.steps, "guidance": inversion.guidance, "sampler": inversion.sampler,
+            "shape": list(inversion.latents.shape)}
+    write_atomic(folder / RECORD, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    return folder
+
+
+def load(folder) -> tuple[Inversion, dict]:
+    """An inversion written by ``save`` (``diffatlas invert``) and its record; a missing, truncated
+    or inconsistent file is a UsageError naming it."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in (LATENTS, RECORD):
+        if not (folder / name).is_file():
+            raise UsageError(f"{folder / name} does not exist: give a folder written by `diffatlas invert`")
+    try:
+        meta = json.loads((folder / RECORD).read_text())
+        latents = load_file(str(folder / LATENTS))["latents"]
+        fields = {k: meta[k] for k in ("steps", "guidance", "sampler", "shape", "model_revision", "captions")}
+    except (json.JSONDecodeError, SafetensorError, KeyError, OSError) as e:
+        raise UsageError(f"{folder}: not a readable inversion ({type(e).__name__}: {e}); invert the images again") from None
+    if list(latents.shape) != fields["shape"]:
+        raise UsageError(f"{folder / LATENTS} holds latents of shape {list(latents.shape)}, its record says {fields['shape']}")
+    return Inversion(latents, int(fields["steps"]), float(fields["guidance"]), fields["sampler"]), meta
+
+
+@dataclasses.dataclass
+class InvertConfig:
+    """Invert real images: the noise their model draws them again from, for steering them."""
+
+    images: list[str] = dataclasses.field(default_factory=list)
+    """image files (png, jpg, ...) of the model's image size"""
+    captions: list[str] = dataclasses.field(default_factory=list)
+    """one caption per image ("" for none)"""
+    model: str = "toy"
+    """'toy', a registered model, a local diffusers folder or a hub id"""
+    steps: Optional[int] = None
+    """sampling steps (None: the model's default)"""
+    guidance: float = 1.0
+    """guidance of the inversion and of every drawing from it (1: none, the near-exact case)"""
+    refine: int = 3
+    """fixed-point refinements per step (0: plain DDIM / Euler inversion)"""
+    out: str = "outputs/invert"
+    """folder for inversion.safetensors, inversion.json and reconstruction.png (a new or empty folder, or this run's)"""
+    device: Optional[str] = None
+    """torch device (default: CUDA when available)"""
+
+
+def run(cfg: InvertConfig) -> Path:
+    """Invert ``cfg.images``, write the inversion and a reconstruction grid (inputs over redrawn)."""
+    from PIL import Image
+
+    from activations.generate import check_prompts
+    from activations.pipeline import load_pipeline, model_defaults, model_fingerprint
+    from activations.sites import latent_size
+    from common.config import MAX_STEPS, check_counts
+    from common.files import claim_folder, out_folder
+    from common.images import before_after_grid
+
+    if not cfg.images:
+        raise UsageError("--images is empty; give image files, e.g. --images '[a.png]'")
+    if len(cfg.captions) != len(cfg.images):
+        raise UsageError(f"--captions needs one caption per image: {len(cfg.images)} images, {len(cfg.captions)} captions")
+    check_counts(cfg, positive=("steps",), numbers={"guidance": 0.0, "refine": 0.0}, at_most={"steps": MAX_STEPS})
+    check_prompts(cfg.model, [c for c in cfg.captions if c])
+    out_folder(cfg.out)
+    pixels = []
+    for path in cfg.images:
+        try:
+            with Image.open(path) as im:
+                pixels.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read image {path}: {e}") from None
+    pipe = load_pipeline(cfg.model, device=cfg.device)
+    pipe.set_progress_bar_config(disable=True)
+    size = tuple(x * int(getattr(pipe, "vae_scale_factor", 8)) for x in latent_size(pipe))
+    for path, p in zip(cfg.images, pixels):
+        if p.shape[:2] != size:
+            raise UsageError(f"image {path} is {p.shape[1]} x {p.shape[0]} pixels; model {cfg.model!r} takes {size[1]} x {size[0]}")
+    steps = cfg.steps if cfg.steps is not None else model_defaults(pipe)["num_inference_steps"]
+    record = {"model": cfg.model, "model_revision": model_fingerprint(denoiser_of(pipe)), "captions": list(cfg.captions),
+              "images": [str(Path(p).resolve()) for p in cfg.images], "refine": cfg.refine}
+    claim_folder(cfg.out, {**record, "steps": steps, "guidance": cfg.guidance}, name="invert_args.json")
+    inversion = invert(pipe, pixels, list(cfg.captions), steps, cfg.guidance, refine=int(cfg.refine))
+    folder = save(inversion, cfg.out, record)
+    redrawn = inversion.sample(pipe, cfg.captions).images
+    grid = before_after_grid([Image.fromarray(p) for p in pixels], redrawn, scale=4 if size[0] <= 128 else 1)
+    grid.save(folder / "reconstruction.png")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common.config import parse
+
+    cfg = parse(InvertConfig, argv, "diffatlas invert", InvertConfig.__doc__)
+    folder = run(cfg)
+    print(f"inverted {len(cfg.images)} images: {folder / LATENTS}; redrawn beside the inputs in {folder / 'reconstruction.png'}")
+    print(f"steer them with a recipe that sets  inversion: {folder}")
+    return 0

@@ -225,7 +225,7 @@ def main(argv=None) -> dict:
     from activations.pipeline import load_pipeline, model_defaults
     from sae.sparse_coder import SparseCoder
     from steering import FeatureEdit, Recipe, run_recipe
-    from steering.recipe import before_after_grid
+    from common.images import before_after_grid
     from toyworld.prompts import scene_to_prompt
     from toyworld.vocab import ATTRIBUTES
 

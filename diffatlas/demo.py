@@ -146,7 +146,7 @@ def step_features(cfg: DemoConfig, pipe, store: Path, sae: Path, hrv: Path) -> P
 def step_steer(cfg: DemoConfig, pipe, store: Path, sae_folder: Path) -> Path:
     from sae.sparse_coder import SparseCoder
     from steering import FeatureEdit, Recipe, run_recipe
-    from steering.recipe import before_after_grid
+    from common.images import before_after_grid
     from steering.toy import object_features
     from toyworld.oracle import read_positions
     from toyworld.prompts import Named, scene_to_prompt

@@ -89,7 +89,8 @@ def _folder(path: Path) -> None:
 def steer_recipe(cfg: SteerConfig, pipe=None) -> dict:
     from activations.pipeline import load_pipeline
     from common.config import check_counts
-    from steering.recipe import Recipe, before_after_grid, draw
+    from common.images import before_after_grid
+    from steering.recipe import Recipe, draw
 
     check_counts(cfg, "diffatlas steer", positive=("scale",))
     recipe = Recipe.load(cfg.recipe)

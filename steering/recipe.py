@@ -32,6 +32,7 @@ from common.files import write_atomic
 
 MAX_MAGNITUDE = 1e6  # the largest |number| a recipe takes (guidance, strengths, factors): beyond it float32 overflows
 FIELDS = ("model", "prompts", "seeds", "steps", "guidance", "interventions")
+OPTIONAL_FIELDS = ("inversion",)  # absent: the images are drawn from the seeds
 
 
 def _import_kinds() -> None:
@@ -118,6 +119,10 @@ class Recipe:
     """classifier-free guidance scale, >= 0 (None: the model's default)"""
     interventions: list[Any] = dataclasses.field(default_factory=list)
     """steering edits (Intervention objects, or their dicts as in YAML)"""
+    inversion: str | None = None
+    """a folder written by `diffatlas invert`: edit its real images, drawn again from their
+    inverted noise (one per prompt, in order), instead of drawing from seeds; its steps and
+    guidance are the recipe's"""
 
     def __post_init__(self):
         from activations.generate import check_prompts
@@ -152,12 +157,26 @@ class Recipe:
         self.interventions = load_interventions(list(self.interventions))
         for k, iv in enumerate(self.interventions):
             check_intervention_numbers(k, iv)
+        if self.inversion is not None:
+            from activations.invert import load
+
+            inverted, _ = load(self.inversion)
+            if len(inverted.latents) != len(self.prompts):
+                raise UsageError(f"the inversion {self.inversion} holds {len(inverted.latents)} images; the recipe has "
+                                 f"{len(self.prompts)} prompts (one per image)")
+            for name, mine, theirs in (("steps", self.steps, inverted.steps), ("guidance", self.guidance, inverted.guidance)):
+                if mine is not None and mine != theirs:
+                    raise UsageError(f"{name} {mine} differs from the inversion's {theirs} ({self.inversion}); leave it out "
+                                     "or invert again with it")
+            self.inversion = str(Path(self.inversion).resolve())
+            self.steps, self.guidance = inverted.steps, inverted.guidance
 
     # -- files --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"model": self.model, "prompts": list(self.prompts), "seeds": [int(s) for s in self.seeds],
                 "steps": self.steps, "guidance": self.guidance,
-                "interventions": [_absolute(iv.to_dict()) for iv in self.interventions]}
+                "interventions": [_absolute(iv.to_dict()) for iv in self.interventions],
+                **({"inversion": self.inversion} if self.inversion is not None else {})}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
@@ -176,9 +195,9 @@ class Recipe:
         if not isinstance(data, dict):
             raise UsageError(f"{where} must be a mapping with the keys {', '.join(FIELDS)}; got {type(data).__name__}")
         missing = [k for k in FIELDS if k not in data]
-        unknown = sorted(set(data) - set(FIELDS))
+        unknown = sorted(set(data) - set(FIELDS) - set(OPTIONAL_FIELDS))
         if unknown:
-            raise UsageError(f"unknown recipe field(s) {unknown} in {where}; valid fields: {', '.join(sorted(FIELDS))}")
+            raise UsageError(f"unknown recipe field(s) {unknown} in {where}; valid fields: {', '.join(sorted(FIELDS + OPTIONAL_FIELDS))}")
         if missing:
             raise UsageError(f"{where} lacks the field(s) {missing}; a recipe has the fields {', '.join(FIELDS)} "
                              f"(steps and guidance may be null: the model's default)")
@@ -227,6 +246,15 @@ class Recipe:
         from steering.steer import expand
 
         steps, _ = self.settings(pipe)
+        if self.inversion is not None:
+            from activations.families import denoiser_of
+            from activations.invert import load
+            from activations.pipeline import model_fingerprint
+
+            _, meta = load(self.inversion)
+            if meta["model_revision"] != model_fingerprint(denoiser_of(pipe)):
+                raise UsageError(f"the inversion {self.inversion} was made with model {meta.get('model')!r} "
+                                 f"(weights {meta['model_revision']}), not this model; invert the images with it")
         ts, n_train = schedule(pipe, steps)
         for k, iv in enumerate(self.interventions):
             what = f"intervention {k} ({iv.kind or type(iv).__name__})"
@@ -286,20 +314,16 @@ def draw(recipe: Recipe, pipe, expanded: list[Intervention], *, before: bool = T
     from activations.hooks import intervene
 
     steps, guidance = recipe.settings(pipe)
+    if recipe.inversion is not None:  # real images: drawn again from their inverted noise
+        from activations.invert import load
+
+        inverted, _ = load(recipe.inversion)
+        plain = inverted.sample(pipe, recipe.prompts, output_type=output_type).images if before else None
+        with intervene(pipe, *expanded):
+            steered = inverted.sample(pipe, recipe.prompts, output_type=output_type).images
+        return plain, steered
     args = dict(steps=steps, guidance=guidance, output_type=output_type)
     plain = sample(pipe, recipe.prompts, recipe.seeds, **args).images if before else None
     with intervene(pipe, *expanded):
         steered = sample(pipe, recipe.prompts, recipe.seeds, **args).images
     return plain, steered
-
-
-def before_after_grid(before, after, scale: int = 1):
-    """One PNG-ready picture: the plain images on the top row, the steered ones below."""
-    from PIL import Image
-
-    w, h = before[0].size
-    grid = Image.new("RGB", (w * len(before), 2 * h), "white")
-    for k, (a, b) in enumerate(zip(before, after)):
-        grid.paste(a.convert("RGB"), (k * w, 0))
-        grid.paste(b.convert("RGB"), (k * w, h))
-    return grid if scale == 1 else grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)

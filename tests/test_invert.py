@@ -3,6 +3,8 @@ it (near exactly with the fixed-point refinement), on the toy U-Net (DDIM) and t
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -68,3 +70,64 @@ def test_bad_input_is_one_line():
         invert(pipe, pixels, CAPTIONS, 4)
     with pytest.raises(UsageError, match="refine must be a whole number >= 0, got -1"):
         invert(pipe, pixels, CAPTIONS[:1], 4, refine=-1)
+
+
+def test_invert_cli_then_a_recipe_edits_the_real_images(tmp_path):
+    """diffatlas invert writes an inversion; a recipe with `inversion:` draws the real images again
+    (before: the reconstruction) and edits them; the inversion of another model is refused."""
+    from PIL import Image
+
+    from activations.invert import InvertConfig, load, run
+    from steering.recipe import Recipe, run_recipe
+    from toyworld.render import render
+    from toyworld.scene import sample_scene
+
+    scenes = [sample_scene(np.random.default_rng([22, i, 0])) for i in range(2)]
+    paths = []
+    for i, s in enumerate(scenes):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(render(s).image).save(paths[-1])
+    captions = ["a circle", "a square"]
+    folder = run(InvertConfig(images=paths, captions=captions, steps=8, out=str(tmp_path / "inv"), device="cpu"))
+    inverted, meta = load(folder)
+    assert inverted.latents.shape[0] == 2 and meta["captions"] == captions and (folder / "reconstruction.png").exists()
+    recipe = Recipe(model="toy", prompts=captions, seeds=[], steps=None, guidance=None, inversion=str(folder),
+                    interventions=[{"kind": "head_scale", "factor": 0.0,
+                                    "heads": [["mid_block.attentions.0.transformer_blocks.0.attn2", h] for h in range(4)]}])
+    assert (recipe.steps, recipe.guidance) == (8, 1.0)
+    again = Recipe.from_dict(recipe.to_dict())
+    assert again.inversion == recipe.inversion
+    from activations.pipeline import load_pipeline
+
+    pipe = load_pipeline("toy", device="cpu")
+    before, after = run_recipe(again, pipe, output_type="np")
+    assert np.abs(before - inverted.sample(pipe, captions, output_type="np").images).max() < 1e-5
+    assert np.abs(after - before).max() > 0.01
+    with pytest.raises(UsageError, match="holds 2 images; the recipe has 1 prompts"):
+        Recipe(model="toy", prompts=captions[:1], seeds=[], steps=None, guidance=None, inversion=str(folder), interventions=[])
+    with pytest.raises(UsageError, match="steps 25 differs from the inversion's 8"):
+        Recipe(model="toy", prompts=captions, seeds=[], steps=25, guidance=None, inversion=str(folder), interventions=[])
+    with pytest.raises(UsageError, match="inversion.safetensors does not exist"):
+        Recipe(model="toy", prompts=captions, seeds=[], steps=None, guidance=None, inversion=str(tmp_path), interventions=[])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--images", "[]"], "--images is empty"),
+    (["--images", "[a.png]", "--captions", "[]"], "one caption per image: 1 images, 0 captions"),
+    (["--images", "[missing.png]", "--captions", "['a circle']"], "cannot read image .*missing.png"),
+    (["--images", "[small.png]", "--captions", "['a circle']"], "is 16 x 16 pixels; model 'toy' takes 64 x 64"),
+    (["--images", "[small.png]", "--captions", "['a unicorn']"], "unicorn"),
+    (["--images", "[small.png]", "--captions", "['a circle']", "--refine", "-1"], "refine"),
+])
+def test_invert_cli_bad_input_is_one_line_before_any_work(tmp_path, args, message):
+    from PIL import Image
+
+    from harvest_helpers import run_cli
+
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "small.png")
+    args = [a.replace("small.png", str(tmp_path / "small.png")).replace("missing.png", str(tmp_path / "missing.png")) for a in args]
+    done = run_cli(["invert", *args, "--out", str(tmp_path / "out")])
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("diffatlas invert: error:"), done.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "out").exists()
