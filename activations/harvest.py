@@ -245,6 +245,7 @@ class Harvester:
         return {"shards": len(todo), "skipped": len(mine) - len(todo), "images": n_todo, "seconds": elapsed, "rows": dict(rows_written)}
 
     def _observers(self, tap, stack, batch: list[int], records: list[dict], buffers, steps) -> list:
+        """One observer per site for this batch, attached to ``tap`` for the life of ``stack``."""
         observers = []
         positions = _Positions(self.config.seed, batch, self.config.positions)
         for s in self.sites:
@@ -256,31 +257,28 @@ class Harvester:
                 stack.enter_context(tap.observe_heads(s.name, obs.on_heads, needs=("out",), steps=steps))
         return observers
 
-    def _read_images(self, images: range, bar) -> dict[str, _ShardBuffer]:
-        """Each real image read through the denoiser (``read_images``) under the sites' observers."""
+    def _draw(self, tap, batch: list[int], records: list[dict]) -> list | None:
+        """One batch through the denoiser under whatever is attached: generated from prompts and
+        seeds, or real images read (``read_images``). The final images (PIL) when they are saved."""
         cfg = self.config
-        buffers = {s.name: _ShardBuffer() for s in self.sites}
-        steps = Steps(self.steps)
-        with attach(denoiser_of(self.pipe), self.pipe) as tap:
-            for b0 in range(images.start, images.stop, cfg.batch_size):
-                batch = list(range(b0, min(b0 + cfg.batch_size, images.stop)))
-                records = [self.image_record(i) for i in batch]
-                pixels = [self.images.pixels(i) for i in batch]
-                with contextlib.ExitStack() as stack:
-                    observers = self._observers(tap, stack, batch, records, buffers, steps)
-                    read_images(self.pipe, pixels, records, self.steps, self.schedule, cfg.guidance_scale)
-                for obs in observers:
-                    obs.flush()
-                if cfg.save_images:
-                    from PIL import Image
+        if self.images is not None:
+            pixels = [self.images.pixels(i) for i in batch]
+            read_images(self.pipe, pixels, records, self.steps, self.schedule, cfg.guidance_scale)
+            if not cfg.save_images:
+                return None
+            from PIL import Image
 
-                    self._save_images(batch, records, [Image.fromarray(p) for p in pixels])
-                bar.update(len(batch))
-        return buffers
+            return [Image.fromarray(p) for p in pixels]
+        tap.reset()
+        tap.set_images(batch)
+        result = sample(
+            self.pipe, [r["text"] for r in records], [r["seed"] for r in records],
+            steps=cfg.num_inference_steps, guidance=cfg.guidance_scale, height=cfg.height, width=cfg.width,
+            output_type="pil" if cfg.save_images else "latent",
+        )
+        return result.images if cfg.save_images else None
 
     def _generate(self, images: range, bar) -> dict[str, _ShardBuffer]:
-        if self.images is not None:
-            return self._read_images(images, bar)
         cfg = self.config
         buffers = {s.name: _ShardBuffer() for s in self.sites}
         steps = Steps(self.steps)
@@ -291,18 +289,12 @@ class Harvester:
                 records = [self.image_record(i) for i in batch]
                 with contextlib.ExitStack() as stack:
                     observers = self._observers(tap, stack, batch, records, buffers, steps)
-                    tap.reset()
-                    tap.set_images(batch)
-                    result = sample(
-                        self.pipe, [r["text"] for r in records], [r["seed"] for r in records],
-                        steps=cfg.num_inference_steps, guidance=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-                        output_type="pil" if cfg.save_images else "latent",
-                    )
+                    finals = self._draw(tap, batch, records)
                 for obs in observers:
                     obs.flush()
-                if cfg.save_images:
+                if finals is not None:
                     try:
-                        self._save_images(batch, records, result.images)
+                        self._save_images(batch, records, finals)
                     except OSError as e:
                         raise StoreWriteError(
                             f"could not save images {batch[0]}..{batch[-1]} under {self.root / 'images'}: {e.strerror or e}. "

@@ -18,11 +18,11 @@ MMDiTs (SD3 / SD3.5: ``SD3Transformer2DModel``; FLUX.1: ``FluxTransformer2DModel
   (``context_pre_only``) and FLUX's last single block have none (see ``activations.families``).
 * head site: the joint attention module ``<block>.attn`` (image and text tokens attend to each
   other); its value is the image queries' per-head output, ``[batch, H*W, heads * head_dim]``.
-  Its ``probs`` will be the image-query x text-key slice of the joint softmax, normalised over ALL
+  Its ``probs`` are the image-query x text-key slice of the joint softmax, normalised over ALL
   keys (text and image), so a row sums to the share of attention that goes to the text, not to 1:
   the slice is comparable with a U-Net's cross-attention map only up to that share. The processor
-  that computes it is ``activations.joint_processor``; ``activations.hooks`` attaches to MMDiT
-  sites; harvesting them is not built yet.
+  that computes it is ``activations.joint_processor``; every client reaches MMDiT sites through
+  ``activations.hooks`` as it reaches a U-Net's.
 
 Which blocks and attention modules a denoiser has is declared per architecture in
 ``activations.families``; this module builds the same ``Site``s from every one.

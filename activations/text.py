@@ -3,8 +3,9 @@ an MMDiT's text stream): the one place that calls the pipeline's ``encode_prompt
 
 Going through the pipeline's own method keeps every model's details (SD 1.x's one encoder, SDXL's
 two encoders' penultimate states concatenated, SD3's CLIP and T5 tokens one after the other,
-clip skip, attention masks) in diffusers, so HRV
-words, evaluation, head swaps and the explorer all read exactly what generation feeds the U-Net.
+clip skip, attention masks) in diffusers, so HRV words, evaluation, head swaps, the harvest of
+real images and the explorer all read exactly what generation feeds the denoiser. Where each
+tokenizer's tokens sit in that text is ``text_layout``.
 """
 
 from __future__ import annotations
