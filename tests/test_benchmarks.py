@@ -90,6 +90,15 @@ def test_toy_fidelity__tiny_run_writes_its_grids_and_results(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
 
 
+def test_real_images__tiny_run_reports_reconstruction_and_each_edit(tmp_path):
+    last = _run("real_images.py", "--scenes", "2", "--steps", "4", "--harvest-prompts", "16", "--select-prompts", "4",
+                "--batch", "2", "--out", str(tmp_path))
+    assert set(last["reconstruction"]) == {"shape", "color", "texture", "size", "position", "background", "style"}
+    assert set(last["edits"]) == {"recolour", "striped", "move"}
+    assert all(0 <= e["success"] <= 1 and 0 <= e["kept"] <= 1 for e in last["edits"].values())
+    assert list(last)[-1] == "edits" and (tmp_path / "real_images.png").stat().st_size > 0
+
+
 def test_steering_overhead__tiny_run_reports_idle_and_active_ratios(tmp_path):
     last = _run("steering_overhead.py", "--prompts", "1", "--steps", "1", "--repeats", "1", "--out", str(tmp_path))
     assert last["idle"] > 0 and last["active"] > 0
