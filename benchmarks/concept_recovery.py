@@ -2,7 +2,9 @@
 than the site's raw channels, and do their heads' HRVs name the right attribute?
 
 1. harvest the bundled toy model on ``--prompts`` toyworld prompts (one image each, the model's
-   default steps and guidance), block site ``--site`` at the steps of ``--every``;
+   default steps and guidance), block site ``--site`` at the steps of ``--every``; with
+   ``--read renders``, the true renders of the prompts' scenes instead of the model's generations
+   (each read through the denoiser at those steps: features of real images, issue 23);
 2. train one SAE per ``--arms`` entry (``architecture:k:expansion``, ``sae.train_quick``, ``--epochs``
    each): a sweep over sparsity, since one feature can only detect a concept on every token that
    shows it if it fires on all of them (the default is TopK L0 8, 16, 32 and BatchTopK 32);
@@ -81,6 +83,9 @@ def main() -> None:
     ap.add_argument("--site", default=None,
                     help="block site (default: the model's, toyworld/benchmarks.py; toy: up_blocks.2.attentions.0)")
     ap.add_argument("--every", type=int, default=4, help="harvest every N-th sampling step")
+    ap.add_argument("--read", default="generations", choices=["generations", "renders"],
+                    help="harvest the model's generations of the prompts, or read the true renders of their scenes "
+                         "(real images: activations.harvest.read_images)")
     ap.add_argument("--arms", nargs="+", default=["topk:8:8", "topk:16:4", "topk:32:2", "batchtopk:32:2"],
                     help="SAEs to train, each architecture:k:expansion")
     ap.add_argument("--epochs", type=int, default=32)
@@ -107,7 +112,7 @@ def main() -> None:
     args.attribution = args.attribution or ("direct" if direct_ok else "total")
     claim_folder(args.out, run_record(__file__, args), prog=prog)  # another run's folder: refused
 
-    from activations.config import HarvestConfig, PromptSource
+    from activations.config import HarvestConfig, ImageSource, PromptSource
     from activations.harvest import harvest
     from activations.pipeline import load_pipeline, model_defaults
     from activations.store import ActivationStore
@@ -128,7 +133,8 @@ def main() -> None:
     harvest(HarvestConfig(model=args.model, out=str(store_root), sites=[args.site], seed=args.seed,
                           prompts=PromptSource(kind="toyworld", num_prompts=args.prompts),
                           num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"],
-                          timesteps={"every": args.every}, branch="cond", batch_size=16, progress=False), pipe=pipe)
+                          timesteps={"every": args.every}, branch="cond", batch_size=16, progress=False,
+                          images=ImageSource(kind="none" if args.read == "generations" else "renders")), pipe=pipe)
     t_harvest = time.time() - t0
     reader = ActivationStore(store_root).site(args.site)
     images = reader.meta_column("image")
@@ -243,7 +249,7 @@ def main() -> None:
                       "hrv_agreement": hrv_agreement, "hrv_chance": hrv_chance,
                       "hrv_agreement_lift": lift_agreement, "hrv_chance_lift": lift_chance,
                       "hrv_agreement_objects": obj_agreement, "hrv_chance_objects": obj_chance,
-                      "per_value": per_value, "model": args.model, "site": args.site, "attribution": args.attribution}))
+                      "per_value": per_value, "model": args.model, "read": args.read, "site": args.site, "attribution": args.attribution}))
 
 
 if __name__ == "__main__":
