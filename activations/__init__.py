@@ -11,8 +11,12 @@ Public API (imported lazily, so that ``import activations.store`` never pays for
   ``parse_when``; ``Patches``, ``Box``, ``Quadrant``, ``MaskImage``
 * hooks:      ``intervene``, ``Tap``, ``attach``
 * evaluation: ``evaluate`` (the denoising loss under interventions)
-* text:       ``encode_prompts`` (prompts to the embeddings the cross-attention reads)
-* sampling:   ``generate``, ``sample``, ``generators`` (one CPU generator per image)
+* text:       ``encode_prompts`` (prompts to the embeddings the denoiser reads), ``text_layout``,
+  ``word_positions`` (where each tokenizer's tokens sit in that text)
+* sampling:   ``generate``, ``sample``, ``generators`` (one CPU generator per image), ``schedule``
+* families:   ``architecture_of``, ``denoiser_of`` (the one declaration of each denoiser kind)
+* real images: ``Inversion`` (``activations.invert.invert``: an image to the noise its model draws it again from),
+  ``read_images`` (real images through the denoiser, as the harvester reads them)
 * tracing:    ``trace``, ``Trace``
 * harvesting: ``Harvester``, ``HarvestConfig``
 * store:      ``ActivationStore``, ``SiteReader``, ``SiteWriter``, ``write_synthetic_store``
@@ -59,6 +63,14 @@ _EXPORTS = {
     "intervene": "activations.hooks",
     "evaluate": "activations.evaluate",
     "encode_prompts": "activations.text",
+    "text_layout": "activations.text",
+    "word_positions": "activations.text",
+    "schedule": "activations.generate",
+    "architecture_of": "activations.families",
+    "denoiser_of": "activations.families",
+    "Inversion": "activations.invert",
+    "read_images": "activations.harvest",
+    "ImageSource": "activations.config",
     "generate": "activations.generate",
     "sample": "activations.generate",
     "generators": "activations.generate",
