@@ -18,7 +18,10 @@ guidance) with its caption and then:
   - striped: the caption with "striped" for "plain";
   - move: a spatial SAE feature edit in the early window to the opposite quadrant (the object's
     features, as ``steering_eval.py`` picks them, set to β·‖Z_ij‖ there and 0 elsewhere;
-    Tinaz et al.); success: the oracle reads an object there, and not where it was.
+    Tinaz et al.), drawn with the caption; success: the oracle reads an object there, and not
+    where it was;
+  - move_unsaid: the same edit, drawn with the caption that leaves the position unsaid (as
+    ``steering_eval.py``'s spatial cell, where the words do not hold the object in place).
 
 ``kept``: the share of the other attributes (of shape, colour, texture, size, position,
 background, style: all but the edited one) read as rendered, over all images. The SAE (TopK at
@@ -43,7 +46,7 @@ from common.files import claim_folder
 from toyworld.benchmarks import check_sites, default_sites, run_record
 
 # a sibling script, importable because Python puts a script's own folder first on sys.path
-from steering_eval import OPPOSITE, QUADS, build_sae, pick_features  # the steering cells' SAE and feature choice
+from steering_eval import OPPOSITE, QUADS, build_sae, pick_features, without_position  # the steering cells' pieces
 
 ATTRIBUTES = ("shape", "color", "texture", "size", "position", "background", "style")
 SHOWN = 6
@@ -132,12 +135,13 @@ def main() -> None:
     rng = np.random.default_rng([args.seed, 8])
     renders = [render(s).image for s in sc]
     captions = [scene_to_prompt(s) for s in sc]
+    unsaid = [without_position(s) for s in sc]
     recolour = [dataclasses.replace(s, objects=(dataclasses.replace(s.objects[0], color=str(rng.choice(
         [c for c in COLORS if c != s.objects[0].color]))),)) for s in sc]
     striped = [dataclasses.replace(s, objects=(dataclasses.replace(s.objects[0], texture="striped"),)) for s in sc]
     targets = [OPPOSITE[s.objects[0].position] for s in sc]
     drawn: dict[str, list[np.ndarray]] = {name: [] for name in ("reconstruction", "recolour", "striped")}
-    moved_images: dict[int, np.ndarray] = {}
+    moved_images: dict[str, dict[int, np.ndarray]] = {}
     for lo in range(0, len(sc), args.batch):
         part = list(range(lo, min(lo + args.batch, len(sc))))
         inv = invert(pipe, [renders[i] for i in part], [captions[i] for i in part], steps, refine=args.refine)
@@ -156,22 +160,25 @@ def main() -> None:
             edit = FeatureEdit(sae=sae_folder, features=feats, op="spatial", strength=args.spatial_beta,
                                region={"quadrant": q}, when="early")
             subset = Inversion(inv.latents[local], inv.steps, inv.guidance, inv.sampler)
-            for k, im in zip(local, draw(subset, [captions[part[k]] for k in local], edit)):
-                moved_images[part[k]] = im
+            for name, words in (("move", captions), ("move_unsaid", unsaid)):
+                for k, im in zip(local, draw(subset, [words[part[k]] for k in local], edit)):
+                    moved_images.setdefault(name, {})[part[k]] = im
         print(f"{part[-1] + 1}/{len(sc)} scenes", file=sys.stderr)
-    drawn["move"] = [moved_images[i] for i in range(len(sc))]
+    for name in ("move", "move_unsaid"):
+        drawn[name] = [moved_images[name][i] for i in range(len(sc))]
 
     recon = score(sc, drawn["reconstruction"])
     edits = {}
     for name, truth, attr in (("recolour", recolour, "color"), ("striped", striped, "texture")):
         s = score(truth, drawn[name])
         edits[name] = {"success": round(float(np.mean(s.pop(attr))), 4), "kept": kept_share(s)}
-    moved = [t in read_positions(im) and s.objects[0].position not in read_positions(im)
-             for s, t, im in zip(sc, targets, drawn["move"])]
-    edits["move"] = {"success": round(float(np.mean(moved)), 4), "kept": kept_share(score(sc, drawn["move"], skip="position"))}
+    for name in ("move", "move_unsaid"):
+        moved = [t in read_positions(im) and s.objects[0].position not in read_positions(im)
+                 for s, t, im in zip(sc, targets, drawn[name])]
+        edits[name] = {"success": round(float(np.mean(moved)), 4), "kept": kept_share(score(sc, drawn[name], skip="position"))}
 
     out = Path(args.out)
-    rows = [renders[:SHOWN]] + [drawn[k][:SHOWN] for k in ("reconstruction", "recolour", "striped", "move")]
+    rows = [renders[:SHOWN]] + [drawn[k][:SHOWN] for k in ("reconstruction", "recolour", "striped", "move", "move_unsaid")]
     h, w = renders[0].shape[:2]
     grid = Image.new("RGB", (w * len(rows[0]), h * len(rows)), "white")
     for r, row in enumerate(rows):

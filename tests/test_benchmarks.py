@@ -94,7 +94,7 @@ def test_real_images__tiny_run_reports_reconstruction_and_each_edit(tmp_path):
     last = _run("real_images.py", "--scenes", "2", "--steps", "4", "--harvest-prompts", "16", "--select-prompts", "4",
                 "--batch", "2", "--out", str(tmp_path))
     assert set(last["reconstruction"]) == {"shape", "color", "texture", "size", "position", "background", "style"}
-    assert set(last["edits"]) == {"recolour", "striped", "move"}
+    assert set(last["edits"]) == {"recolour", "striped", "move", "move_unsaid"}
     assert all(0 <= e["success"] <= 1 and 0 <= e["kept"] <= 1 for e in last["edits"].values())
     assert list(last)[-1] == "edits" and (tmp_path / "real_images.png").stat().st_size > 0
 
