@@ -21,8 +21,9 @@ Accumulated per feature (m latents):
   merged chunk by chunk; the rows' image, step, tau, i, j are looked up once at the end;
 - co-occurrence: ``cooc_idx``/``cooc_count`` [m, c]: the c features that fire most often on the
   same token as each feature. Each unordered pair is counted once. Counting choice: for m <=
-  ``DENSE_COOC_MAX`` (2048) a dense int64 [m, m] count is kept (32 MiB at the limit) and updated
-  with one ``bincount`` of the chunk's co-firing pairs; above that, each chunk's pairs are reduced
+  ``DENSE_COOC_MAX`` (2048) a dense int64 [m + 1, m + 1] count is kept (32 MiB at the limit; the
+  extra latent takes pads) and updated with one ``index_add_`` per slot of the tokens' latents;
+  above that, each chunk's pairs are reduced
   with ``np.unique`` and merged into a sorted (pair key, count) list, whose size is the number of
   distinct pairs seen (at most rows * k^2 / 2 for TopK codes, usually far fewer), never m^2.
 
@@ -167,7 +168,8 @@ class _Cooc:
 
     def __init__(self, m: int):
         self.m = m
-        self.dense = torch.zeros(m * m, dtype=torch.int64) if m <= DENSE_COOC_MAX else None
+        # one extra row and column (latent m) catch the pads of tokens with fewer latents; dropped in ``top``
+        self.dense = torch.zeros((m + 1) * (m + 1), dtype=torch.int64) if m <= DENSE_COOC_MAX else None
         self.keys = np.zeros(0, dtype=np.int64)
         self.counts = np.zeros(0, dtype=np.int64)
 
@@ -183,22 +185,31 @@ class _Cooc:
         # slot i is). Entries come grouped by token (``sparse_codes`` keeps the Latents order).
         counts = torch.bincount(rows)
         counts = counts[counts > 0]
-        starts = torch.cumsum(counts, 0) - counts
         kmax = int(counts.max())
         if kmax < 2:
             return
-        tok = torch.repeat_interleave(torch.arange(len(counts)), counts)
-        slot = torch.arange(len(idx)) - starts[tok]
-        table = torch.full((len(counts), kmax), -1, dtype=torch.long)
-        table[tok, slot] = idx
+        if bool((counts == kmax).all()):  # every token has kmax latents (TopK codes, mostly): no pads
+            table = idx.reshape(-1, kmax)
+        else:
+            starts = torch.cumsum(counts, 0) - counts
+            tok = torch.repeat_interleave(torch.arange(len(counts)), counts)
+            slot = torch.arange(len(idx)) - starts[tok]
+            table = torch.full((len(counts), kmax), -1, dtype=torch.long)
+            table[tok, slot] = idx
+        if self.dense is not None:
+            # one direction per pair (slot s with each later slot), symmetrised in ``top``; a pad is
+            # latent m, whose row and column are dropped. One index_add_ per slot: no [tokens,
+            # kmax^2 / 2] key table is built (the largest cost of the pass before).
+            w = self.m + 1
+            table = torch.where(table >= 0, table, self.m)
+            scaled = table * w
+            for s in range(kmax - 1):
+                keys = (scaled[:, s:s + 1] + table[:, s + 1:]).reshape(-1)
+                self.dense.index_add_(0, keys, torch.ones(1, dtype=torch.int64).expand(len(keys)))
+            return
         i, j = torch.triu_indices(kmax, kmax, offset=1)
         a, b = table[:, i], table[:, j]
         valid = b >= 0
-        if self.dense is not None:
-            # one direction per pair, symmetrised in ``top``; pads go to one extra bin, dropped
-            keys = torch.where(valid, a * self.m + b, self.m * self.m)
-            self.dense += torch.bincount(keys.reshape(-1), minlength=self.m * self.m + 1)[:-1]
-            return
         lo, hi = torch.minimum(a, b)[valid], torch.maximum(a, b)[valid]
         u, c = np.unique((lo * self.m + hi).numpy(), return_counts=True)
         allk = np.concatenate([self.keys, u])
@@ -210,7 +221,7 @@ class _Cooc:
         """[m, n] most co-firing latents per latent and their counts (-1 / 0 pads)."""
         n = min(n, max(self.m - 1, 1))
         if self.dense is not None:
-            half = self.dense.reshape(self.m, self.m)
+            half = self.dense.reshape(self.m + 1, self.m + 1)[: self.m, : self.m]
             c = half + half.T
             cnt, ix = c.topk(n, dim=1)
             ix = torch.where(cnt > 0, ix, torch.full_like(ix, -1))
