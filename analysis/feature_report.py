@@ -68,6 +68,32 @@ def shown_features(stats, n: int) -> list[int]:
     return [int(f) for f in order[:n]]
 
 
+def saved_stats(sae, reader, store_root, top_k: int):
+    """The statistics the training pass saved next to ``sae`` (``<sae folder>/feature_stats``) when
+    they are exactly what ``compute_feature_stats`` would give here (same weights, store, site,
+    every row, ``top_k``, default ``cooc_top``); else None (and why, at INFO level)."""
+    import logging
+
+    from sae.stats import SAE_STATS_DIR, FeatureStats, stats_match
+
+    folder = Path(sae.source) / SAE_STATS_DIR if getattr(sae, "source", None) is not None else None
+    if folder is None or not folder.is_dir():
+        return None
+    log = logging.getLogger(__name__)
+    try:
+        stats = FeatureStats.load(folder)
+    except (FileNotFoundError, OSError, ValueError, KeyError) as err:
+        log.info("not reusing %s: %s", folder, err)
+        return None
+    why = stats_match(stats, sae, reader, store_root=store_root, top_k=top_k)
+    if why is not None:
+        log.info("not reusing the feature statistics in %s (%s): computing them", folder, why)
+        return None
+    stats.info["sae"] = str(sae.source)
+    log.info("reusing the feature statistics of the training run in %s", folder)
+    return stats
+
+
 def build_report(cfg: FeaturesConfig, pipe=None) -> dict:
     """Compute and save everything; returns the report dict (also ``out/report.json``)."""
     from activations.store import ActivationStore
@@ -85,7 +111,9 @@ def build_report(cfg: FeaturesConfig, pipe=None) -> dict:
     reader = store.site(site)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    stats = compute_feature_stats(sae, reader, top_k=cfg.top_k, progress=cfg.progress, store_root=str(store.root))
+    stats = saved_stats(sae, reader, store.root, cfg.top_k)
+    if stats is None:
+        stats = compute_feature_stats(sae, reader, top_k=cfg.top_k, progress=cfg.progress, store_root=str(store.root))
     stats.save(out / "stats")
     feats = shown_features(stats, cfg.features)
     model = cfg.model or record.get("config", {}).get("model") or sae.placement.model

@@ -10,10 +10,14 @@ median over ``--repeats`` rounds and its spread. Goal: ratio >= 0.5. Each round 
 reading + the SAE's encoder alone (no statistics): ``encode_over_read`` is the most any statistics
 pass could reach, ``stats_over_encode`` what the statistics themselves cost on top of encoding;
 and (d) reading + the encoder's matrix product alone (``x @ W_enc``, nothing picked):
-``gemm_over_read``, the bound for any exact TopK encoder on this machine.
+``gemm_over_read``, the bound for any exact TopK encoder on this machine; and (e) the same pass
+as (b) with nothing accumulated (``compute_feature_stats(..., accumulate=False)``: the same reads,
+chunks and ``sparse_codes`` encode): ``stats_overhead`` = time of (b) / time of (e) - 1, the
+extra time the statistics add to the pass that encodes every row anyway, which is what ``diffatlas
+train`` now runs after its last epoch (``LitSAE.save_feature_stats``). Goal: stats_overhead <= 0.10.
 
 Last line JSON: {"read_tok_s", "encode_tok_s", "stats_tok_s", "gemm_over_read", "encode_over_read", "stats_over_encode",
-"ratio_spread", "ratio"}.
+"stats_overhead", "ratio_spread", "ratio"}.
 
     OMP_NUM_THREADS=2 python benchmarks/feature_stats_speed.py [--rows 65536 --d 64 --latents 512 --k 16]
 """
@@ -75,27 +79,35 @@ def main() -> None:
                     F.linear(acts.float(), sae.encoder.weight, sae.encoder.bias)
             return reader.num_rows / (time.perf_counter() - t0)
 
+        def pass_only() -> float:
+            t0 = time.perf_counter()
+            compute_feature_stats(sae, reader, chunk_rows=args.chunk, progress=False, accumulate=False)
+            return reader.num_rows / (time.perf_counter() - t0)
+
         def stats() -> float:
             t0 = time.perf_counter()
             compute_feature_stats(sae, reader, chunk_rows=args.chunk, progress=False)
             return reader.num_rows / (time.perf_counter() - t0)
 
-        paths = [read_only, gemm_only, encode_only, stats]
+        paths = [read_only, gemm_only, encode_only, pass_only, stats]
         for f in paths:  # warm every path
             f()
-        reads, gemms, encodes, passes, ratios = [], [], [], [], []
+        reads, gemms, encodes, passes, ratios, overheads = [], [], [], [], [], []
         for r in range(args.repeats):
             order = paths[r % len(paths):] + paths[:r % len(paths)]  # rotate
             got = {f.__name__: f() for f in order}
             a, g, e, b = got["read_only"], got["gemm_only"], got["encode_only"], got["stats"]
             reads.append(a), gemms.append(g), encodes.append(e), passes.append(b), ratios.append(b / a)
+            overheads.append(got["pass_only"] / b - 1)  # time with stats / time without - 1
             print(json.dumps({"round": r, "read_tok_s": round(a), "encode_tok_s": round(e), "stats_tok_s": round(b),
+                              "pass_tok_s": round(got["pass_only"]), "stats_overhead": round(overheads[-1], 4),
                               "ratio": round(b / a, 4)}))
     med = statistics.median
     print(json.dumps({"read_tok_s": round(med(reads)), "encode_tok_s": round(med(encodes)), "stats_tok_s": round(med(passes)),
                       "gemm_over_read": round(med(g / a for g, a in zip(gemms, reads)), 4),
                       "encode_over_read": round(med(e / a for e, a in zip(encodes, reads)), 4),
                       "stats_over_encode": round(med(b / e for b, e in zip(passes, encodes)), 4),
+                      "stats_overhead": round(med(overheads), 4),
                       "ratio_spread": [round(min(ratios), 4), round(max(ratios), 4)],
                       "ratio": round(statistics.median(ratios), 4)}))
 

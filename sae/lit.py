@@ -13,6 +13,22 @@ Training recipe (each a documented init argument, hence a ``diffatlas train`` op
   (Anthropic, April 2024), gradient-norm clipping at 1 (Gao et al. 2024);
 - latents that have not fired for ``dead_tokens_threshold`` tokens feed AuxK.
 
+Feature statistics from the training run (``feature_stats``, on by default): after the last epoch
+and the calibration, the SAE exactly as saved (read back from its folder, on the CPU) encodes every
+row of its site once more, without gradients, and the statistics of ``diffatlas analyze features``
+(``sae.stats.compute_feature_stats``: density, profiles, top tokens, co-firing counts) are
+accumulated while it encodes; they are saved next to the SAE in ``<sae folder>/feature_stats/``
+(``FeatureStats.save``'s files), where ``diffatlas analyze features`` picks them up instead of its
+own pass when they match (same weights, store, site, rows, top_k, cooc_top). Why this pass and
+not the last training epoch or the validation pass: the weights change at every step of an epoch,
+so codes accumulated there are of many SAEs, none the saved one; the validation pass runs in the
+normalised space, before the calibration (BatchTopK's threshold) and before the input scale is
+folded into the saved weights, so its codes are not bit-equal to the saved SAE's either, and it
+covers only the held-out images (capped at ``max_val_rows``). Why every row of the site (not the
+training window's or branch's rows): that is what ``diffatlas analyze features`` describes, so
+the statistics can stand in for its pass exactly; the pass reads each row once, in the same
+contiguous chunks, and replaces the separate pass rather than adding to it.
+
 W&B keys: ``losses/*`` (each named loss of the architecture and ``losses/total``), ``train/l0``,
 ``train/fvu``, ``metrics/fvu``, ``metrics/fvu/{early,middle,late}``, ``metrics/mse``, ``metrics/l0``,
 ``sparsity/dead_fraction``, ``sparsity/dense_fraction``, ``sparsity/dead_fraction_val``,
@@ -117,6 +133,9 @@ class LitSAE(pl.LightningModule):
         histogram_every_n_steps: int = 500,
         save_dir: str | None = None,
         recovered: RecoveredConfig = RecoveredConfig(),  # noqa: B008
+        feature_stats: bool = True,
+        feature_stats_top_k: int = 16,
+        feature_stats_cooc_top: int = 8,
     ):
         """
         Args:
@@ -139,8 +158,17 @@ class LitSAE(pl.LightningModule):
             save_dir: Where the trained SAE is written at the end of fit (one folder per site,
                 sparsify / SAELens layout); null means <trainer.default_root_dir>/sae.
             recovered: The loss-recovered metric.
+            feature_stats: After training, encode every row of the site once with the saved SAE and
+                save its feature statistics in <sae folder>/feature_stats (what diffatlas analyze
+                features computes; it reuses them when they match).
+            feature_stats_top_k: Top tokens kept per feature in those statistics (analyze features'
+                --top_k must equal it for them to be reused).
+            feature_stats_cooc_top: Most co-firing features kept per feature in those statistics.
         """
         super().__init__()
+        for name, value in (("feature_stats_top_k", feature_stats_top_k), ("feature_stats_cooc_top", feature_stats_cooc_top)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name} must be an int >= 1, got {value!r}")
         self.sae_cfg = copy.deepcopy(sae) if sae is not None else SparseCoderConfig()
         self.recovered_cfg = copy.deepcopy(recovered) if recovered is not None else RecoveredConfig()
         self.save_hyperparameters()
@@ -367,6 +395,26 @@ class LitSAE(pl.LightningModule):
         if self.global_rank == 0:
             path = self.save_trained()
             log.info("saved SAE to %s", path)
+            if self.hparams.feature_stats:
+                self.save_feature_stats(path)
+
+    def save_feature_stats(self, path: str | Path, *, progress: bool = False) -> Path | None:
+        """Encode every row of the site once with the SAE saved in ``path`` (read back, CPU, no
+        gradients) and save its feature statistics in ``path/feature_stats`` (see the module doc);
+        None without an ActivationDataModule."""
+        dm = self._datamodule()
+        if dm is None or not hasattr(dm, "reader"):
+            return None
+        from sae.stats import SAE_STATS_DIR, compute_feature_stats
+
+        sae = SparseCoder.from_pretrained(path)
+        stats = compute_feature_stats(sae, dm.reader, top_k=self.hparams.feature_stats_top_k,
+                                      cooc_top=self.hparams.feature_stats_cooc_top, progress=progress,
+                                      store_root=str(Path(dm.store_path).resolve()))
+        stats.info["from"] = "training"
+        out = stats.save(Path(path) / SAE_STATS_DIR)
+        log.info("saved feature statistics to %s", out)
+        return out
 
     # ---------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:

@@ -182,3 +182,10 @@ def test_concept_recovery__tiny_run_on_the_toy_mmdit_attributes_by_total_effect(
     last = _run("concept_recovery.py", "--model", "toy-mmdit", "--prompts", "48", "--arms", "topk:8:2", "--epochs", "1",
                 "--hrv-prompts", "4", "--examples", "2", "--out", str(tmp_path))
     assert last["model"] == "toy-mmdit" and last["site"] == "transformer_blocks.4" and last["attribution"] == "total"
+
+
+def test_feature_stats_speed__tiny_run_reports_the_stats_overhead_before_the_headline():
+    last = _run("feature_stats_speed.py", "--rows", "2048", "--d", "16", "--latents", "64", "--k", "4",
+                "--chunk", "512", "--repeats", "1")
+    assert list(last)[-2:] == ["ratio_spread", "ratio"] and last["stats_overhead"] > -1
+    assert {"stats_over_encode", "encode_over_read", "gemm_over_read"} <= set(last)

@@ -56,7 +56,9 @@ def test_feature_stats__match_dense_reference(store):
 
 @pytest.mark.parametrize("dense_max", [4096, 1])
 def test_feature_stats__cooccurrence_dense_and_sparse_agree(store, monkeypatch, dense_max):
-    monkeypatch.setattr(F, "DENSE_COOC_MAX", dense_max)
+    from sae import stats as S
+
+    monkeypatch.setattr(S, "DENSE_COOC_MAX", dense_max)
     sae = tiny_sae()
     st = F.compute_feature_stats(sae, store, chunk_rows=300, cooc_top=3, progress=False)
     assert st.info["cooc_method"] == ("dense" if dense_max > 48 else "sparse")
