@@ -397,6 +397,11 @@ _CONTEXT = ".context"  # the suffix of a text-stream site (activations.sites)
 # entry points
 
 
+def current_tap(model) -> Tap | None:
+    """The Tap attached to ``model``'s denoiser, if any (``attach``)."""
+    return getattr(denoiser_of(model), _TAP_ATTR, None)
+
+
 @contextlib.contextmanager
 def attach(model, pipe=None) -> Iterator[Tap]:
     """Install (or reuse) the Tap of a denoiser (``model``: a U-Net or an MMDiT transformer, or a

@@ -55,7 +55,12 @@ class Inversion:
         if self.sampler is not None:
             import diffusers
 
+            from activations.hooks import current_tap
+
             pipe.scheduler = getattr(diffusers, self.sampler).from_config(original.config, **NO_CLIP)
+            tap = current_tap(pipe)
+            if tap is not None:  # it counts steps from the scheduler it hooked: this call starts a generation
+                tap.reset()
         try:
             h, w = self.latents.shape[-2:]
             scale = int(getattr(pipe, "vae_scale_factor", 8))

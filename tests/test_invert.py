@@ -131,3 +131,23 @@ def test_invert_cli_bad_input_is_one_line_before_any_work(tmp_path, args, messag
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("diffatlas invert: error:"), done.stderr
     assert re.search(message, lines[0]), lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_windowed_edit_sees_the_steps_of_each_redrawing():
+    """Drawing again swaps in the DDIM sampler under an attached Tap: every redrawing is counted
+    from step 0, so a windowed observer sees the same late steps each time."""
+    from activations.edits import Observe
+    from activations.generate import schedule
+    from activations.hooks import intervene
+    from activations.pipeline import load_pipeline
+    from activations.timesteps import select_steps
+
+    pipe = load_pipeline("toy", device="cpu")
+    pixels = [np.zeros((64, 64, 3), dtype=np.uint8)]
+    inversion = invert(pipe, pixels, ["a circle"], 8, refine=0)
+    seen = []
+    with intervene(pipe, Observe(site="mid_block.attentions.0", fn=lambda call: seen.append(call.step), when="late")):
+        inversion.sample(pipe, ["a circle"], output_type="latent")
+        inversion.sample(pipe, ["a circle"], output_type="latent")
+    late = select_steps("late", schedule(pipe, 8), 1000)
+    assert late and seen == late + late
