@@ -175,3 +175,26 @@ def test_feature_reruns_of_a_real_image_store_read_the_images_again(tmp_path, fa
     assert res["examples"][f] == 2
     # tight: a rerun that generated instead of reading lands within 1e-3 on the tiny SD3
     torch.testing.assert_close(res["activation"][f], res["store_activation"][f], rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl", "flux"])
+def test_every_family_reads_real_images_from_a_datasets_image_column(tmp_path, family):
+    import datasets
+
+    rng = np.random.default_rng(1)
+    ds = datasets.Dataset.from_dict({"img": [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(3)],
+                                     "caption": ["a red cat", "a dog", ""]}).cast_column("img", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "ds"))
+    pipe = build_tiny_pipeline(family)
+    from activations.sites import list_sites
+
+    block = next(s.name for s in list_sites(pipe) if s.kind == "block" and s.resolution[0] > 1)
+    cfg = HarvestConfig(model=f"tiny-{family}", out=str(tmp_path / "store"), sites=[block], num_inference_steps=3,
+                        guidance_scale=3.0, timesteps="all", branch="cond", batch_size=2, images_per_shard=2, progress=False,
+                        images=ImageSource(kind="dataset", path=str(tmp_path / "ds"), column="img", caption_column="caption"))
+    harvest(cfg, pipe=pipe)
+    store = ActivationStore(cfg.out, verify=True)
+    site = store.site(block)
+    assert site.num_rows == 3 * 3 * site.grid[0] * site.grid[1]  # images x steps x positions
+    assert [r["text"] for r in store.prompts()] == ["a red cat", "a dog", ""]
+    assert store.prompts()[2]["source"].endswith("[2].img")
