@@ -2,7 +2,7 @@
 
     python benchmarks/steering_overhead.py                    # toy model, CPU
     python benchmarks/steering_overhead.py --prompts 16 --steps 10 --repeats 7
-    python benchmarks/steering_overhead.py --model toy-mmdit --site transformer_blocks.4
+    python benchmarks/steering_overhead.py --model toy-mmdit                 # its site: transformer_blocks.4
 
 Three variants of the same batch (prompts, seeds, steps, guidance):
 * plain:  no steering;
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from common.files import claim_folder
+from toyworld.benchmarks import default_sites
 
 
 def main() -> None:
@@ -36,11 +37,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--model", default="toy", help="a model name or folder (toy, toy-mmdit, ...)")
-    ap.add_argument("--site", default="up_blocks.2.attentions.0", help="the edited block site (toy-mmdit: e.g. transformer_blocks.4)")
+    ap.add_argument("--site", default=None,
+                    help="the edited block site (default: the model's, toyworld/benchmarks.py; toy: up_blocks.2.attentions.0)")
     ap.add_argument("--sae", default=None, help="an SAE folder for --site (default: a random TopK SAE)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="outputs/bench/steering_overhead")
     args = ap.parse_args()
+    args.site = args.site or default_sites(args.model, "block", Path(__file__).name, "--site")
     claim_folder(args.out, {"benchmark": Path(__file__).stem, **vars(args)}, prog=Path(__file__).name)  # another run's folder: refused
 
     from activations.generate import sample
