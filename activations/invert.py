@@ -30,6 +30,7 @@ from activations.families import architecture_of, denoiser_of
 from common.errors import UsageError
 
 
+MAX_REFINE = 100  # refinements per step: 3 already reconstruct the toy renders; more is a typo, not a setting
 NO_CLIP = {"clip_sample": False}  # DDIM's x0 clipping to [-1, 1] would cut latents, which leave that range
 
 
@@ -220,7 +221,7 @@ def run(cfg: InvertConfig) -> Path:
         raise UsageError("--images is empty; give image files, e.g. --images '[a.png]'")
     if len(cfg.captions) != len(cfg.images):
         raise UsageError(f"--captions needs one caption per image: {len(cfg.images)} images, {len(cfg.captions)} captions")
-    check_counts(cfg, positive=("steps",), numbers={"guidance": 0.0, "refine": 0.0}, at_most={"steps": MAX_STEPS})
+    check_counts(cfg, positive=("steps",), numbers={"guidance": 0.0, "refine": 0.0}, at_most={"steps": MAX_STEPS, "refine": MAX_REFINE})
     check_prompts(cfg.model, [c for c in cfg.captions if c])
     out_folder(cfg.out)
     pixels = []

@@ -118,6 +118,11 @@ def test_invert_cli_then_a_recipe_edits_the_real_images(tmp_path):
     (["--images", "[small.png]", "--captions", "['a circle']"], "is 16 x 16 pixels; model 'toy' takes 64 x 64"),
     (["--images", "[small.png]", "--captions", "['a unicorn']"], "unicorn"),
     (["--images", "[small.png]", "--captions", "['a circle']", "--refine", "-1"], "refine"),
+    (["--images", "[small.png]", "--captions", "['a circle']", "--refine", "1000000"], "refine"),
+    (["--images", "[small.png]", "--captions", "['a circle']", "--steps", "0"], "--steps must be an integer >= 1"),
+    (["--images", "[small.png]", "--captions", "['a circle']", "--steps", "100000"], "--steps must be an integer >= 1"),
+    (["--images", "[small.png]", "--captions", "['a circle']", "--guidance", "nan"], "--guidance must be a number"),
+    (["--images", "[small.png]", "--captions", "['a circle']", "--guidance", "inf"], "--guidance must be a number"),
 ])
 def test_invert_cli_bad_input_is_one_line_before_any_work(tmp_path, args, message):
     from PIL import Image
