@@ -6,9 +6,12 @@
 
 Options come from the init arguments of LitSAE (``--model.*``), ActivationDataModule
 (``--data.*``) and Lightning's Trainer (``--trainer.*``); their docstrings are the help text. One
-run trains one SAE (one site, one timestep window or all timesteps pooled); train one per window
-by running once per ``--data.window``. The SAE is written at the end to
-``<model.save_dir>/<site>[__<window>]/`` (default save_dir: <trainer.default_root_dir>/sae).
+run trains one SAE per combination of ``--data.site``, ``--data.window`` and ``--data.branch``
+(each one value or a list), or per entry of ``--data.saes``; each site is read once for all of its
+SAEs. Each SAE is written at the end to ``<model.save_dir>/<site>[__<window>][__<branch>]/``
+(default save_dir: <trainer.default_root_dir>/sae).
+
+    diffatlas train --config configs/sae/tinaz-grid.yaml      # 3 sites x 3 windows x 2 branches: 18 SAEs
 
 W&B: the default logger is a WandbLogger in offline mode unless the environment sets WANDB_MODE
 (then that mode applies, e.g. ``online`` or ``disabled``). The run goes to
@@ -100,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries(wandb=True)
     trainer.fit(model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     if trainer.global_rank == 0:
-        root = model.hparams.save_dir or str(Path(trainer.default_root_dir) / "sae")
-        print(f"SAE saved to {Path(root) / model.save_folder_name()}")
-        metrics = getattr(model, "last_val_metrics", {})
-        for key in ("metrics/fvu", "metrics/l0", "sparsity/dead_fraction_val", "metrics/fraction_recovered"):
-            if key in metrics:
-                print(f"{key} = {metrics[key]:.4f}")
+        for k, path in enumerate(model.saved):
+            print(f"SAE saved to {path}")
+            pre = model.prefix(k)
+            for key in ("metrics/fvu", "metrics/l0", "sparsity/dead_fraction_val", "metrics/fraction_recovered"):
+                if pre + key in model.last_val_metrics:
+                    print(f"  {key} = {model.last_val_metrics[pre + key]:.4f}")
         skipped = int(trainer.callback_metrics.get("data/nonfinite_rows", cli.datamodule.nonfinite_rows))
         if skipped:
             print(f"skipped {skipped} rows holding NaN or inf (--data.nonfinite skip; use --data.nonfinite error "

@@ -222,6 +222,16 @@ class Placement:
         return placed
 
     @property
+    def folder_name(self) -> str:
+        """``<site>[__<window>][__<branch>]``: the SAE's folder under a run's save_dir and its W&B
+        namespace when a run trains several (a name for people: loading finds an SAE by the
+        placement in its cfg.json, see ``SAE.from_pretrained``)."""
+        name = self.site or "sae"
+        if self.window is not None:
+            name += f"__{self.window_label}"
+        return name if self.branch is None else f"{name}__{self.branch}"
+
+    @property
     def window_label(self) -> str:
         """The window as a short name (``early``, ``tau0.6-1``, ``all``)."""
         from activations.timesteps import Window, parse_when

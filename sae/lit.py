@@ -1,4 +1,15 @@
-"""``LitSAE``: trains one ``SparseCoder`` with Lightning (CPU, one GPU, DDP over GPUs and nodes).
+"""``LitSAE``: trains ``SparseCoder``s with Lightning (CPU, one GPU, DDP over GPUs and nodes).
+
+One run trains one SAE per part of its ``ActivationDataModule`` (a site x window x branch; one
+part is the usual single SAE). Each SAE is an ``SAEMember``: its coder, input scale and counters,
+its own Adam parameter group (Adam's moments are per parameter), learning-rate schedule (on its
+own step count), gradient clipping, W&B namespace ``<folder name>/`` (none for a run of one) and
+folder. A batch holds one site's rows and trains the SAEs whose rows it holds, so each site is
+read once for all of its SAEs (Tinaz et al. 2025 train 18 per model; sparsify trains many hook
+points in one run). A run's SAE starts from the same weights, sees the same batches and ends with
+the same weights as the same SAE trained alone (tests/test_sae_many.py). DDP over a run of
+several SAEs needs ``--trainer.strategy ddp_find_unused_parameters_true``: a batch leaves the
+other sites' SAEs without gradients.
 
 Training recipe (each a documented init argument, hence a ``diffatlas train`` option):
 - activations are multiplied by one scalar so that E||x|| = sqrt(d_in) (SAELens; Anthropic's April
@@ -14,8 +25,8 @@ Training recipe (each a documented init argument, hence a ``diffatlas train`` op
 - latents that have not fired for ``dead_tokens_threshold`` tokens feed AuxK.
 
 Feature statistics from the training run (``feature_stats``, on by default): after the last epoch
-and the calibration, the SAE exactly as saved (read back from its folder, on the CPU) encodes every
-row of its site once more, without gradients, and the statistics of ``diffatlas analyze features``
+and the calibration, the SAEs exactly as saved (read back from their folders, on the CPU) encode
+every row of their site once more (one read of a site for all of its SAEs), without gradients, and the statistics of ``diffatlas analyze features``
 (``sae.stats.compute_feature_stats``: density, profiles, top tokens, co-firing counts) are
 accumulated while it encodes; they are saved next to the SAE in ``<sae folder>/feature_stats/``
 (``FeatureStats.save``'s files), where ``diffatlas analyze features`` picks them up instead of its
@@ -29,7 +40,7 @@ training window's or branch's rows): that is what ``diffatlas analyze features``
 the statistics can stand in for its pass exactly; the pass reads each row once, in the same
 contiguous chunks, and replaces the separate pass rather than adding to it.
 
-W&B keys: ``losses/*`` (each named loss of the architecture and ``losses/total``), ``train/l0``,
+W&B keys (each under ``<folder name>/`` when the run trains several SAEs): ``losses/*`` (each named loss of the architecture and ``losses/total``), ``train/l0``,
 ``train/fvu``, ``metrics/fvu``, ``metrics/fvu/{early,middle,late}``, ``metrics/mse``, ``metrics/l0``,
 ``sparsity/dead_fraction``, ``sparsity/dense_fraction``, ``sparsity/dead_fraction_val``,
 histograms ``sparsity/log10_feature_density`` and ``sparsity/decoder_norm``, and
@@ -40,8 +51,10 @@ and ``metrics/denoising_loss/{clean,sae,zero,mean}``.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +63,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from common.errors import UsageError
 from sae.config import SparseCoderConfig
@@ -113,8 +126,34 @@ def _histogram(values: Tensor, bins: int = 64):
 torch.serialization.add_safe_globals([SparseCoderConfig, RecoveredConfig])
 
 
+class SAEMember(nn.Module):
+    """One SAE of a run: its coder, its input scale and its running counters (buffers, so a
+    checkpoint holds them)."""
+
+    def __init__(self, cfg: SparseCoderConfig, d_in: int):
+        super().__init__()
+        self.coder = get_architecture(cfg.architecture)(cfg, d_in)
+        m = self.coder.num_latents
+        self.register_buffer("act_scale", torch.tensor(1.0, dtype=torch.float64))
+        self.register_buffer("act_mean", torch.zeros(d_in))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("tokens_since_fired", torch.zeros(m, dtype=torch.float64))
+        self.register_buffer("window_fire", torch.zeros(m, dtype=torch.float64))
+        self.register_buffer("window_tokens", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("total_tokens", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("last_log10_density", torch.full((m,), -10.0))
+        # optimiser steps this SAE has taken: its own schedule's clock (a run's global step counts
+        # the batches of every site)
+        self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
+
+    def normalise(self, x: Tensor) -> Tensor:
+        return x.to(self.coder.dtype) * self.act_scale.to(self.coder.dtype)
+
+
 class LitSAE(pl.LightningModule):
-    """A sparse autoencoder trained on one site's activations."""
+    """Sparse autoencoders trained on a store's activations: one, or one per site x window x
+    branch of its ``ActivationDataModule`` (each with its own optimiser state, schedule, metrics
+    namespace and folder; the batches of a site are read once for all of its SAEs)."""
 
     def __init__(
         self,
@@ -139,15 +178,16 @@ class LitSAE(pl.LightningModule):
     ):
         """
         Args:
-            sae: The SAE: architecture, size and sparsity settings (saved as cfg.json).
+            sae: The SAE: architecture, size and sparsity settings (saved as cfg.json); every SAE
+                of a run has them (num_latents 0: each its own site's width x expansion_factor).
             d_in: Input width. 0 takes the site's width; a different non-zero value is an error.
             lr: Adam learning rate; null uses Gao et al. 2024's 2e-4 / sqrt(num_latents / 2^14).
             adam_betas: Adam betas (Gao et al. 2024 use 0.9, 0.999).
             adam_eps: Adam epsilon (Gao et al. 2024: 6.25e-10).
             lr_warmup_steps: Linear learning-rate warm-up, capped at 10% of the run.
             lr_decay_fraction: Final fraction of the run over which the learning rate decays linearly to 0.
-            grad_clip_norm: Clip the gradient norm to this value (Gao et al. 2024: 1); 0 disables.
-                The Trainer's gradient_clip_val, when set, takes precedence.
+            grad_clip_norm: Clip the gradient norm to this value (Gao et al. 2024: 1), each SAE's
+                own; 0 disables. The Trainer's gradient_clip_val, when set, takes precedence.
             normalize_activations: Scale inputs by one scalar so that E||x|| = sqrt(d_in); folded into
                 the saved weights.
             b_dec_init: Initial decoder bias: geometric median or mean of a data sample, or zeros.
@@ -155,12 +195,13 @@ class LitSAE(pl.LightningModule):
             dense_threshold: A latent firing on more than this fraction of tokens counts as dense.
             histogram_every_n_steps: Steps between feature-density / decoder-norm histograms (the
                 density window).
-            save_dir: Where the trained SAE is written at the end of fit (one folder per site,
-                sparsify / SAELens layout); null means <trainer.default_root_dir>/sae.
+            save_dir: Where the trained SAEs are written at the end of fit (one folder per SAE,
+                <site>[__<window>][__<branch>], sparsify / SAELens layout); null means
+                <trainer.default_root_dir>/sae.
             recovered: The loss-recovered metric.
-            feature_stats: After training, encode every row of the site once with the saved SAE and
-                save its feature statistics in <sae folder>/feature_stats (what diffatlas analyze
-                features computes; it reuses them when they match).
+            feature_stats: After training, encode every row of each site once with its saved SAEs
+                and save their feature statistics in <sae folder>/feature_stats (what diffatlas
+                analyze features computes; it reuses them when they match).
             feature_stats_top_k: Top tokens kept per feature in those statistics (analyze features'
                 --top_k must equal it for them to be reused).
             feature_stats_cooc_top: Most co-firing features kept per feature in those statistics.
@@ -173,76 +214,128 @@ class LitSAE(pl.LightningModule):
         self.recovered_cfg = copy.deepcopy(recovered) if recovered is not None else RecoveredConfig()
         self.save_hyperparameters()
         self.d_in_arg = d_in
-        self.coder: SparseCoder | None = None
-        self._fvu: FVUAccumulator | None = None
-        self._val_fire: Tensor | None = None
+        self.members = nn.ModuleDict()
+        self._fvu: dict[int, FVUAccumulator] = {}
+        self._val_fire: dict[int, Tensor] = {}
+        self._stepped: list[int] = []
         self._pipe = None
+        self.last_val_metrics: dict[str, float] = {}
+        self.saved: list[Path] = []
         if d_in > 0:
-            self._build(d_in)
+            self._build([d_in])
 
     # ------------------------------------------------------------------------------- building
-    def _build(self, d_in: int) -> None:
-        arch = get_architecture(self.sae_cfg.architecture)
-        self.coder = arch(self.sae_cfg, d_in)
-        m = self.coder.num_latents
-        self.register_buffer("act_scale", torch.tensor(1.0, dtype=torch.float64))
-        self.register_buffer("act_mean", torch.zeros(d_in))
-        self.register_buffer("initialized", torch.tensor(False))
-        self.register_buffer("tokens_since_fired", torch.zeros(m, dtype=torch.float64))
-        self.register_buffer("window_fire", torch.zeros(m, dtype=torch.float64))
-        self.register_buffer("window_tokens", torch.tensor(0.0, dtype=torch.float64))
-        self.register_buffer("total_tokens", torch.tensor(0.0, dtype=torch.float64))
-        self.register_buffer("last_log10_density", torch.full((m,), -10.0))
+    def _build(self, widths: list[int], names: list[str] | None = None) -> None:
+        members = {}
+        for k, width in enumerate(widths):
+            # Each SAE's initial weights come from the run's seed and its own name, not from its
+            # place in the run: an SAE of a grid starts where the same SAE trained alone starts.
+            name = names[k] if names else "sae"
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((torch.initial_seed() + zlib.crc32(name.encode())) % 2**63)
+                members[str(k)] = SAEMember(self.sae_cfg, width)
+        self.members = nn.ModuleDict(members)
+
+    def member(self, k: int) -> SAEMember:
+        return self.members[str(k)]
+
+    @property
+    def coder(self) -> SparseCoder | None:
+        """The run's SAE, when it trains one (None before it is built)."""
+        if len(self.members) == 0:
+            return None
+        if len(self.members) > 1:
+            raise UsageError(f"this run trains {len(self.members)} SAEs; take one with .member(k).coder")
+        return self.member(0).coder
 
     def _datamodule(self):
         trainer = self._trainer
         return getattr(trainer, "datamodule", None) if trainer is not None else None
 
+    def _parts(self) -> list | None:
+        dm = self._datamodule()
+        return dm.parts if dm is not None and hasattr(dm, "parts") else None
+
+    def prefix(self, k: int) -> str:
+        """The W&B namespace of SAE ``k``: none for a run of one SAE, ``<folder name>/`` otherwise."""
+        return "" if len(self.members) == 1 else f"{self.placement(k).folder_name}/"
+
     def configure_model(self) -> None:
         dm = self._datamodule()
-        width = dm.width if dm is not None and hasattr(dm, "width") else None
-        if self.coder is not None:
-            if width is not None and width != self.coder.d_in:
+        parts = self._parts()
+        if parts is None:
+            if len(self.members) == 0:
+                raise ValueError("LitSAE needs d_in > 0 when it is not trained with an ActivationDataModule")
+            return
+        widths = [dm.width_of(p) for p in parts]
+        for part, width in zip(parts, widths):
+            if self.d_in_arg and width != self.d_in_arg:
                 raise UsageError(
-                    f"SAE input width d_in={self.coder.d_in} does not match site {dm.site_name!r} "
+                    f"SAE input width d_in={self.d_in_arg} does not match site {part.site!r} "
                     f"of width {width}; set --model.d_in 0 (use the site's width) or {width}"
                 )
-            return
-        if width is None:
-            raise ValueError("LitSAE needs d_in > 0 when it is not trained with an ActivationDataModule")
-        self._build(width)
+        built = [self.member(k).coder.d_in for k in range(len(self.members))]
+        if built != widths:
+            if built and len(built) == len(widths):  # restored from a checkpoint of another run
+                raise UsageError(f"the SAEs' widths {built} do not match the sites' widths {widths}")
+            self._build(widths, [p.name for p in parts])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        parts = self._parts()
+        if parts is not None:
+            checkpoint["sae_names"] = [p.name for p in parts]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.coder is None:
-            self._build(int(checkpoint["state_dict"]["coder.W_dec"].shape[1]))
+        state = checkpoint["state_dict"]
+        if "coder.W_dec" in state:  # a one-SAE checkpoint written before runs held several SAEs
+            checkpoint["state_dict"] = state = {f"members.0.{k}": v for k, v in state.items()}
+        saved, parts = checkpoint.get("sae_names"), self._parts()
+        if saved is not None and parts is not None and saved != [p.name for p in parts]:
+            raise UsageError(f"the checkpoint trains the SAEs {', '.join(saved)}; this command trains "
+                             f"{', '.join(p.name for p in parts)}: resume with the same sites, windows and branches")
+        widths = []
+        while f"members.{len(widths)}.coder.W_dec" in state:
+            widths.append(int(state[f"members.{len(widths)}.coder.W_dec"].shape[1]))
+        if len(self.members) == 0:
+            self._build(widths)
+        elif len(widths) != len(self.members):
+            raise UsageError(f"the checkpoint holds {len(widths)} SAE(s); this run trains {len(self.members)}: resume "
+                             f"with the same sites, windows and branches")
 
     # ---------------------------------------------------------------------------------- init
     @torch.no_grad()
-    def _initialize_from_data(self) -> None:
+    def _initialize_from_data(self, k: int) -> None:
+        member = self.member(k)
         dm = self._datamodule()
         if dm is None or not hasattr(dm, "sample"):
             log.warning("no ActivationDataModule: skipping data-based initialisation (scale 1, b_dec 0)")
-            self.initialized.fill_(True)
+            member.initialized.fill_(True)
             return
-        x = dm.sample(self.hparams.init_samples).to(self.device)
+        x = dm.sample(self.hparams.init_samples, part=k).to(self.device)
         d = x.shape[1]
-        self.act_mean.copy_(x.mean(0))
+        member.act_mean.copy_(x.mean(0))
         scale = math.sqrt(d) / float(x.norm(dim=-1).mean()) if self.hparams.normalize_activations else 1.0
-        self.act_scale.fill_(scale)
+        member.act_scale.fill_(scale)
         xs = x * scale
         if self.hparams.b_dec_init == "geometric_median":
-            self.coder.b_dec.copy_(geometric_median(xs))
+            member.coder.b_dec.copy_(geometric_median(xs))
         elif self.hparams.b_dec_init == "mean":
-            self.coder.b_dec.copy_(xs.mean(0))
+            member.coder.b_dec.copy_(xs.mean(0))
         elif self.hparams.b_dec_init == "zeros":
-            self.coder.b_dec.zero_()
+            member.coder.b_dec.zero_()
         else:
             raise UsageError(f"b_dec_init must be geometric_median, mean or zeros, got {self.hparams.b_dec_init!r}")
-        self.initialized.fill_(True)
+        member.initialized.fill_(True)
 
     def on_fit_start(self) -> None:
-        if not bool(self.initialized):
-            self._initialize_from_data()
+        if self._world() > 1 and len(self.members) > 1:
+            kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
+            if kwargs is not None and not kwargs.get("find_unused_parameters"):
+                raise UsageError(f"DDP over a run of {len(self.members)} SAEs needs --trainer.strategy "
+                                 "ddp_find_unused_parameters_true (each batch trains the SAEs of one site only)")
+        for k in range(len(self.members)):
+            if not bool(self.member(k).initialized):
+                self._initialize_from_data(k)
 
     # ----------------------------------------------------------------------------- optimiser
     def _total_steps(self) -> int:
@@ -258,6 +351,15 @@ class LitSAE(pl.LightningModule):
         self._total_steps_cache = (self._trainer, total)
         return total
 
+    def member_total_steps(self, k: int) -> int:
+        """The steps SAE ``k`` is expected to take: the run's, times its site's share of the batches."""
+        total = self._total_steps()
+        dm = self._datamodule()
+        if not total or dm is None or not hasattr(dm, "site_batches") or len(dm.sites) == 1:
+            return total
+        counts = dm.site_batches(self._world())
+        return max(1, round(total * counts[dm.parts[k].site] / max(1, sum(counts.values()))))
+
     def lr_factor(self, step: int, total: int) -> float:
         """Multiplier of the base learning rate at optimiser step ``step`` of ``total``."""
         warm = min(self.hparams.lr_warmup_steps, int(0.1 * total)) if total else self.hparams.lr_warmup_steps
@@ -269,117 +371,162 @@ class LitSAE(pl.LightningModule):
                 return max(0.0, (total - step) / max(1, total - decay_start))
         return 1.0
 
-    def base_lr(self) -> float:
+    def _member_lr_factor(self, k: int, _scheduler_step: int) -> float:
+        return self.lr_factor(int(self.member(k).steps), self.member_total_steps(k))
+
+    def base_lr(self, k: int = 0) -> float:
         if self.hparams.lr is not None:
             return float(self.hparams.lr)
-        return 2e-4 / math.sqrt(self.coder.num_latents / 2**14)
+        return 2e-4 / math.sqrt(self.member(k).coder.num_latents / 2**14)
 
     def configure_optimizers(self):
-        opt = torch.optim.Adam(self.coder.parameters(), lr=self.base_lr(), betas=tuple(self.hparams.adam_betas),
+        # One Adam, one parameter group per SAE: Adam's state is per parameter, so each SAE has its
+        # own moments, learning rate and schedule; an SAE without rows in a batch has no gradient
+        # and is not stepped.
+        groups = [{"params": list(self.member(k).coder.parameters()), "lr": self.base_lr(k)}
+                  for k in range(len(self.members))]
+        opt = torch.optim.Adam(groups, lr=groups[0]["lr"], betas=tuple(self.hparams.adam_betas),
                                eps=self.hparams.adam_eps)
-        total = self._total_steps()
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_factor(step, total))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, [functools.partial(self._member_lr_factor, k) for k in range(len(self.members))])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        if gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        elif self.hparams.grad_clip_norm > 0:
-            self.clip_gradients(optimizer, self.hparams.grad_clip_norm, "norm")
+        value, algorithm = (gradient_clip_val, gradient_clip_algorithm or "norm") if gradient_clip_val else \
+            (self.hparams.grad_clip_norm, "norm")
+        if not value or value <= 0:
+            return
+        for k in self._stepped:  # each SAE clipped on its own gradient
+            params = [p for p in self.member(k).coder.parameters() if p.grad is not None]
+            if algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, value)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, value)
 
     def on_after_backward(self) -> None:
-        self.coder.before_optimizer_step()
+        for k in self._stepped:
+            self.member(k).coder.before_optimizer_step()
 
     def optimizer_step(self, *args, **kwargs):
         out = super().optimizer_step(*args, **kwargs)
-        self.coder.after_optimizer_step()
+        for k in self._stepped:
+            self.member(k).coder.after_optimizer_step()
         return out
 
     # ------------------------------------------------------------------------------ training
     def _world(self) -> int:
         return int(self.trainer.world_size) if self._trainer is not None else 1
 
-    def normalise(self, x: Tensor) -> Tensor:
-        return x.to(self.coder.dtype) * self.act_scale.to(self.coder.dtype)
+    def _group(self):
+        return dist.group.WORLD if self._world() > 1 and dist.is_initialized() else None
+
+    @staticmethod
+    def _rows(batch: dict[str, Any], idx: Tensor | None) -> Tensor:
+        return batch["acts"] if idx is None else batch["acts"][idx]
+
+    def normalise(self, x: Tensor, k: int = 0) -> Tensor:
+        return self.member(k).normalise(x)
 
     @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Raw activations [..., d] -> raw-space reconstruction with the inference-time encoder."""
+    def reconstruct(self, x: Tensor, k: int = 0) -> Tensor:
+        """Raw activations [..., d] -> raw-space reconstruction of SAE ``k`` with the inference-time encoder."""
+        member = self.member(k)
         shape = x.shape
-        flat = self.normalise(x.reshape(-1, shape[-1]).to(self.device))
-        return (self.coder(flat) / self.act_scale.to(self.coder.dtype)).reshape(shape).to(x.dtype)
+        flat = member.normalise(x.reshape(-1, shape[-1]).to(self.device))
+        return (member.coder(flat) / member.act_scale.to(member.coder.dtype)).reshape(shape).to(x.dtype)
+
+    def _parts_of(self, batch: dict[str, Any]) -> dict[int, Tensor | None]:
+        return batch["parts"] if "parts" in batch else {0: None}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        x = self.normalise(batch["acts"])
-        world = self._world()
-        total = self._total_steps()
-        ctx = TrainContext(
-            dead_mask=self.tokens_since_fired >= self.sae_cfg.dead_tokens_threshold,
-            progress=self.global_step / total if total else 1.0,
-            process_group=dist.group.WORLD if world > 1 and dist.is_initialized() else None,
-        )
-        out = self.coder.train_step(x, ctx)
-        with torch.no_grad():
-            fire = out.latents.fire_counts().double()
-            n = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
-            if ctx.process_group is not None:
-                dist.all_reduce(fire)
-                dist.all_reduce(n)
-            self.tokens_since_fired += n
-            self.tokens_since_fired[fire > 0] = 0
-            self.window_fire += fire
-            self.window_tokens += n
-            self.total_tokens += n
-            # Scalars are computed and handed to Lightning on logging steps only: the logger writes
-            # no others, and per-step metric work is a measurable share of a fast TopK step.
-            if self._is_log_step():
-                logs = {f"losses/{k}": v.detach() for k, v in out.losses.items()}
-                logs["losses/total"] = out.loss.detach()
-                logs["train/l0"] = out.latents.l0().mean()
-                self.log_dict(logs, prog_bar=False, sync_dist=False)
-                self.log("train/fvu", batch_fvu(x, out.recon.detach()), prog_bar=True)
-                if self.global_step > 0:  # dead/dense fractions need more than one batch
-                    self._log_sparsity()
-            if self.hparams.histogram_every_n_steps > 0 and (self.global_step + 1) % self.hparams.histogram_every_n_steps == 0:
-                self._log_histograms()
-        return out.loss
+        group = self._group()
+        log_step = self._is_log_step()
+        self._stepped = []
+        loss = None
+        for k, idx in self._parts_of(batch).items():
+            member = self.member(k)
+            x = member.normalise(self._rows(batch, idx))
+            total = self.member_total_steps(k)
+            ctx = TrainContext(
+                dead_mask=member.tokens_since_fired >= self.sae_cfg.dead_tokens_threshold,
+                progress=int(member.steps) / total if total else 1.0,
+                process_group=group,
+            )
+            out = member.coder.train_step(x, ctx)
+            self._stepped.append(k)
+            loss = out.loss if loss is None else loss + out.loss
+            with torch.no_grad():
+                self._count(member, out, x.shape[0], group)
+                # Scalars are computed and handed to Lightning on logging steps only: the logger
+                # writes no others, and per-step metric work is a measurable share of a fast TopK step.
+                if log_step:
+                    pre = self.prefix(k)
+                    logs = {f"{pre}losses/{name}": v.detach() for name, v in out.losses.items()}
+                    logs[f"{pre}losses/total"] = out.loss.detach()
+                    logs[f"{pre}train/l0"] = out.latents.l0().mean()
+                    self.log_dict(logs, prog_bar=False, sync_dist=False)
+                    self.log(f"{pre}train/fvu", batch_fvu(x, out.recon.detach()), prog_bar=len(self.members) == 1)
+                    if self.global_step > 0:  # dead/dense fractions need more than one batch
+                        self._log_sparsity(k)
+        if self.hparams.histogram_every_n_steps > 0 and (self.global_step + 1) % self.hparams.histogram_every_n_steps == 0:
+            for k in range(len(self.members)):
+                self._log_histograms(k)
+        return loss
+
+    @torch.no_grad()
+    def _count(self, member: SAEMember, out, n_rows: int, group) -> None:
+        fire = out.latents.fire_counts().double()
+        n = torch.tensor(float(n_rows), dtype=torch.float64, device=fire.device)
+        if group is not None:
+            dist.all_reduce(fire)
+            dist.all_reduce(n)
+        member.tokens_since_fired += n
+        member.tokens_since_fired[fire > 0] = 0
+        member.window_fire += fire
+        member.window_tokens += n
+        member.total_tokens += n
+        member.steps += 1
 
     def _is_log_step(self) -> bool:
         every = getattr(self.trainer, "log_every_n_steps", 50) or 50
         return self.global_step == 0 or (self.global_step + 1) % every == 0
 
-    def _dead_after(self) -> float:
-        return min(float(self.sae_cfg.dead_tokens_threshold), float(self.total_tokens))
+    def _log_sparsity(self, k: int) -> None:
+        member = self.member(k)
+        dead_after = min(float(self.sae_cfg.dead_tokens_threshold), float(member.total_tokens))
+        stats = sparsity_stats(member.window_fire, float(member.window_tokens), member.tokens_since_fired,
+                               dead_after, self.hparams.dense_threshold)
+        self.log_dict({f"{self.prefix(k)}sparsity/{name}": v for name, v in stats.items()})
 
-    def _log_sparsity(self) -> None:
-        stats = sparsity_stats(self.window_fire, float(self.window_tokens), self.tokens_since_fired,
-                               self._dead_after(), self.hparams.dense_threshold)
-        self.log_dict({f"sparsity/{k}": v for k, v in stats.items()})
-
-    def _log_histograms(self) -> None:
-        density = log10_density(self.window_fire, float(self.window_tokens))
-        self.last_log10_density.copy_(density)
-        self.window_fire.zero_()
-        self.window_tokens.zero_()
-        norms = self.coder.W_dec.detach().norm(dim=-1).float().cpu()
+    def _log_histograms(self, k: int) -> None:
+        member = self.member(k)
+        if member.window_tokens <= 0:
+            return
+        density = log10_density(member.window_fire, float(member.window_tokens))
+        member.last_log10_density.copy_(density)
+        member.window_fire.zero_()
+        member.window_tokens.zero_()
+        norms = member.coder.W_dec.detach().norm(dim=-1).float().cpu()
+        pre = self.prefix(k)
         for logger in self.loggers:
             if type(logger).__name__ == "WandbLogger" and self.global_rank == 0:
                 import wandb
 
                 logger.experiment.log({
-                    "sparsity/log10_feature_density": wandb.Histogram(np_histogram=_histogram(density)),
-                    "sparsity/decoder_norm": wandb.Histogram(np_histogram=_histogram(norms)),
+                    f"{pre}sparsity/log10_feature_density": wandb.Histogram(np_histogram=_histogram(density)),
+                    f"{pre}sparsity/decoder_norm": wandb.Histogram(np_histogram=_histogram(norms)),
                     "trainer/global_step": self.global_step,
                 })
 
     @torch.no_grad()
-    def _calibrate(self) -> None:
+    def _calibrate(self, k: int) -> None:
         dm = self._datamodule()
         if dm is None or not hasattr(dm, "sample"):
             return
+        member = self.member(k)
         batch = int(dm.batch_size) * self._world()
-        x = self.normalise(dm.sample(max(self.hparams.init_samples, batch), seed=dm.seed + 1).to(self.device))
-        self.coder.calibrate(x, min(batch, x.shape[0]))
+        x = member.normalise(dm.sample(max(self.hparams.init_samples, batch), seed=dm.seed + 1, part=k).to(self.device))
+        member.coder.calibrate(x, min(batch, x.shape[0]))
 
     def on_train_epoch_end(self) -> None:
         # Rows skipped as NaN / inf so far (summed over ranks): visible in W&B, not only in the checkpoint.
@@ -389,79 +536,94 @@ class LitSAE(pl.LightningModule):
 
     def on_train_end(self) -> None:
         # Every rank computes the same calibration (same sample), so weights stay identical.
-        self._calibrate()
-        if self.window_tokens > 0:
-            self._log_histograms()
+        for k in range(len(self.members)):
+            self._calibrate(k)
+            self._log_histograms(k)
         if self.global_rank == 0:
-            path = self.save_trained()
-            log.info("saved SAE to %s", path)
+            self.saved = [self.save_trained(k=k) for k in range(len(self.members))]
+            for path in self.saved:
+                log.info("saved SAE to %s", path)
             if self.hparams.feature_stats:
-                self.save_feature_stats(path)
+                self.save_feature_stats(self.saved)
 
-    def save_feature_stats(self, path: str | Path, *, progress: bool = False) -> Path | None:
-        """Encode every row of the site once with the SAE saved in ``path`` (read back, CPU, no
-        gradients) and save its feature statistics in ``path/feature_stats`` (see the module doc);
-        None without an ActivationDataModule."""
+    def save_feature_stats(self, paths: list[str | Path] | str | Path, *, progress: bool = False) -> list[Path]:
+        """Encode every row of each site once with the SAEs saved in ``paths`` (one per SAE of the
+        run, in order; read back, CPU, no gradients) and save each one's feature statistics in
+        ``<path>/feature_stats`` (see the module doc). Each site is read once for all of its SAEs;
+        nothing without an ActivationDataModule."""
         dm = self._datamodule()
-        if dm is None or not hasattr(dm, "reader"):
-            return None
+        if dm is None or not hasattr(dm, "parts"):
+            return []
         from sae.stats import SAE_STATS_DIR, compute_feature_stats
 
-        sae = SparseCoder.from_pretrained(path)
-        stats = compute_feature_stats(sae, dm.reader, top_k=self.hparams.feature_stats_top_k,
-                                      cooc_top=self.hparams.feature_stats_cooc_top, progress=progress,
-                                      store_root=str(Path(dm.store_path).resolve()))
-        stats.info["from"] = "training"
-        out = stats.save(Path(path) / SAE_STATS_DIR)
-        log.info("saved feature statistics to %s", out)
+        paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+        out = []
+        for site in dm.sites:
+            ks = dm.parts_of(site)
+            saes = [SparseCoder.from_pretrained(paths[k]) for k in ks]
+            stats = compute_feature_stats(saes, dm.site_reader(site), top_k=self.hparams.feature_stats_top_k,
+                                          cooc_top=self.hparams.feature_stats_cooc_top, progress=progress,
+                                          store_root=str(Path(dm.store_path).resolve()))
+            for k, one in zip(ks, stats):
+                one.info["from"] = "training"
+                out.append(one.save(paths[k] / SAE_STATS_DIR))
+                log.info("saved feature statistics to %s", out[-1])
         return out
 
     # ---------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
-        self._fvu = FVUAccumulator(self.coder.d_in, device=self.device)
-        self._val_fire = torch.zeros(self.coder.num_latents, dtype=torch.float64, device=self.device)
+        self._fvu = {k: FVUAccumulator(self.member(k).coder.d_in, device=self.device) for k in range(len(self.members))}
+        self._val_fire = {k: torch.zeros(self.member(k).coder.num_latents, dtype=torch.float64, device=self.device)
+                          for k in range(len(self.members))}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        x = self.normalise(batch["acts"])
-        latents = self.coder.encode(x)
-        recon = self.coder.decode(latents)
-        self._fvu.update(x, recon, batch["tau"].to(x.device), latents.l0())
-        self._val_fire += latents.fire_counts().double()
+        for k, idx in self._parts_of(batch).items():
+            member = self.member(k)
+            x = member.normalise(self._rows(batch, idx))
+            latents = member.coder.encode(x)
+            recon = member.coder.decode(latents)
+            tau = batch["tau"] if idx is None else batch["tau"][idx]
+            self._fvu[k].update(x, recon, tau.to(x.device), latents.l0())
+            self._val_fire[k] += latents.fire_counts().double()
 
     def on_validation_epoch_end(self) -> None:
-        self._fvu.reduce()
-        if self._world() > 1 and dist.is_initialized():
-            dist.all_reduce(self._val_fire)
-        metrics = {f"metrics/{k}": v for k, v in self._fvu.compute().items()}
-        metrics["sparsity/dead_fraction_val"] = float((self._val_fire == 0).double().mean())
-        self.log_dict(metrics, sync_dist=False)
-        self.last_val_metrics = dict(metrics)
-        if self.recovered_cfg.images > 0 and not self.trainer.sanity_checking:
-            rec = self._loss_recovered() if self.global_rank == 0 else None
-            if rec:
-                self.log_dict(rec, rank_zero_only=True)
-                self.last_val_metrics.update(rec)
+        for k in range(len(self.members)):
+            self._fvu[k].reduce()
+            if self._world() > 1 and dist.is_initialized():
+                dist.all_reduce(self._val_fire[k])
+            pre = self.prefix(k)
+            metrics = {f"{pre}metrics/{name}": v for name, v in self._fvu[k].compute().items()}
+            metrics[f"{pre}sparsity/dead_fraction_val"] = float((self._val_fire[k] == 0).double().mean())
+            self.log_dict(metrics, sync_dist=False)
+            self.last_val_metrics.update(metrics)
+            if self.recovered_cfg.images > 0 and not self.trainer.sanity_checking:
+                rec = self._loss_recovered(k) if self.global_rank == 0 else None
+                if rec:
+                    rec = {f"{pre}{name}": v for name, v in rec.items()}
+                    self.log_dict(rec, rank_zero_only=True)
+                    self.last_val_metrics.update(rec)
 
     # -------------------------------------------------------------------------- loss recovered
-    def _loss_recovered(self) -> dict[str, float] | None:
+    def _loss_recovered(self, k: int) -> dict[str, float] | None:
         dm = self._datamodule()
-        if dm is None or not hasattr(dm, "reader"):
+        if dm is None or not hasattr(dm, "parts"):
             return None
         root = Path(dm.store_path)
         if not (root / "images").is_dir() or not (root / "prompts.jsonl").exists():
             log.info("store %s has no images/ or prompts.jsonl: skipping metrics/fraction_recovered", root)
             return None
         cfg = self.recovered_cfg
-        reader = dm.reader
-        val_images = sorted({int(i) for i in reader.meta_column("image")[dm.val_ids]})[: cfg.images]
+        part = dm.parts[k]
+        reader = dm.site_reader(part.site)
+        val_images = sorted({int(i) for i in reader.meta_column("image")[dm.part_rows(k, "val")]})[: cfg.images]
         if not val_images:
             return None
         manifest = reader.manifest
         timesteps = [int(t) for t in manifest.get("timesteps", [])]
-        if dm.window is not None:
+        if part.window is not None:
             n_train = int(manifest.get("num_train_timesteps", 1000))
             steps = manifest.get("steps", list(range(len(timesteps))))
-            keep = dm.window.mask(np.asarray(steps), np.asarray(timesteps), n_train)
+            keep = part.window.mask(np.asarray(steps), np.asarray(timesteps), n_train)
             timesteps = [t for t, ok in zip(timesteps, keep) if ok]
         timesteps = spread_timesteps(timesteps, cfg.timesteps)
         if not timesteps:
@@ -470,17 +632,18 @@ class LitSAE(pl.LightningModule):
         from activations.edits import Ablate
         from activations.evaluate import evaluate
 
-        sae = self.export_sae()
-        sae.placement = self.placement()
+        sae = self.export_sae(k)
+        sae.placement = self.placement(k)
         site, stage = sae.placement.site, sae.placement.stage
+        mean = _as_stage_value(self.member(k).act_mean.detach().cpu(), stage, manifest)
         sets = {
             "clean": [],
             "sae": [sae.splice(error_term=False)],
             "zero": [Ablate(site=site, stage=stage)],
-            "mean": [Ablate(site=site, stage=stage, value=_as_stage_value(self.act_mean.detach().cpu(), stage, manifest))],
+            "mean": [Ablate(site=site, stage=stage, value=mean)],
         }
         losses = evaluate(pipe, sets, store=root, images=val_images, timesteps=timesteps, seed=cfg.seed)
-        out = {f"metrics/denoising_loss/{k}": v for k, v in losses.items()}
+        out = {f"metrics/denoising_loss/{name}": v for name, v in losses.items()}
         out["metrics/fraction_recovered"] = fraction_recovered(losses["clean"], losses["sae"], losses["zero"])
         out["metrics/fraction_recovered_mean_ablation"] = fraction_recovered(losses["clean"], losses["sae"], losses["mean"])
         return out
@@ -505,45 +668,46 @@ class LitSAE(pl.LightningModule):
         return self._pipe
 
     # ----------------------------------------------------------------------------- export
-    def export_sae(self) -> SparseCoder:
-        """A copy of the SAE that takes raw activations (normaliser folded in), on the CPU."""
-        sae = copy.deepcopy(self.coder).cpu()
-        sae.fold_input_scale(float(self.act_scale))
+    def export_sae(self, k: int = 0) -> SparseCoder:
+        """A copy of SAE ``k`` that takes raw activations (normaliser folded in), on the CPU."""
+        member = self.member(k)
+        sae = copy.deepcopy(member.coder).cpu()
+        sae.fold_input_scale(float(member.act_scale))
         return sae
 
-    def placement(self):
-        """Where this SAE belongs (site, stage, window, branch, model), from its data module."""
+    def placement(self, k: int = 0):
+        """Where SAE ``k`` belongs (site, stage, window, branch, model), from its data module."""
         from sae.config import Placement
 
-        dm = self._datamodule()
-        if dm is None or not hasattr(dm, "reader"):
-            return Placement(normalizer_folded=float(self.act_scale))
-        manifest = dm.manifest
+        scale = float(self.member(k).act_scale)
+        parts = self._parts()
+        if parts is None:
+            return Placement(normalizer_folded=scale)
+        dm, part = self._datamodule(), parts[k]
+        manifest = dm.site_reader(part.site).manifest
         return Placement(
-            site=dm.site_name, stage="block" if manifest.get("kind", "block") in ("block", "synthetic") else "heads",
-            window=dm.window_spec, branch=dm.branch, model=manifest.get("model"),
-            model_revision=manifest.get("model_revision"), normalizer_folded=float(self.act_scale),
+            site=part.site, stage="block" if manifest.get("kind", "block") in ("block", "synthetic") else "heads",
+            window=part.window_spec, branch=part.branch, model=manifest.get("model"),
+            model_revision=manifest.get("model_revision"), normalizer_folded=scale,
         )
 
-    def save_folder_name(self) -> str:
-        """``<site>`` or ``<site>__<window>`` (the folder is a name for people: loading finds an SAE
-        by the site and window in its cfg.json, see ``SAE.from_pretrained``)."""
-        placed = self.placement()
-        site = placed.site or "sae"
-        return site if placed.window is None else f"{site}__{placed.window_label}"
+    def save_folder_name(self, k: int = 0) -> str:
+        """``<site>[__<window>][__<branch>]`` (``Placement.folder_name``)."""
+        return self.placement(k).folder_name
 
-    def save_trained(self, path: str | Path | None = None) -> Path:
-        """Write the raw-space SAE (sae.safetensors, cfg.json, sparsity.safetensors); returns its folder."""
+    def save_trained(self, path: str | Path | None = None, k: int = 0) -> Path:
+        """Write SAE ``k`` in raw space (sae.safetensors, cfg.json, sparsity.safetensors); returns its folder."""
         if path is None:
             root = self.hparams.save_dir or str(Path(self.trainer.default_root_dir) / "sae")
-            path = Path(root) / self.save_folder_name()
+            path = Path(root) / self.save_folder_name(k)
         dm = self._datamodule()
-        extra: dict[str, Any] = {"trained_tokens": int(self.total_tokens)}
+        member = self.member(k)
+        extra: dict[str, Any] = {"trained_tokens": int(member.total_tokens)}
         if dm is not None and hasattr(dm, "store_path"):
             extra["store"] = str(dm.store_path)
-        sae = self.export_sae()
-        sae.placement = self.placement()
-        return sae.save_pretrained(path, sparsity=self.last_log10_density.cpu(), extra=extra)
+        sae = self.export_sae(k)
+        sae.placement = self.placement(k)
+        return sae.save_pretrained(path, sparsity=member.last_log10_density.cpu(), extra=extra)
 
 
 def _as_stage_value(mean: Tensor, stage: str, manifest: dict) -> Tensor:

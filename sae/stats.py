@@ -275,73 +275,96 @@ def stats_match(stats: FeatureStats, sae, reader, *, store_root: str | Path, row
     return None
 
 
-def compute_feature_stats(sae, reader, *, rows: np.ndarray | None = None, top_k: int = 16, cooc_top: int = 8,
+def compute_feature_stats(saes, reader, *, rows: np.ndarray | None = None, top_k: int = 16, cooc_top: int = 8,
                           chunk_rows: int = 8192, progress: bool = True, store_root: str | None = None,
-                          accumulate: bool = True) -> FeatureStats | None:
-    """One streaming pass of ``sae`` over ``reader``'s rows (all, or the given row ids).
+                          accumulate: bool = True):
+    """One streaming pass over ``reader``'s rows (all, or the given row ids) for one SAE, or for a
+    list of SAEs of the same width (a run's SAEs of one site): each chunk is read once and encoded
+    by each SAE. Returns a FeatureStats, or a list of them in the order of ``saes``.
 
     ``accumulate=False`` reads and encodes the same chunks and accumulates nothing (returns None):
     the same pass without the statistics, which ``benchmarks/feature_stats_speed.py`` times to
     measure what the statistics add (``stats_overhead``)."""
     from tqdm.auto import tqdm
 
-    if reader.width != sae.d_in:
-        raise UsageError(f"the SAE takes width {sae.d_in} but site {reader.name} has width {reader.width}")
+    many = isinstance(saes, (list, tuple))
+    saes = list(saes) if many else [saes]
+    for sae in saes:
+        if reader.width != sae.d_in:
+            raise UsageError(f"the SAE takes width {sae.d_in} but site {reader.name} has width {reader.width}")
     idx_all = np.arange(reader.num_rows, dtype=np.int64) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
-    m = sae.num_latents
-    h, w = reader.grid
     taus = np.unique(reader.meta_column("tau")[idx_all]) if len(idx_all) else np.zeros(0)
     taus = taus[::-1].copy()  # descending: tau 1 (noise) first
-    fires = torch.zeros(m, dtype=torch.float64)
-    total = torch.zeros(m, dtype=torch.float64)
-    vmax = torch.zeros(m)
-    tau_sum = torch.zeros(2 * len(taus), m, dtype=torch.float64)
-    tau_n = torch.zeros(2 * len(taus), dtype=torch.float64)
-    sp_sum = torch.zeros(h * w, m, dtype=torch.float64)
-    sp_n = torch.zeros(h * w, dtype=torch.float64)
-    top_act = torch.full((m, top_k), float("-inf"))
-    top_row = torch.full((m, top_k), -1, dtype=torch.long)
-    cooc = _Cooc(m)
-    asc = taus[::-1]
+    accs = [_StatsAccumulator(sae.num_latents, taus, reader.grid, top_k) for sae in saes] if accumulate else []
     bar = tqdm(total=len(idx_all), desc=f"feature stats {reader.name}", unit="tok", disable=not progress)
     for lo in range(0, len(idx_all), chunk_rows):
         ids = idx_all[lo: lo + chunk_rows]
         acts, meta = reader.read(ids)
-        tok, lat, val = sparse_codes(sae, acts.float())
-        if not accumulate:
-            bar.update(len(ids))
-            continue
-        fires.index_add_(0, lat, torch.ones_like(val, dtype=torch.float64))
-        total.index_add_(0, lat, val.double())
-        vmax = torch.maximum(vmax, torch.zeros(m).scatter_reduce(0, lat, val, "amax"))
-        # group of each token: branch * taus + tau index; position: i * W + j
-        t_ix = len(taus) - 1 - np.searchsorted(asc, meta["tau"])
-        group = torch.from_numpy(meta["branch"].astype(np.int64) * len(taus) + t_ix)
-        pos = torch.from_numpy(meta["i"].astype(np.int64) * w + meta["j"].astype(np.int64))
-        tau_n += torch.bincount(group, minlength=len(tau_n)).double()
-        sp_n += torch.bincount(pos, minlength=h * w).double()
-        tau_sum.view(-1).index_add_(0, group[tok] * m + lat, val.double())
-        sp_sum.view(-1).index_add_(0, pos[tok] * m + lat, val.double())
-        top_act, top_row = merge_topk(top_act, top_row, lat, val, torch.from_numpy(ids)[tok])
-        cooc.add(tok, lat)
+        x = acts.float()
+        for j, sae in enumerate(saes):
+            codes = sparse_codes(sae, x)
+            if accumulate:
+                accs[j].add(torch.from_numpy(ids), meta, *codes)
         bar.update(len(ids))
     bar.close()
     if not accumulate:
         return None
-    n = max(len(idx_all), 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tau_profile = (tau_sum / tau_n[:, None]).reshape(2, len(taus), m).float()
-        spatial = (sp_sum / sp_n[:, None]).float()
-    ci, cc = cooc.top(cooc_top)
-    top_meta = _top_meta(reader, top_row)
-    info = {"site": reader.name, "grid": [h, w], "rows": int(len(idx_all)), "num_latents": m, "top_k": top_k,
-            "cooc_top": cooc_top, "cooc_method": cooc.method, "sae": str(getattr(sae, "source", "")),
-            "sae_weights": weights_fingerprint(sae), "stage": sae.placement.stage,
-            "store": str(store_root) if store_root else str(reader.dir.parent)}
-    return FeatureStats(density=(fires / n).float(), mean=(total / n).float(),
-                        mean_active=(total / fires.clamp(min=1)).float(), max=vmax, taus=torch.from_numpy(taus).float(),
-                        tau_profile=tau_profile, spatial=spatial, top_act=top_act, top_row=top_row, top_meta=top_meta,
-                        cooc_idx=ci, cooc_count=cc, info=info)
+    out = []
+    for sae, acc in zip(saes, accs):
+        info = {"site": reader.name, "grid": list(reader.grid), "rows": int(len(idx_all)), "num_latents": sae.num_latents,
+                "top_k": top_k, "cooc_top": cooc_top, "sae": str(getattr(sae, "source", "")),
+                "sae_weights": weights_fingerprint(sae), "stage": sae.placement.stage,
+                "store": str(store_root) if store_root else str(reader.dir.parent)}
+        out.append(acc.finish(reader, len(idx_all), cooc_top, info))
+    return out if many else out[0]
+
+
+class _StatsAccumulator:
+    """The running sums of one SAE's statistics over a pass (see the module doc)."""
+
+    def __init__(self, m: int, taus: np.ndarray, grid: tuple[int, int], top_k: int):
+        h, w = grid
+        self.m, self.taus, self.w = m, taus, w
+        self.asc = taus[::-1]
+        self.fires = torch.zeros(m, dtype=torch.float64)
+        self.total = torch.zeros(m, dtype=torch.float64)
+        self.vmax = torch.zeros(m)
+        self.tau_sum = torch.zeros(2 * len(taus), m, dtype=torch.float64)
+        self.tau_n = torch.zeros(2 * len(taus), dtype=torch.float64)
+        self.sp_sum = torch.zeros(h * w, m, dtype=torch.float64)
+        self.sp_n = torch.zeros(h * w, dtype=torch.float64)
+        self.top_act = torch.full((m, top_k), float("-inf"))
+        self.top_row = torch.full((m, top_k), -1, dtype=torch.long)
+        self.cooc = _Cooc(m)
+
+    def add(self, ids: torch.Tensor, meta: dict, tok: torch.Tensor, lat: torch.Tensor, val: torch.Tensor) -> None:
+        m = self.m
+        self.fires.index_add_(0, lat, torch.ones_like(val, dtype=torch.float64))
+        self.total.index_add_(0, lat, val.double())
+        self.vmax = torch.maximum(self.vmax, torch.zeros(m).scatter_reduce(0, lat, val, "amax"))
+        # group of each token: branch * taus + tau index; position: i * W + j
+        t_ix = len(self.taus) - 1 - np.searchsorted(self.asc, meta["tau"])
+        group = torch.from_numpy(meta["branch"].astype(np.int64) * len(self.taus) + t_ix)
+        pos = torch.from_numpy(meta["i"].astype(np.int64) * self.w + meta["j"].astype(np.int64))
+        self.tau_n += torch.bincount(group, minlength=len(self.tau_n)).double()
+        self.sp_n += torch.bincount(pos, minlength=len(self.sp_n)).double()
+        self.tau_sum.view(-1).index_add_(0, group[tok] * m + lat, val.double())
+        self.sp_sum.view(-1).index_add_(0, pos[tok] * m + lat, val.double())
+        self.top_act, self.top_row = merge_topk(self.top_act, self.top_row, lat, val, ids[tok])
+        self.cooc.add(tok, lat)
+
+    def finish(self, reader, rows: int, cooc_top: int, info: dict) -> FeatureStats:
+        n = max(rows, 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tau_profile = (self.tau_sum / self.tau_n[:, None]).reshape(2, len(self.taus), self.m).float()
+            spatial = (self.sp_sum / self.sp_n[:, None]).float()
+        ci, cc = self.cooc.top(cooc_top)
+        info = dict(info, cooc_method=self.cooc.method)
+        return FeatureStats(density=(self.fires / n).float(), mean=(self.total / n).float(),
+                            mean_active=(self.total / self.fires.clamp(min=1)).float(), max=self.vmax,
+                            taus=torch.from_numpy(self.taus).float(), tau_profile=tau_profile, spatial=spatial,
+                            top_act=self.top_act, top_row=self.top_row, top_meta=_top_meta(reader, self.top_row),
+                            cooc_idx=ci, cooc_count=cc, info=info)
 
 
 def _top_meta(reader, top_row: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -29,7 +29,8 @@ def test_cli__help_documents_every_sae_option():
         "Gao et al. 2024, App. B.1: 1/32",
         "--model.lr_decay_fraction",
         "--model.b_dec_init",
-        "--data.window WINDOW Timestep window: early",
+        "--data.window+ WINDOW Timestep window: early",
+        "--data.saes SAES",
         "--data.nonfinite",
         "--model.recovered.images",
         "--ckpt_path",
@@ -52,7 +53,7 @@ def test_cli__each_shipped_config_trains_and_saves_an_sae(tmp_path, config):
         "--trainer.callbacks", "[]",
     ])
     assert rc == 0
-    sae = SAE.from_pretrained(tmp_path / "out" / "mid_block.attentions.0")
+    sae = SAE.from_pretrained(tmp_path / "out" / "mid_block.attentions.0__cond")
     assert sae.architecture == config and sae.d_in == 8
 
 

@@ -54,4 +54,4 @@ def test_resume__mid_epoch_checkpoint_reaches_uninterrupted_weights(tmp_path, ar
     assert resumed.global_step == full.global_step
     for (name, a), (_, b) in zip(full.coder.state_dict().items(), resumed.coder.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} differs after resume")
-    torch.testing.assert_close(full.tokens_since_fired, resumed.tokens_since_fired)
+    torch.testing.assert_close(full.member(0).tokens_since_fired, resumed.member(0).tokens_since_fired)
