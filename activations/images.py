@@ -100,15 +100,12 @@ class ImageSet:
         """uint8 [H, W, 3]; an unreadable image is a UsageError naming it."""
         if self.prompts is not None and self.source.kind == "renders":
             return np.asarray(self.prompts.truth_image(index), dtype=np.uint8)[..., :3]
-        from PIL import Image, UnidentifiedImageError
-
+        if self._files:
+            return read_pixels(self._files[index], self.name(index))
         try:
-            if self._files:
-                with Image.open(self._files[index]) as im:
-                    return np.asarray(im.convert("RGB"), dtype=np.uint8)
             image = self._dataset[index][self.source.column]
             return np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)[..., :3]
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+        except (OSError, ValueError) as e:
             raise UsageError(f"cannot read image {self.name(index)}: {e}") from None
 
     def sha256(self, index: int) -> str:
@@ -129,6 +126,20 @@ class ImageSet:
             if (h, w) != tuple(size):
                 raise UsageError(f"image {self.name(i)} is {w} x {h} pixels; this run takes {size[1]} x {size[0]} "
                                  "(set height and width to the images' size, a size the model can take)")
+
+
+def read_pixels(source, name: str) -> np.ndarray:
+    """The image file ``source`` (a path or a binary file object, e.g. an upload's bytes) as uint8
+    [H, W, 3] RGB; a missing, unreadable or non-image file is a UsageError naming ``name``."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(source) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except UnidentifiedImageError:  # PIL's own message names a file object, not the file
+        raise UsageError(f"cannot read image {name}: not an image file (e.g. {', '.join(IMAGE_SUFFIXES)})") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f"cannot read image {name}: {e}") from None
 
 
 def _hash(pixels: np.ndarray) -> str:

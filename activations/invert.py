@@ -30,6 +30,7 @@ from activations.families import architecture_of, denoiser_of
 from common.errors import UsageError
 
 
+REFINE = 3  # fixed-point refinements per step by default: enough for every attribute of the toy renders
 MAX_REFINE = 100  # refinements per step: 3 already reconstruct the toy renders; more is a typo, not a setting
 NO_CLIP = {"clip_sample": False}  # DDIM's x0 clipping to [-1, 1] would cut latents, which leave that range
 
@@ -85,7 +86,7 @@ def _predict(pipe, arch, x, t, cond, uncond, guidance: float):
 
 @torch.no_grad()
 def invert(pipe, pixels: list[np.ndarray], captions: list[str], steps: int, guidance: float = 1.0,
-           refine: int = 3) -> Inversion:
+           refine: int = REFINE) -> Inversion:
     """The initial latents from which ``pipe`` draws ``pixels`` (uint8 [H, W, 3] each) with
     ``captions`` in ``steps`` steps at ``guidance``.
 
@@ -138,7 +139,31 @@ def invert(pipe, pixels: list[np.ndarray], captions: list[str], steps: int, guid
     raise UsageError(f"invert: no inversion for a {kind!r} objective; valid: ddpm, flow")
 
 
-# -- files and the command -----------------------------------------------------------------------
+# -- inputs, files and the command ----------------------------------------------------------------
+
+def image_size(pipe) -> tuple[int, int]:
+    """(H, W): the pixels of the pipeline's images, the only size it inverts (its latents' size)."""
+    from activations.sites import latent_size
+
+    return tuple(x * int(getattr(pipe, "vae_scale_factor", 8)) for x in latent_size(pipe))
+
+
+def check_size(pipe, pixels: np.ndarray, name: str, model: str) -> None:
+    """Refuse an image (uint8 [H, W, 3]) of another size than the model's, naming both sizes."""
+    size = image_size(pipe)
+    if pixels.shape[:2] != size:
+        raise UsageError(f"image {name} is {pixels.shape[1]} x {pixels.shape[0]} pixels; model {model!r} takes "
+                         f"{size[1]} x {size[0]}")
+
+
+def inversion_record(pipe, model: str, captions: list[str], images: list[str], refine: int) -> dict:
+    """What ``save`` records beside the latents: the model and its weights' fingerprint (recipes
+    refuse another model's inversion), the captions and where the images came from."""
+    from activations.pipeline import model_fingerprint
+
+    return {"model": model, "model_revision": model_fingerprint(denoiser_of(pipe)), "captions": list(captions),
+            "images": list(images), "refine": refine}
+
 
 LATENTS, RECORD = "inversion.safetensors", "inversion.json"
 
@@ -198,7 +223,7 @@ class InvertConfig:
     """sampling steps (None: the model's default)"""
     guidance: float = 1.0
     """guidance of the inversion and of every drawing from it (1: none, the near-exact case)"""
-    refine: int = 3
+    refine: int = REFINE
     """fixed-point refinements per step (0: plain DDIM / Euler inversion)"""
     out: str = "outputs/invert"
     """folder for inversion.safetensors, inversion.json and reconstruction.png (a new or empty folder, or this run's)"""
@@ -211,8 +236,8 @@ def run(cfg: InvertConfig) -> Path:
     from PIL import Image
 
     from activations.generate import check_prompts
-    from activations.pipeline import load_pipeline, model_defaults, model_fingerprint
-    from activations.sites import latent_size
+    from activations.images import read_pixels
+    from activations.pipeline import load_pipeline, model_defaults
     from common.config import MAX_STEPS, check_counts
     from common.files import claim_folder, out_folder
     from common.images import before_after_grid
@@ -224,27 +249,18 @@ def run(cfg: InvertConfig) -> Path:
     check_counts(cfg, positive=("steps",), numbers={"guidance": 0.0, "refine": 0.0}, at_most={"steps": MAX_STEPS, "refine": MAX_REFINE})
     check_prompts(cfg.model, [c for c in cfg.captions if c])
     out_folder(cfg.out)
-    pixels = []
-    for path in cfg.images:
-        try:
-            with Image.open(path) as im:
-                pixels.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read image {path}: {e}") from None
+    pixels = [read_pixels(path, path) for path in cfg.images]
     pipe = load_pipeline(cfg.model, device=cfg.device)
     pipe.set_progress_bar_config(disable=True)
-    size = tuple(x * int(getattr(pipe, "vae_scale_factor", 8)) for x in latent_size(pipe))
     for path, p in zip(cfg.images, pixels):
-        if p.shape[:2] != size:
-            raise UsageError(f"image {path} is {p.shape[1]} x {p.shape[0]} pixels; model {cfg.model!r} takes {size[1]} x {size[0]}")
+        check_size(pipe, p, path, cfg.model)
     steps = cfg.steps if cfg.steps is not None else model_defaults(pipe)["num_inference_steps"]
-    record = {"model": cfg.model, "model_revision": model_fingerprint(denoiser_of(pipe)), "captions": list(cfg.captions),
-              "images": [str(Path(p).resolve()) for p in cfg.images], "refine": cfg.refine}
+    record = inversion_record(pipe, cfg.model, cfg.captions, [str(Path(p).resolve()) for p in cfg.images], cfg.refine)
     claim_folder(cfg.out, {**record, "steps": steps, "guidance": cfg.guidance}, name="invert_args.json")
     inversion = invert(pipe, pixels, list(cfg.captions), steps, cfg.guidance, refine=int(cfg.refine))
     folder = save(inversion, cfg.out, record)
     redrawn = inversion.sample(pipe, cfg.captions).images
-    grid = before_after_grid([Image.fromarray(p) for p in pixels], redrawn, scale=4 if size[0] <= 128 else 1)
+    grid = before_after_grid([Image.fromarray(p) for p in pixels], redrawn, scale=4 if pixels[0].shape[0] <= 128 else 1)
     grid.save(folder / "reconstruction.png")
     return folder
 

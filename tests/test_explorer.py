@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -515,3 +517,145 @@ def test_cli__explore_on_port_0_prints_the_port_it_listens_on(capsys, monkeypatc
     assert main(["explore", "--port", "0"]) == 0
     out = capsys.readouterr().out
     assert served["port"] > 0 and f"http://127.0.0.1:{served['port']}/" in out and ":0/" not in out
+
+
+# ---- real images: opened, inverted, drawn again from their noise ---------------------------
+
+def render_png(i: int, size: int | None = None) -> tuple[bytes, np.ndarray, str, dict]:
+    """A toy scene's exact render as PNG bytes, its pixels, its full caption and its scene."""
+    from PIL import Image
+
+    from toyworld.prompts import scene_to_prompt
+    from toyworld.render import render
+    from toyworld.scene import sample_scene
+
+    scene = sample_scene(np.random.default_rng([21, i, 0]))
+    pixels = render(scene).image
+    image = Image.fromarray(pixels) if size is None else Image.fromarray(pixels).resize((size, size))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue(), np.asarray(image), scene_to_prompt(scene, np.random.default_rng([21, i, 1])), scene
+
+
+def open_body(data: bytes, caption: str, **extra) -> dict:
+    return {"image": "data:image/png;base64," + base64.b64encode(data).decode(), "name": "render.png",
+            "caption": caption, "steps": 3, "guidance": 1.0, **extra}
+
+
+@pytest.fixture
+def fresh(random_toy_pipe, tmp_path):
+    """An explorer of its own (an opened image is session state) writing inversions under tmp_path."""
+    explorer = Explorer(random_toy_pipe, model="toy", inversions=tmp_path / "inv")
+    return explorer, TestClient(make_app(explorer)), tmp_path / "inv"
+
+
+def test_open_image__generations_start_from_its_inverted_noise_as_an_inversion_recipe(fresh, tmp_path):
+    """The page's clean image is the recipe path's (`inversion:`) and `invert`'s own drawing,
+    bit for bit, whatever the seed; its edits are recipes naming the inversion; back to seeds after."""
+    from activations.generate import sample
+    from activations.invert import invert, load
+
+    explorer, client, root = fresh
+    data, pixels, caption, _ = render_png(0)
+    r = client.post("/api/open", json=open_body(data, caption))
+    assert r.status_code == 200, r.text
+    opened = r.json()
+    assert (opened["name"], opened["caption"], opened["steps"], opened["guidance"]) == ("render.png", caption, 3, 1.0)
+    assert np.array_equal(decode(opened["image"]), pixels)
+    folder = opened["inversion"]
+    _, meta = load(folder)
+    assert meta["captions"] == [caption] and meta["model"] == "toy"
+    assert client.get("/api/info").json()["opened"]["inversion"] == folder
+
+    gens = [client.post("/api/generate", json={"prompt": caption, "seed": s}).json() for s in (3, 11)]
+    assert [g["inversion"] for g in gens] == [folder, folder] and gens[0]["steps"] == 3
+    shown = decode(gens[0]["image"])
+    assert np.array_equal(shown, decode(gens[1]["image"]))  # the seed is unused
+    by_recipe = run_recipe(Recipe(model="toy", prompts=[caption], seeds=[], steps=None, guidance=None, interventions=[],
+                                  inversion=folder), explorer.pipe)[0][0]
+    assert np.array_equal(shown, np.asarray(by_recipe.convert("RGB")))
+    again = invert(explorer.pipe, [pixels], [caption], 3, 1.0).sample(explorer.pipe, [caption]).images[0]
+    assert np.array_equal(shown, np.asarray(again.convert("RGB")))
+    seeded = np.asarray(sample(explorer.pipe, [caption], [3], steps=3, guidance=1.0).images[0].convert("RGB"))
+    assert not np.array_equal(shown, seeded)
+
+    edit = client.post("/api/edit", json={"gen": gens[0]["gen"], "heads": [0, 1, 17], "all_patches": True}).json()
+    assert edit["max_diff"] > 0
+    path = tmp_path / "recipe.yaml"
+    path.write_text(client.get("/api/recipe", params={"gen": gens[0]["gen"], "edit": edit["edit"]}).text)
+    assert Recipe.load(path).inversion == folder
+    assert np.array_equal(np.asarray(run_recipe(path, pipe=explorer.pipe, before=False)[1][0].convert("RGB")),
+                          decode(edit["image"]))
+
+    assert client.post("/api/open", json=open_body(data, caption)).json()["inversion"] == folder  # reopened: reused
+    assert client.post("/api/close", json={}).json() == {"opened": None}
+    back = client.post("/api/generate", json={"prompt": caption, "seed": 3, "steps": 3, "guidance": 1.0}).json()
+    assert back["inversion"] is None and np.array_equal(decode(back["image"]), seeded)
+    assert [p.name for p in root.iterdir()] == [Path(folder).name]
+
+
+def test_open_image__the_trained_toy_draws_a_render_again_where_a_seed_misses_it(toy_pipe, tmp_path):
+    """The bundled toy: the render's caption drawn from a seed gets its shape and texture wrong;
+    drawn from the opened render's inverted noise, the oracle reads every attribute back."""
+    from toyworld.oracle import check_image
+
+    client = TestClient(make_app(Explorer(toy_pipe, model="toy", inversions=tmp_path)))
+    data, pixels, caption, scene = render_png(2)
+    seeded = client.post("/api/generate", json={"prompt": caption, "seed": 5, "steps": 6, "guidance": 1.0}).json()
+    assert client.post("/api/open", json=open_body(data, caption, steps=6)).status_code == 200
+    redrawn = client.post("/api/generate", json={"prompt": caption, "seed": 5}).json()
+    seeded, redrawn = decode(seeded["image"]), decode(redrawn["image"])
+    assert not all(check_image(scene, seeded).values())
+    assert all(check_image(scene, redrawn).values()), check_image(scene, redrawn)
+    assert np.abs(redrawn.astype(float) - pixels).mean() < 0.7 * np.abs(seeded.astype(float) - pixels).mean()
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"image": base64.b64encode(b"just some notes").decode(), "name": "notes.txt"},
+     "cannot read image notes.txt: not an image file (e.g. .png, .jpg, .jpeg, .webp)"),
+    ({"image": "not base64 at all!"}, "image is not base64 data"),
+    ({"image": ""}, "choose an image file"),
+    ({"size": 16}, "image render.png is 16 x 16 pixels; model 'toy' takes 64 x 64"),
+    ({"caption": "a purple unicorn"}, "words outside the toy world's vocabulary: 'unicorn'"),
+    ({"caption": 3}, "caption must be a text"),
+    ({"steps": 0}, "steps must be an integer in 1..100, got 0"),
+    ({"guidance": float("nan")}, "guidance must be a finite number"),
+    ({"seed": 1}, "unknown field(s) ['seed']"),
+])
+def test_open_image__bad_input_is_one_message_and_nothing_is_left_behind(fresh, body, message):
+    explorer, client, root = fresh
+    data, _, caption, _ = render_png(1, size=body.pop("size", None))
+    r = client.post("/api/open", content=json.dumps({**open_body(data, caption), **body}),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and message in r.json()["error"] and "Traceback" not in r.text, r.text
+    assert explorer.opened is None and not root.exists()
+
+
+def test_open_image__a_failure_while_writing_leaves_no_folder_and_the_previous_image_open(fresh, monkeypatch):
+    import activations.invert
+
+    explorer, client, root = fresh
+    data, _, caption, _ = render_png(0)
+    first = client.post("/api/open", json=open_body(data, caption)).json()["inversion"]
+
+    def save_then_fail(inversion, folder, record):
+        save(inversion, folder, record)
+        raise OSError(28, "No space left on device")
+
+    save = activations.invert.save
+    monkeypatch.setattr(activations.invert, "save", save_then_fail)
+    data2, _, caption2, _ = render_png(1)
+    r = client.post("/api/open", json=open_body(data2, caption2))
+    assert r.status_code == 500 and "No space left on device" in r.json()["error"]
+    assert [p.name for p in root.iterdir()] == [Path(first).name]
+    assert str(explorer.opened.folder) == first
+
+
+def test_open_image__generating_at_other_steps_than_its_inversion_is_refused(fresh):
+    _, client, _ = fresh
+    data, _, caption, _ = render_png(0)
+    assert client.post("/api/open", json=open_body(data, caption)).status_code == 200
+    r = client.post("/api/generate", json={"prompt": caption, "steps": 5, "guidance": 1.0})
+    assert r.status_code == 400
+    assert r.json()["error"] == ("steps 5 and guidance 1 differ from the opened image's inversion (3 steps, guidance 1); "
+                                 "open it again with them, or go back to seeds")

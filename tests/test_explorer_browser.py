@@ -237,3 +237,42 @@ def test_browser__a_step_range_is_sent_as_every_step_and_the_steps_limit_is_show
     assert page.evaluate("editSpec().when") == {"steps": [1, 2]}  # an activations.timesteps gate: the steps listed
     assert errors == []
     page.close()
+
+
+def test_browser__open_an_image_draws_it_from_its_inverted_noise_then_back_to_seeds(random_toy_pipe, browser, tmp_path):
+    """A text file is refused with a message; then choose an image and a caption, open it: the page
+    shows the image and draws it again from its inversion (the server's Inversion.sample, bit for
+    bit), with steps and guidance fixed to it; back to seeds undoes it."""
+    from PIL import Image
+
+    from steering.explorer.session import Explorer
+
+    explorer = Explorer(random_toy_pipe, model="toy", inversions=tmp_path / "inv")
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    for url, _ in serve(explorer):
+        page, errors = open_page(browser, url)
+        page.fill("#steps", "2")
+        page.fill("#guidance", "1")
+        page.set_input_files("#image-file", str(tmp_path / "notes.txt"))
+        page.click("#open-image")
+        page.wait_for_selector("#error:visible")
+        assert "cannot read image notes.txt: not an image file" in page.inner_text("#error")
+        assert explorer.opened is None and not page.is_visible("#opened")
+        page.set_input_files("#image-file", str(tmp_path / "photo.png"))
+        page.fill("#caption", PROMPT)
+        page.click("#open-image")
+        page.wait_for_function("document.getElementById('status').textContent.includes('from the opened image')")
+        assert np.array_equal(shown(page, "#opened-image"), pixels)
+        assert page.is_visible("#opened") and "photo.png" in page.inner_text("#opened")
+        assert page.input_value("#prompt") == PROMPT and page.is_disabled("#steps") and page.is_disabled("#seed")
+        opened = explorer.opened
+        assert opened.inversion.steps == 2 and opened.inversion.guidance == 1.0
+        expected = np.asarray(opened.inversion.sample(explorer.pipe, [PROMPT]).images[0].convert("RGB"))
+        assert np.array_equal(shown(page, "#image"), expected)
+        page.click("#to-seeds")
+        page.wait_for_selector("#opened", state="hidden")
+        assert explorer.opened is None and not page.is_disabled("#steps") and not page.is_visible("#error")
+        assert all("status of 400" in e for e in errors) and len(errors) == 1, errors  # the refused text file
+        page.close()

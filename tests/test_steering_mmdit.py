@@ -251,3 +251,26 @@ def test_explorer__lists_the_head_sites_and_draws_with_and_without_an_edit(tmp_p
         ex.edit(EditSpec(gen=gen.id, op="swap", heads=[0], all_patches=True, prompt="a blue dog"))
     assert no_taps(pipe)
     assert np.array_equal(np.asarray(sample(pipe, ["a red cat"], [3], steps=3, guidance=4.0).images[0].convert("RGB")), gen.image)
+
+
+def test_explorer__an_opened_image_is_drawn_from_its_euler_inversion_as_the_recipe_draws_it(tmp_path, mmdit):
+    """Flow matching: the page's clean image of an opened image is the `inversion:` recipe's, bit
+    for bit (FLUX packs its latents; the sampler is the pipeline's own), and edits apply to it."""
+    import io
+
+    from PIL import Image
+
+    from steering.explorer.session import EditSpec, Explorer
+
+    family, pipe = mmdit
+    ex = Explorer(pipe, model=f"tiny-{family}", inversions=tmp_path)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
+    opened = ex.open_image(buf.getvalue(), "x.png", "a red cat", steps=3, guidance=1.0)
+    assert opened.inversion.sampler is None
+    gen = ex.generate("a red cat", seed=1)
+    recipe = Recipe(model=f"tiny-{family}", prompts=["a red cat"], seeds=[], steps=None, guidance=None, interventions=[],
+                    inversion=str(opened.folder))
+    assert np.array_equal(gen.image, np.asarray(run_recipe(recipe, pipe)[0][0].convert("RGB")))
+    edit = ex.edit(EditSpec(gen=gen.id, op="scale", heads=[0, 1], all_patches=True, factor=0.0))
+    assert edit["max_diff"] > 0 and f"inversion: {opened.folder}" in edit["recipe"]

@@ -15,6 +15,10 @@ unknown ids, 500 for a server error, never a traceback; the server keeps serving
 * ``POST /api/edit``      an ``EditSpec`` -> {edit, image, diff, max_diff, recipe (YAML)}
 * ``GET  /api/recipe?gen=&edit=``              an edit's recipe YAML
 * ``GET  /api/hrv/top?concept=&n=``            the top n heads of an HRV concept
+* ``POST /api/open``      {image (the file's bytes, base64 or a data: URL), name, caption, steps, guidance}
+                          -> {name, caption, inversion (folder), steps, guidance, image (PNG base64)}:
+                          the image is inverted (``activations.invert``); generations start from its noise
+* ``POST /api/close``                          back to seeds
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from importlib import resources
 
 from common.errors import UsageError
 from steering.explorer.session import EditSpec, Explorer, png_base64
+
+MAX_UPLOAD = 16 * 2**20  # bytes of an opened image file: far above any image a model here takes
 
 
 @dataclass
@@ -46,6 +52,8 @@ class ExploreConfig:
     """torch device (default: CUDA when available)."""
     keep: int = 8
     """Generations kept in memory with their maps (the oldest is dropped first)."""
+    inversions: str = "outputs/explore"
+    """Folder where images opened in the page are inverted (one folder each, named by the recipes of their edits)."""
 
 
 def _error(err: BaseException):
@@ -83,6 +91,26 @@ def _spec(body: dict) -> EditSpec:
     if "gen" not in body:
         raise UsageError("the edit needs 'gen', the generation to edit")
     return EditSpec(**body)
+
+
+def _upload(body: dict) -> bytes:
+    """The file bytes of ``POST /api/open``'s ``image``: base64, bare or as a data: URL (what the
+    page's FileReader gives)."""
+    import base64
+    import binascii
+
+    data = body.get("image")
+    if not isinstance(data, str) or not data:
+        raise UsageError("image must be the image file's bytes in base64 (or a data: URL); choose an image file")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    if len(data) * 3 // 4 > MAX_UPLOAD:
+        raise UsageError(f"the image file is about {len(data) * 3 // 4 / 2**20:.0f} MiB; the explorer opens files up to "
+                         f"{MAX_UPLOAD // 2**20} MiB")
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise UsageError("image is not base64 data; send the image file's bytes in base64 (or a data: URL)") from None
 
 
 def page_html() -> str:
@@ -126,7 +154,24 @@ def make_app(explorer: Explorer):
             raise UsageError(f"unknown field(s) {unknown}; valid fields: prompt, seed, steps, guidance")
         gen = explorer.generate(body.get("prompt", ""), body.get("seed", 0), body.get("steps"), body.get("guidance"))
         return {"gen": gen.id, "image": png_base64(gen.image), "tokens": gen.tokens, "steps": gen.steps,
-                "prompt": gen.prompt, "seed": gen.seed, "guidance": gen.guidance}
+                "prompt": gen.prompt, "seed": gen.seed, "guidance": gen.guidance, "inversion": gen.inversion}
+
+    @app.post("/api/open")
+    @_answers
+    def open_image(body: dict = Body(...)):
+        fields = ("image", "name", "caption", "steps", "guidance")
+        unknown = sorted(set(body) - set(fields))
+        if unknown:
+            raise UsageError(f"unknown field(s) {unknown}; valid fields: {', '.join(fields)}")
+        opened = explorer.open_image(_upload(body), body.get("name", "image"), body.get("caption", ""),
+                                     body.get("steps"), body.get("guidance"))
+        return opened.describe()
+
+    @app.post("/api/close")
+    @_answers
+    def close_image():
+        explorer.close_image()
+        return {"opened": None}
 
     @app.get("/api/grid")
     @_answers
@@ -168,6 +213,7 @@ def make_app(explorer: Explorer):
 
 def build_explorer(cfg: ExploreConfig) -> Explorer:
     from activations.pipeline import load_pipeline
+    from common.files import out_folder
 
     sae = hrv = labels = None
     if cfg.features and not cfg.sae:
@@ -182,12 +228,13 @@ def build_explorer(cfg: ExploreConfig) -> Explorer:
 
         labels = FeatureLabels.load(cfg.features)
         labels.check_sae(sae)  # before the model loads: a wrong folder fails fast
+    out_folder(cfg.inversions, "--inversions")  # a file in its place is refused now, not at the first open
     pipe = load_pipeline(cfg.model, device=cfg.device)
     if cfg.hrv:
         from analysis.hrv import HRV
 
         hrv = HRV.load(cfg.hrv, pipe=pipe)
-    return Explorer(pipe, model=cfg.model, sae=sae, hrv=hrv, keep=cfg.keep, labels=labels)
+    return Explorer(pipe, model=cfg.model, sae=sae, hrv=hrv, keep=cfg.keep, labels=labels, inversions=cfg.inversions)
 
 
 def main(argv: list[str] | None = None) -> int:

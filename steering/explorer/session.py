@@ -16,6 +16,11 @@ Intervention protocol only:
   for bit. Step windows and branches are ``activations.timesteps`` gates, heads are grouped by
   ``activations.sites.heads_by_site``.
 
+An opened image (``open_image``) is inverted by ``activations.invert.invert``, the function of
+``diffatlas invert``, and saved as that command saves it; until ``close_image``, generations start
+from its inverted noise (``Inversion.sample``) instead of a seed, and their edits are recipes with
+``inversion:`` naming that folder, drawn by ``run_recipe`` as ``diffatlas steer`` draws them.
+
 Requests have limits that ``/api/info`` states and the page shows (``LIMITS``): a generation holds
 every head's maps of every step in memory, so its steps are capped well below a recipe's.
 """
@@ -24,10 +29,16 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import io
 import itertools
+import json
+import os
+import shutil
 import threading
+import uuid
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,6 +92,23 @@ class Generation:
     sae_acts: torch.Tensor | None = None  # with an SAE: its site's value, float16 [steps, H*W, width]
     keys: int = 0  # keys each head's softmax ran over (padding included): uniform attention is 1 / keys
     words: list[int] = dataclasses.field(default_factory=list)  # indices of ``tokens`` that are words (no start / end token)
+    inversion: str | None = None  # drawn from an opened image: its inversion folder (the seed is unused)
+
+
+@dataclasses.dataclass
+class Opened:
+    """An image opened in the explorer: generations start from its inverted noise."""
+
+    name: str  # the file name it was uploaded as
+    caption: str
+    folder: Path  # its inversion as ``diffatlas invert`` writes it: what the edits' recipes name
+    inversion: Any  # ``activations.invert.Inversion`` read back from ``folder``: what those recipes draw from
+    image: np.ndarray  # the opened pixels, uint8 [H, W, 3]
+
+    def describe(self) -> dict:
+        """What the page shows of it (``/api/open``, ``/api/info``): the image as base64 PNG."""
+        return {"name": self.name, "caption": self.caption, "inversion": str(self.folder), "image": png_base64(self.image),
+                "steps": self.inversion.steps, "guidance": self.inversion.guidance}
 
 
 @dataclasses.dataclass
@@ -141,7 +169,9 @@ class Explorer:
     """A loaded model and its recent generations (kept in memory, the oldest dropped first); with an
     SAE, optionally its feature analysis read back (``labels``: ``analysis.feature_report.FeatureLabels``)."""
 
-    def __init__(self, pipe, model: str = "toy", sae=None, hrv=None, keep: int = 8, labels=None):
+    def __init__(self, pipe, model: str = "toy", sae=None, hrv=None, keep: int = 8, labels=None, inversions=None):
+        """``inversions``: the folder where opened images' inversions are written (one sub-folder per
+        image, caption and settings; None: a new temporary folder on the first open)."""
         from activations.families import architecture_of
         from activations.sites import head_table, list_sites
 
@@ -164,6 +194,8 @@ class Explorer:
         self.generations: OrderedDict[str, Generation] = OrderedDict()
         self._ids = itertools.count()
         self._lock = threading.Lock()  # one pipeline call at a time
+        self.inversions = None if inversions is None else Path(inversions)
+        self.opened: Opened | None = None  # None: generations start from seeds
 
     # -- model facts ----------------------------------------------------------------------
     @property
@@ -186,7 +218,8 @@ class Explorer:
         out = {"model": self.model, "select_grid": list(self.select_grid), "defaults": self.defaults(), "limits": dict(LIMITS),
                "sites": [{"name": s.name, "grid": list(s.resolution), "heads": s.heads, "first_head": s.first_head}
                          for s in self.sites],
-               "num_heads": len(self.head_table), "sae": None, "hrv": None}
+               "num_heads": len(self.head_table), "sae": None, "hrv": None,
+               "opened": None if self.opened is None else self.opened.describe()}
         if self.sae is not None:
             p = self.sae.placement
             out["sae"] = {"site": p.site, "stage": p.stage, "features": self.sae.num_latents, "source": str(self.sae.source),
@@ -227,12 +260,10 @@ class Explorer:
                  capture: bool = True) -> Generation:
         """Draw one image; with ``capture``, every head's maps at every step for every prompt token."""
         from activations.edits import Observe
-        from activations.generate import sample
         from activations.hooks import intervene
 
-        d = self.defaults()
-        steps = check_number("steps", d["steps"] if steps is None else steps, integer=True, lo=1, hi=LIMITS["steps"])
-        guidance = check_number("guidance", d["guidance"] if guidance is None else guidance, lo=0)
+        opened = self.opened  # read once: an open or close during this call does not mix the two
+        steps, guidance = self._settings(steps, guidance, opened)
         seed = check_number("seed", seed, integer=True, lo=0, hi=LIMITS["seed"])
         self.check_prompt(prompt)
         tokens = self.tokens(prompt)
@@ -265,17 +296,38 @@ class Explorer:
             observers.append(Observe(site=p.site, stage=p.stage or "block", fn=keep_sae, sees="before"))
         with self._lock:
             with intervene(self.pipe, *observers):
-                images = sample(self.pipe, [prompt], [int(seed)], steps=steps, guidance=guidance).images
+                images = self._draw(prompt, seed, steps, guidance, opened)
         maps = {name: torch.stack(v) if v else torch.zeros(0) for name, v in per_site.items()}
         from steering.tokens import word_indices
 
         gen = Generation(id=f"g{next(self._ids)}", prompt=prompt, seed=int(seed), steps=steps, guidance=guidance,
                          tokens=tokens, words=word_indices(self.pipe, prompt, shown_only=True), image=np.asarray(images[0].convert("RGB")), maps=maps,
-                         sae_acts=torch.stack(sae_rows) if sae_rows else None, keys=keys[0] if keys else 0)
+                         sae_acts=torch.stack(sae_rows) if sae_rows else None, keys=keys[0] if keys else 0,
+                         inversion=None if opened is None else str(opened.folder))
         self.generations[gen.id] = gen
         while len(self.generations) > self.keep:
             self.generations.popitem(last=False)
         return gen
+
+    def _settings(self, steps, guidance, opened: Opened | None) -> tuple[int, float]:
+        """The steps and guidance of a generation or an inversion (None: the model's defaults, or
+        the opened image's, whose inversion fixes both: drawing at others would not draw it again)."""
+        d = self.defaults() if opened is None else {"steps": opened.inversion.steps, "guidance": opened.inversion.guidance}
+        steps = check_number("steps", d["steps"] if steps is None else steps, integer=True, lo=1, hi=LIMITS["steps"])
+        guidance = check_number("guidance", d["guidance"] if guidance is None else guidance, lo=0)
+        if opened is not None and (steps, guidance) != (d["steps"], d["guidance"]):
+            raise UsageError(f"steps {steps} and guidance {guidance:g} differ from the opened image's inversion ({d['steps']} "
+                             f"steps, guidance {d['guidance']:g}); open it again with them, or go back to seeds")
+        return steps, guidance
+
+    def _draw(self, prompt: str, seed: int, steps: int, guidance: float, opened: Opened | None) -> list:
+        """One image: from the opened image's inverted noise as ``steering.recipe.draw`` draws an
+        ``inversion:`` recipe, else from ``seed``."""
+        if opened is not None:
+            return opened.inversion.sample(self.pipe, [prompt]).images
+        from activations.generate import sample
+
+        return sample(self.pipe, [prompt], [int(seed)], steps=steps, guidance=guidance).images
 
     def get(self, gen_id: str) -> Generation:
         if gen_id not in self.generations:
@@ -464,7 +516,7 @@ class Explorer:
         gen = self.get(spec.gen)
         interventions = self.interventions(spec)
         recipe = Recipe(model=self.model, prompts=[gen.prompt], seeds=[gen.seed], steps=gen.steps, guidance=gen.guidance,
-                        interventions=interventions)
+                        interventions=interventions, inversion=gen.inversion)
         with self._lock:
             image = np.asarray(run_recipe(recipe, self.pipe, before=False)[1][0].convert("RGB"))
         diff = np.abs(image.astype(np.int16) - gen.image.astype(np.int16))
@@ -481,6 +533,70 @@ class Explorer:
         if edit_id not in gen.edits:
             raise UnknownNameError(f"unknown edit {edit_id!r} of generation {gen_id} (edits: {', '.join(gen.edits) or 'none'})")
         return gen.edits[edit_id]["recipe"].to_yaml()
+
+    # -- real images ---------------------------------------------------------------------
+    def open_image(self, data: bytes, name: str, caption: str = "", steps: int | None = None,
+                   guidance: float | None = None) -> Opened:
+        """Open an image file's bytes: invert it with ``caption`` at ``steps`` and ``guidance`` (None:
+        the model's defaults) and draw every later generation from its noise. Bad input (not an
+        image, another size than the model's, a caption the model cannot read) is refused before
+        any work, and a failed open leaves the explorer and the inversions folder as they were."""
+        from activations.generate import check_prompts
+        from activations.images import read_pixels
+        from activations.invert import REFINE, check_size, inversion_record, load
+
+        if not isinstance(name, str) or not name.strip():
+            raise UsageError(f"name must be the image's file name, got {name!r}")
+        if not isinstance(caption, str):
+            raise UsageError(f"caption must be a text (empty for none), got {caption!r}")
+        steps, guidance = self._settings(steps, guidance, None)
+        if caption.strip():  # "" is allowed: the image is inverted without a caption, as `diffatlas invert` allows
+            check_prompts(self.model, [caption])
+        pixels = read_pixels(io.BytesIO(data), name)
+        check_size(self.pipe, pixels, name, self.model)
+        record = inversion_record(self.pipe, self.model, [caption], [name], REFINE)
+        with self._lock:
+            folder = self._inversion_folder(pixels, record, steps, guidance)
+            opened = Opened(name=name, caption=caption, folder=folder, inversion=load(folder)[0], image=pixels)
+        self.opened = opened
+        return opened
+
+    def close_image(self) -> None:
+        """Back to seeds: later generations start from their seed again (earlier ones keep their image)."""
+        self.opened = None
+
+    def _inversion_folder(self, pixels: np.ndarray, record: dict, steps: int, guidance: float) -> Path:
+        """The folder of this image's inversion (named by the pixels, caption, settings and weights, so
+        reopening an image reuses it), inverted and written now if absent: into a temporary folder
+        renamed when complete, so a failure leaves no folder behind and a recipe never names a partial one."""
+        from activations.invert import invert, save
+
+        key = hashlib.sha256(json.dumps({**record, "images": None, "steps": steps, "guidance": guidance}, sort_keys=True)
+                             .encode() + np.ascontiguousarray(pixels).tobytes()).hexdigest()[:16]
+        name = f"opened-{key}"
+        if self.inversions is not None and (self.inversions / name).is_dir():
+            return self.inversions / name
+        inversion = invert(self.pipe, [pixels], [record["captions"][0]], steps, guidance, refine=record["refine"])
+        root = self._inversions_root()  # made only now: a failed inversion leaves not even an empty folder
+        folder = root / name
+        tmp = root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            save(inversion, tmp, record)
+            from PIL import Image
+
+            Image.fromarray(pixels).save(tmp / "image.png")  # what was opened, beside its inversion
+            os.rename(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
+    def _inversions_root(self) -> Path:
+        if self.inversions is None:
+            import tempfile
+
+            self.inversions = Path(tempfile.mkdtemp(prefix="diffatlas-explore-"))
+        self.inversions.mkdir(parents=True, exist_ok=True)
+        return self.inversions
 
     def hrv_top(self, concept: str, n: int) -> list[int]:
         """The global heads of the ``n`` largest HRV entries of ``concept``."""
