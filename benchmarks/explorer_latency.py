@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 
@@ -90,4 +91,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common.errors import run_script
+
+    sys.exit(run_script(main, __file__))

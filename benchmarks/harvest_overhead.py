@@ -243,4 +243,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common.errors import run_script
+
+    sys.exit(run_script(main, __file__))

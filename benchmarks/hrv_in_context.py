@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import sys
 
 import numpy as np
 import torch
@@ -112,4 +113,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common.errors import run_script
+
+    sys.exit(run_script(main, __file__))

@@ -193,4 +193,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common.errors import run_script
+
+    sys.exit(run_script(main, __file__))

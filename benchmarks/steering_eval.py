@@ -486,4 +486,6 @@ def main() -> None:
     print(json.dumps({**result, "model": args.model}))
 
 if __name__ == "__main__":
-    main()
+    from common.errors import run_script
+
+    sys.exit(run_script(main, __file__))

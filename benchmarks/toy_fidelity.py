@@ -24,6 +24,7 @@ Writes sample grids and per-image results beside the JSON; the last line of outp
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,4 +218,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from common.errors import run_script
+
+    sys.exit(run_script(main, __file__))

@@ -10,6 +10,7 @@ Last line: {"n": ..., "one_object": {attribute: accuracy}}.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,4 +57,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from common.errors import run_script
+
+    sys.exit(run_script(main, __file__))

@@ -69,3 +69,24 @@ def one_line(err: BaseException) -> str:
         return f"{err.strerror}: {err.filename}"
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     return " ".join(text.split()) or type(err).__name__
+
+
+def run_script(main, script: str) -> int:
+    """Run a script's ``main()`` as the ``diffatlas`` dispatcher runs a command: Ctrl-C is one line
+    (``<script>: interrupted``, exit 130) and bad input one line (``<script>: error: ...``, exit 2),
+    with no traceback; any other exception is a bug and keeps its traceback. For the benchmarks."""
+    import sys
+    from pathlib import Path
+
+    prog = Path(script).name
+    try:
+        code = main()
+        return code if isinstance(code, int) else 0  # a main may return its results
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return 2

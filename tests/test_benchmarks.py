@@ -189,3 +189,29 @@ def test_feature_stats_speed__tiny_run_reports_the_stats_overhead_before_the_hea
                 "--chunk", "512", "--repeats", "1")
     assert list(last)[-2:] == ["ratio_spread", "ratio"] and last["stats_overhead"] > -1
     assert {"stats_over_encode", "encode_over_read", "gemm_over_read"} <= set(last)
+
+
+def test_benchmarks__ctrl_c_is_one_line_and_rc_130(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # far more rows than are done before the signal: the run is still going when it comes
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "feature_stats_speed.py"), "--rows", "1000000",
+                             "--repeats", "50"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        time.sleep(4)
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0].decode()
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, output
+    assert output.strip().splitlines() == ["feature_stats_speed.py: interrupted"], output
+
+
+def test_many_saes__tiny_run_times_one_grid_against_separate_runs(tmp_path):
+    last = _run("many_saes.py", "--prompts", "4", "--steps", "10", "--epochs", "1", "--repeats", "1", "--batch", "32",
+                "--expansion", "2", "--k", "4", timeout=300)
+    assert last["n_saes"] == 6 and last["grid_s"] > 0 and last["separate_s"] > 0
+    assert list(last)[-1] == "many_over_single" and last["many_over_single"] > 0
