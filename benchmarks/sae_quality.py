@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     m = model.last_val_metrics
     detail = {
         "model": args.model, "site": args.site, "width": dm.width, "num_latents": model.coder.num_latents, "k": args.k,
-        "train_tokens": int(model.total_tokens), "val_tokens": int(len(dm.val_ids)),
+        "train_tokens": int(model.member(0).total_tokens), "val_tokens": int(len(dm.val_ids)),
         "harvest_s": round(t_harvest, 1), "train_s": round(t_train, 1), "random_weights": args.random_weights,
         **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()},
     }

@@ -350,11 +350,13 @@ class ActivationDataModule(pl.LightningDataModule):
 
     @property
     def train_ids(self) -> np.ndarray:
-        return self.part_rows(0 if len(self.parts) == 1 else self._single(), "train")
+        self._single()
+        return self.part_rows(0, "train")
 
     @property
     def val_ids(self) -> np.ndarray:
-        return self.part_rows(0 if len(self.parts) == 1 else self._single(), "val")
+        self._single()
+        return self.part_rows(0, "val")
 
     def part_rows(self, k: int, split: Literal["train", "val"]) -> np.ndarray:
         """Sorted row ids of SAE ``k`` in the training or held-out split."""

@@ -258,7 +258,8 @@ class LitSAE(pl.LightningModule):
 
     def prefix(self, k: int) -> str:
         """The W&B namespace of SAE ``k``: none for a run of one SAE, ``<folder name>/`` otherwise."""
-        return "" if len(self.members) == 1 else f"{self.placement(k).folder_name}/"
+        parts = self._parts()
+        return "" if len(self.members) == 1 else f"{parts[k].name if parts else k}/"
 
     def configure_model(self) -> None:
         dm = self._datamodule()

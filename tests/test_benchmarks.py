@@ -215,3 +215,9 @@ def test_many_saes__tiny_run_times_one_grid_against_separate_runs(tmp_path):
                 "--expansion", "2", "--k", "4", timeout=300)
     assert last["n_saes"] == 6 and last["grid_s"] > 0 and last["separate_s"] > 0
     assert list(last)[-1] == "many_over_single" and last["many_over_single"] > 0
+
+
+def test_sae_quality__tiny_run_reaches_its_headline(tmp_path):
+    last = _run("sae_quality.py", "--random-weights", "--prompts", "4", "--steps", "2", "--epochs", "1",
+                "--batch", "32", "--expansion", "2", "--k", "4", "--recovered-images", "0", timeout=300)
+    assert list(last) == ["fvu", "l0", "dead_fraction", "fraction_recovered", "model"] and last["l0"] <= 4
