@@ -706,6 +706,12 @@ class LitSAE(pl.LightningModule):
         extra: dict[str, Any] = {"trained_tokens": int(member.total_tokens)}
         if dm is not None and hasattr(dm, "store_path"):
             extra["store"] = str(dm.store_path)
+        if self._trainer is not None:
+            # provenance: how this SAE was trained (the run's whole config is <default_root_dir>/config.yaml)
+            extra["training"] = {"lr": self.base_lr(k), "steps": int(member.steps),
+                                 "batch_size": int(getattr(dm, "batch_size", 0) or 0),
+                                 "seed": int(getattr(dm, "seed", 0) or 0), "run": str(self.trainer.default_root_dir),
+                                 "saes_in_run": len(self.members)}
         sae = self.export_sae(k)
         sae.placement = self.placement(k)
         return sae.save_pretrained(path, sparsity=member.last_log10_density.cpu(), extra=extra)

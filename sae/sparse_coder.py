@@ -282,19 +282,19 @@ class SparseCoder(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_hub_id: str | Path, *, site: str | None = None, window=None, device: str | torch.device = "cpu",
-        revision: str | None = None,
+        cls, path_or_hub_id: str | Path, *, site: str | None = None, window=None, branch: str | None = None,
+        device: str | torch.device = "cpu", revision: str | None = None,
     ) -> "SparseCoder":
         """Load an SAE and where it belongs (``sae.placement``: site, stage, window, branch, model).
 
-        ``path_or_hub_id``: a folder holding cfg.json, a folder of several SAEs (pick one by ``site``
-        and ``window``, as saved in their cfg.json), or a hub repo id. The class is chosen by
+        ``path_or_hub_id``: a folder holding cfg.json, a folder of several SAEs (pick one by ``site``,
+        ``window`` and ``branch``, as saved in their cfg.json), or a hub repo id. The class is chosen by
         cfg.json's ``architecture`` (sparsify's files name none: their ``activation: topk`` says
         it). A folder in SAELens' layout (``sae_weights.safetensors``, as ``save_pretrained(...,
         layout="saelens")`` writes it) loads too. A file that is missing, truncated, not JSON,
         lacks a field or disagrees with the other is a UsageError (FileNotFoundError) naming it.
         """
-        folder = find_sae_folder(_local_folder(path_or_hub_id, site, revision), site=site, window=window)
+        folder = find_sae_folder(_local_folder(path_or_hub_id, site, revision), site=site, window=window, branch=branch)
         cfg_path = folder / CONFIG_FILE
         data = read_sae_config(cfg_path)
         weights = folder / WEIGHTS_FILE
@@ -416,31 +416,34 @@ def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, Te
                          "copy or save the SAE again") from None
 
 
-def find_sae_folder(folder: Path, *, site: str | None = None, window=None) -> Path:
+def find_sae_folder(folder: Path, *, site: str | None = None, window=None, branch: str | None = None) -> Path:
     """The folder of one SAE: ``folder`` itself when it holds cfg.json, else the one subfolder whose
-    cfg.json matches ``site`` and ``window`` (a folder of several SAEs, one per site and window)."""
+    cfg.json matches ``site``, ``window`` and ``branch`` (a folder of several SAEs, e.g. a grid
+    trained in one run: one per site, window and branch)."""
     from activations.timesteps import parse_when
 
-    if (folder / CONFIG_FILE).exists() and site is None and window is None:
+    if (folder / CONFIG_FILE).exists() and site is None and window is None and branch is None:
         return folder
     candidates = [folder] if (folder / CONFIG_FILE).exists() else sorted(p for p in folder.iterdir() if (p / CONFIG_FILE).exists())
     if not candidates:
         raise FileNotFoundError(f"no SAE in {folder}: no {CONFIG_FILE} there or in its subfolders")
     want_window = parse_when(window) if window is not None else None
-    placed = []  # (folder, site, window) of every SAE here
+    placed = []  # (folder, site, window, branch) of every SAE here
     for c in candidates:
         data = read_sae_config(c / CONFIG_FILE)
-        placed.append((c, data.get("site") or (c.name.split("__")[0] if c != folder else None), data.get("window")))
-    available = "; ".join(f"{c.name}: site={s!r}, window={w!r}" for c, s, w in placed)
-    if site is None and window is None:
-        raise FileNotFoundError(f"{folder} holds a folder of SAEs; pick one by site (and window): {available}")
-    found = [p for p in placed if (site is None or p[1] == site) and (want_window is None or parse_when(p[2]) == want_window)]
+        placed.append((c, data.get("site") or (c.name.split("__")[0] if c != folder else None), data.get("window"),
+                       data.get("branch")))
+    available = "; ".join(f"{c.name}: site={s!r}, window={w!r}, branch={b!r}" for c, s, w, b in placed)
+    if site is None and window is None and branch is None:
+        raise FileNotFoundError(f"{folder} holds a folder of SAEs; pick one by site (and window, branch): {available}")
+    found = [p for p in placed if (site is None or p[1] == site) and (branch is None or p[3] == branch)
+             and (want_window is None or parse_when(p[2]) == want_window)]
     if len(found) == 1:
         return found[0][0]
-    what = f"site={site!r}, window={window!r}"
+    what = f"site={site!r}, window={window!r}, branch={branch!r}"
     if not found:
         raise FileNotFoundError(f"no SAE with {what} in {folder}; available: {available}")
-    raise FileNotFoundError(f"several SAEs match {what} in {folder}; pick one by site and window: {available}")
+    raise FileNotFoundError(f"several SAEs match {what} in {folder}; pick one by site, window and branch: {available}")
 
 
 SAE = SparseCoder

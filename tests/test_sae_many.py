@@ -70,8 +70,9 @@ def test_many__a_grid_trains_one_sae_per_combination_each_in_its_place(two_sites
         site, window = path.name.split("__")
         assert sae.placement.site == site and sae.placement.window == window
         assert sae.d_in == (8 if site == "a" else 12)
-        trained = json.loads((path / "cfg.json").read_text())["trained_tokens"]
-        assert trained > 0
+        cfg = json.loads((path / "cfg.json").read_text())
+        assert cfg["trained_tokens"] > 0 and cfg["store"] == str(two_sites)
+        assert cfg["training"]["saes_in_run"] == 4 and cfg["training"]["steps"] > 0 and cfg["training"]["lr"] == 1e-2
     # each SAE saw only its window's rows: early rows of a, counted over 2 epochs
     early_a = next(p for p in model.saved if p.name == "a__early")
     reader = ActivationDataModule(str(two_sites), site="a", window="early", batch_size=64)
@@ -174,6 +175,12 @@ def test_many__the_shipped_tinaz_grid_trains_18_saes(tmp_path):
     placed = {(s.placement.site, s.placement.window, s.placement.branch)
               for s in (SAE.from_pretrained(f) for f in folders)}
     assert len(placed) == 18 and {b for *_, b in placed} == {"cond", "uncond"}
+    # one SAE of the folder by its site, window and branch; site and window alone are ambiguous
+    site = cfg["data"]["site"][1]
+    one = SAE.from_pretrained(tmp_path / "run" / "sae", site=site, window="late", branch="uncond")
+    assert (one.placement.site, one.placement.window, one.placement.branch) == (site, "late", "uncond")
+    with pytest.raises(FileNotFoundError, match="several SAEs match .*pick one by site, window and branch"):
+        SAE.from_pretrained(tmp_path / "run" / "sae", site=site, window="late")
 
 
 @pytest.mark.parametrize("data, message", [
