@@ -43,6 +43,9 @@ class FeaturesConfig:
     """features shown (pictures, head links, table rows): the densest ones that fire"""
     top_k: int = 16
     """top tokens kept per feature"""
+    rows: Literal["site", "trained"] = "site"
+    """rows the statistics describe: site (every row of the site) or trained (the SAE's own window
+    and branch, from its placement: what it was trained on)"""
     examples: int = 4
     """top tokens per feature rerun for the head attribution (0: no head links)"""
     attribution: Literal["direct", "total"] = "direct"
@@ -68,10 +71,10 @@ def shown_features(stats, n: int) -> list[int]:
     return [int(f) for f in order[:n]]
 
 
-def saved_stats(sae, reader, store_root, top_k: int):
+def saved_stats(sae, reader, store_root, top_k: int, rows: int | None = None, rows_of: str = "site"):
     """The statistics the training pass saved next to ``sae`` (``<sae folder>/feature_stats``) when
     they are exactly what ``compute_feature_stats`` would give here (same weights, store, site,
-    every row, ``top_k``, default ``cooc_top``); else None (and why, at INFO level)."""
+    rows, ``top_k``, default ``cooc_top``); else None (and why, at INFO level)."""
     import logging
 
     from sae.stats import SAE_STATS_DIR, FeatureStats, stats_match
@@ -85,7 +88,7 @@ def saved_stats(sae, reader, store_root, top_k: int):
     except (FileNotFoundError, OSError, ValueError, KeyError) as err:
         log.info("not reusing %s: %s", folder, err)
         return None
-    why = stats_match(stats, sae, reader, store_root=store_root, top_k=top_k)
+    why = stats_match(stats, sae, reader, store_root=store_root, rows=rows, rows_of=rows_of, top_k=top_k)
     if why is not None:
         log.info("not reusing the feature statistics in %s (%s): computing them", folder, why)
         return None
@@ -111,9 +114,13 @@ def build_report(cfg: FeaturesConfig, pipe=None) -> dict:
     reader = store.site(site)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    stats = saved_stats(sae, reader, store.root, cfg.top_k)
+    from sae.stats import ROWS_SITE, trained_rows
+
+    rows, rows_of = trained_rows(reader, sae.placement) if cfg.rows == "trained" else (None, ROWS_SITE)
+    stats = saved_stats(sae, reader, store.root, cfg.top_k, rows=None if rows is None else len(rows), rows_of=rows_of)
     if stats is None:
-        stats = compute_feature_stats(sae, reader, top_k=cfg.top_k, progress=cfg.progress, store_root=str(store.root))
+        stats = compute_feature_stats(sae, reader, rows=rows, rows_of=rows_of, top_k=cfg.top_k, progress=cfg.progress,
+                                      store_root=str(store.root))
     stats.save(out / "stats")
     feats = shown_features(stats, cfg.features)
     model = cfg.model or record.get("config", {}).get("model") or sae.placement.model

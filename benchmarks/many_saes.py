@@ -9,6 +9,9 @@ training-pass feature statistics on, the loss-recovered metric off as it loads t
 - ``separate``: the same 6 SAEs as 6 runs of one SAE each;
 - ``grid_nostats``: the grid run with ``--model.feature_stats false``.
 
+The statistics describe every row of each site (``--stats-rows site``, what ``diffatlas analyze
+features`` describes by default) or each SAE's own rows (``--stats-rows trained``).
+
 Rounds are interleaved (the order of the three rotates) and repeated ``--repeats`` times; each
 figure is the median over rounds of a per-round ratio:
 - ``many_over_single`` = grid / separate (goal <= 0.5);
@@ -18,6 +21,7 @@ figure is the median over rounds of a per-round ratio:
 Last line JSON: {"grid_s", "separate_s", "grid_nostats_s", "n_saes", "stats_overhead", "many_over_single"}.
 
     OMP_NUM_THREADS=2 python benchmarks/many_saes.py [--prompts 64 --steps 20 --epochs 2 --repeats 3]
+    OMP_NUM_THREADS=2 python benchmarks/many_saes.py --stats-rows trained
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def train(store: Path, root: Path, args, *, sites: list[str], windows: list, sta
            "--data.branch", "cond", "--data.batch_size", str(args.batch),
            "--model.sae.expansion_factor", str(args.expansion), "--model.sae.k", str(args.k),
            "--model.lr_warmup_steps", "50", "--model.recovered.images", "0",
-           "--model.feature_stats", "true" if stats else "false",
+           "--model.feature_stats", "true" if stats else "false", "--model.feature_stats_rows", args.stats_rows,
            "--trainer.max_epochs", str(args.epochs), "--trainer.enable_progress_bar", "false",
            "--trainer.default_root_dir", str(root)]
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "PYTHONPATH": str(REPO)}
@@ -74,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--expansion", type=_positive, default=8)
     p.add_argument("--k", type=_positive, default=32)
     p.add_argument("--epochs", type=_positive, default=2)
+    p.add_argument("--stats-rows", choices=("site", "trained"), default="site",
+                   help="rows the training-pass statistics describe (--model.feature_stats_rows): every row of the "
+                        "site, or each SAE's own window and branch")
     p.add_argument("--repeats", type=_positive, default=3, help="interleaved rounds (the median is reported)")
     args = p.parse_args(argv)
     from common.quiet import quiet_libraries

@@ -175,6 +175,7 @@ class LitSAE(pl.LightningModule):
         feature_stats: bool = True,
         feature_stats_top_k: int = 16,
         feature_stats_cooc_top: int = 8,
+        feature_stats_rows: Literal["site", "trained"] = "site",
     ):
         """
         Args:
@@ -205,11 +206,17 @@ class LitSAE(pl.LightningModule):
             feature_stats_top_k: Top tokens kept per feature in those statistics (analyze features'
                 --top_k must equal it for them to be reused).
             feature_stats_cooc_top: Most co-firing features kept per feature in those statistics.
+            feature_stats_rows: The rows those statistics describe: site (every row of the site, what
+                diffatlas analyze features describes by default) or trained (each SAE's own window
+                and branch; analyze features reuses them with --rows trained). trained is cheaper
+                for SAEs of part of a site.
         """
         super().__init__()
         for name, value in (("feature_stats_top_k", feature_stats_top_k), ("feature_stats_cooc_top", feature_stats_cooc_top)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{name} must be an int >= 1, got {value!r}")
+        if feature_stats_rows not in ("site", "trained"):
+            raise UsageError(f"feature_stats_rows must be site or trained, got {feature_stats_rows!r}")
         self.sae_cfg = copy.deepcopy(sae) if sae is not None else SparseCoderConfig()
         self.recovered_cfg = copy.deepcopy(recovered) if recovered is not None else RecoveredConfig()
         self.save_hyperparameters()
@@ -555,14 +562,20 @@ class LitSAE(pl.LightningModule):
         dm = self._datamodule()
         if dm is None or not hasattr(dm, "parts"):
             return []
-        from sae.stats import SAE_STATS_DIR, compute_feature_stats
+        from sae.stats import ROWS_SITE, SAE_STATS_DIR, compute_feature_stats, trained_rows
 
         paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
         out = []
         for site in dm.sites:
             ks = dm.parts_of(site)
+            reader = dm.site_reader(site)
             saes = [SparseCoder.from_pretrained(paths[k]) for k in ks]
-            stats = compute_feature_stats(saes, dm.site_reader(site), top_k=self.hparams.feature_stats_top_k,
+            if self.hparams.feature_stats_rows == "trained":
+                rows, rows_of = map(list, zip(*(trained_rows(reader, sae.placement) for sae in saes)))
+            else:
+                rows, rows_of = None, ROWS_SITE
+            stats = compute_feature_stats(saes, reader, rows=rows, rows_of=rows_of,
+                                          top_k=self.hparams.feature_stats_top_k,
                                           cooc_top=self.hparams.feature_stats_cooc_top, progress=progress,
                                           store_root=str(Path(dm.store_path).resolve()))
             for k, one in zip(ks, stats):

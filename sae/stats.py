@@ -51,6 +51,8 @@ TENSORS_FILE = "feature_stats.safetensors"
 META_FILE = "feature_stats.json"
 SAE_STATS_DIR = "feature_stats"
 """subfolder of a trained SAE's folder where the training pass saves its statistics"""
+ROWS_SITE = "site"
+"""``rows_of`` of statistics over every row of the site (what ``diffatlas analyze features`` describes by default)"""
 
 
 @dataclass
@@ -252,12 +254,13 @@ def weights_fingerprint(sae) -> str:
 
 
 def stats_match(stats: FeatureStats, sae, reader, *, store_root: str | Path, rows: int | None = None,
-                top_k: int = 16, cooc_top: int = 8) -> str | None:
+                rows_of: str = ROWS_SITE, top_k: int = 16, cooc_top: int = 8) -> str | None:
     """None when ``stats`` are what ``compute_feature_stats(sae, reader, top_k=..., cooc_top=...)``
-    over ``rows`` rows (default: all of the site's) of ``store_root`` would compute; else the first
-    reason they are not (a short phrase)."""
+    over ``rows`` rows (default: all of the site's) selected as ``rows_of`` says, of ``store_root``,
+    would compute; else the first reason they are not (a short phrase)."""
     info = stats.info
     want = {
+        "rows_of": rows_of,
         "sae_weights": weights_fingerprint(sae),
         "store": str(Path(store_root).resolve()),
         "site": reader.name,
@@ -267,7 +270,7 @@ def stats_match(stats: FeatureStats, sae, reader, *, store_root: str | Path, row
         "cooc_top": int(cooc_top),
     }
     for key, value in want.items():
-        got = info.get(key)
+        got = info.get(key, ROWS_SITE if key == "rows_of" else None)  # files from before rows_of: every row
         if key == "store" and got is not None:
             got = str(Path(got).resolve())
         if got != value:
@@ -275,12 +278,25 @@ def stats_match(stats: FeatureStats, sae, reader, *, store_root: str | Path, row
     return None
 
 
-def compute_feature_stats(saes, reader, *, rows: np.ndarray | None = None, top_k: int = 16, cooc_top: int = 8,
+def trained_rows(reader, placement) -> tuple[np.ndarray, str]:
+    """The rows an SAE was trained on, by its placement (its window and branch; both train and
+    held-out images) and their ``rows_of`` label: ``site`` when that is every row."""
+    if placement.window is None and placement.branch is None:
+        return np.arange(reader.num_rows, dtype=np.int64), ROWS_SITE
+    rows = reader.select(window=placement.window, branch=placement.branch)
+    return rows, f"window={placement.window!r}, branch={placement.branch!r}"
+
+
+def compute_feature_stats(saes, reader, *, rows=None, rows_of=ROWS_SITE, top_k: int = 16, cooc_top: int = 8,
                           chunk_rows: int = 8192, progress: bool = True, store_root: str | None = None,
                           accumulate: bool = True):
     """One streaming pass over ``reader``'s rows (all, or the given row ids) for one SAE, or for a
     list of SAEs of the same width (a run's SAEs of one site): each chunk is read once and encoded
     by each SAE. Returns a FeatureStats, or a list of them in the order of ``saes``.
+
+    With a list of SAEs, ``rows`` and ``rows_of`` may be lists too (each SAE's own rows, e.g.
+    ``trained_rows``): the pass reads their union once and each SAE encodes its rows of each chunk.
+    ``rows_of`` labels the selection in ``info`` (``stats_match`` compares it).
 
     ``accumulate=False`` reads and encodes the same chunks and accumulates nothing (returns None):
     the same pass without the statistics, which ``benchmarks/feature_stats_speed.py`` times to
@@ -292,30 +308,48 @@ def compute_feature_stats(saes, reader, *, rows: np.ndarray | None = None, top_k
     for sae in saes:
         if reader.width != sae.d_in:
             raise UsageError(f"the SAE takes width {sae.d_in} but site {reader.name} has width {reader.width}")
-    idx_all = np.arange(reader.num_rows, dtype=np.int64) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
-    taus = np.unique(reader.meta_column("tau")[idx_all]) if len(idx_all) else np.zeros(0)
-    taus = taus[::-1].copy()  # descending: tau 1 (noise) first
-    accs = [_StatsAccumulator(sae.num_latents, taus, reader.grid, top_k) for sae in saes] if accumulate else []
+
+    def sorted_ids(r) -> np.ndarray:
+        return np.arange(reader.num_rows, dtype=np.int64) if r is None else np.sort(np.asarray(r, dtype=np.int64))
+
+    per_sae = isinstance(rows, (list, tuple))
+    own = [sorted_ids(r) for r in rows] if per_sae else [sorted_ids(rows)] * len(saes)
+    labels = list(rows_of) if isinstance(rows_of, (list, tuple)) else [rows_of] * len(saes)
+    if len(own) != len(saes) or len(labels) != len(saes):
+        raise ValueError(f"{len(saes)} SAEs with {len(own)} row selections and {len(labels)} labels")
+    idx_all = own[0] if not per_sae or len(own) == 1 else np.unique(np.concatenate(own))
+    accs = []
+    if accumulate:
+        for sae, ids in zip(saes, own):
+            taus = np.unique(reader.meta_column("tau")[ids]) if len(ids) else np.zeros(0)
+            accs.append(_StatsAccumulator(sae.num_latents, taus[::-1].copy(), reader.grid, top_k))  # tau 1 first
     bar = tqdm(total=len(idx_all), desc=f"feature stats {reader.name}", unit="tok", disable=not progress)
     for lo in range(0, len(idx_all), chunk_rows):
         ids = idx_all[lo: lo + chunk_rows]
         acts, meta = reader.read(ids)
         x = acts.float()
         for j, sae in enumerate(saes):
-            codes = sparse_codes(sae, x)
+            if per_sae and len(own) > 1:  # this SAE's rows of the chunk
+                keep = np.isin(ids, own[j], assume_unique=True)
+                if not keep.any():
+                    continue
+                mine, xj, mj = ids[keep], x[torch.from_numpy(keep)], {k: v[keep] for k, v in meta.items()}
+            else:
+                mine, xj, mj = ids, x, meta
+            codes = sparse_codes(sae, xj)
             if accumulate:
-                accs[j].add(torch.from_numpy(ids), meta, *codes)
+                accs[j].add(torch.from_numpy(mine), mj, *codes)
         bar.update(len(ids))
     bar.close()
     if not accumulate:
         return None
     out = []
-    for sae, acc in zip(saes, accs):
-        info = {"site": reader.name, "grid": list(reader.grid), "rows": int(len(idx_all)), "num_latents": sae.num_latents,
-                "top_k": top_k, "cooc_top": cooc_top, "sae": str(getattr(sae, "source", "")),
-                "sae_weights": weights_fingerprint(sae), "stage": sae.placement.stage,
-                "store": str(store_root) if store_root else str(reader.dir.parent)}
-        out.append(acc.finish(reader, len(idx_all), cooc_top, info))
+    for sae, acc, ids, label in zip(saes, accs, own, labels):
+        info = {"site": reader.name, "grid": list(reader.grid), "rows": int(len(ids)), "rows_of": label,
+                "num_latents": sae.num_latents, "top_k": top_k, "cooc_top": cooc_top,
+                "sae": str(getattr(sae, "source", "")), "sae_weights": weights_fingerprint(sae),
+                "stage": sae.placement.stage, "store": str(store_root) if store_root else str(reader.dir.parent)}
+        out.append(acc.finish(reader, len(ids), cooc_top, info))
     return out if many else out[0]
 
 

@@ -35,12 +35,13 @@ def two_sites(tmp_path):
     return root
 
 
-def _fit(store, root, *, kill_at=None, ckpt_path=None, feature_stats=False, **data):
+def _fit(store, root, *, kill_at=None, ckpt_path=None, feature_stats=False, feature_stats_rows="site", **data):
     pl.seed_everything(0)
     dm = ActivationDataModule(str(store), batch_size=64, seed=0, **data)
     model = LitSAE(SparseCoderConfig(num_latents=32, k=4, dead_tokens_threshold=256), lr=1e-2, lr_warmup_steps=3,
                    init_samples=256, histogram_every_n_steps=4, recovered=RecoveredConfig(images=0),
-                   save_dir=str(root / "sae"), feature_stats=feature_stats)
+                   save_dir=str(root / "sae"), feature_stats=feature_stats,
+                   feature_stats_rows=feature_stats_rows)
     callbacks = [pl.callbacks.ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=5, save_top_k=-1,
                                               filename="{step}")]
     if kill_at:

@@ -106,3 +106,34 @@ def test_training_stats__bad_settings_are_one_line_errors():
             LitSAE(feature_stats_top_k=bad)
     with pytest.raises(UsageError, match=r"^feature_stats_cooc_top must be an int >= 1, got 0$"):
         LitSAE(feature_stats_cooc_top=0)
+    with pytest.raises(UsageError, match=r"^feature_stats_rows must be site or trained, got 'all'$"):
+        LitSAE(feature_stats_rows="all")
+
+
+def test_training_stats__over_each_saes_own_rows_equal_a_separate_pass_and_are_reused_for_them(tmp_path, monkeypatch):
+    import analysis.features as F
+    from analysis.feature_report import FeaturesConfig, build_report
+    from tests.test_sae_many import _fit
+
+    root = tmp_path / "store"
+    write_sparse_store(root, site="a", n=1024, d=8, images=8, seed=1)
+    model = _fit(root, tmp_path / "run", site="a", window=["early", "late"], feature_stats=True,
+                 feature_stats_rows="trained")
+    from activations.store import ActivationStore
+
+    reader = ActivationStore(root).site("a")
+    for path in model.saved:
+        sae = SAE.from_pretrained(path)
+        got = S.FeatureStats.load(path / S.SAE_STATS_DIR)
+        rows, rows_of = S.trained_rows(reader, sae.placement)
+        assert got.info["rows"] == len(rows) < reader.num_rows and got.info["rows_of"] == rows_of != S.ROWS_SITE
+        assert_stats_equal(got, S.compute_feature_stats(sae, reader, rows=rows, progress=False))
+    # analyze features reuses them for --rows trained, and computes its own over every row otherwise
+    calls = []
+    real = F.compute_feature_stats
+    monkeypatch.setattr(F, "compute_feature_stats", lambda *a, **k: calls.append(k.get("rows_of")) or real(*a, **k))
+    for rows_opt in ("trained", "site"):
+        build_report(FeaturesConfig(sae=str(model.saved[0]), store=str(root), out=str(tmp_path / f"feat_{rows_opt}"),
+                                    features=2, examples=0, wandb=False, html=False, progress=False, rows=rows_opt))
+    assert calls == ["site"]
+    assert S.FeatureStats.load(tmp_path / "feat_site" / "stats").info["rows"] == reader.num_rows
