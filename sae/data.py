@@ -146,12 +146,14 @@ class _BatchLoader:
         for pos in range(start, len(schedule)):
             site, k = schedule[pos]
             glob = orders[site][k * b * world: (k + 1) * b * world]
-            batch = self.dm._read(site, self.dm.rank_slices(site, glob, rank, world), None)
-            if batch is None:  # every row of this slice was non-finite and skipped
+            slices = self.dm.rank_slices(site, glob, rank, world)
+            batch = self.dm._read(site, slices, None)
+            if batch is None or (world > 1 and len(batch["parts"]) != len(slices)):
+                # every row of this slice (or of one SAE's) was non-finite and skipped
                 if world > 1:
                     raise UsageError(
-                        f"every row of training batch {pos} on rank {rank} is NaN or inf; skipping it would put the "
-                        f"ranks out of step. Clean the store or use a larger --data.batch_size")
+                        f"every row of training batch {pos} on rank {rank} (or of one SAE's part of it) is NaN or inf; "
+                        f"skipping it would put the ranks out of step. Clean the store or use a larger --data.batch_size")
                 continue
             batch["epoch"], batch["position"] = epoch, pos
             yield batch
@@ -457,10 +459,8 @@ class ActivationDataModule(pl.LightningDataModule):
     def _read(self, site: str, slices: dict[int, np.ndarray | None], ids: np.ndarray | None) -> dict[str, Any] | None:
         """Read the union of ``slices`` (or ``ids``, splitting it among ``slices``' SAEs by
         membership) once, and say which rows go to which SAE."""
-        if ids is None:
-            given = [v for v in slices.values()]
-            order = given[0] if len(given) == 1 else np.concatenate(given) if given else np.zeros(0, np.int64)
-            order = np.unique(order)  # sorted: sequential memory-map access
+        if ids is None:  # sorted: sequential memory-map access
+            order = np.unique(np.concatenate(list(slices.values()))) if slices else np.zeros(0, np.int64)
         else:
             order = np.sort(ids)
         if len(order) == 0:
