@@ -95,14 +95,15 @@ def toy_store(tmp_path_factory):
     return root, pipe
 
 
-def test_wandb__offline_run_has_losses_metrics_sparsity_and_fraction_recovered(tmp_path, toy_store, monkeypatch):
+def _fit_logged(tmp_path, toy_store, monkeypatch, **data):
+    """Train on the toy store with an offline W&B logger; returns (model, the keys it logged)."""
     from lightning.pytorch.loggers import WandbLogger
 
     root, pipe = toy_store
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     pl.seed_everything(0)
-    dm = ActivationDataModule(str(root), batch_size=32, val_fraction=0.34)
+    dm = ActivationDataModule(str(root), **data, batch_size=32, val_fraction=0.34)
     model = LitSAE(SparseCoderConfig(architecture="topk", expansion_factor=2, k=8, dead_tokens_threshold=64),
                    lr=3e-3, lr_warmup_steps=2, init_samples=256, histogram_every_n_steps=3,
                    recovered=RecoveredConfig(images=2, timesteps=2), save_dir=str(tmp_path / "sae"))
@@ -114,6 +115,11 @@ def test_wandb__offline_run_has_losses_metrics_sparsity_and_fraction_recovered(t
     trainer.fit(model, datamodule=dm)
     wandb.finish()
     keys = logged_keys(tmp_path / "wandb")
+    return model, keys
+
+
+def test_wandb__offline_run_has_losses_metrics_sparsity_and_fraction_recovered(tmp_path, toy_store, monkeypatch):
+    model, keys = _fit_logged(tmp_path, toy_store, monkeypatch)
     expected = {
         "losses/mse", "losses/auxk", "losses/total", "metrics/fvu", "metrics/l0", "metrics/mse",
         "sparsity/dead_fraction", "sparsity/dense_fraction", "sparsity/log10_feature_density",
@@ -128,24 +134,7 @@ def test_wandb__offline_run_has_losses_metrics_sparsity_and_fraction_recovered(t
 
 
 def test_wandb__a_run_of_several_saes_logs_each_under_its_own_name(tmp_path, toy_store, monkeypatch):
-    from lightning.pytorch.loggers import WandbLogger
-
-    root, pipe = toy_store
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    pl.seed_everything(0)
-    dm = ActivationDataModule(str(root), window=["early", "late"], batch_size=32, val_fraction=0.34)
-    model = LitSAE(SparseCoderConfig(architecture="topk", expansion_factor=2, k=8, dead_tokens_threshold=64),
-                   lr=3e-3, lr_warmup_steps=2, init_samples=256, histogram_every_n_steps=3,
-                   recovered=RecoveredConfig(images=2, timesteps=2), save_dir=str(tmp_path / "sae"))
-    model.pipeline = pipe
-    logger = WandbLogger(project="diffatlas-test", save_dir=str(tmp_path), offline=True)
-    trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=logger, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=2,
-                         val_check_interval=3, num_sanity_val_steps=0)
-    trainer.fit(model, datamodule=dm)
-    wandb.finish()
-    keys = logged_keys(tmp_path / "wandb")
+    model, keys = _fit_logged(tmp_path, toy_store, monkeypatch, window=["early", "late"])
     for name in (f"{SITE}__early", f"{SITE}__late"):
         expected = {f"{name}/{key}" for key in ("losses/total", "metrics/fvu", "sparsity/log10_feature_density",
                                                 "metrics/fraction_recovered", "metrics/denoising_loss/sae")}
