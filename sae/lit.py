@@ -429,11 +429,9 @@ class LitSAE(pl.LightningModule):
         return dist.group.WORLD if self._world() > 1 and dist.is_initialized() else None
 
     @staticmethod
-    def _rows(batch: dict[str, Any], idx: Tensor | None) -> Tensor:
-        return batch["acts"] if idx is None else batch["acts"][idx]
-
-    def normalise(self, x: Tensor, k: int = 0) -> Tensor:
-        return self.member(k).normalise(x)
+    def _rows(batch: dict[str, Any], idx: Tensor | None, key: str = "acts") -> Tensor:
+        """``batch[key]`` at one SAE's rows (``idx``; None: all of them)."""
+        return batch[key] if idx is None else batch[key][idx]
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, k: int = 0) -> Tensor:
@@ -596,8 +594,7 @@ class LitSAE(pl.LightningModule):
             x = member.normalise(self._rows(batch, idx))
             latents = member.coder.encode(x)
             recon = member.coder.decode(latents)
-            tau = batch["tau"] if idx is None else batch["tau"][idx]
-            self._fvu[k].update(x, recon, tau.to(x.device), latents.l0())
+            self._fvu[k].update(x, recon, self._rows(batch, idx, "tau").to(x.device), latents.l0())
             self._val_fire[k] += latents.fire_counts().double()
 
     def on_validation_epoch_end(self) -> None:
