@@ -221,3 +221,11 @@ def test_sae_quality__tiny_run_reaches_its_headline(tmp_path):
     last = _run("sae_quality.py", "--random-weights", "--prompts", "4", "--steps", "2", "--epochs", "1",
                 "--batch", "32", "--expansion", "2", "--k", "4", "--recovered-images", "0", timeout=300)
     assert list(last) == ["fvu", "l0", "dead_fraction", "fraction_recovered", "model"] and last["l0"] <= 4
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "nan", "1e999"])
+def test_many_saes__bad_numbers_are_one_line_before_any_work(value):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "many_saes.py"), "--repeats", value], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("many_saes.py: error: argument --repeats")

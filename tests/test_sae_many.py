@@ -193,6 +193,8 @@ def test_many__the_shipped_tinaz_grid_trains_18_saes(tmp_path):
     ({"site": ["a", "c"]}, r"site 'c' is not in store .*valid sites: a, b"),
     ({"site": []}, r"site is an empty list"),
     ({"branch": ["cond", "both"], "site": "a"}, r"unknown branch 'both'; valid branches: uncond, cond"),
+    ({"site": "a", "max_val_rows": 0}, r"max_val_rows must be an int >= 1, got 0"),
+    ({"site": "a", "max_val_rows": -5}, r"max_val_rows must be an int >= 1, got -5"),
 ])
 def test_bad_input__a_bad_grid_is_refused_in_one_line_before_any_work(two_sites, data, message):
     with pytest.raises(UsageError, match=message):
@@ -203,3 +205,13 @@ def test_bad_input__one_sae_attributes_of_a_grid_say_there_are_several(two_sites
     dm = ActivationDataModule(str(two_sites), site=["a", "b"])
     with pytest.raises(UsageError, match=r"this run trains 2 SAEs \(a, b\)"):
         dm.reader  # noqa: B018
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["analyze", "features", "x", "y", "--rows", "all"], "diffatlas analyze features: error: --rows must be one of site, trained, got 'all'"),
+])
+def test_bad_input__analyze_features_rows_names_the_valid_choices(argv, message, capsys):
+    from diffatlas.cli import main
+
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == message
