@@ -126,45 +126,86 @@ class HeadEdit(Intervention):
         return y if sel is None else torch.where(sel, y, x)
 
 
-def check_swap(model, what: str) -> None:
-    """Refuse a swap of keys and values (``SwapKV``, ``steering.EncodePrompt``) on a family whose
-    head processor cannot project other text (joint attention: ``JointCall.project``)."""
+def check_swap(model, what: str, recorded: bool = False) -> None:
+    """Refuse a swap of keys and values (``SwapKV``) that the model's head processor cannot run:
+    text embeddings to project on a family with joint attention (its text keys come from a stream
+    that every block changes: give the other prompt's recorded ``text_kv``), or recorded text
+    keys and values on a family with cross-attention (give ``encoder_hidden_states``)."""
     from activations.families import ARCHITECTURES, architecture_of
 
     arch = architecture_of(model)
-    if arch.processor != "cross":
-        valid = ", ".join(f for a in ARCHITECTURES.values() if a.processor == "cross" for f in a.families)
-        raise UsageError(f"{what}: reading another prompt's keys and values is not supported on {arch.name} models "
-                         f"({arch.attention}) yet; valid families: {valid}")
+    wanted = "joint" if recorded else "cross"
+    if arch.processor != wanted:
+        valid = ", ".join(f for a in ARCHITECTURES.values() if a.processor == wanted for f in a.families)
+        given = "recorded text keys and values (text_kv)" if recorded else "text embeddings to project (encoder_hidden_states)"
+        raise UsageError(f"{what}: {given} cannot be read on {arch.name} models ({arch.attention}); valid families: {valid} "
+                         "(steering.EncodePrompt gives each family what it reads)")
 
 
 @register_intervention("swap_kv")
 @dataclasses.dataclass(kw_only=True, eq=False)
 class SwapKV(Intervention):
-    """Chosen heads attend to another prompt's text embeddings (``encoder_hidden_states`` [T', C]
-    or [1|b, T', C]) through this module's own key/value projections, on the masked patches."""
+    """Chosen heads attend to another prompt, on the masked patches.
+
+    Cross-attention (U-Nets): the other prompt's text embeddings (``encoder_hidden_states`` [T', C]
+    or [1|b, T', C]) through this module's own key/value projections. Joint attention (MMDiTs):
+    the other prompt's text keys and values as this module computed them at each step
+    (``text_kv``, recorded by ``steering.EncodePrompt``), in place of this prompt's; the image
+    queries still attend to the image tokens too, as the joint softmax does.
+    """
 
     stages = ("heads",)
     stage: str = "heads"
     encoder_hidden_states: Any = None
+    text_kv: Any = None
+    """joint attention: (keys, values) of the other prompt's text at this site, each
+    [steps, len(heads), T', d] (all heads when ``heads`` is None)"""
+    taus: Any = None
+    """joint attention: τ of each recorded step; a generation at another τ is refused"""
     heads: Any = None
 
     def __post_init__(self):
         super().__post_init__()
-        if self.encoder_hidden_states is None:
-            raise ValueError("SwapKV needs encoder_hidden_states (the other prompt's text embeddings)")
-        self.encoder_hidden_states = torch.as_tensor(self.encoder_hidden_states)
+        if (self.encoder_hidden_states is None) == (self.text_kv is None):
+            raise ValueError("SwapKV needs one of encoder_hidden_states (text embeddings to project) "
+                             "or text_kv (recorded text keys and values, with taus)")
+        if self.encoder_hidden_states is not None:
+            self.encoder_hidden_states = torch.as_tensor(self.encoder_hidden_states)
+        else:
+            self.text_kv = tuple(torch.as_tensor(t) for t in self.text_kv)
+            if len(self.text_kv) != 2 or self.taus is None or len(self.taus) != self.text_kv[0].shape[0]:
+                raise ValueError("SwapKV's text_kv is (keys, values), each [steps, heads, T', d], with one tau per step")
+            self.taus = [float(t) for t in self.taus]
 
     def check(self, model) -> None:
-        check_swap(model, f"{type(self).__name__} at {self.site}")
+        check_swap(model, f"{type(self).__name__} at {self.site}", recorded=self.text_kv is not None)
 
     def apply(self, x, call):
+        if self.text_kv is not None:
+            return self._apply_recorded(x, call)
         k2, v2 = call.project(self.encoder_hidden_states.to(device=x.device, dtype=call.q.dtype))
         if k2.shape[0] == 1 and x.shape[0] > 1:
             k2, v2 = k2.expand(x.shape[0], -1, -1, -1), v2.expand(x.shape[0], -1, -1, -1)
         alt = F.scaled_dot_product_attention(call.q, k2, v2).to(x.dtype)
         sel = _head_token_mask(x, "heads", self.heads, None)
         return alt if sel is None else torch.where(sel, alt, x)
+
+    def _apply_recorded(self, x_bhNd, call):
+        step = call.step
+        if step is None or step >= len(self.taus) or abs(float(call.tau) - self.taus[step]) > 1e-4:
+            at = "no step" if step is None else f"step {step} (tau {float(call.tau):.4f})"
+            raise UsageError(f"SwapKV at {call.site}: the other prompt was recorded at {len(self.taus)} steps "
+                             f"(tau {self.taus[0]:.3f}..{self.taus[-1]:.3f}); this generation is at {at}: "
+                             "draw with the steps the edit was recorded at")
+        heads = list(range(x_bhNd.shape[1])) if self.heads is None else [int(h) for h in self.heads]
+        b = x_bhNd.shape[0]
+        k_bhTd, v_bhTd = (t[step].to(device=x_bhNd.device, dtype=call.q.dtype).expand(b, -1, -1, -1) for t in self.text_kv)
+        # the joint softmax over the other prompt's text keys and this image's own keys (order is irrelevant)
+        k = torch.cat([k_bhTd, call.k_image[:, heads]], dim=2)
+        v = torch.cat([v_bhTd, call.v_image[:, heads]], dim=2)
+        out = x_bhNd.clone()
+        out[:, heads] = F.scaled_dot_product_attention(call.q[:, heads], k, v).to(x_bhNd.dtype)
+        return out
 
 
 @register_intervention("add_vector")

@@ -29,8 +29,9 @@ SDPA over the joint sequence; observers of ``probs`` get the softmax computed be
 path, whose output is left as it is; edits of q, k, v recompute the image rows with SDPA; edits of
 ``probs`` take the explicit path (within float rounding, <= 1e-5 in float32, of the fused one).
 
-Not here yet: ``SwapKV`` (``Call.project``) at joint sites and attention masks together with
-interventions. ``activations.hooks`` (``attach`` / ``intervene``) installs these processors through
+``SwapKV`` at joint sites takes another prompt's recorded text keys and values (``text_kv``), not
+text embeddings: there is no fixed projection to put them through (``JointCall``). Not here yet:
+attention masks together with interventions. ``activations.hooks`` (``attach`` / ``intervene``) installs these processors through
 ``install_joint_processors``, which can also be called by hand.
 """
 
@@ -47,11 +48,19 @@ from common.errors import UsageError
 
 
 class JointCall(Call):
-    """The call context of a joint attention site (see ``Call``); the module's text keys and values
-    come from other projections than a U-Net's ``to_k`` / ``to_v``, so ``project`` is refused."""
+    """The call context of a joint attention site (see ``Call``), which also holds the image
+    tokens' keys and values (``k_image``, ``v_image`` [b, h, N, d]: the rest of what the image
+    queries attend to). The module's text keys and values come from the text stream, which every
+    block changes, not from one projection of the text encoder's states, so ``project`` is refused:
+    another prompt's keys and values are read by drawing it (``analysis.mechanism.stream_text``,
+    ``steering.EncodePrompt``) and given to ``SwapKV`` as ``text_kv``."""
+
+    k_image: torch.Tensor | None = None
+    v_image: torch.Tensor | None = None
 
     def project(self, encoder_hidden_states):
-        raise UsageError(f"{self.site}: projecting other text embeddings (SwapKV) is not supported at joint attention sites yet")
+        raise UsageError(f"{self.site}: text embeddings have no fixed key projection at joint attention sites "
+                         "(the text is a stream); give SwapKV the other prompt's recorded text_kv (steering.EncodePrompt)")
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -136,6 +145,7 @@ class JointHeadProcessor(HeadProcessor):
             q_img, k_txt, v_txt = q[:, :, img], k[:, :, txt], v[:, :, txt]
             call = JointCall(self.site, "q", self.state, self._codes(q.shape[0], q.device), self._grid(q_img.shape[2]), attn,
                              q_img, k_txt, v_txt)
+            call.k_image, call.v_image = k[:, :, img], v[:, :, img]
             for stage in ("q", "k", "v"):
                 if stage in by_stage:
                     call.stage = stage

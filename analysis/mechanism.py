@@ -6,8 +6,9 @@ Three small functions, so that a change of mechanism for HRVs and weakening is a
   queries and this module's key projection to ``on_call`` (HRV voting, Section 3 of Park et al.);
 * ``weaken_heads(pipe, heads, token_scale)``: multiply chosen heads' attention probabilities by a
   per-prompt, per-token factor at every step (ordered weakening, Section 4);
-* ``stream_keys(pipe, prompts, rows, ...)``: an MMDiT's text keys of chosen tokens at every site
-  and step, read by drawing the prompts (its concept words' keys: ``analysis.words``).
+* ``stream_text(pipe, prompts, rows, ...)``: an MMDiT's text keys (and values) of chosen tokens at
+  every site and step, read by drawing the prompts (its concept words' keys: ``analysis.words``;
+  another prompt's keys and values for ``steering.EncodePrompt``).
 
 The feature half's head attribution (``feature_heads.py``) is the one other module that runs the
 U-Net under interventions (``Observe`` and ``Apply`` reruns of a feature's top examples); the rest
@@ -63,37 +64,62 @@ def observe_queries(pipe, on_call: Callable[[QueryCall], None]) -> Iterator[None
         yield
 
 
-def stream_keys(pipe, prompts: Sequence[str], rows: Sequence[Sequence[int]], steps: int, guidance: float,
-                batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """The text keys an MMDiT's heads compute for chosen tokens of ``prompts``, at every step.
+@dataclasses.dataclass
+class StreamText:
+    """What ``stream_text`` read: per stage ("k", "v") and site, [steps, heads, rows, d]; ``taus``
+    the τ of each step (the same for every prompt: one schedule)."""
+
+    values: dict[str, dict[str, torch.Tensor]]
+    taus: list[float]
+
+
+def stream_text(pipe, prompts: Sequence[str], rows: Sequence[Sequence[int]], steps: int, guidance: float,
+                stages: Sequence[str] = ("k",), heads: dict[str, list[int]] | None = None,
+                batch_size: int = 16) -> StreamText:
+    """The text keys (and values) an MMDiT's heads compute for chosen tokens of ``prompts``, at
+    every step.
 
     Each prompt is drawn once (seed = its index, ``steps`` and ``guidance`` as the caller's
-    generations) and, at every joint-attention site and step, the keys of its conditional text
-    tokens ``rows[p]`` (indices into the text, ``activations.text.text_layout``) are kept:
-    ``{site: [steps, heads, sum(len(r) for r in rows), d]}``, prompt after prompt. In an MMDiT the
-    text is a stream that every block changes, reading the image, so a token's key at a block is
-    only defined by running the tokens through the model; this runs them through with the image
-    they draw themselves.
+    generations) and, at every joint-attention site (or the sites of ``heads``, {site: local
+    heads}, keeping those heads only) and step, the ``stages`` of its conditional text tokens
+    ``rows[p]`` (indices into the text, ``activations.text.text_layout``) are kept:
+    ``values[stage][site]`` is [steps, heads, sum(len(r) for r in rows), d], prompt after prompt.
+    In an MMDiT the text is a stream that every block changes, reading the image, so a token's key
+    at a block is only defined by running the tokens through the model; this runs them through
+    with the image they draw themselves. Used for HRV word keys (``analysis.words``) and for
+    ``steering.EncodePrompt`` at joint attention.
     """
     from activations.generate import sample
 
-    sites = [s.name for s in head_sites(pipe)]
-    kept: dict[str, list[list[torch.Tensor]]] = {site: [[] for _ in range(steps)] for site in sites}
+    sites = list(heads) if heads is not None else [s.name for s in head_sites(pipe)]
+    kept = {stage: {site: [[] for _ in range(steps)] for site in sites} for stage in stages}
+    taus: list[float | None] = [None] * steps
     chunk_rows: list[Sequence[int]] = []
 
     def observer(call) -> None:
         cond = call.rows("cond")
-        k_bhTd = call.k if cond is None else call.k[cond]
+        x_bhTd = getattr(call, call.stage) if cond is None else getattr(call, call.stage)[cond]
+        if heads is not None:
+            x_bhTd = x_bhTd[:, heads[call.site]]
         step = min(int(call.state.step or 0), steps - 1)
-        kept[call.site][step] += [k_bhTd[b][:, list(r)].float().cpu() for b, r in enumerate(chunk_rows)]
+        taus[step] = float(call.state.tau)
+        kept[call.stage][call.site][step] += [x_bhTd[b][:, list(r)].float().cpu() for b, r in enumerate(chunk_rows)]
 
-    observers = [Observe(site=site, stage="k", fn=observer) for site in sites]
+    observers = [Observe(site=site, stage=stage, fn=observer) for stage in stages for site in sites]
     for lo in range(0, len(prompts), batch_size):
         chunk_rows[:] = list(rows[lo: lo + batch_size])
         with torch.no_grad(), intervene(pipe, *observers):
             sample(pipe, list(prompts[lo: lo + batch_size]), list(range(lo, lo + len(chunk_rows))), steps=steps,
                    guidance=guidance, output_type="latent")
-    return {site: torch.stack([torch.cat(per_step, 1) for per_step in by_step]) for site, by_step in kept.items()}
+    values = {stage: {site: torch.stack([torch.cat(per_step, 1) for per_step in by_step]) for site, by_step in by_site.items()}
+              for stage, by_site in kept.items()}
+    return StreamText(values, [float(t) for t in taus])
+
+
+def stream_keys(pipe, prompts: Sequence[str], rows: Sequence[Sequence[int]], steps: int, guidance: float,
+                batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """``stream_text``'s keys at every joint-attention site: ``{site: [steps, heads, rows, d]}``."""
+    return stream_text(pipe, prompts, rows, steps, guidance, batch_size=batch_size).values["k"]
 
 
 @contextlib.contextmanager

@@ -27,11 +27,10 @@ Cells (single-object scenes; one image per prompt, seed = prompt index):
   ``permuted``: the same factors shuffled across heads (the control: same total weight, other
   heads); ``adjusting``: 2·HRV[attribute] − HRV[undesired], with undesired the concept whose HRV
   row is closest to the attribute's.
-* head_encode (U-Nets only: on an MMDiT such as ``--model toy-mmdit`` it is refused, ``{"refused": why}``
-  in the JSON, since ``EncodePrompt`` cannot project another prompt's keys through joint attention
-  yet): the prompt with another colour word encoded through the ``--heads`` heads the colour
+* head_encode: the prompt with another colour word encoded through the ``--heads`` heads the colour
   HRV ranks highest, on the object's patches only (its rendered mask, resized to each grid),
-  against as many random heads. Success: the oracle reads the other colour.
+  against as many random heads. Success: the oracle reads the other colour. On an MMDiT the other
+  prompt is drawn once per edit to record its text keys and values (``steering.EncodePrompt``).
 
 The object's features (spatial) are the SAE features whose activation correlates most with the
 object's mask across patches (Pearson over every cond-branch row of early steps of the selection
@@ -367,20 +366,6 @@ def cell_strengthen(args, pipe, hrv_folder, steps, guidance, examples: dict) -> 
     return {**out, "undesired": undesired, "selection_base_rates": chosen}
 
 
-def head_encode_refused(model: str) -> str | None:
-    """Why ``model`` cannot run the head_encode cell (``EncodePrompt`` reads another prompt's keys
-    and values, which a joint-attention MMDiT cannot project yet), or None where it can."""
-    from activations.edits import check_swap
-    from common.errors import UsageError
-    from toyworld.benchmarks import denoiser
-
-    try:
-        check_swap(denoiser(model), "EncodePrompt")
-    except UsageError as err:
-        return str(err)
-    return None
-
-
 def cell_heads(args, pipe, hrv_folder, steps, guidance, examples):
     from analysis.hrv import HRV
     from steering import EncodePrompt
@@ -401,7 +386,9 @@ def cell_heads(args, pipe, hrv_folder, steps, guidance, examples):
             obj = s.objects[0]
             other = COLORS[(COLORS.index(obj.color) + 1) % len(COLORS)]
             target = dataclasses.replace(s, objects=(dataclasses.replace(obj, color=other),))
-            edit = EncodePrompt(prompt=prompt(target), heads=heads, mask={"image": render(s).masks[0].astype(np.float32)})
+            # steps and guidance: an MMDiT draws the other prompt once at them to record its text keys and values
+            edit = EncodePrompt(prompt=prompt(target), heads=heads, mask={"image": render(s).masks[0].astype(np.float32)},
+                                steps=steps, guidance=guidance)
             im = images(pipe, [prompt(s)], [i], steps, guidance, [edit], 1)[0]
             flags.append(check_image(target, im)["color"])
             if i in first:
@@ -471,13 +458,8 @@ def main() -> None:
     if "heads" in kinds:
         result["hrv_strengthen"] = cell_strengthen(args, pipe, hrv_folder, steps, guidance, examples)
         print(json.dumps({"hrv_strengthen": result["hrv_strengthen"]}), flush=True)
-        refused = head_encode_refused(args.model)
-        if refused:  # an MMDiT: EncodePrompt cannot project another prompt's keys yet
-            print(f"{Path(__file__).name}: head_encode refused on model {args.model!r}: {refused}", file=sys.stderr)
-            result["head_encode"] = {"refused": refused}
-        else:
-            result["head_encode"] = cell_heads(args, pipe, hrv_folder, steps, guidance, examples)
-            heads_used = result["head_encode"].pop("heads")
+        result["head_encode"] = cell_heads(args, pipe, hrv_folder, steps, guidance, examples)
+        heads_used = result["head_encode"].pop("heads")
     per_cell = {**result, **{t: {w: result["style"][f"{t}_{w}"] for w in WINDOWS}
                              for t in ("striped", "night") if "style" in result}}
     fig = examples_figure(examples, per_cell, Path(args.out) / "steering_examples.png")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from activations.edits import HeadEdit, Observe
+from activations.edits import HeadEdit, Observe, SwapKV
 from activations.generate import sample, schedule
 from activations.hooks import intervene
 from activations.joint_processor import JointHeadProcessor
@@ -88,6 +88,75 @@ def test_steer_cli__runs_an_mmdit_recipe_and_records_its_denoiser(tmp_path, mmdi
         expected = sample(pipe, recipe.prompts, recipe.seeds, steps=2, guidance=4.0).images[0]
     assert np.array_equal(after, np.asarray(expected))
     assert json.loads(result["run"].read_text())["model_revision"] == model_fingerprint(pipe.transformer)
+
+
+# ---- another prompt through chosen heads -------------------------------------------------------
+
+
+def all_heads(pipe) -> list[int]:
+    return list(range(sum(s.heads for s in list_sites(pipe) if s.kind == "head")))
+
+
+def test_encode_prompt__every_head_reading_the_same_prompt_drawn_from_the_same_noise_changes_nothing(mmdit):
+    # the recorded draw is seed 0; a generation of that prompt from seed 0 computes the same text
+    # keys and values at every head and step, so swapping them all in must leave it as it was
+    family, pipe = mmdit
+    plain = sample(pipe, PROMPTS[:1], [0], steps=3, guidance=4.0, output_type="latent").images
+    with steer(pipe, EncodePrompt(prompt=PROMPTS[0], heads=all_heads(pipe), steps=3, guidance=4.0), prompts=PROMPTS[:1]):
+        same = sample(pipe, PROMPTS[:1], [0], steps=3, guidance=4.0, output_type="latent").images
+    torch.testing.assert_close(same, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_encode_prompt__another_prompt_changes_only_the_chosen_heads_within_the_mask(mmdit):
+    family, pipe = mmdit
+    site = "transformer_blocks.0.attn"
+    seen = {}
+
+    def spy(call):  # the first step's per-head outputs, [uncond; cond] rows in SD3, cond only in FLUX
+        seen.setdefault(call.step, (call.out.clone(), call.rows("cond")))
+
+    def heads_out(*edits):
+        seen.clear()
+        with steer(pipe, *edits, Observe(site=site, stage="heads", fn=spy, sees="after"), prompts=PROMPTS[:1]):
+            sample(pipe, PROMPTS[:1], [5], steps=3, guidance=4.0, output_type="latent")
+        return seen[0]
+
+    plain, _ = heads_out()
+    edited, cond = heads_out(EncodePrompt(prompt="a green triangle", heads=[[site, 1]], steps=3, guidance=4.0,
+                                          mask={"box": [0, 0, 0.5, 1]}))
+    changed = (edited - plain).abs().amax(dim=-1)  # [b, h, N]
+    cond = -1 if cond is None else int(torch.as_tensor(cond).reshape(-1)[0])
+    assert changed[cond, 1].max() > 1e-4  # the chosen head reads the other prompt
+    assert changed[:, 0].max() == 0  # the other head: untouched
+    if family == "sd3":
+        assert changed[0].max() == 0  # the uncond row: untouched (the edit's branch is cond)
+    grid = int(changed.shape[-1] ** 0.5)
+    assert changed[cond, 1].reshape(grid, grid)[grid // 2:].max() == 0  # the box is the top half
+    assert no_taps(pipe)
+
+
+def test_encode_prompt__a_generation_at_other_steps_than_recorded_is_refused_in_one_line(mmdit):
+    family, pipe = mmdit
+    plain = latents(pipe)
+    with pytest.raises(UsageError, match=r"recorded at 3 steps .*draw with the steps the edit was recorded at") as err:
+        with steer(pipe, EncodePrompt(prompt="a blue dog", heads=[0], steps=3, guidance=4.0), prompts=PROMPTS):
+            latents(pipe, steps=4)
+    assert "\n" not in str(err.value)
+    assert no_taps(pipe) and torch.equal(latents(pipe), plain)  # restored after the exception
+
+
+def test_encode_prompt__recipe_round_trips_and_refuses_bad_steps_and_guidance(tmp_path, mmdit):
+    family, pipe = mmdit
+    recipe = Recipe(model=f"tiny-{family}", prompts=PROMPTS, seeds=SEEDS, steps=3, guidance=4.0, interventions=[
+        EncodePrompt(prompt="a blue dog", heads=[0, 1], steps=3, guidance=4.0)])
+    loaded = Recipe.load(recipe.save(tmp_path / "recipe.yaml"))
+    assert loaded.to_dict() == recipe.to_dict()
+    before, after = run_recipe(loaded, pipe, output_type="latent")
+    assert (after - before).abs().max() > 1e-4
+    for field, value in [("steps", 0), ("steps", -2), ("steps", 10**6), ("steps", 2.5), ("guidance", float("nan")),
+                         ("guidance", float("inf")), ("guidance", -1.0)]:
+        with pytest.raises(UsageError, match=rf"^EncodePrompt: {field} must be .*got {value!r}$"):
+            EncodePrompt(prompt="a blue dog", heads=[0], **{field: value})
 
 
 # ---- SAE feature edits inside their windows ---------------------------------------------------
@@ -200,8 +269,9 @@ def test_bad_edits_are_one_line_naming_the_value_and_the_valid_choices(mmdit):
     cases = [
         (HeadScale(heads=[999], factor=0.0), f"global head 999 out of range for this model's {heads} .*valid: 0..{heads - 1}"),
         (HeadScale(heads=[["transformer_blocks.0.attn2", 0]], factor=0.0), "valid sites: transformer_blocks.0.attn,"),
-        (EncodePrompt(prompt="a blue dog", heads=[0]),
-         f"EncodePrompt: reading another prompt's keys and values is not supported on {family} models .*valid families: sd1, sd2, sdxl"),
+        (SwapKV(site="transformer_blocks.0.attn", heads=[0], encoder_hidden_states=torch.zeros(4, 8)),
+         rf"SwapKV at transformer_blocks.0.attn: text embeddings to project \(encoder_hidden_states\) cannot be read on {family} "
+         r"models .*valid families: sd1, sd2, sdxl \(steering.EncodePrompt gives each family what it reads\)"),
         (HeadEdit(site="transformer_blocks.0", heads=[0], scale=0.0),
          "site 'transformer_blocks.0' is a block site; stage 'probs' needs a head site such as 'transformer_blocks.0.attn'"),
     ]
@@ -247,8 +317,9 @@ def test_explorer__lists_the_head_sites_and_draws_with_and_without_an_edit(tmp_p
     assert ex.site_grid(context.name) == (1, text_length(pipe))
     feat = ex.edit(EditSpec(gen=gen.id, op="sae", feature=1, mode="inject", value=20.0, all_patches=True))
     assert feat["max_diff"] > 0 and "feature_edit" in feat["recipe"]
-    with pytest.raises(UsageError, match=f"not supported on {family} models .*valid families: sd1, sd2, sdxl"):
-        ex.edit(EditSpec(gen=gen.id, op="swap", heads=[0], all_patches=True, prompt="a blue dog"))
+    # the heads read another prompt's text keys and values, recorded at this generation's steps
+    swapped = ex.edit(EditSpec(gen=gen.id, op="swap", heads=[0, 1], all_patches=True, prompt="a blue dog"))
+    assert swapped["max_diff"] > 0 and "swap_kv" in swapped["recipe"] and "text_kv" in swapped["recipe"]
     assert no_taps(pipe)
     assert np.array_equal(np.asarray(sample(pipe, ["a red cat"], [3], steps=3, guidance=4.0).images[0].convert("RGB")), gen.image)
 

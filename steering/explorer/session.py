@@ -489,10 +489,14 @@ class Explorer:
                     for name, locals_ in by_site.items()]
         from activations.edits import SwapKV
 
+        from steering.heads import prompt_sources
+
         self.check_prompt(spec.prompt)
-        ehs = self.encode(spec.prompt)
-        return [SwapKV(site=name, encoder_hidden_states=ehs, heads=locals_, mask=self._mask_for(spec, grids[name]),
-                       when=when, branch=branch) for name, locals_ in by_site.items()]
+        # what each head reads of the other prompt: its encoding (U-Nets) or its text keys and
+        # values recorded by drawing it at this generation's steps (MMDiTs), as EncodePrompt does
+        sources = prompt_sources(self.pipe, spec.prompt, spec.heads, gen.steps, gen.guidance)
+        return [SwapKV(site=name, heads=locals_, mask=self._mask_for(spec, grids[name]), when=when, branch=branch, **source)
+                for name, (locals_, source) in sources.items()]
 
     def _sae_edit(self, spec: EditSpec, when, branch):
         if self.sae is None:
@@ -504,12 +508,6 @@ class Explorer:
         # through the SAE with its error term, as a recipe's FeatureEdit; the page's inject adds a fixed amount
         return FeatureEdit(sae=self.sae, features=[spec.feature], op=SAE_MODES[spec.mode], strength=spec.value,
                            via="splice", mask=self._mask_for(spec, grid), when=when, branch=branch)
-
-    def encode(self, prompt: str) -> torch.Tensor:
-        """The prompt's text embeddings [tokens, C] (what the cross-attention reads), as steering encodes them."""
-        from activations.text import encode_prompts
-
-        return encode_prompts(self.pipe, [prompt])[0].float().cpu()
 
     def edit(self, spec: EditSpec) -> dict:
         """Draw the edited image through its recipe: {edit id, image (PNG base64), diff, recipe}."""
