@@ -1,4 +1,4 @@
-"""Token grounding: supervise the U-Net's cross-attention maps with the world's object masks.
+"""Token grounding: supervise a toy denoiser's text-attention maps with the world's object masks.
 
 A denoising loss alone teaches a small model from scratch what the *global* words mean (background,
 style) long before it learns which patches an object's words belong to: the binding that
@@ -69,10 +69,14 @@ def object_masks(rendered: Rendered, grid: int, max_objects: int = 2) -> torch.T
 
 @contextlib.contextmanager
 def record_cross_attention(unet) -> Iterator[list[torch.Tensor]]:
-    """While open, every cross-attention module of ``unet`` appends its head-averaged attention
-    probabilities [b, patches, tokens] to the yielded list, in call order, with gradients (clear it
-    before each forward pass). Uses the project's attention processor (activations.processor),
-    whose explicit path computes exactly these probabilities."""
+    """While open, every text-attention module of ``unet`` (a U-Net's cross-attention, an MMDiT's
+    joint attention) appends its head-averaged attention probabilities [b, patches, tokens] to the
+    yielded list, in call order, with gradients (clear it before each forward pass). Uses the
+    project's attention processors (activations.processor, activations.joint_processor), whose
+    explicit path computes exactly these probabilities; an MMDiT's are the image-query x text-key
+    slice of its joint softmax, so a row sums to the share of attention on the text (< 1), which
+    ``grounding_loss`` is indifferent to: it compares each token's mass inside its object with its
+    mass over all patches."""
     from activations.hooks import attach
     from activations.sites import list_sites
 

@@ -101,6 +101,10 @@ class DenoiserStage:
     """Write the EMA pipeline to ``out`` every this many steps, so an interrupted run keeps a model."""
     max_minutes: float | None = None
     """Stop the stage after this many minutes even if ``steps`` are not done (None: no limit)."""
+    grounding_weight: float = 0.0
+    """Weight of the token-grounding loss on the attention maps of the text (toyworld/grounding.py,
+    TokenCompose's L_token): a U-Net's cross-attention, an MMDiT's image-query x text-key slice of
+    its joint attention; 0 trains on the denoising loss alone."""
     init_from: str | None = None
     """Warm start: a toy pipeline folder of the same kind (e.g. toyworld/weights) whose text
     encoder(s) and denoiser this stage continues from, instead of random weights (the VAE must be
@@ -119,9 +123,6 @@ class UNetStage(DenoiserStage):
     min_snr_gamma: float = 5.0
     """γ of min-SNR loss weighting (Hang et al., 2023); ε-prediction schedules only (the bundled
     model predicts v, unweighted)."""
-    grounding_weight: float = 0.0
-    """Weight of the token-grounding loss on the cross-attention maps (toyworld/grounding.py,
-    TokenCompose's L_token); 0 trains on the denoising loss alone."""
 
 
 @dataclass
@@ -258,6 +259,31 @@ class LitDenoiser(L.LightningModule):
             setattr(self, name, module)
         self.ema = copy.deepcopy(torch.nn.ModuleDict({**denoiser, **text}))
         self.ema.requires_grad_(False)
+        self._recording = contextlib.ExitStack()
+        self.attention_maps: list[torch.Tensor] | None = None
+
+    def on_fit_start(self):
+        if self.stage.grounding_weight:
+            denoiser = getattr(self, self._denoiser_names[0])
+            self.attention_maps = self._recording.enter_context(record_cross_attention(denoiser))
+
+    def on_fit_end(self):
+        self._recording.close()  # the denoiser gets diffusers' processors back
+        self.attention_maps = None
+
+    def forward_denoiser(self, *args, **kwargs):
+        """The denoiser's prediction, its text attention maps recorded afresh when grounding."""
+        if self.attention_maps is not None:
+            self.attention_maps.clear()
+        return getattr(self, self._denoiser_names[0])(*args, **kwargs).sample
+
+    def grounded(self, loss: torch.Tensor, owners: torch.Tensor, masks: torch.Tensor, logs: dict, prefix: str) -> torch.Tensor:
+        """``loss`` plus ``grounding_weight`` x the token-grounding loss of the last forward pass
+        (logged as ``<prefix>/grounding``); ``loss`` itself when not grounding."""
+        if self.attention_maps is None:
+            return loss
+        logs[f"{prefix}/grounding"] = grounding_loss(self.attention_maps, owners, masks)
+        return loss + self.stage.grounding_weight * logs[f"{prefix}/grounding"]
 
     def on_train_batch_end(self, *_):
         decay = min(self.stage.ema_decay, (1 + self.global_step) / (10 + self.global_step))
@@ -288,16 +314,6 @@ class LitToyDiffusion(LitDenoiser):
         self.noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
         alphas = self.noise_schedule.alphas_cumprod
         self.register_buffer("snr", alphas / (1 - alphas), persistent=False)
-        self._recording = contextlib.ExitStack()
-        self.attention_maps: list[torch.Tensor] | None = None
-
-    def on_fit_start(self):
-        if self.stage.grounding_weight:
-            self.attention_maps = self._recording.enter_context(record_cross_attention(self.unet))
-
-    def on_fit_end(self):
-        self._recording.close()  # the U-Net gets diffusers' processors back
-        self.attention_maps = None
 
     def training_step(self, batch, _):
         latents, prompts, owners, masks = batch
@@ -306,9 +322,7 @@ class LitToyDiffusion(LitDenoiser):
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (len(latents),), device=self.device)
         noisy = self.noise_schedule.add_noise(latents, noise, t)
-        if self.attention_maps is not None:
-            self.attention_maps.clear()
-        pred = self.unet(noisy, t, text).sample
+        pred = self.forward_denoiser(noisy, t, text)
         if self.noise_schedule.config.prediction_type == "v_prediction":
             # unweighted v-loss, as SD 2.x: at zero terminal SNR min-SNR-γ's weight min(SNR, γ)/(SNR + 1)
             # would vanish at exactly the noisiest steps, where the layout is decided
@@ -320,9 +334,7 @@ class LitToyDiffusion(LitDenoiser):
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (weight * per_sample).mean()
         logs = {"unet/loss": loss, "unet/mse": per_sample.mean()}
-        if self.attention_maps is not None:
-            logs["unet/grounding"] = grounding_loss(self.attention_maps, owners, masks)
-            loss = loss + self.stage.grounding_weight * logs["unet/grounding"]
+        loss = self.grounded(loss, owners, masks, logs, "unet")
         self.log_dict(logs, prog_bar=True)
         return loss
 

@@ -95,15 +95,18 @@ class LitToyMMDiT(LitDenoiser):
         return encode_text(self, prompts)
 
     def training_step(self, batch, _):
-        latents, prompts, _owners, _masks = batch
+        latents, prompts, owners, masks = batch
         text, pooled = self.encode(list(prompts))
         noise = torch.randn_like(latents)
         sigmas = sample_sigmas(len(latents), self.stage, self.shift, device=self.device)
         noisy, target, timestep = flow_match(latents, noise, sigmas)
-        pred = self.transformer(hidden_states=noisy, encoder_hidden_states=text, pooled_projections=pooled,
-                                timestep=timestep).sample
+        pred = self.forward_denoiser(hidden_states=noisy, encoder_hidden_states=text, pooled_projections=pooled,
+                                     timestep=timestep)
         loss = F.mse_loss(pred, target)  # unweighted: the logit-normal density is the weighting (SD3)
-        self.log_dict({"mmdit/loss": loss}, prog_bar=True)
+        logs = {"mmdit/loss": loss}
+        # the text is exactly the 40 CLIP tokens (max_sequence_length=0), so owners index its token axis
+        loss = self.grounded(loss, owners, masks, logs, "mmdit")
+        self.log_dict(logs, prog_bar=True)
         return loss
 
 
