@@ -196,7 +196,7 @@ class SwapKV(Intervention):
             at = "no step" if step is None else f"step {step} (tau {float(call.tau):.4f})"
             raise UsageError(f"SwapKV at {call.site}: the other prompt was recorded at {len(self.taus)} steps "
                              f"(tau {self.taus[0]:.3f}..{self.taus[-1]:.3f}); this generation is at {at}: "
-                             "draw with the steps the edit was recorded at")
+                             "draw with the steps (and the image size) the edit was recorded at")
         heads = list(range(x_bhNd.shape[1])) if self.heads is None else [int(h) for h in self.heads]
         b = x_bhNd.shape[0]
         k_bhTd, v_bhTd = (t[step].to(device=x_bhNd.device, dtype=call.q.dtype).expand(b, -1, -1, -1) for t in self.text_kv)

@@ -138,7 +138,7 @@ def test_encode_prompt__another_prompt_changes_only_the_chosen_heads_within_the_
 def test_encode_prompt__a_generation_at_other_steps_than_recorded_is_refused_in_one_line(mmdit):
     family, pipe = mmdit
     plain = latents(pipe)
-    with pytest.raises(UsageError, match=r"recorded at 3 steps .*draw with the steps the edit was recorded at") as err:
+    with pytest.raises(UsageError, match=r"recorded at 3 steps .*draw with the steps \(and the image size\) the edit was recorded at") as err:
         with steer(pipe, EncodePrompt(prompt="a blue dog", heads=[0], steps=3, guidance=4.0), prompts=PROMPTS):
             latents(pipe, steps=4)
     assert "\n" not in str(err.value)
