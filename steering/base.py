@@ -30,6 +30,11 @@ class Composite(Intervention):
         self.check(model)
         return resolve_all(model, self.expand(model, prompts), prompts)
 
+    def for_run(self, steps: int, guidance: float) -> "Composite":
+        """This edit for a run of ``steps`` at ``guidance`` (a recipe's): itself, unless the edit
+        draws something of its own that must match the run (``EncodePrompt`` on an MMDiT)."""
+        return self
+
     def pipeline(self, model):
         """``model`` when it is a pipeline; a bare denoiser (U-Net or MMDiT transformer) is refused
         (this edit needs the tokenizer or the text encoder)."""

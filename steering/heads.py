@@ -86,6 +86,14 @@ class EncodePrompt(Composite):
         except UsageError as err:  # a recipe field, not a command-line option
             raise UsageError(f"{type(self).__name__}: {str(err).removeprefix('--')}") from None
 
+    def for_run(self, steps: int, guidance: float) -> "EncodePrompt":
+        """The run's steps and guidance where this edit leaves them unset; steps set to another
+        count than the run's are refused here, before any image is drawn."""
+        if self.steps is not None and self.steps != steps:
+            raise UsageError(f"EncodePrompt: steps is {self.steps}, but the run draws {steps} steps; "
+                             f"set steps: {steps} or leave it out")
+        return dataclasses.replace(self, steps=steps, guidance=self.guidance if self.guidance is not None else guidance)
+
     def expand(self, pipe, prompts):
         pipe = self.pipeline(pipe)
         return [SwapKV(site=site, heads=local, **source, **self.gate())

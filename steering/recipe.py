@@ -245,7 +245,7 @@ class Recipe:
         from activations.sites import list_sites
         from steering.steer import expand
 
-        steps, _ = self.settings(pipe)
+        steps, guidance = self.settings(pipe)
         if self.inversion is not None:
             from activations.families import denoiser_of
             from activations.invert import load
@@ -265,7 +265,11 @@ class Recipe:
             if not chosen:
                 raise UsageError(f"{what}: when {iv.when} selects no step of this {steps}-step run (its timesteps: "
                                  f"{', '.join(map(str, ts))}); choose a window or steps inside the run")
-        expanded = expand(pipe, self.interventions, self.prompts)
+        from steering.base import Composite
+
+        # an edit that draws something of its own (EncodePrompt on an MMDiT) draws it at this run's settings
+        runs = [iv.for_run(steps, guidance) if isinstance(iv, Composite) else iv for iv in self.interventions]
+        expanded = expand(pipe, runs, self.prompts)
         with intervene(pipe, *expanded):  # attaching checks every site and stage; nothing runs
             pass
         sites = {s.name: s for s in list_sites(pipe)}  # at the pipeline call's latent and text length

@@ -145,14 +145,27 @@ def test_encode_prompt__a_generation_at_other_steps_than_recorded_is_refused_in_
     assert no_taps(pipe) and torch.equal(latents(pipe), plain)  # restored after the exception
 
 
-def test_encode_prompt__recipe_round_trips_and_refuses_bad_steps_and_guidance(tmp_path, mmdit):
+def test_encode_prompt__in_a_recipe_draws_at_the_recipes_steps_and_refuses_other_steps_before_drawing(tmp_path, mmdit):
     family, pipe = mmdit
+    # steps and guidance left out: the other prompt is drawn at the recipe's (3 steps, not the model's default)
     recipe = Recipe(model=f"tiny-{family}", prompts=PROMPTS, seeds=SEEDS, steps=3, guidance=4.0, interventions=[
-        EncodePrompt(prompt="a blue dog", heads=[0, 1], steps=3, guidance=4.0)])
+        EncodePrompt(prompt="a blue dog", heads=[0, 1])])
     loaded = Recipe.load(recipe.save(tmp_path / "recipe.yaml"))
     assert loaded.to_dict() == recipe.to_dict()
     before, after = run_recipe(loaded, pipe, output_type="latent")
     assert (after - before).abs().max() > 1e-4
+    same = Recipe(model=f"tiny-{family}", prompts=PROMPTS[:1], seeds=[0], steps=3, guidance=4.0, interventions=[
+        EncodePrompt(prompt=PROMPTS[0], heads=all_heads(pipe))])
+    before, after = run_recipe(same, pipe, output_type="latent")
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)  # its own prompt from its own noise: no change
+    other = Recipe(model=f"tiny-{family}", prompts=PROMPTS, seeds=SEEDS, steps=3, guidance=4.0, interventions=[
+        EncodePrompt(prompt="a blue dog", heads=[0], steps=5)])
+    with pytest.raises(UsageError, match=r"^EncodePrompt: steps is 5, but the run draws 3 steps; set steps: 3 or leave it out$"):
+        other.check(pipe)
+    assert no_taps(pipe)
+
+
+def test_encode_prompt__bad_steps_and_guidance_refused_in_one_line():
     for field, value in [("steps", 0), ("steps", -2), ("steps", 10**6), ("steps", 2.5), ("guidance", float("nan")),
                          ("guidance", float("inf")), ("guidance", -1.0)]:
         with pytest.raises(UsageError, match=rf"^EncodePrompt: {field} must be .*got {value!r}$"):
