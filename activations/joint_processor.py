@@ -31,8 +31,8 @@ path, whose output is left as it is; edits of q, k, v recompute the image rows w
 
 ``SwapKV`` at joint sites takes another prompt's recorded text keys and values (``text_kv``), not
 text embeddings: there is no fixed projection to put them through (``JointCall``). Not here yet:
-attention masks together with interventions. ``activations.hooks`` (``attach`` / ``intervene``) installs these processors through
-``install_joint_processors``, which can also be called by hand.
+attention masks together with interventions. ``activations.hooks`` (``attach`` / ``intervene``)
+installs these processors through ``install_joint_processors``, which can also be called by hand.
 """
 
 from __future__ import annotations
