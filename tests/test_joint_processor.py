@@ -126,11 +126,11 @@ def test_heads_tokens_and_patch_masks_select_what_is_edited(family, site):
     assert patches[:, [0, 5]].all() and patches.sum() == B * 2
 
 
-def test_key_edits_reach_the_image_queries_only_and_swap_kv_is_refused():
+def test_key_edits_reach_the_image_queries_only_and_text_embeddings_to_project_are_refused():
     idle_img, idle_txt = run_module("flux", "transformer_blocks.0.attn")
     img, txt = run_module("flux", "transformer_blocks.0.attn", Scale(stage="k", factor=0.0))
     assert torch.equal(txt, idle_txt) and (img - idle_img).abs().max() > 1e-4
-    with pytest.raises(UsageError, match="not supported at joint attention sites"):
+    with pytest.raises(UsageError, match="text embeddings have no fixed key projection at joint attention sites"):
         run_module("sd3", "transformer_blocks.0.attn", SwapKV(encoder_hidden_states=torch.zeros(TEXT, 32)))
 
 
