@@ -193,3 +193,24 @@ def test_train__init_from_continues_from_an_exported_folder(tmp_path):
         assert all(torch.allclose(after[k].float(), before[k].float(), atol=1e-3) for k in before)
     with pytest.raises(FileNotFoundError, match="holds no MMDiT"):
         train(tiny_config(tmp_path / "c", init_from=str(TOY)))  # a U-Net folder
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--mmdit.grounding_weight", "-1", "--mmdit.grounding_weight must be a finite number >= 0, got -1.0"),
+    ("--mmdit.grounding_weight", "1e400", "--mmdit.grounding_weight must be a finite number >= 0, got inf"),
+    ("--mmdit.grounding_weight", "nan", "--mmdit.grounding_weight must be a number, got 'nan'"),  # the parser's own
+    ("--mmdit.steps", "0", "--mmdit.steps must be an integer >= 1, got 0"),
+    ("--mmdit.steps", "-3", "--mmdit.steps must be an integer >= 1, got -3"),
+    ("--mmdit.batch_size", "0", "--mmdit.batch_size must be an integer >= 1, got 0"),
+    ("--mmdit.lr", "-0.1", "--mmdit.lr must be a finite number >= 0, got -0.1"),
+    ("--mmdit.ema_decay", "2", "--mmdit.ema_decay must be a finite number >= 0 and <= 1, got 2.0"),
+    ("--mmdit.two_object_prob", "1.5", "mmdit.two_object_prob must be a probability in [0, 1], got 1.5"),
+])
+def test_main__numbers_out_of_range_are_one_line_before_any_work(tmp_path, capsys, flag, value, says):
+    from toyworld.train_mmdit import main
+
+    work = tmp_path / "work"
+    assert main([flag, value, "--work_dir", str(work), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"python -m toyworld.train_mmdit: error: {says}"
+    assert not work.exists() and not (tmp_path / "out").exists()

@@ -103,6 +103,9 @@ def test_latent_prompts__captions_leave_attributes_unsaid_at_the_configured_rate
     ("--unet.short_prob", "-0.1", "unet.short_prob must be a probability in [0, 1], got -0.1"),
     ("--unet.drop_prob", "1.5", "unet.drop_prob must be a probability in [0, 1], got 1.5"),
     ("--vae_from", "no/such/folder", "vae_from 'no/such/folder' holds no VAE"),
+    ("--unet.grounding_weight", "-0.1", "--unet.grounding_weight must be a finite number >= 0, got -0.1"),
+    ("--unet.grounding_weight", "1e400", "--unet.grounding_weight must be a finite number >= 0, got inf"),
+    ("--unet.steps", "0", "--unet.steps must be an integer >= 1, got 0"),
 ])
 def test_main__bad_caption_rates_or_vae_folder_are_one_line_before_any_work(tmp_path, capsys, flag, value, says):
     from toyworld.train import main

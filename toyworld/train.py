@@ -111,11 +111,23 @@ class DenoiserStage:
     the one it was trained with)."""
 
     def check(self, prefix: str) -> None:
-        """Refuse caption rates that are not probabilities (NaN included), naming the option."""
-        for name in ("uncond_prob", "drop_prob", "short_prob"):
+        """Refuse caption rates that are not probabilities (NaN included) and counts or weights out
+        of range (0 steps, a negative or infinite learning rate or grounding weight), naming the
+        option, before any work."""
+        from types import SimpleNamespace
+
+        from common.config import check_counts
+
+        for name in ("two_object_prob", "uncond_prob", "drop_prob", "short_prob"):
             value = getattr(self, name)
             if not 0 <= value <= 1:  # NaN fails too
                 raise UsageError(f"{prefix}.{name} must be a probability in [0, 1], got {value}")
+        names = {name: f"{prefix}.{name}" for name in ("steps", "batch_size", "num_scenes", "warmup_steps", "export_every",
+                                                       "lr", "text_lr_scale", "ema_decay", "grounding_weight", "max_minutes")}
+        check_counts(SimpleNamespace(**{prefix: self}), positive=(names["steps"], names["batch_size"], names["num_scenes"]),
+                     non_negative=(names["warmup_steps"], names["export_every"]),
+                     numbers={names[n]: 0 for n in ("lr", "text_lr_scale", "ema_decay", "grounding_weight", "max_minutes")},
+                     at_most={names["ema_decay"]: 1})
 
 
 @dataclass
